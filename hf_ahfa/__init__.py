@@ -1,0 +1,13 @@
+"""hf-ahfa: Adaptive Hybrid Flash Attention for Hugging Face Transformers.
+
+``import hf_ahfa`` registers ``attn_implementation="ahfa"`` with Transformers and guards models that
+do not route attention through Transformers' AttentionInterface (see ``hf_ahfa.patches``).
+"""
+
+from hf_ahfa.api import attention
+from hf_ahfa.integration import NAME, register
+
+__version__ = "0.1.0"
+__all__ = ["attention", "register", "NAME", "__version__"]
+
+register()

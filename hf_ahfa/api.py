@@ -1,0 +1,79 @@
+"""``hf_ahfa.attention``: the public functional entry point."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_ahfa import checks
+from hf_ahfa.dispatch import choose_backend
+from hf_ahfa.masks import make_layout, normalize_window
+from hf_ahfa.reference import reference_attention
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Exact scaled-dot-product attention.
+
+    Args:
+        q: ``(B, Q, Hq, D)``; any strides.
+        k: ``(B, K, Hkv, D)`` with ``Hq % Hkv == 0`` (GQA/MQA, never expanded).
+        v: ``(B, K, Hkv, Dv)``. Head dims up to 256; float16, bfloat16, float32 or float64.
+        causal: query ``i`` sees keys ``j <= i + K - Q`` (bottom-right aligned when ``K > Q``).
+        window: ``None``; an int ``W`` as Transformers' ``sliding_window`` (causal: ``p - W < j <= p``,
+            otherwise ``|p - j| < W``); or ``(left, right)``: ``p - left <= j <= p + right``.
+        softcap: scores become ``softcap * tanh(s / softcap)`` before masking.
+        sinks: ``(Hq,)`` one logit per query head that joins the softmax denominator only.
+        dropout_p: dropout on the attention probabilities, drawn from torch's RNG.
+        scale: score scale, default ``D ** -0.5``.
+        key_padding_mask: ``(B, K)`` bool, True = real key.
+        attn_mask: ``(B|1, Hq|1, Q, K)`` bool, True = visible.
+        cu_seqlens: packed variable-length batch (``B == 1``): int tensor ``(N + 1,)`` of sequence
+            offsets shared by q and k, or a ``(cu_seqlens_q, cu_seqlens_k)`` pair; rules above apply
+            inside each sequence, never across.
+        return_lse: also return the log-sum-exp ``(B, Hq, Q)`` float32 of the visible scores (sinks
+            excluded; no gradient).
+        backend: ``"reference"`` or ``"triton"``; default: ``AHFA_BACKEND``, else automatic.
+
+    Returns:
+        ``out (B, Q, Hq, Dv)`` contiguous in q's dtype (and ``lse`` if asked). A query that sees no key
+        gets zeros and ``lse = -inf``.
+    """
+    checks.check_qkv(q, k, v)
+    checks.check_window(window)
+    checks.check_scalars(softcap, dropout_p, scale)
+    checks.check_sinks(sinks, q)
+    checks.check_masks(key_padding_mask, attn_mask, q, k)
+    cu = checks.check_cu_seqlens(cu_seqlens, q, k)
+
+    # Only the reference backend exists until the Triton kernels land; choose_backend raises if
+    # "triton" is forced and cannot run.
+    choose_backend(q.device, backend)
+    layout = make_layout(q.shape[1], k.shape[1], q.device, *(cu or (None, None)))
+    out, lse = reference_attention(
+        q, k, v, layout,
+        causal=causal,
+        window=normalize_window(window, causal),
+        softcap=softcap,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+    )
+    out = out.contiguous()
+    return (out, lse) if return_lse else out

@@ -1,0 +1,127 @@
+"""Argument validation for ``hf_ahfa.attention``: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq_len, heads, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (B, _, Hq, D), (Bk, K, Hkv, Dk), (Bv, Kv, Hv, Dv) = q.shape, k.shape, v.shape
+    if not B == Bk == Bv:
+        raise ValueError(f"q, k, v must have the same batch size (dim 0), got {B}, {Bk}, {Bv}")
+    if K != Kv:
+        raise ValueError(f"k and v must have the same sequence length (dim 1), got {K} and {Kv}")
+    if Hkv != Hv:
+        raise ValueError(f"k and v must have the same number of heads (dim 2), got {Hkv} and {Hv}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k/v's heads ({Hkv}) for GQA/MQA")
+    if D != Dk:
+        raise ValueError(f"q and k must have the same head_dim (dim 3), got {D} and {Dk}")
+    for name, d in (("q/k", D), ("v", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_window(window) -> None:
+    if window is None:
+        return
+    if _is_int(window):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (Transformers' sliding_window), got {window}")
+        return
+    if isinstance(window, (tuple, list)) and len(window) == 2 and all(_is_int(w) for w in window):
+        if min(window) < 0:
+            raise ValueError(f"window=(left, right) must be non-negative, got {tuple(window)}")
+        return
+    raise TypeError(f"window must be None, an int or a (left, right) pair of ints, got {window!r}")
+
+
+def check_scalars(softcap, dropout_p, scale) -> None:
+    if softcap is not None and not (isinstance(softcap, Real) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite positive number, got {softcap!r}")
+    if not (isinstance(dropout_p, Real) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and not (isinstance(scale, Real) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
+
+
+def check_sinks(sinks, q) -> None:
+    if sinks is None:
+        return
+    Hq = q.shape[2]
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (Hq,) or not sinks.is_floating_point():
+        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks must be a floating tensor of shape (num_q_heads,) = ({Hq},), got {got}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    if torch.isnan(sinks).any():
+        raise ValueError("sinks contains NaN")
+
+
+def check_masks(key_padding_mask, attn_mask, q, k) -> None:
+    B, Q, Hq, _ = q.shape
+    K = k.shape[1]
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = attend)")
+        if key_padding_mask.shape != (B, K):
+            raise ValueError(f"key_padding_mask must have shape (batch, k_len) = ({B}, {K}), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+            raise TypeError("attn_mask must be a bool tensor (True = attend)")
+        shape = tuple(attn_mask.shape)
+        if len(shape) != 4 or shape[0] not in (1, B) or shape[1] not in (1, Hq) or shape[2:] != (Q, K):
+            raise ValueError(f"attn_mask must have shape ({B} or 1, {Hq} or 1, {Q}, {K}), got {shape}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+
+
+def check_cu_seqlens(cu_seqlens, q, k) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validates ``cu_seqlens`` (one tensor, or a ``(cu_q, cu_k)`` pair) and returns ``(cu_q, cu_k)``."""
+    if cu_seqlens is None:
+        return None
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got batch size {q.shape[0]}")
+    pair = tuple(cu_seqlens) if isinstance(cu_seqlens, (tuple, list)) else (cu_seqlens, cu_seqlens)
+    if len(pair) != 2:
+        raise ValueError("cu_seqlens must be a tensor or a (cu_seqlens_q, cu_seqlens_k) pair")
+    out = []
+    for name, cu, total in (("cu_seqlens (q)", pair[0], q.shape[1]), ("cu_seqlens (k)", pair[1], k.shape[1])):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be a 1-D int32/int64 tensor")
+        if cu.numel() < 2:
+            raise ValueError(f"{name} must hold at least 2 offsets, got {cu.numel()}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        values = cu.tolist()
+        if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
+        out.append(cu.long())
+    if out[0].numel() != out[1].numel():
+        raise ValueError("cu_seqlens for q and k must describe the same number of sequences")
+    return out[0], out[1]

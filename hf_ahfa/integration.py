@@ -1,0 +1,138 @@
+"""Transformers registration: ``attn_implementation="ahfa"``.
+
+Transformers calls ``ahfa_attention_forward(module, query, key, value, attention_mask, ...)`` with
+``query (B, Hq, Q, D)`` and ``key/value (B, Hkv, K, D)`` views, and builds ``attention_mask`` with the
+mask function registered under the same name. We register Transformers' own ``sdpa_mask``: a boolean
+``(B, 1, Q, K)`` mask (True = visible) that encodes causality, windows, padding, packed sequences and
+static-cache slots in true cache positions, or ``None`` when the call is plainly causal/bidirectional.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hf_ahfa.api import attention
+from hf_ahfa.masks import make_layout, normalize_window
+from hf_ahfa.reference import reference_attention_probs
+
+NAME = "ahfa"
+
+# Keyword arguments that Transformers passes along but that do not change the attention function:
+# bookkeeping for other layers, or hints that only size buffers (max_length_*).
+_IGNORED_KWARGS = frozenset(
+    {"position_ids", "max_length_q", "max_length_k", "use_cache", "output_hidden_states", "return_dict",
+     "num_items_in_batch", "cache_position", "past_key_values", "token_type_ids"}
+)
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    # An additive float mask is accepted only when it is a plain 0 / -large visibility mask.
+    visible = mask > torch.finfo(mask.dtype).min / 2
+    if not torch.all(mask[visible] == 0):
+        raise ValueError(
+            "ahfa: attention_mask carries additive biases (a float mask with values other than 0 and "
+            "-inf); ahfa supports boolean visibility masks only"
+        )
+    return visible
+
+
+def ahfa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    output_attentions: bool = False,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Transformers attention function. Returns ``(out (B, Q, Hq, Dv) contiguous, weights or None)``."""
+    unsupported = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None}
+    if unsupported:
+        raise TypeError(
+            f"ahfa attention cannot honour the keyword argument(s) {sorted(unsupported)} passed by "
+            f"{type(module).__name__}; use another attn_implementation for this model"
+        )
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    Q = q.shape[1]
+    if attention_mask is not None:
+        # The mask is the truth about positions (static caches, left padding, windows): apply it alone.
+        causal, window, mask = False, None, _bool_mask(attention_mask)
+    else:
+        # A skipped mask means (as in Transformers' sdpa path): a single query sees every key; otherwise
+        # causal is aligned top-left, which matters only for a static cache whose tail is still empty.
+        causal, window, mask = is_causal and Q > 1, sliding_window, None
+        if causal and k.shape[1] > Q:
+            k, v = k[:, :Q], v[:, :Q]
+    cu_seqlens = None if cu_seq_lens_q is None else (cu_seq_lens_q, cu_seq_lens_k)
+
+    if output_attentions:
+        from hf_ahfa.checks import check_cu_seqlens
+
+        cu = check_cu_seqlens(cu_seqlens, q, k)
+        layout = make_layout(Q, k.shape[1], q.device, *(cu or (None, None)))
+        out, weights = reference_attention_probs(
+            q, k, v, layout, causal=causal, window=normalize_window(window, causal), softcap=softcap,
+            sinks=s_aux, dropout_p=dropout, scale=q.shape[-1] ** -0.5 if scaling is None else scaling,
+            key_padding_mask=None, attn_mask=mask,
+        )
+        return out.contiguous(), weights
+    out = attention(
+        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
+        scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens,
+    )
+    return out, None
+
+
+# Model types whose own attention code a module in ``hf_ahfa.patches`` routes through ahfa.
+PATCHED_MODEL_TYPES: set[str] = set()
+
+
+def _guard_unreachable_models(get_correct_attn_implementation):
+    """Make ``attn_implementation="ahfa"`` raise for models that bypass the AttentionInterface.
+
+    Such a model would otherwise load and silently run its own attention.
+    """
+
+    @functools.wraps(get_correct_attn_implementation)
+    def guarded(self, requested_attention, *args, **kwargs):
+        model_type = getattr(self.config, "model_type", type(self).__name__)
+        if (
+            requested_attention == NAME
+            and not getattr(self, "_supports_attention_backend", False)
+            and model_type not in PATCHED_MODEL_TYPES
+        ):
+            raise ValueError(
+                f'attn_implementation="{NAME}" is not supported for model type {model_type!r} '
+                f"({type(self).__name__}): it computes attention in its own code, outside Transformers' "
+                "AttentionInterface, so ahfa cannot run it. Use attn_implementation=\"sdpa\" or \"eager\"."
+            )
+        return get_correct_attn_implementation(self, requested_attention, *args, **kwargs)
+
+    guarded.__ahfa_guard__ = True
+    return guarded
+
+
+def register() -> None:
+    """Register ``"ahfa"`` with Transformers' attention and attention-mask interfaces (idempotent)."""
+    AttentionInterface.register(NAME, ahfa_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    if not getattr(PreTrainedModel.get_correct_attn_implementation, "__ahfa_guard__", False):
+        PreTrainedModel.get_correct_attn_implementation = _guard_unreachable_models(
+            PreTrainedModel.get_correct_attn_implementation
+        )

@@ -1,0 +1,151 @@
+"""PyTorch reference backend: exact attention, readable, and the oracle the kernels are tested against.
+
+Tiled over query and key blocks with an online softmax, so inference memory is O(T * block) instead of
+O(T^2), and tiles that no query can see are skipped (causal, window, packed sequences). Scores,
+softmax and accumulation run in float32 (float64 for float64 inputs). Autograd differentiates through
+the tiles, so training memory is that of eager attention; the Triton kernels recompute instead.
+
+All tensors use the public layout: ``q (B, Q, Hq, D)``, ``k (B, K, Hkv, D)``, ``v (B, K, Hkv, Dv)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_ahfa.masks import Layout, visible
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor | None, hkv: int) -> torch.Tensor | None:
+    """``(B, H|1, ...)`` -> ``(B, Hkv|1, G|1, ...)`` so that GQA never expands K/V."""
+    if x is None:
+        return None
+    return x.unflatten(1, (hkv, -1)) if x.shape[1] > 1 else x.unsqueeze(1)
+
+
+def _scores(qt, kt, scale, softcap):
+    s = qt @ kt.transpose(-1, -2) * scale  # [.., R, D] @ [.., D, C] -> [.., R, C]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def _dropout(p: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    # torch's global RNG, so activation checkpointing (which restores the RNG state) recomputes the same mask
+    keep = torch.rand(p.shape, device=p.device) >= dropout_p
+    return p * keep / (1.0 - dropout_p)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    *,
+    causal: bool,
+    window: tuple[int, int] | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    block_q: int = 256,
+    block_k: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention. Returns ``out (B, Q, Hq, Dv)`` in q's dtype and ``lse (B, Hq, Q)`` float32.
+
+    ``lse`` is the log-sum-exp of the visible scores (sinks excluded, ``-inf`` for a row that sees no
+    key) and carries no gradient. Arguments are already validated and normalized by ``hf_ahfa.attention``.
+    """
+    B, Q, Hq, _ = q.shape
+    K, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    ct = _compute_dtype(q.dtype)
+    qg = q.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1))  # (B, Hkv, G, Q, D), a view
+    kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hkv, 1, K, D)
+    vg = v.permute(0, 2, 1, 3).unsqueeze(2)
+    sink = None if sinks is None else sinks.to(ct).view(1, Hkv, -1, 1)
+
+    outs, lses = [], []
+    for r0 in range(0, Q, block_q):
+        rows = slice(r0, min(r0 + block_q, Q))
+        qt = qg[..., rows, :].to(ct)
+        R = qt.shape[-2]
+        m = torch.full((B, Hkv, qt.shape[2], R), float("-inf"), dtype=ct, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(*m.shape, Dv, dtype=ct, device=q.device)
+        for c0 in range(0, K, block_k):
+            cols = slice(c0, min(c0 + block_k, K))
+            ok = visible(
+                layout, rows, cols, causal=causal, window=window,
+                key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            )
+            if not bool(ok.any()):
+                continue
+            s = _scores(qt, kg[..., cols, :].to(ct), scale, softcap)
+            s = s.masked_fill(~_grouped(ok, Hkv), float("-inf"))
+            # the running max only shifts the exponent: no gradient needs to flow through it
+            m_new = torch.maximum(m, s.amax(-1)).detach()
+            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+            p = torch.exp(s - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + p.sum(-1)
+            if dropout_p > 0:
+                p = _dropout(p, dropout_p)
+            acc = acc * alpha[..., None] + p @ vg[..., cols, :].to(ct)  # [.., R, C] @ [.., C, Dv]
+            m = m_new
+        m_safe = torch.where(m == float("-inf"), 0.0, m)
+        den = l if sink is None else l + torch.exp(sink - m_safe)
+        out = acc / torch.where(den > 0, den, 1.0)[..., None]  # rows that see nothing stay 0
+        outs.append(out)
+        lses.append((m_safe + torch.log(l)).detach())
+    out = torch.cat(outs, dim=-2).flatten(1, 2).transpose(1, 2)  # (B, Q, Hq, Dv)
+    lse = torch.cat(lses, dim=-1).flatten(1, 2).float()
+    return out.to(q.dtype), lse
+
+
+def reference_attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    *,
+    causal: bool,
+    window: tuple[int, int] | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout_p: float,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Untiled attention that also returns the probabilities, for ``output_attentions``.
+
+    Returns ``out (B, Q, Hq, Dv)`` and ``probs (B, Hq, Q, K)`` (after dropout, as eager attention
+    returns them), both in q's dtype. Memory is O(Q * K).
+    """
+    B, Q, Hq, _ = q.shape
+    K, Hkv = k.shape[1], k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    qg = q.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1)).to(ct)
+    kg = k.permute(0, 2, 1, 3).unsqueeze(2).to(ct)
+    vg = v.permute(0, 2, 1, 3).unsqueeze(2).to(ct)
+    ok = visible(
+        layout, slice(None), slice(None), causal=causal, window=window,
+        key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+    )
+    s = _scores(qg, kg, scale, softcap).masked_fill(~_grouped(ok, Hkv), float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(m == float("-inf"), 0.0, m)
+    p = torch.exp(s - m)
+    den = p.sum(-1, keepdim=True)
+    if sinks is not None:
+        den = den + torch.exp(sinks.to(ct).view(1, Hkv, -1, 1, 1) - m)
+    p = p / torch.where(den > 0, den, 1.0)
+    if dropout_p > 0:
+        p = _dropout(p, dropout_p)
+    out = (p @ vg).flatten(1, 2).transpose(1, 2)
+    return out.to(q.dtype), p.flatten(1, 2).to(q.dtype)
