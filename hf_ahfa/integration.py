@@ -24,8 +24,8 @@ NAME = "ahfa"
 # Keyword arguments that Transformers passes along but that do not change the attention function:
 # bookkeeping for other layers, or hints that only size buffers (max_length_*).
 _IGNORED_KWARGS = frozenset(
-    {"position_ids", "max_length_q", "max_length_k", "use_cache", "output_hidden_states", "return_dict",
-     "num_items_in_batch", "cache_position", "past_key_values", "token_type_ids"}
+    {"position_ids", "max_length_q", "max_length_k", "use_cache", "output_hidden_states", "output_router_logits",
+     "return_dict", "num_items_in_batch", "seq_idx", "cache_position", "past_key_values"}
 )
 
 
