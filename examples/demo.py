@@ -54,8 +54,10 @@ def load_model(cache_dir, dtype, device):
         cfg.pop("quantization_config")
         plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
         plain.load_state_dict(dequantized.state_dict())
-        plain.save_pretrained(cache_dir)
-        tokenizer.save_pretrained(cache_dir)
+        partial = cache_dir.with_name(cache_dir.name + ".partial")  # renamed once complete
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, attn_implementation=IMPLS[0])
     return tokenizer, model.to(device).eval()

@@ -1,0 +1,89 @@
+"""Shared test helpers: an independent float64 oracle for attention, and GPU marking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+def _visible(Q: int, K: int, causal: bool, window) -> torch.Tensor:
+    """Visibility written out from the rules in DESIGN.md, one query at a time (no shared code)."""
+    ok = torch.zeros(Q, K, dtype=torch.bool)
+    for i in range(Q):
+        p = i + K - Q  # bottom-right alignment
+        for j in range(K):
+            allowed = True
+            if causal and j > p:
+                allowed = False
+            if isinstance(window, int):
+                allowed = allowed and (p - window < j if causal else abs(p - j) < window)
+            elif window is not None:
+                left, right = window
+                allowed = allowed and p - left <= j <= p + (0 if causal else right)
+            ok[i, j] = allowed
+    return ok
+
+
+def oracle_attention(
+    q, k, v, *, causal=False, window=None, softcap=None, sinks=None, scale=None,
+    key_padding_mask=None, attn_mask=None, cu_seqlens=None,
+):
+    """Naive float64 softmax attention in the public layout. Returns ``(out (B,Q,Hq,Dv), lse (B,Hq,Q))``.
+
+    Differentiable w.r.t. q, k, v, sinks. Rows that see no key give zeros and ``lse = -inf``.
+    """
+    if cu_seqlens is not None:
+        cq, ck = cu_seqlens if isinstance(cu_seqlens, tuple) else (cu_seqlens, cu_seqlens)
+        outs, lses = [], []
+        for s in range(len(cq) - 1):
+            a, b, c, d = int(cq[s]), int(cq[s + 1]), int(ck[s]), int(ck[s + 1])
+            o, l = oracle_attention(
+                q[:, a:b], k[:, c:d], v[:, c:d], causal=causal, window=window, softcap=softcap,
+                sinks=sinks, scale=scale,
+                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, c:d],
+                attn_mask=None if attn_mask is None else attn_mask[:, :, a:b, c:d],
+            )
+            outs.append(o)
+            lses.append(l)
+        return torch.cat(outs, 1), torch.cat(lses, 2)
+    B, Q, Hq, D = q.shape
+    K, Hkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qd = q.double().transpose(1, 2)
+    kd = k.double().transpose(1, 2).repeat_interleave(g, dim=1)
+    vd = v.double().transpose(1, 2).repeat_interleave(g, dim=1)
+    s = qd @ kd.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    ok = _visible(Q, K, causal, window).to(q.device)[None, None]
+    if key_padding_mask is not None:
+        ok = ok & key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        ok = ok & attn_mask
+    ok = ok.expand(B, Hq, Q, K)
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:
+        col = sinks.double().view(1, Hq, 1, 1).expand(B, Hq, Q, 1)
+        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :-1]
+    else:
+        # softmax of an all -inf row is NaN; such rows see nothing and give zeros
+        p = torch.softmax(s.masked_fill(~ok.any(-1, keepdim=True), 0.0), dim=-1) * ok
+    out = (p @ vd).transpose(1, 2)
+    return out, lse
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    return oracle_attention
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run with -m gpu on the accelerator machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
