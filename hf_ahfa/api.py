@@ -60,12 +60,7 @@ def attention(
     checks.check_masks(key_padding_mask, attn_mask, q, k)
     cu = checks.check_cu_seqlens(cu_seqlens, q, k)
 
-    # Only the reference backend exists until the Triton kernels land; choose_backend raises if
-    # "triton" is forced and cannot run.
-    choose_backend(q.device, backend)
-    layout = make_layout(q.shape[1], k.shape[1], q.device, *(cu or (None, None)))
-    out, lse = reference_attention(
-        q, k, v, layout,
+    args = dict(
         causal=causal,
         window=normalize_window(window, causal),
         softcap=softcap,
@@ -75,5 +70,12 @@ def attention(
         key_padding_mask=key_padding_mask,
         attn_mask=attn_mask,
     )
+    if choose_backend(q, backend) == "triton":
+        from hf_ahfa.kernels.flash import flash_attention
+
+        out, lse = flash_attention(q, k, v, **args, cu_seqlens_q=cu and cu[0], cu_seqlens_k=cu and cu[1])
+    else:
+        layout = make_layout(q.shape[1], k.shape[1], q.device, *(cu or (None, None)))
+        out, lse = reference_attention(q, k, v, layout, **args)
     out = out.contiguous()
     return (out, lse) if return_lse else out

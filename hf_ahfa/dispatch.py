@@ -16,27 +16,29 @@ logger = logging.getLogger("hf_ahfa")
 _said: set[str] = set()
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton backend cannot run on ``device`` (``None`` when it can)."""
-    if device.type != "cuda":
-        return f"Triton kernels need a CUDA tensor, got device {device}"
+def triton_unavailable_reason(q: torch.Tensor) -> str | None:
+    """Why the Triton backend cannot run a call with query ``q`` (``None`` when it can)."""
     try:
-        from hf_ahfa.kernels import flash_attention  # noqa: F401
-    except ImportError:
-        return "hf_ahfa.kernels has no Triton attention kernels in this build"
+        from hf_ahfa.kernels.flash import check_supported
+    except ImportError as err:
+        return f"the Triton kernels cannot be imported ({err})"
+    try:
+        check_supported(q)
+    except (TypeError, ValueError, RuntimeError) as err:
+        return str(err)
     return None
 
 
-def choose_backend(device: torch.device, requested: str | None = None) -> str:
+def choose_backend(q: torch.Tensor, requested: str | None = None) -> str:
     requested = requested or os.environ.get("AHFA_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend (or AHFA_BACKEND) must be one of {BACKENDS}, got {requested!r}")
-        if requested == "triton" and (reason := triton_unavailable_reason(device)):
+        if requested == "triton" and (reason := triton_unavailable_reason(q)):
             raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
         return requested
-    if device.type == "cuda":
-        if (reason := triton_unavailable_reason(device)) is None:
+    if q.device.type == "cuda":
+        if (reason := triton_unavailable_reason(q)) is None:
             return "triton"
         if reason not in _said:
             _said.add(reason)

@@ -1,0 +1,62 @@
+"""Launch configurations of the flash kernels: one table per kernel family, keyed by architecture
+and head-dim bucket. Each entry is a short candidate list ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``;
+the first is the default, the rest are tried once per shape by ``tuning.pick``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+Config = tuple[int, int, int, int]
+
+# Under TRITON_INTERPRET the kernels run on numpy: small tiles keep CPU tests fast.
+INTERPRETER: Config = (16, 16, 1, 1)
+
+FWD: dict[str, dict[int, list[Config]]] = {
+    "sm90": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    },
+    "sm80": {
+        64: [(128, 64, 4, 3), (64, 64, 4, 3)],
+        128: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        256: [(64, 32, 4, 2), (32, 32, 4, 2)],
+    },
+}
+
+# dk/dv kernel: BLOCK_N keys held, BLOCK_M queries streamed; dq kernel: the transpose.
+BWD: dict[str, dict[int, list[Config]]] = {
+    "sm90": {
+        64: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)],
+        128: [(64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+        256: [(32, 64, 4, 1), (16, 64, 4, 1), (32, 32, 4, 1)],
+    },
+    "sm80": {
+        64: [(64, 64, 4, 2), (32, 64, 4, 2)],
+        128: [(32, 64, 4, 2), (64, 64, 4, 2)],
+        256: [(16, 32, 4, 1), (32, 32, 4, 1)],
+    },
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def arch(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "sm90"
+    if major >= 8:
+        return "sm80"
+    raise RuntimeError(f"hf_ahfa kernels need compute capability 8.0 or newer, got {major}.x on {device}")
+
+
+def candidates(table: dict[str, dict[int, list[Config]]], device: torch.device, head_dim: int) -> list[Config]:
+    if interpreting():
+        return [INTERPRETER]
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return table[arch(device)][bucket]

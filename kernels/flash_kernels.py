@@ -1,0 +1,352 @@
+"""Dense flash attention in Triton: forward (with log-sum-exp), backward (dk/dv, then dq).
+
+Layout ``(B, T, H, D)`` with arbitrary strides; GQA is native (a query head reads k/v head
+``h // GROUP``). Scores live in the log2 domain (``exp2``) with the scale folded in. Masks follow
+``hf_ahfa.masks``: bottom-right causal, window ``(left, right)``, key padding, dense boolean mask,
+packed sequences (``cu_seqlens``). Blocks outside the causal/window band are never visited.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    # no tanh in triton.language that also runs under TRITON_INTERPRET
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _seq_bounds(cu_q, cu_k, seq, Q, K, VARLEN: tl.constexpr):
+    """Start row and length of sequence ``seq`` in q and in k (whole tensors when not packed)."""
+    if VARLEN:
+        q_start = tl.load(cu_q + seq).to(tl.int64)
+        k_start = tl.load(cu_k + seq).to(tl.int64)
+        q_len = (tl.load(cu_q + seq + 1) - q_start).to(tl.int32)
+        k_len = (tl.load(cu_k + seq + 1) - k_start).to(tl.int32)
+    else:
+        q_start = tl.zeros((), tl.int64)
+        k_start = tl.zeros((), tl.int64)
+        q_len = Q
+        k_len = K
+    return q_start, k_start, q_len, k_len
+
+
+@triton.jit
+def _key_range(start_m, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr):
+    """Key blocks ``[lo, hi)`` that queries ``start_m .. start_m + BLOCK_M`` may see."""
+    shift = k_len - q_len  # bottom-right alignment: query i sits at position i + shift
+    lo = 0
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + shift)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m + shift - WIN_LEFT)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        if not CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M - 1 + shift + WIN_RIGHT + 1)
+    return lo, tl.maximum(hi, 0)
+
+
+@triton.jit
+def _query_range(start_n, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr):
+    """Query blocks ``[lo, hi)`` that may see keys ``start_n .. start_n + BLOCK_N``."""
+    shift = k_len - q_len
+    lo = 0
+    hi = q_len
+    if CAUSAL:
+        lo = tl.maximum(0, start_n - shift)
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 + WIN_LEFT - shift + 1)
+        if not CAUSAL:
+            lo = tl.maximum(0, start_n - WIN_RIGHT - shift)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    return lo, tl.maximum(hi, 0)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+            kpm_ptr, stride_kpm_k, kpm_off, am_ptr, stride_am_q, stride_am_k, am_off,
+            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, WIN_LEFT, WIN_RIGHT,
+            SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Masked scores of one tile in the log2 domain, and the raw tanh for the softcap gradient.
+
+    q: [BM, D], k: [BN, D] -> s: [BM, BN]; invisible entries are -inf.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, D] @ [D, BN] -> [BM, BN]
+    t = s
+    if SOFTCAP:
+        t = _tanh(s * (qk_scale / LOG2E) / softcap)
+        s = t * (softcap * LOG2E)
+    else:
+        s = s * qk_scale
+    qp = offs_m[:, None] + (k_len - q_len)
+    kp = offs_n[None, :]
+    ok = (offs_m[:, None] < q_len) & (kp < k_len)
+    if CAUSAL:
+        ok = ok & (kp <= qp)
+    if HAS_WINDOW:
+        ok = ok & (kp >= qp - WIN_LEFT) & (kp <= qp + WIN_RIGHT)
+    if HAS_KPM:
+        pad = tl.load(kpm_ptr + kpm_off + offs_n.to(tl.int64) * stride_kpm_k, mask=offs_n < k_len, other=0)
+        ok = ok & (pad != 0)[None, :]
+    if HAS_AM:
+        am = tl.load(
+            am_ptr + am_off + offs_m[:, None].to(tl.int64) * stride_am_q + offs_n[None, :].to(tl.int64) * stride_am_k,
+            mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len), other=0,
+        )
+        ok = ok & (am != 0)
+    return tl.where(ok, s, float("-inf")), t
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P):
+    # one Philox stream per (batch, head); the offset numbers each (query, key) pair of that head
+    rnd = tl.rand(seed + bh, offs_m[:, None] * k_len + offs_n[None, :])
+    return rnd >= DROPOUT_P
+
+
+@triton.jit
+def flash_fwd_kernel(
+    Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_kpm_b, stride_kpm_k,
+    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
+    Q, K, H, GROUP, D, DV,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    if start_m >= q_len:
+        return
+    bm = b.to(tl.int64)
+    if VARLEN:
+        bm = bm * 0  # packed sequences share batch row 0
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        Qp + bm * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0,
+    )
+    k_base = Kp + bm * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kt
+    v_base = Vp + bm * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vt
+    kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
+    am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
+        s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
+            p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
+        m_i = m_new
+
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    den = l_i
+    if HAS_SINKS:
+        den = den + tl.exp2(tl.load(SINKp + h).to(tl.float32) * LOG2E - m_safe)
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]  # a row that sees nothing stays 0
+    tl.store(
+        Op + bm * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_ot + offs_dv[None, :] * stride_od,
+        out.to(Op.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV),
+    )
+    lse = tl.where(l_i > 0, (m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E, float("-inf"))
+    # lse is (B, H, Q) contiguous; packed sequences index it by their global row
+    tl.store(LSEp + (bm * H + h) * Q + rows, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT: tl.constexpr, DROPOUT_P):
+    """Recomputed probabilities ``p`` and their dropped-out version ``pd`` (``p`` when no dropout)."""
+    p = tl.exp2(s - lse2[:, None])  # lse2 = +inf for rows that see nothing: p = 0
+    pd = p
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
+        pd = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
+    return p, pd
+
+
+@triton.jit
+def _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len,
+             SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DROPOUT_P):
+    """Gradient w.r.t. the raw scores q.k (before scale and softcap). dpd = dO @ V^T: [BM, BN]."""
+    dp = dpd
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
+        dp = tl.where(keep, dpd / (1.0 - DROPOUT_P), 0.0)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
+def flash_bwd_dkdv_kernel(
+    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
+    stride_kpm_b, stride_kpm_k,
+    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
+    Q, K, H, HKV, GROUP, D, DV,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # one program holds BLOCK_N keys of one k/v head and streams the queries of all its q heads,
+    # so dk/dv are accumulated in registers without atomics
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    if start_n >= k_len:
+        return
+    bm = b.to(tl.int64)
+    if VARLEN:
+        bm = bm * 0
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = (k_start + offs_n).to(tl.int64)
+    k = tl.load(Kp + bm * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(Vp + bm * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
+    lo, hi = _query_range(start_n, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Qp + bm * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qt
+        do_base = DOp + bm * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dot
+        row_base = (bm * H + h) * Q + q_start
+        am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_dv[None, :] * stride_dod,
+                         mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
+            lse2 = tl.load(LSE2p + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+            delta = tl.load(DELTAp + row_base + offs_m, mask=offs_m < q_len, other=0.0)
+            s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                           CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION)
+            p, pd = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)  # [BN,BM]@[BM,DV]
+            dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
+            ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # [BN,BM]@[BM,D]
+    dk = dk * (qk_scale / LOG2E)
+    tl.store(DKp + bm * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DKp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D))
+    tl.store(DVp + bm * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
+             dv.to(DVp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def flash_bwd_dq_kernel(
+    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DQp, KPMp, AMp, CUQ, CUK,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_dob, stride_dot, stride_doh, stride_dod,
+    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
+    stride_kpm_b, stride_kpm_k,
+    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
+    Q, K, H, GROUP, D, DV,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    if start_m >= q_len:
+        return
+    bm = b.to(tl.int64)
+    if VARLEN:
+        bm = bm * 0
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Qp + bm * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DOp + bm * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                 mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
+    row_base = (bm * H + h) * Q
+    lse2 = tl.load(LSE2p + row_base + rows, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTAp + row_base + rows, mask=offs_m < q_len, other=0.0)
+    k_base = Kp + bm * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kt
+    v_base = Vp + bm * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vt
+    kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
+    am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
+        s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION)
+        p, _ = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
+        dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
+        ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM,BN]@[BN,D]
+    dq = dq * (qk_scale / LOG2E)
+    tl.store(DQp + bm * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQp.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))

@@ -1,0 +1,197 @@
+"""Triton flash kernels against the PyTorch reference: outputs, lse and gradients.
+
+On the CPU these run under TRITON_INTERPRET=1 (set in conftest.py) on small shapes; on a GPU the same
+tests run on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_ahfa
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernel outputs start as NaN, so an element a kernel never writes fails the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **kw):
+        t = empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*a, **kw):
+        t = empty_like(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def _qkv(B, Q, K, Hq, Hkv, D, dtype=torch.float32, seed=0, Dv=None):
+    g = torch.Generator().manual_seed(seed)
+    # (B, T, H, D) views of (B, H, T, D) memory, as Transformers hands them over
+    make = lambda t, h, d: torch.randn(B, h, t, d, generator=g).to(DEVICE, dtype).transpose(1, 2)  # noqa: E731
+    return make(Q, Hq, D), make(K, Hkv, D), make(K, Hkv, Dv or D)
+
+
+def _both(q, k, v, grad=True, **kw):
+    """(out, lse, grads) of the kernels and of the reference on the same inputs."""
+    res = []
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+        sinks = kw.get("sinks")
+        extra = {}
+        if sinks is not None:
+            extra["sinks"] = sinks.detach().clone().requires_grad_(grad)
+            leaves.append(extra["sinks"])
+        out, lse = hf_ahfa.attention(*leaves[:3], return_lse=True, backend=backend, **{**kw, **extra})
+        grads = None
+        if grad:
+            gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(out)
+            grads = torch.autograd.grad(out, leaves, gout)
+        res.append((out, lse, grads))
+    return res
+
+
+def _check(res, atol=2e-5):
+    (out, lse, grads), (r_out, r_lse, r_grads) = res
+    assert not out.isnan().any(), "unwritten (NaN) output elements"
+    assert torch.equal(lse.isneginf(), r_lse.isneginf())
+    err = (out.float() - r_out.float()).abs().max().item()
+    assert err < atol, f"out error {err:.2e}"
+    fin = r_lse.isfinite()
+    assert (lse[fin] - r_lse[fin]).abs().max().item() < atol
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), grads or (), r_grads or ()):
+        assert not a.isnan().any(), f"NaN in {name}"
+        err = (a.float() - b.float()).abs().max().item()
+        scale = max(1.0, b.abs().max().item())
+        assert err < atol * 5 * scale, f"{name} error {err:.2e}"
+
+
+@pytest.mark.parametrize("Q,K", [(1, 1), (1, 37), (17, 17), (33, 50), (63, 63), (40, 97)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_shapes(poison, Q, K, causal):
+    _check(_both(*_qkv(2, Q, K, 4, 2, 32, seed=Q * K), causal=causal))
+
+
+@pytest.mark.parametrize("D", [16, 40, 80])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 1), (8, 2)])
+def test_head_dims_and_gqa(poison, D, Hq, Hkv):
+    _check(_both(*_qkv(1, 29, 29, Hq, Hkv, D, seed=D), causal=True))
+
+
+def test_value_head_dim_differs(poison):
+    _check(_both(*_qkv(1, 21, 30, 2, 1, 32, Dv=16, seed=4), causal=True))
+
+
+@pytest.mark.parametrize("window,causal", [(1, True), (6, True), (100, True), ((3, 9), False), ((0, 0), False), (5, False)])
+def test_windows(poison, window, causal):
+    _check(_both(*_qkv(1, 50, 61, 2, 1, 16, seed=5), causal=causal, window=window))
+
+
+def test_softcap_and_sinks(poison):
+    q, k, v = _qkv(2, 30, 30, 4, 2, 16, seed=6)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    _check(_both(q * 3, k, v, causal=True, softcap=2.0, sinks=sinks))
+
+
+def test_key_padding_and_fully_masked_rows(poison):
+    q, k, v = _qkv(3, 24, 24, 2, 2, 16, seed=7)
+    kpm = torch.ones(3, 24, dtype=torch.bool, device=DEVICE)
+    kpm[0, :9] = False  # left padding: causal rows 0..8 see nothing
+    kpm[1] = False  # a whole padded sequence
+    res = _both(q, k, v, causal=True, key_padding_mask=kpm)
+    _check(res)
+    out = res[0][0]
+    assert (out[0, :9] == 0).all() and (out[1] == 0).all()
+
+
+def test_dense_bool_mask_broadcast_heads(poison):
+    q, k, v = _qkv(2, 20, 33, 4, 2, 16, seed=8)
+    am = torch.rand(2, 1, 20, 33, generator=torch.Generator().manual_seed(2)).to(DEVICE) > 0.4
+    am[1, 0, 3] = False
+    _check(_both(q, k, v, attn_mask=am))
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 4)])
+def test_packed_sequences(poison, causal, window):
+    cu = torch.tensor([0, 5, 5, 22, 23, 40], device=DEVICE)  # an empty and a one-token sequence
+    q, k, v = _qkv(1, 40, 40, 4, 2, 16, seed=9)
+    _check(_both(q, k, v, causal=causal, window=window, cu_seqlens=cu))
+
+
+def test_packed_sequences_more_keys_than_queries(poison):
+    cu_q, cu_k = torch.tensor([0, 3, 10], device=DEVICE), torch.tensor([0, 19, 40], device=DEVICE)
+    _check(_both(*_qkv(1, 10, 40, 2, 1, 16, seed=10), causal=True, cu_seqlens=(cu_q, cu_k)))
+
+
+def test_float16_error_within_torch_error(oracle):
+    q, k, v = _qkv(1, 48, 48, 4, 2, 32, dtype=torch.float16, seed=11)
+    out = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    ref = oracle(q.cpu(), k.cpu(), v.cpu(), causal=True)[0]
+    torch_fp16 = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    ours = (out.cpu().double() - ref).abs().max()
+    theirs = (torch_fp16.cpu().double() - ref).abs().max()
+    assert ours <= 2 * theirs, f"kernel fp16 error {ours:.2e} vs torch fp16 error {theirs:.2e}"
+
+
+def test_dropout_statistics_and_seed():
+    q, k, _ = _qkv(1, 64, 64, 2, 2, 16, seed=12)
+    v = torch.ones(1, 64, 2, 16, device=DEVICE)
+    torch.manual_seed(0)
+    out = hf_ahfa.attention(q, k, v, dropout_p=0.25, backend="triton")
+    assert abs(out.mean().item() - 1.0) < 0.05 and (out - 1).abs().max() > 0.05
+    torch.manual_seed(0)
+    assert torch.equal(out, hf_ahfa.attention(q, k, v, dropout_p=0.25, backend="triton"))
+
+
+def test_dropout_gradients_match_explicit_mask():
+    # With v = identity the output is the dropped-out probability matrix itself, which reveals the
+    # kernel's keep-mask; the same seed then gives gradients an explicit-mask PyTorch model must match.
+    Q = K = 32
+    q, k, _ = _qkv(1, Q, K, 1, 1, 16, seed=13)
+    eye = torch.eye(K, device=DEVICE).view(1, K, 1, K)
+    torch.manual_seed(5)
+    dropped = hf_ahfa.attention(q, k, eye, causal=True, dropout_p=0.3, backend="triton")[0, :, 0]  # (Q, K)
+    keep = dropped != 0
+    v = torch.randn(1, K, 1, 16, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    out = hf_ahfa.attention(*leaves, causal=True, dropout_p=0.3, backend="triton")
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    leaves2 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    s = (leaves2[0][0, :, 0] @ leaves2[1][0, :, 0].T) * 16**-0.5
+    s = s.masked_fill(~torch.ones(Q, K, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+    p = torch.softmax(s, -1) * keep / 0.7
+    want = torch.autograd.grad((p @ leaves2[2][0, :, 0]).square().sum(), leaves2)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_dropout_under_activation_checkpointing():
+    q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 32, 32, 2, 1, 16, seed=14)]
+
+    def f(q, k, v):
+        return hf_ahfa.attention(q, k, v, causal=True, dropout_p=0.2, backend="triton")
+
+    torch.manual_seed(3)
+    plain = torch.autograd.grad(f(q, k, v).sum(), (q, k, v))
+    torch.manual_seed(3)
+    ckpt = torch.utils.checkpoint.checkpoint(f, q, k, v, use_reentrant=False)
+    for a, b in zip(plain, torch.autograd.grad(ckpt.sum(), (q, k, v))):
+        assert torch.equal(a, b)
+
+
+def test_opcheck():
+    from hf_ahfa.kernels.flash import flash_fwd
+
+    q, k, v = _qkv(1, 17, 17, 2, 1, 16, seed=15)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    args = (q, k, v, None, None, None, None, None, 17, 17, True, -1, -1, 0.0, 0.0, 0, 0.25)
+    torch.library.opcheck(flash_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
