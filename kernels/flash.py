@@ -11,7 +11,12 @@ import torch
 import triton
 
 from hf_ahfa.kernels import configs
-from hf_ahfa.kernels.flash_kernels import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_fwd_kernel
+from hf_ahfa.kernels.flash_kernels import (
+    flash_bwd_dkdv_kernel,
+    flash_bwd_dq_kernel,
+    flash_decode_kernel,
+    flash_fwd_kernel,
+)
 from hf_ahfa.kernels.tuning import pick
 
 LOG2E = 1.4426950408889634
@@ -182,6 +187,56 @@ def _backward(ctx, grad_out, grad_lse):
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("hf_ahfa::flash_decode", mutates_args=(), device_types=("cuda", "cpu"))
+def flash_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+    causal: bool, win_left: int, win_right: int, softcap: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV forward for few queries (inference only): same contract as ``flash_fwd``."""
+    c = _common(q, k, v, None, 0, 0)
+    B, Q, H, HKV, G = c["B"], c["Q"], c["H"], c["HKV"], c["H"] // c["HKV"]
+    rows = max(16, triton.next_power_of_2(G * Q))
+    block_n = 16 if configs.interpreting() else 64
+    # enough splits for about two waves of programs, each split a whole number of key blocks
+    sms = 4 if configs.interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+    splits = max(1, min(triton.cdiv(2 * sms, B * HKV), triton.cdiv(c["K"], 4 * block_n)))
+    split_len = triton.cdiv(triton.cdiv(c["K"], splits), block_n) * block_n
+    splits = triton.cdiv(c["K"], split_len)
+    o_part = torch.empty(B * HKV, splits, rows, c["DV"], dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B * HKV, splits, rows, dtype=torch.float32, device=q.device)
+    kpm, am, kpm_strides, am_strides = _mask_args(key_padding_mask, attn_mask)
+    flash_decode_kernel[(splits, B * HKV)](
+        q, k, v, o_part, lse_part, kpm if kpm is not None else o_part, am if am is not None else o_part,
+        *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *am_strides,
+        Q, c["K"], HKV, G, c["D"], c["DV"], split_len, scale * LOG2E, softcap, win_left, win_right,
+        CAUSAL=causal, HAS_WINDOW=win_left >= 0, SOFTCAP=softcap > 0, HAS_KPM=kpm is not None,
+        HAS_AM=am is not None, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=block_n,
+        BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"], num_warps=4, num_stages=3,
+    )
+    # merge the splits by log-sum-exp; a split that saw nothing has lse -inf and weight 0
+    lse = torch.logsumexp(lse_part, dim=1)  # (B*HKV, rows)
+    weight = torch.exp(lse_part - torch.where(lse == float("-inf"), 0.0, lse)[:, None]).nan_to_num(0.0)
+    out = (o_part * weight[..., None]).sum(1)[:, : G * Q]  # (B*HKV, G*Q, DV)
+    lse = lse[:, : G * Q].reshape(B, H, Q)
+    out = out.view(B, HKV, G, Q, c["DV"]).permute(0, 3, 1, 2, 4).reshape(B, Q, H, c["DV"])
+    if sinks is not None:
+        full = torch.logaddexp(lse, sinks.float()[None, :, None])
+        out = out * torch.exp(lse - full).transpose(1, 2)[..., None]
+    return out.to(q.dtype), lse
+
+
+@flash_decode.register_fake
+def _(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, win_right, softcap, scale):
+    B, Q, H, _ = q.shape
+    return q.new_empty(B, Q, H, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
+
+
+# Split-KV pays when few query rows face many keys; training needs the backward of the dense path.
+DECODE_MAX_Q = 16
+DECODE_MIN_K = 512
+
+
 def flash_attention(
     q, k, v, *, causal, window, softcap, sinks, dropout_p, scale, key_padding_mask, attn_mask,
     cu_seqlens_q, cu_seqlens_k,
@@ -190,6 +245,11 @@ def flash_attention(
     (``window`` already a ``(left, right)`` pair or ``None``). Returns ``(out, lse)``."""
     win_left, win_right = window if window is not None else (-1, -1)
     max_q, max_k = q.shape[1], k.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None)
+    if (cu_seqlens_q is None and max_q <= DECODE_MAX_Q and max_k >= DECODE_MIN_K and dropout_p == 0
+            and not needs_grad):
+        return flash_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, win_right,
+                            softcap or 0.0, scale)
     if cu_seqlens_q is not None:
         max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         max_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())

@@ -350,3 +350,86 @@ def flash_bwd_dq_kernel(
     dq = dq * (qk_scale / LOG2E)
     tl.store(DQp + bm * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQp.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def flash_decode_kernel(
+    Qp, Kp, Vp, OPARTp, LSEPARTp, KPMp, AMp,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_kpm_b, stride_kpm_k,
+    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
+    Q, K, HKV, GROUP, D, DV, SPLIT_LEN,
+    qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # Split-KV for few queries: one program takes SPLIT_LEN keys of one k/v head and all GROUP * Q
+    # query rows that read it (row r = query head g * Q + query i), so K/V are read once per split and
+    # a single query row still spreads over the whole GPU. Partial results are merged by their lse.
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    offs_r = tl.arange(0, BLOCK_M)
+    g = offs_r // Q
+    i = offs_r % Q
+    h = hk * GROUP + g
+    row_ok = offs_r < GROUP * Q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Qp + b * stride_qb + h[:, None].to(tl.int64) * stride_qh + i[:, None].to(tl.int64) * stride_qt
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    qp = i + (K - Q)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    k_base = Kp + b * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = Vp + b * stride_vb + hk.to(tl.int64) * stride_vh
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, K)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, ((K - Q - WIN_LEFT) // BLOCK_N) * BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, D] @ [D, BN] -> [BM, BN]
+        if SOFTCAP:
+            s = _tanh(s * (qk_scale / LOG2E) / softcap) * (softcap * LOG2E)
+        else:
+            s = s * qk_scale
+        ok = row_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= qp[:, None])
+        if HAS_WINDOW:
+            ok = ok & (offs_n[None, :] >= qp[:, None] - WIN_LEFT) & (offs_n[None, :] <= qp[:, None] + WIN_RIGHT)
+        if HAS_KPM:
+            pad = tl.load(KPMp + b * stride_kpm_b + offs_n.to(tl.int64) * stride_kpm_k, mask=n_ok, other=0)
+            ok = ok & (pad != 0)[None, :]
+        if HAS_AM:
+            am = tl.load(AMp + b * stride_am_b + h[:, None].to(tl.int64) * stride_am_h
+                         + i[:, None].to(tl.int64) * stride_am_q + offs_n[None, :].to(tl.int64) * stride_am_k,
+                         mask=row_ok[:, None] & n_ok[None, :], other=0)
+            ok = ok & (am != 0)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
+        m_i = m_new
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(l_i > 0, (m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E, float("-inf"))
+    # partials: (B * HKV, SPLITS, BLOCK_M, DV) and (B * HKV, SPLITS, BLOCK_M), contiguous
+    nsplit = tl.num_programs(0)
+    part = (bhk.to(tl.int64) * nsplit + split) * BLOCK_M
+    tl.store(OPARTp + (part + offs_r[:, None]) * DV + offs_dv[None, :], out, mask=offs_dv[None, :] < DV)
+    tl.store(LSEPARTp + part + offs_r, lse)

@@ -195,3 +195,22 @@ def test_opcheck():
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     args = (q, k, v, None, None, None, None, None, 17, 17, True, -1, -1, 0.0, 0.0, 0, 0.25)
     torch.library.opcheck(flash_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("Q,K,Hq,Hkv,kw", [
+    (1, 600, 8, 2, dict(causal=True)),
+    (3, 700, 4, 4, dict(causal=True, window=50)),
+    (2, 530, 4, 1, dict(softcap=2.0, sinks="sinks")),
+    (1, 520, 2, 1, dict(causal=True, key_padding_mask="all padded in batch 1")),
+])
+def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
+    q, k, v = _qkv(2, Q, K, Hq, Hkv, 16, seed=K)
+    if "sinks" in kw:
+        kw["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    if "key_padding_mask" in kw:
+        kpm = torch.ones(2, K, dtype=torch.bool, device=DEVICE)
+        kpm[0, :200] = False
+        kpm[1] = False
+        kw["key_padding_mask"] = kpm
+    # no gradient: inference takes the split-KV path (Q <= 16, K >= 512)
+    _check(_both(q, k, v, grad=False, **kw))
