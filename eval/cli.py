@@ -1,0 +1,54 @@
+"""``ahfa-eval``: measure ``ahfa`` against baseline attention implementations; results under eval/results/."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OUT = Path("eval/results")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _speed(args) -> None:
+    import torch
+
+    from hf_ahfa.eval.speed_report import write_speed_report
+    from hf_ahfa.eval.speed import PROVIDERS, run_kernel_sweep
+
+    if not torch.cuda.is_available():
+        raise SystemExit("ahfa-eval speed: kernel benchmarks need a CUDA GPU")
+    unknown = set(args.providers) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"ahfa-eval speed: unknown --providers {sorted(unknown)}; choose from {PROVIDERS}")
+    rows = run_kernel_sweep(
+        args.seq_lens, args.head_dims, args.modes, args.providers, [c == "causal" for c in args.masks],
+        args.decode_lens, tokens=args.tokens, heads=args.heads,
+    )
+    paths = write_speed_report(rows, args.out_dir, args.name)
+    print(paths["md"].read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ahfa-eval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("speed", help="kernel-level speed of ahfa vs SDPA backends, FlexAttention, flash-attn")
+    sp.add_argument("--seq-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384, 32768])
+    sp.add_argument("--head-dims", type=_ints, default=[64, 128])
+    sp.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    sp.add_argument("--masks", nargs="+", default=["causal", "full"], choices=["causal", "full"])
+    sp.add_argument("--providers", nargs="+", default=["ahfa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"])
+    sp.add_argument("--decode-lens", type=_ints, default=[8192, 32768, 131072])
+    sp.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // seq_len)")
+    sp.add_argument("--heads", type=int, default=32)
+    sp.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    sp.add_argument("--name", default="speed", help="file stem of the JSON/Markdown/PNG results")
+    sp.set_defaults(func=_speed)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""GPU tests (``pytest -m gpu`` on the accelerator machine): real sizes, bf16, compile, models.
+
+Error yardstick: the kernel's bf16 error against a float32 reference must stay within twice the error
+of plain PyTorch attention computed in bf16 (matmuls in bf16, softmax in float32) on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_ahfa
+
+pytestmark = pytest.mark.gpu
+BF16 = torch.bfloat16
+
+
+def _eager_bf16(q, k, v, causal=False, window=None, softcap=None, sinks=None, **_):
+    """PyTorch attention in bf16: the precision a user gets without ahfa (expands GQA, builds the mask)."""
+    from hf_ahfa.masks import make_layout, normalize_window, visible
+
+    B, Q, H, D = q.shape
+    K, G = k.shape[1], H // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(G, 1), v.transpose(1, 2).repeat_interleave(G, 1)
+    s = (qt @ kt.transpose(-1, -2)).float() * D**-0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    ok = visible(make_layout(Q, K, q.device), slice(None), slice(None), causal=causal,
+                 window=normalize_window(window, causal))
+    s = s.masked_fill(~ok, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.float().view(1, H, 1, 1).expand(B, H, Q, 1)], -1)
+    p = torch.softmax(s, -1)[..., :K]
+    return (p.to(q.dtype) @ vt).transpose(1, 2)
+
+
+CASES = [
+    dict(causal=True),
+    dict(causal=False),
+    dict(causal=True, window=512),
+    dict(causal=True, softcap=30.0),
+    dict(causal=True, sinks=True),
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+def test_bf16_forward_backward_real_sizes(kw, D):
+    torch.manual_seed(D)
+    B, T, H, HKV = 2, 2048 if D <= 128 else 1024, 16, 4
+    q = torch.randn(B, T, H, D, device="cuda", dtype=BF16)
+    k, v = (torch.randn(B, T, HKV, D, device="cuda", dtype=BF16) for _ in range(2))
+    kw = dict(kw)
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(H, device="cuda")
+    gout = torch.randn(B, T, H, D, device="cuda", dtype=BF16)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, **kw)
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, leaves, gout.to(dtype)))]
+
+    ref = run(lambda *a, **k: hf_ahfa.attention(*a, **k, backend="reference"), torch.float32)
+    ours = run(lambda *a, **k: hf_ahfa.attention(*a, **k, backend="triton"), BF16)
+    theirs = run(_eager_bf16, BF16)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+        err, yard = (a - r).abs().max().item(), (b - r).abs().max().item()
+        assert err <= 2 * yard + 1e-3, f"{name}: ahfa bf16 error {err:.3e} vs PyTorch bf16 error {yard:.3e}"
+
+
+def test_varlen_and_padding_bf16():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 100, 1100, 1101, 3000], device="cuda")
+    q = torch.randn(1, 3000, 8, 128, device="cuda", dtype=BF16)
+    k, v = (torch.randn(1, 3000, 2, 128, device="cuda", dtype=BF16) for _ in range(2))
+    out = hf_ahfa.attention(q, k, v, causal=True, cu_seqlens=cu, backend="triton")
+    ref = hf_ahfa.attention(q.float(), k.float(), v.float(), causal=True, cu_seqlens=cu, backend="reference")
+    assert (out.float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("K", [4096, 131072])
+def test_decode_split_kv(K):
+    torch.manual_seed(K)
+    q = torch.randn(8, 1, 32, 128, device="cuda", dtype=BF16)
+    k, v = (torch.randn(8, K, 8, 128, device="cuda", dtype=BF16) for _ in range(2))
+    out = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), enable_gqa=True
+    ).transpose(1, 2)
+    assert (out.float() - ref).abs().max() < 1e-2
+
+
+def test_opcheck_cuda():
+    from hf_ahfa.kernels.flash import flash_fwd
+
+    q = torch.randn(2, 200, 4, 64, device="cuda", dtype=BF16, requires_grad=True)
+    k, v = (torch.randn(2, 200, 2, 64, device="cuda", dtype=BF16, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(flash_fwd, (q, k, v, None, None, None, None, None, 200, 200, True, -1, -1, 0.0, 0.0, 0, 0.125))
+
+
+def test_fullgraph_compile_matches_eager():
+    q = torch.randn(2, 300, 8, 64, device="cuda", dtype=BF16, requires_grad=True)
+    k, v = (torch.randn(2, 300, 2, 64, device="cuda", dtype=BF16, requires_grad=True) for _ in range(2))
+
+    def f(q, k, v):
+        return hf_ahfa.attention(q, k, v, causal=True, window=100, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    a, b = f(q, k, v), compiled(q, k, v)
+    assert torch.equal(a, b)
+    ga = torch.autograd.grad(a.sum(), (q, k, v))
+    gb = torch.autograd.grad(b.sum(), (q, k, v))
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def _tiny(model_type, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, **common, **extra)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to("cuda", BF16).eval()
+
+
+FAMILIES = {
+    "llama": {},
+    "qwen3": {},
+    "mistral": dict(sliding_window=128),
+    "gemma2": dict(sliding_window=128, attn_logit_softcapping=50.0, query_pre_attn_scalar=64),
+    "gemma3_text": dict(sliding_window=128),
+    "gpt_oss": dict(sliding_window=128, num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_family_logits_bf16(family):
+    model = _tiny(family, **FAMILIES[family])
+    ids = torch.randint(0, 512, (2, 700), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0  # left padding
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model.float()(ids, attention_mask=mask).logits
+        model.to(BF16)
+        base = model(ids, attention_mask=mask).logits.float()
+        model.set_attn_implementation("ahfa")
+        ours = model(ids, attention_mask=mask).logits.float()
+    keep = mask.bool()
+    err, yard = (ours - ref)[keep].abs().max().item(), (base - ref)[keep].abs().max().item()
+    assert err <= 2 * yard + 1e-2, f"{family}: ahfa bf16 logit error {err:.3e} vs eager bf16 {yard:.3e}"
+
+
+def test_compiled_static_cache_generate():
+    model = _tiny("llama")
+    ids = torch.randint(0, 512, (2, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(max_new_tokens=16, do_sample=False, cache_implementation="static", attention_mask=mask)
+    model.set_attn_implementation("ahfa")
+    ours = model.generate(ids, **kw, return_dict_in_generate=True, output_logits=True)
+    model.set_attn_implementation("sdpa")
+    base = model.generate(ids, **kw, return_dict_in_generate=True, output_logits=True)
+    step0 = (ours.logits[0].float() - base.logits[0].float()).abs().max().item()
+    assert step0 < 0.1, f"first decode logits differ by {step0}"
+    agree = (ours.sequences == base.sequences).float().mean().item()
+    assert agree > 0.9, f"only {agree:.0%} of greedy tokens agree with sdpa"
