@@ -9,7 +9,7 @@ packed sequences (``cu_seqlens``). Blocks outside the causal/window band are nev
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
