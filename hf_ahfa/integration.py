@@ -16,6 +16,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_ahfa.api import attention
+from hf_ahfa.checks import check_cu_seqlens
 from hf_ahfa.masks import make_layout, normalize_window
 from hf_ahfa.reference import reference_attention_probs
 
@@ -40,6 +41,19 @@ def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
             "-inf); ahfa supports boolean visibility masks only"
         )
     return visible
+
+
+def _weights_requested(output_attentions: bool) -> bool:
+    """True also when Transformers collects attention weights through its output hooks: some models
+    (GPT-2, OPT, ...) consume ``output_attentions`` themselves and never pass it to the attention function."""
+    if output_attentions:
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # older Transformers pass output_attentions along
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 
 def ahfa_attention_forward(
@@ -69,7 +83,7 @@ def ahfa_attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    Q = q.shape[1]
+    Q, K = q.shape[1], k.shape[1]
     if attention_mask is not None:
         # The mask is the truth about positions (static caches, left padding, windows): apply it alone.
         causal, window, mask = False, None, _bool_mask(attention_mask)
@@ -81,9 +95,7 @@ def ahfa_attention_forward(
             k, v = k[:, :Q], v[:, :Q]
     cu_seqlens = None if cu_seq_lens_q is None else (cu_seq_lens_q, cu_seq_lens_k)
 
-    if output_attentions:
-        from hf_ahfa.checks import check_cu_seqlens
-
+    if _weights_requested(output_attentions):
         cu = check_cu_seqlens(cu_seqlens, q, k)
         layout = make_layout(Q, k.shape[1], q.device, *(cu or (None, None)))
         out, weights = reference_attention_probs(
@@ -91,7 +103,8 @@ def ahfa_attention_forward(
             sinks=s_aux, dropout_p=dropout, scale=q.shape[-1] ** -0.5 if scaling is None else scaling,
             key_padding_mask=None, attn_mask=mask,
         )
-        return out.contiguous(), weights
+        # keys cut off above (the empty static-cache tail) get weight 0, as in eager attention
+        return out.contiguous(), torch.nn.functional.pad(weights, (0, K - weights.shape[-1]))
     out = attention(
         q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
         scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens,

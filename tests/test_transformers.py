@@ -108,11 +108,11 @@ def make_config(family: str, **overrides):
 
 def _init_model(family: str, impl: str, **overrides):
     cls = AutoModelForSequenceClassification if family in ENCODERS else AutoModelForCausalLM
-    # A fresh config per model: from_config keeps the config object, and set_attn_implementation writes to it,
-    # so two models built from one config object would silently share their attention implementation.
+    # A fresh config per model: from_config keeps (and writes _attn_implementation into) the config object it is
+    # given, so two models built from one config object would silently share one attention implementation.
     model = cls.from_config(make_config(family, **overrides), attn_implementation=impl)
     if family == "gpt_oss":
-        with torch.no_grad():  # sinks are initialised ~N(0, 0.02*10); make them large enough to matter
+        with torch.no_grad():  # sinks start ~N(0, initializer_range): make them matter more
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0.0, 1.0)
     return model
@@ -166,6 +166,7 @@ def encoder_batch(family: str, lengths=(12, 7), seed: int = 0) -> dict:
 
 
 DIFFS: dict[str, float] = {}
+GAPS: dict[str, float] = {}  # smallest top-2 logit gap of the reference over the compared generation steps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -176,6 +177,11 @@ def _print_diff_table():
         print("\n\nmax |ahfa - reference| (fp32, CPU)")
         for key in sorted(DIFFS):
             print(f"  {key:<{width}}  {DIFFS[key]:.3e}")
+    if GAPS:
+        width = max(map(len, GAPS))
+        print("\nsmallest top-2 logit gap of the reference during greedy generation (ties would be < ~1e-4)")
+        for key in sorted(GAPS):
+            print(f"  {key:<{width}}  {GAPS[key]:.3e}")
 
 
 def assert_close(actual, expected, *, atol, rtol, what: str, record: str | None = None) -> float:
@@ -327,9 +333,10 @@ def assert_same_greedy(out, ref, prompt_len: int, what: str, min_steps: int) -> 
     for t in range(steps):
         la, lr = out.logits[t], ref.logits[t]
         assert_close(la, lr, atol=LOGIT_ATOL, rtol=LOGIT_RTOL, what=f"{what}: step {t} logits", record=what)
+        top2 = lr.topk(2, dim=-1).values
+        GAPS[what] = min(GAPS.get(what, math.inf), (top2[:, 0] - top2[:, 1]).min().item())
         ta, tr = out.sequences[:, prompt_len + t], ref.sequences[:, prompt_len + t]
         if not torch.equal(ta, tr):
-            top2 = lr.topk(2, dim=-1).values
             gap = top2[:, 0] - top2[:, 1]
             tie_tol = 2 * (LOGIT_ATOL + LOGIT_RTOL * top2[:, 0].abs())
             rows = (ta != tr).nonzero().flatten()
@@ -417,12 +424,6 @@ def test_output_attentions_match_eager(family, ahfa_calls):
                  atol=LOGIT_ATOL, rtol=LOGIT_RTOL, what=f"{family} logits with output_attentions")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hf_ahfa bug: GPT2Attention (also OPT and others) consumes output_attentions as a named argument and "
-    "never forwards it to the attention function, so ahfa returns no weights and the model silently reports "
-    "attentions=() where eager reports one tensor per layer",
-)
 def test_output_attentions_gpt2_matches_eager():
     models = make_models("gpt2", ["ahfa", "eager"])
     batch = decoder_batch("left")
@@ -436,12 +437,6 @@ def test_output_attentions_gpt2_matches_eager():
             assert_close(wa[b][:, keep[b]], we[b][:, keep[b]], atol=PROB_ATOL, rtol=PROB_RTOL, what="gpt2 weights")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hf_ahfa bug: with a static cache and an unpadded prompt Transformers skips the prefill mask; ahfa "
-    "then truncates the keys to the query length and returns weights of shape (B, H, Q, Q) instead of eager's "
-    "(B, H, Q, max_cache_len)",
-)
 def test_output_attentions_static_cache_prefill_matches_eager():
     models = make_models("llama", ["ahfa", "eager"])
     batch = decoder_batch("none", lengths=(10, 10))
@@ -544,9 +539,10 @@ def test_trainer_step_and_grads_match_eager(family, tmp_path, ahfa_calls):
     assert abs(results["ahfa"] - results["eager"]) <= 1e-5 * (1 + abs(results["eager"])), results
     deltas = {impl: {n: p.detach() - start[n] for n, p in m.named_parameters()} for impl, m in models.items()}
     assert max(d.abs().max().item() for d in deltas["ahfa"].values()) > 1e-4, "the Trainer step did not move"
-    # the SGD update is lr * (clipped) gradient: ahfa's must be eager's
+    # the SGD update is lr * (clipped) gradient: ahfa's must be eager's (atol: a few fp32 ulps of weights ~1,
+    # which is all that p_after - p_before can resolve)
     for name, delta in deltas["ahfa"].items():
-        assert_close(delta, deltas["eager"][name], atol=1e-7, rtol=GRAD_RTOL,
+        assert_close(delta, deltas["eager"][name], atol=5e-7, rtol=GRAD_RTOL,
                      what=f"{family} update of {name} in one Trainer step", record=f"trainer update {family} vs eager")
 
 
