@@ -42,8 +42,13 @@ BWD: dict[str, dict[int, list[Config]]] = {
 }
 
 
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when this package is imported.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels of this process were defined for Triton's CPU interpreter."""
+    return _INTERPRETING
 
 
 def arch(device: torch.device) -> str:

@@ -69,14 +69,39 @@ def _query_range(start_n, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr, ELEMENT_MASKS: tl.constexpr):
+    """Key blocks ``[f_lo, f_hi)`` inside ``[lo, hi)`` that every query of the block fully sees.
+
+    Only the blocks outside it (the causal diagonal, window edges, the ragged end) need a mask. With a
+    key-padding or dense mask (``ELEMENT_MASKS``) every block is masked.
+    """
+    shift = k_len - q_len
+    f_hi = (k_len // BLOCK_N) * BLOCK_N
+    f_lo = lo
+    if CAUSAL:
+        f_hi = tl.minimum(f_hi, ((start_m + shift + 1) // BLOCK_N) * BLOCK_N)
+    if HAS_WINDOW:
+        f_lo = tl.maximum(lo, tl.cdiv(start_m + BLOCK_M - 1 + shift - WIN_LEFT, BLOCK_N) * BLOCK_N)
+        if not CAUSAL:
+            f_hi = tl.minimum(f_hi, ((start_m + shift + WIN_RIGHT + 1) // BLOCK_N) * BLOCK_N)
+    if ELEMENT_MASKS:
+        f_lo = hi
+    f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
+    return f_lo, f_hi
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
             kpm_ptr, stride_kpm_k, kpm_off, am_ptr, stride_am_q, stride_am_k, am_off,
             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, WIN_LEFT, WIN_RIGHT,
             SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """Masked scores of one tile in the log2 domain, and the raw tanh for the softcap gradient.
+            PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
+    """Scores of one tile in the log2 domain, and the raw tanh for the softcap gradient.
 
-    q: [BM, D], k: [BN, D] -> s: [BM, BN]; invisible entries are -inf.
+    q: [BM, D], k: [BN, D] -> s: [BM, BN]; invisible entries are -inf. ``MASKED=False`` is for tiles
+    that lie wholly inside the visible band (see ``_full_range``): no mask is built at all.
     """
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, D] @ [D, BN] -> [BM, BN]
     t = s
@@ -85,6 +110,8 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
         s = t * (softcap * LOG2E)
     else:
         s = s * qk_scale
+    if not MASKED:
+        return s, t
     qp = offs_m[:, None] + (k_len - q_len)
     kp = offs_n[None, :]
     ok = (offs_m[:, None] < q_len) & (kp < k_len)
@@ -112,6 +139,43 @@ def _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P):
 
 
 @triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_d, offs_dv,
+               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+               HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Online-softmax accumulation over key blocks ``[start, end)`` of one query block."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_len
+        if not MASKED:
+            n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new  # a fully visible tile gives every row a finite max
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
+            p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def flash_fwd_kernel(
     Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -120,7 +184,7 @@ def flash_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_kpm_b, stride_kpm_k,
     stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, H, GROUP, D, DV,
+    Q, K, H, GROUP, D: tl.constexpr, DV: tl.constexpr,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -156,25 +220,24 @@ def flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
-        s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
-            p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
-        m_i = m_new
+    f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                             HAS_WINDOW, HAS_KPM or HAS_AM)
+    # masked window edge, unmasked interior, masked diagonal / ragged end
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
+                               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                               HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
+                               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                               HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
+                               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                               HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
@@ -226,7 +289,7 @@ def flash_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh, stride_dvd,
     stride_kpm_b, stride_kpm_k,
     stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, H, HKV, GROUP, D, DV,
+    Q, K, H, HKV, GROUP, D: tl.constexpr, DV: tl.constexpr,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -298,7 +361,7 @@ def flash_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh, stride_dqd,
     stride_kpm_b, stride_kpm_k,
     stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, H, GROUP, D, DV,
+    Q, K, H, GROUP, D: tl.constexpr, DV: tl.constexpr,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -360,7 +423,7 @@ def flash_decode_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_kpm_b, stride_kpm_k,
     stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, HKV, GROUP, D, DV, SPLIT_LEN,
+    Q, K, HKV, GROUP, D: tl.constexpr, DV: tl.constexpr, SPLIT_LEN,
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, PRECISION: tl.constexpr,

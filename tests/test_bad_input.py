@@ -56,13 +56,12 @@ def test_bad_input_raises_clear_error(args, kwargs, exc, words):
     assert words in str(info.value)
 
 
-def test_forced_triton_backend_without_gpu_raises(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the triton backend can run")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_forced_triton_backend_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("AHFA_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run"):
-        hf_ahfa.attention(q, k, v)
+    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run.*float64"):
+        hf_ahfa.attention(q.double(), k.double(), v.double())
+    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run.*device meta"):
+        hf_ahfa.attention(q.to("meta"), k.to("meta"), v.to("meta"))
 
 
 def test_env_backend_reference_and_bad_name(monkeypatch):
