@@ -93,6 +93,27 @@ def _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
+def _full_query_range(start_n, lo, hi, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr,
+                      ELEMENT_MASKS: tl.constexpr):
+    """Query blocks ``[f_lo, f_hi)`` inside ``[lo, hi)`` that fully see keys ``start_n .. + BLOCK_N``."""
+    shift = k_len - q_len
+    f_lo = lo
+    f_hi = hi
+    if CAUSAL:
+        f_lo = tl.maximum(f_lo, tl.cdiv(start_n + BLOCK_N - 1 - shift, BLOCK_M) * BLOCK_M)
+    if HAS_WINDOW:
+        f_hi = tl.minimum(f_hi, ((start_n + WIN_LEFT - shift + 1) // BLOCK_M) * BLOCK_M)
+        if not CAUSAL:
+            f_lo = tl.maximum(f_lo, tl.cdiv(start_n + BLOCK_N - 1 - shift - WIN_RIGHT, BLOCK_M) * BLOCK_M)
+    if ELEMENT_MASKS or start_n + BLOCK_N > k_len:  # a ragged key block is masked everywhere
+        f_lo = hi
+    f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
+    return f_lo, f_hi
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
             kpm_ptr, stride_kpm_k, kpm_off, am_ptr, stride_am_q, stride_am_k, am_off,
             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, WIN_LEFT, WIN_RIGHT,
@@ -279,6 +300,34 @@ def _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len,
 
 
 @triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, start, end, offs_n, offs_d, offs_dv,
+                stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr):
+    """dk/dv contributions of query blocks ``[start, end)`` of one q head to one key block."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_dv[None, :] * stride_dod,
+                     mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
+        lse2 = tl.load(LSE2p + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(DELTAp + row_base + offs_m, mask=offs_m < q_len, other=0.0)
+        s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
+        p, pd = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)  # [BN,BM]@[BM,DV]
+        dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
+        ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # [BN,BM]@[BM,D]
+    return dk, dv
+
+
+@triton.jit
 def flash_bwd_dkdv_kernel(
     Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -321,6 +370,8 @@ def flash_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
     lo, hi = _query_range(start_n, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
+    f_lo, f_hi = _full_query_range(start_n, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                                   HAS_WINDOW, HAS_KPM or HAS_AM)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -328,27 +379,54 @@ def flash_bwd_dkdv_kernel(
         do_base = DOp + bm * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dot
         row_base = (bm * H + h) * Q + q_start
         am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_dv[None, :] * stride_dod,
-                         mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
-            lse2 = tl.load(LSE2p + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
-            delta = tl.load(DELTAp + row_base + offs_m, mask=offs_m < q_len, other=0.0)
-            s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                           CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION)
-            p, pd = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)  # [BN,BM]@[BM,DV]
-            dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
-            ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # [BN,BM]@[BM,D]
+        # masked edge
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, lo, f_lo, offs_n, offs_d, offs_dv,
+                                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                 SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
+        # unmasked interior
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_lo, f_hi, offs_n, offs_d, offs_dv,
+                                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                 SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, False)
+        # masked diagonal / window edge
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_hi, hi, offs_n, offs_d, offs_dv,
+                                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                 SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
     dk = dk * (qk_scale / LOG2E)
     tl.store(DKp + bm * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DKp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D))
     tl.store(DVp + bm * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
              dv.to(DVp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, start, end, offs_m, offs_d, offs_dv,
+              stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """dq contribution of key blocks ``[start, end)`` to one query block."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
+        s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
+        p, _ = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
+        dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
+        ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM,BN]@[BN,D]
+    return dq
 
 
 @triton.jit
@@ -397,19 +475,26 @@ def flash_bwd_dq_kernel(
     am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
-        s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+    f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                             HAS_WINDOW, HAS_KPM or HAS_AM)
+    # masked window edge
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
+                       stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
                        KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION)
-        p, _ = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
-        dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
-        ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM,BN]@[BN,D]
+                       WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                       HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+    # unmasked interior
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
+                       stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                       HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
+    # masked diagonal / ragged end
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
+                       stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                       WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                       HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
     dq = dq * (qk_scale / LOG2E)
     tl.store(DQp + bm * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQp.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))

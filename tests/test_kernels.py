@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hf_ahfa
 
@@ -214,3 +216,14 @@ def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
         kw["key_padding_mask"] = kpm
     # no gradient: inference takes the split-KV path (Q <= 16, K >= 512)
     _check(_both(q, k, v, grad=False, **kw))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    Q=st.integers(1, 70), extra_k=st.integers(0, 50), causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 60), st.tuples(st.integers(0, 40), st.integers(0, 40))),
+    seed=st.integers(0, 2**16),
+)
+def test_property_tile_ranges(Q, extra_k, causal, window, seed):
+    # random lengths and windows move the masked/unmasked tile boundaries of all three kernels
+    _check(_both(*_qkv(1, Q, Q + extra_k, 2, 1, 16, seed=seed), causal=causal, window=window))
