@@ -14,6 +14,7 @@ from hf_ahfa.kernels import configs
 from hf_ahfa.kernels.flash_kernels import (
     flash_bwd_dkdv_kernel,
     flash_bwd_dq_kernel,
+    flash_decode_combine_kernel,
     flash_decode_kernel,
     flash_fwd_kernel,
 )
@@ -214,16 +215,14 @@ def flash_decode(
         HAS_AM=am is not None, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=block_n,
         BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"], num_warps=4, num_stages=3,
     )
-    # merge the splits by log-sum-exp; a split that saw nothing has lse -inf and weight 0
-    lse = torch.logsumexp(lse_part, dim=1)  # (B*HKV, rows)
-    weight = torch.exp(lse_part - torch.where(lse == float("-inf"), 0.0, lse)[:, None]).nan_to_num(0.0)
-    out = (o_part * weight[..., None]).sum(1)[:, : G * Q]  # (B*HKV, G*Q, DV)
-    lse = lse[:, : G * Q].reshape(B, H, Q)
-    out = out.view(B, HKV, G, Q, c["DV"]).permute(0, 3, 1, 2, 4).reshape(B, Q, H, c["DV"])
-    if sinks is not None:
-        full = torch.logaddexp(lse, sinks.float()[None, :, None])
-        out = out * torch.exp(lse - full).transpose(1, 2)[..., None]
-    return out.to(q.dtype), lse
+    out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
+    flash_decode_combine_kernel[(B * HKV * G * Q,)](
+        o_part, lse_part, sinks if sinks is not None else lse, out, lse, *out.stride(),
+        Q, H, HKV, G, splits, ROWS=rows, DV=c["DV"], HAS_SINKS=sinks is not None,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=c["BLOCK_DV"], num_warps=1,
+    )
+    return out, lse
 
 
 @flash_decode.register_fake

@@ -168,13 +168,16 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_d, off
                HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr):
     """Online-softmax accumulation over key blocks ``[start, end)`` of one query block."""
+    # pointers advance by one block per step instead of being recomputed in 64-bit per element
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_len
         if not MASKED:
             n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
                        KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
                        CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
@@ -189,10 +192,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_d, off
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
             p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
     return acc, l_i, m_i
 
 
@@ -212,12 +216,15 @@ def flash_fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
     q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
+    if CAUSAL:
+        # the last query blocks see the most keys: start them first so the tail of the grid is short
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     if start_m >= q_len:
         return
     bm = b.to(tl.int64)
@@ -446,12 +453,15 @@ def flash_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
     q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
+    if CAUSAL:
+        # the last query blocks see the most keys: start them first so the tail of the grid is short
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     if start_m >= q_len:
         return
     bm = b.to(tl.int64)
@@ -581,3 +591,37 @@ def flash_decode_kernel(
     part = (bhk.to(tl.int64) * nsplit + split) * BLOCK_M
     tl.store(OPARTp + (part + offs_r[:, None]) * DV + offs_dv[None, :], out, mask=offs_dv[None, :] < DV)
     tl.store(LSEPARTp + part + offs_r, lse)
+
+
+@triton.jit
+def flash_decode_combine_kernel(
+    OPARTp, LSEPARTp, SINKp, Op, LSEp,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    Q, H, HKV, GROUP, SPLITS, ROWS: tl.constexpr, DV: tl.constexpr,
+    HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the split-KV partials of one query row by their lse; apply the sink; write out and lse."""
+    pid = tl.program_id(0)
+    bhk = pid // (GROUP * Q)
+    r = pid % (GROUP * Q)
+    b = (bhk // HKV).to(tl.int64)
+    h = (bhk % HKV) * GROUP + r // Q
+    i = r % Q
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    part = (bhk.to(tl.int64) * SPLITS + offs_s) * ROWS + r
+    lse_s = tl.load(LSEPARTp + part, mask=offs_s < SPLITS, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    tot = tl.sum(w, 0)
+    o = tl.load(OPARTp + part[:, None] * DV + offs_dv[None, :],
+                mask=(offs_s[:, None] < SPLITS) & (offs_dv[None, :] < DV), other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
+    lse = tl.where(tot > 0, m_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
+    if HAS_SINKS:
+        # the sink joins the denominator: scale by sum / (sum + e^sink)
+        out = out / (1.0 + tl.exp(tl.load(SINKp + h).to(tl.float32) - lse))
+    tl.store(Op + b * stride_ob + i.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh + offs_dv * stride_od,
+             out.to(Op.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(LSEp + (b * H + h) * Q + i, lse)
