@@ -14,7 +14,9 @@ def write_speed_report(rows: list[dict], out_dir: Path, name: str) -> dict[str, 
     meta = provenance()
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
     speedups = {b: {"/".join(map(str, k)): v for k, v in ratios(rows, b).items()} for b in BASELINES}
-    write_json(paths["json"], meta, rows, ahfa_speedup=speedups)
+    from hf_ahfa.kernels.tuning import chosen
+
+    write_json(paths["json"], meta, rows, ahfa_speedup=speedups, ahfa_launch_configs=chosen())
 
     prefill = [r for r in rows if r["kind"] == "prefill"]
     providers = list(dict.fromkeys(r["provider"] for r in prefill))

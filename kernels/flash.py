@@ -199,9 +199,10 @@ def flash_decode(
     B, Q, H, HKV, G = c["B"], c["Q"], c["H"], c["HKV"], c["H"] // c["HKV"]
     rows = max(16, triton.next_power_of_2(G * Q))
     block_n = 16 if configs.interpreting() else 64
-    # enough splits for about two waves of programs, each split a whole number of key blocks
+    # at most two programs per SM (their pipelined K/V tiles fill shared memory), so that every split
+    # runs in one wave with no straggling second wave; each split a whole number of key blocks
     sms = 4 if configs.interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = max(1, min(triton.cdiv(2 * sms, B * HKV), triton.cdiv(c["K"], 4 * block_n)))
+    splits = max(1, min((2 * sms) // (B * HKV), triton.cdiv(c["K"], 4 * block_n)))
     split_len = triton.cdiv(triton.cdiv(c["K"], splits), block_n) * block_n
     splits = triton.cdiv(c["K"], split_len)
     o_part = torch.empty(B * HKV, splits, rows, c["DV"], dtype=torch.float32, device=q.device)

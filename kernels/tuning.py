@@ -9,6 +9,11 @@ from hf_ahfa.kernels.configs import Config
 _chosen: dict[tuple, Config] = {}
 
 
+def chosen() -> dict[str, Config]:
+    """The configurations picked so far, by shape key (for benchmark reports)."""
+    return {"/".join(map(str, key)): cfg for key, cfg in _chosen.items()}
+
+
 def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None]) -> Config:
     """The fastest of ``candidates`` for ``key`` (cached); a single candidate is returned untimed.
 
