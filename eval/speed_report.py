@@ -56,9 +56,10 @@ def _plot(prefill: list[dict], path: Path, gpu: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["head_dim"], r["mode"], r["causal"]) for r in prefill})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
-    for ax, (D, mode, causal) in zip(axes[0], groups):
+    dims = sorted({r["head_dim"] for r in prefill})
+    panels = sorted({(r["mode"], r["causal"]) for r in prefill})
+    fig, axes = plt.subplots(len(dims), len(panels), figsize=(3.6 * len(panels), 3.2 * len(dims)), squeeze=False)
+    for ax, (D, (mode, causal)) in zip(axes.flat, [(d, p) for d in dims for p in panels]):
         for p in dict.fromkeys(r["provider"] for r in prefill):
             pts = sorted((r["q_len"], r["tflops"]) for r in prefill
                          if (r["provider"], r["head_dim"], r["mode"], r["causal"]) == (p, D, mode, causal) and r["ms"])
