@@ -11,6 +11,9 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it is read when a kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("AHFA_TEST_DEVICE"):
+    # e.g. AHFA_TEST_DEVICE=cuda runs the Transformers suite on a GPU (tensors made without a device land there)
+    torch.set_default_device(os.environ["AHFA_TEST_DEVICE"])
 
 
 def _visible(Q: int, K: int, causal: bool, window) -> torch.Tensor:

@@ -509,7 +509,7 @@ class TinyDataset(torch.utils.data.Dataset):
 
 def training_args(path, **kw):
     return TrainingArguments(
-        output_dir=str(path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        output_dir=str(path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=not torch.cuda.is_available(),
         save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0, **kw,
     )
 
