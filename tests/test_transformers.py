@@ -135,7 +135,7 @@ def decoder_batch(padding: str, lengths=(20, 13), seed: int = 0) -> dict:
     """Batch of 2 with different lengths, padded on ``padding`` ("left", "right" or "none")."""
     if padding == "none":
         lengths = (max(lengths),) * 2
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     T = max(lengths)
     ids = torch.randint(3, VOCAB, (2, T), generator=g)
     mask = torch.zeros(2, T, dtype=torch.long)
@@ -152,7 +152,7 @@ def decoder_batch(padding: str, lengths=(20, 13), seed: int = 0) -> dict:
 def encoder_batch(family: str, lengths=(12, 7), seed: int = 0) -> dict:
     """Right-padded batch of 2 (RoBERTa derives positions from the pad id, so real tokens avoid it)."""
     pad = make_config(family).pad_token_id
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     T = max(lengths)
     ids = torch.randint(3, VOCAB, (2, T), generator=g)
     mask = torch.zeros(2, T, dtype=torch.long)
@@ -458,7 +458,7 @@ def test_output_attentions_static_cache_prefill_matches_eager():
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_flattened_batch_matches_separate_sequences(family, flash_kwargs, ahfa_calls):
     model = make_models(family, ["ahfa"])["ahfa"]
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
     seqs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 11, 5)]
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)([{"input_ids": s} for s in seqs])
     batch.pop("labels")
@@ -689,7 +689,7 @@ def test_models_that_bypass_the_interface_raise(model_type, tmp_path):
 def _tiny_attention_call():
     model = make_models("llama", ["ahfa"])["ahfa"]
     module = model.model.layers[0].self_attn
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     q = torch.randn(1, 4, 5, 16, generator=g)
     k = torch.randn(1, 2, 5, 16, generator=g)
     v = torch.randn(1, 2, 5, 16, generator=g)
