@@ -509,8 +509,10 @@ class TinyDataset(torch.utils.data.Dataset):
 
 def training_args(path, **kw):
     return TrainingArguments(
-        output_dir=str(path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=not torch.cuda.is_available(),
-        save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0, **kw,
+        output_dir=str(path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        use_cpu=not torch.cuda.is_available(), save_strategy="no", logging_steps=1, disable_tqdm=True,
+        # the items may already live on the GPU (AHFA_TEST_DEVICE=cuda): nothing to pin
+        dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, **kw,
     )
 
 
