@@ -35,6 +35,23 @@ def _seq_bounds(cu_q, cu_k, seq, Q, K, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Which (sequence, q head, query block) this program of a query-block grid owns."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
+    if CAUSAL:
+        # the last query blocks see the most keys: start them first so the tail of the grid is short
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bm = b.to(tl.int64)
+    if VARLEN:
+        bm = bm * 0  # packed sequences share batch row 0
+    return bh, b, h, h // GROUP, bm, q_start, k_start, q_len, k_len, start_m
+
+
+@triton.jit
 def _key_range(start_m, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr):
     """Key blocks ``[lo, hi)`` that queries ``start_m .. start_m + BLOCK_M`` may see."""
@@ -216,20 +233,10 @@ def flash_fwd_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
-    start_m = tl.program_id(0) * BLOCK_M
-    if CAUSAL:
-        # the last query blocks see the most keys: start them first so the tail of the grid is short
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
+                                                                              VARLEN, BLOCK_M)
     if start_m >= q_len:
         return
-    bm = b.to(tl.int64)
-    if VARLEN:
-        bm = bm * 0  # packed sequences share batch row 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -453,20 +460,10 @@ def flash_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
-    start_m = tl.program_id(0) * BLOCK_M
-    if CAUSAL:
-        # the last query blocks see the most keys: start them first so the tail of the grid is short
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
+                                                                              VARLEN, BLOCK_M)
     if start_m >= q_len:
         return
-    bm = b.to(tl.int64)
-    if VARLEN:
-        bm = bm * 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
