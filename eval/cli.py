@@ -1,4 +1,9 @@
-"""``ahfa-eval``: measure ``ahfa`` against baseline attention implementations; results under eval/results/."""
+"""``ahfa-eval``: measure ``ahfa`` against baseline attention implementations; results under eval/results/.
+
+Subcommands: ``speed`` (kernel level), ``perplexity`` (WikiText-style and long-context), ``glue``
+(fine-tuning). Each writes JSON (config, versions, GPU, commit, per-item numbers) and a Markdown
+summary; long loops show progress and resume after an interruption.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ def _ints(text: str) -> list[int]:
 def _speed(args) -> None:
     import torch
 
-    from hf_ahfa.eval.speed_report import write_speed_report
     from hf_ahfa.eval.speed import PROVIDERS, run_kernel_sweep
+    from hf_ahfa.eval.speed_report import write_speed_report
 
     if not torch.cuda.is_available():
         raise SystemExit("ahfa-eval speed: kernel benchmarks need a CUDA GPU")
@@ -31,9 +36,7 @@ def _speed(args) -> None:
     print(paths["md"].read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ahfa-eval", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_speed(sub) -> None:
     sp = sub.add_parser("speed", help="kernel-level speed of ahfa vs SDPA backends, FlexAttention, flash-attn")
     sp.add_argument("--seq-lens", type=_ints, default=[1024, 2048, 4096, 8192, 16384, 32768])
     sp.add_argument("--head-dims", type=_ints, default=[64, 128])
@@ -46,6 +49,17 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     sp.add_argument("--name", default="speed", help="file stem of the JSON/Markdown/PNG results")
     sp.set_defaults(func=_speed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hf_ahfa.eval import glue, perplexity
+
+    parser = argparse.ArgumentParser(prog="ahfa-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_speed(sub)
+    perplexity.add_parser(sub)
+    glue.add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
 
