@@ -17,12 +17,31 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _model_speed(args) -> None:
+    from hf_ahfa.eval.model_speed import measure, write_model_speed_report
+    from hf_ahfa.eval.runs import load_causal_lm, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    model, _ = load_causal_lm(args.model, "ahfa", dtype, args.device, args.gguf_file)
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    too_long = [L for L in args.seq_lens if max_pos and L + args.decode_tokens > max_pos]
+    if too_long:
+        raise SystemExit(f"ahfa-eval speed: --seq-lens {too_long} plus --decode-tokens exceed the model's "
+                         f"max_position_embeddings ({max_pos})")
+    rows = measure(model, ["ahfa", args.baseline], args.seq_lens, args.decode_tokens, train=not args.no_train)
+    config = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "baseline": args.baseline,
+              "decode_tokens": args.decode_tokens}
+    print(write_model_speed_report(rows, config, args.out_dir, args.name)["md"].read_text())
+
+
 def _speed(args) -> None:
     import torch
 
     from hf_ahfa.eval.speed import PROVIDERS, run_kernel_sweep
     from hf_ahfa.eval.speed_report import write_speed_report
 
+    if args.model:
+        return _model_speed(args)
     if not torch.cuda.is_available():
         raise SystemExit("ahfa-eval speed: kernel benchmarks need a CUDA GPU")
     unknown = set(args.providers) - set(PROVIDERS)
@@ -48,7 +67,21 @@ def _add_speed(sub) -> None:
     sp.add_argument("--heads", type=int, default=32)
     sp.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     sp.add_argument("--name", default="speed", help="file stem of the JSON/Markdown/PNG results")
+    whole = sp.add_argument_group("whole-model mode (with --model): prefill, decode and training step")
+    whole.add_argument("--model", help="hub name or local folder; switches to whole-model measurements")
+    whole.add_argument("--gguf-file", help="GGUF file inside --model")
+    whole.add_argument("--baseline", default="sdpa", help="implementation to compare with (sdpa, eager, ...)")
+    whole.add_argument("--decode-tokens", type=int, default=64)
+    whole.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    whole.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    whole.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     sp.set_defaults(func=_speed)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,3 +38,36 @@ def test_report_files(tmp_path):
     md = paths["md"].read_text()
     assert "1.50x" in md and "0.75x" in md and "flex fwd T=4096 D=128: RuntimeError: no kernel" in md
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_complexity_analyzer_counts():
+    from transformers import AutoConfig
+
+    from hf_ahfa.eval.model_speed import predict
+
+    cfg = AutoConfig.for_model("gemma3_text", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                               head_dim=8, hidden_size=32, sliding_window=4,
+                               layer_types=["sliding_attention", "full_attention"])
+    L = 10
+    sliding_pairs = L * 4 - 4 * 3 // 2  # each query sees at most 4 keys
+    full_pairs = L * (L + 1) // 2
+    got = predict(cfg, L, 2, "ahfa")
+    assert got["attn_flops"] == 4 * 4 * 8 * (sliding_pairs + full_pairs)
+    assert got["attn_extra_memory"] == 0
+    assert predict(cfg, L, 2, "eager")["attn_extra_memory"] == 2 * 4 * L * L * 2
+
+
+def test_model_speed_end_to_end_cpu(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_ahfa  # noqa: F401
+    from hf_ahfa.eval.model_speed import measure, write_model_speed_report
+
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    rows = measure(model, ["ahfa", "sdpa"], [16], decode_tokens=2, progress=False)
+    assert [r["impl"] for r in rows] == ["ahfa", "sdpa"]
+    assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["train_step_s"] > 0 for r in rows)
+    paths = write_model_speed_report(rows, {"model": "tiny", "dtype": "float32"}, tmp_path, "m")
+    assert "prefill speed-up vs sdpa" in paths["md"].read_text() and paths["png"].exists()

@@ -1,0 +1,139 @@
+"""Whole-model speed and memory: prefill (time to first token, peak memory), decode tokens/s and a
+training step, ``ahfa`` against a baseline implementation on the same model in the same run, with the
+complexity analyzer's predictions beside the measurements.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+
+def predict(config, seq_len: int, dtype_bytes: int, impl: str) -> dict:
+    """Attention cost of one causal prefill of ``seq_len`` tokens, summed over layers.
+
+    FLOPs ``4 H L^2 D / 2`` per layer (sliding layers see at most ``W`` keys per query); bytes: q, k, v,
+    o read or written once (flash-style) or, for eager, also the ``H L^2`` score/probability matrix
+    written and read twice; extra memory: eager holds that matrix, flash kernels O(L).
+    """
+    text = getattr(config, "get_text_config", lambda: config)()
+    H = text.num_attention_heads
+    D = getattr(text, "head_dim", None) or text.hidden_size // H
+    Hkv = getattr(text, "num_key_value_heads", H) or H
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    window = getattr(text, "sliding_window", None)
+    flops = bytes_ = extra = 0
+    for kind in layer_types:
+        keys = min(seq_len, window) if kind == "sliding_attention" and window else seq_len
+        pairs = seq_len * keys - (keys * (keys - 1)) // 2  # visible (query, key) pairs, causal
+        flops += 4 * H * pairs * D
+        io = (2 * H + 2 * Hkv) * seq_len * D * dtype_bytes
+        if impl == "eager":
+            io += 4 * H * seq_len * seq_len * dtype_bytes
+            extra = max(extra, 2 * H * seq_len * seq_len * dtype_bytes)
+        bytes_ += io
+    return {"attn_flops": flops, "attn_bytes": bytes_, "attn_extra_memory": extra}
+
+
+def _timed(fn, device, repeat: int = 3) -> tuple[float, float]:
+    """Median seconds of ``repeat`` calls of ``fn()`` after one warm-up, and the peak allocated bytes."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return sorted(times)[repeat // 2], peak
+
+
+def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, progress=True) -> list[dict]:
+    """One row per (implementation, length): prefill seconds and peak memory, decode tokens/s, and the
+    time of one forward+backward step on ``L`` tokens (``train``)."""
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.get_text_config().vocab_size
+    rows = []
+    jobs = [(impl, L) for L in seq_lens for impl in impls]
+    for impl, L in tqdm(jobs, desc="model speed", disable=not progress):
+        model.set_attn_implementation(impl)
+        ids = torch.randint(0, vocab, (1, L), device=device)
+        row = {"impl": impl, "seq_len": L, **predict(model.config, L, model.dtype.itemsize, impl)}
+        try:
+            with torch.no_grad():
+                row["prefill_s"], row["prefill_peak_bytes"] = _timed(lambda: model(ids, use_cache=True).logits[:, -1].argmax(-1), device)
+                gen = lambda: model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,  # noqa: E731
+                                             do_sample=False)
+                total, _ = _timed(gen, device)
+                row["decode_tokens_per_s"] = decode_tokens / max(total - row["prefill_s"], 1e-9)
+            if train:
+                def step():
+                    model.zero_grad(set_to_none=True)
+                    model(ids, labels=ids).loss.backward()
+
+                row["train_step_s"], row["train_peak_bytes"] = _timed(step, device)
+                model.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError as err:
+            row["error"] = f"out of memory: {str(err).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str) -> dict:
+    """JSON rows, a Markdown table with ahfa / baseline ratios, and a PNG of prefill time and memory."""
+    from pathlib import Path
+
+    from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
+
+    meta = provenance()
+    paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
+    write_json(paths["json"], meta, rows, config=config)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    base = impls[-1]
+    by = {(r["impl"], r["seq_len"]): r for r in rows}
+    lines = []
+    for r in rows:
+        b = by.get((base, r["seq_len"]), {})
+        ratio = lambda k: b[k] / r[k] if r.get(k) and b.get(k) else None  # noqa: E731  (>1: ahfa faster)
+        lines.append([r["impl"], r["seq_len"], r.get("prefill_s"), (r.get("prefill_peak_bytes") or 0) / 2**30,
+                      r.get("decode_tokens_per_s"), r.get("train_step_s"), r["attn_flops"] / 1e12,
+                      r["attn_extra_memory"] / 2**30, ratio("prefill_s") if r["impl"] != base else None,
+                      r.get("error")])
+    md = [f"# Whole-model speed and memory: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
+          f"torch {meta['torch']}, transformers {meta['transformers']}, commit {meta['commit'][:12]}, {meta['date']}, "
+          f"dtype {config['dtype']}, batch 1. Predicted columns come from the complexity analyzer "
+          f"(`hf_ahfa.eval.model_speed.predict`).", "",
+          markdown_table(["impl", "tokens", "prefill s", "prefill peak GiB", "decode tok/s", "train step s",
+                          "pred. attn TFLOP", "pred. extra GiB", f"prefill speed-up vs {base}", "error"], lines)]
+    write_atomic(paths["md"], "\n".join(md) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for impl in impls:
+        pts = sorted((r["seq_len"], r.get("prefill_s"), (r.get("prefill_peak_bytes") or 0) / 2**30)
+                     for r in rows if r["impl"] == impl and r.get("prefill_s"))
+        if pts:
+            x, t, m = zip(*pts)
+            axes[0].plot(x, t, marker="o", label=impl)
+            axes[1].plot(x, m, marker="o", label=impl)
+    for ax, label in zip(axes, ("prefill time (s)", "prefill peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{config['model']}: whole-model prefill", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=110)
+    plt.close(fig)
+    return paths
