@@ -1,0 +1,338 @@
+"""``ahfa-eval perplexity`` on the CPU: the metric and windowing arithmetic against hand computations, both
+protocols end to end on a tiny Llama (with a tokenizer trained here), resuming, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import hf_ahfa  # noqa: F401  (registers "ahfa")
+from hf_ahfa.eval import cli, perplexity
+from hf_ahfa.eval.perplexity import IGNORE, plan_windows, sequence_nll, text_metrics, window_nll
+
+WORDS = [f"w{i}" for i in range(40)] + ["the", "a", "of", "and", "."]
+
+
+def _text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = min(n_words, rng.randint(5, 15))
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)))
+        n_words -= k
+    return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A folder with a random 2-layer Llama (256 positions) and a word-level tokenizer for ``WORDS``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def wiki_json(tmp_path):
+    """Wikipedia-summaries style: one JSON object of records keyed by title, text under "extract"."""
+    path = tmp_path / "summaries.json"
+    path.write_text(json.dumps({f"Article {i}": {"title": f"Article {i}", "extract": _text(50, i)} for i in range(8)}))
+    return path
+
+
+@pytest.fixture
+def books(tmp_path):
+    """Three books: ~400 tokens, ~100 tokens, and an empty one."""
+    paths = []
+    for name, n in (("long.txt", 400), ("short.txt", 100), ("empty.txt", 0)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(_text(n, len(paths)))
+    return paths
+
+
+def _run(*argv):
+    cli.main(["perplexity", *map(str, argv)])
+
+
+# --------------------------------------------------------------------------------------------- arithmetic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequence_nll_against_log_softmax(dtype):
+    torch.manual_seed(1)
+    logits = (torch.randn(2, 7, 11) * 3).to(dtype)
+    targets = torch.randint(0, 11, (2, 7))
+    targets[0, :3] = IGNORE
+    targets[1, 5] = IGNORE
+    logp = torch.log_softmax(logits.double(), -1)
+    expected = [-sum(logp[b, t, targets[b, t]].item() for t in range(7) if targets[b, t] != IGNORE) for b in range(2)]
+    for budget in (1, 30, 1 << 20):  # one position per chunk, a few, all at once
+        nll, count = sequence_nll(logits, targets, budget=budget)
+        assert nll.dtype == torch.float64 and count.tolist() == [4, 6]
+        torch.testing.assert_close(nll, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+class NextTokenModel(torch.nn.Module):
+    """Predicts token ``(x + 1) % V`` after ``x`` with probability ``p``, the others uniformly."""
+
+    def __init__(self, V=13, p=0.6):
+        super().__init__()
+        self.V, self.p, self.kept = V, p, []
+
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0):
+        self.kept.append(logits_to_keep)
+        B, T = input_ids.shape
+        logits = torch.full((B, T, self.V), math.log((1 - self.p) / (self.V - 1)))
+        logits.scatter_(2, ((input_ids + 1) % self.V)[..., None], math.log(self.p))
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+class NoKeepModel(NextTokenModel):
+    def forward(self, input_ids, use_cache=False):  # a model without logits_to_keep gives all logits
+        return super().forward(input_ids)
+
+
+@pytest.mark.parametrize("model_cls", [NextTokenModel, NoKeepModel])
+def test_window_nll_on_a_known_distribution(model_cls):
+    model = model_cls()
+    ids = torch.stack([torch.arange(10), torch.arange(5, 15)]) % model.V
+    ids[1, 2] = 0  # a surprise the second window does not score (outside its last 4 tokens)
+    nll = window_nll(model, ids, [9, 4])
+    assert nll == pytest.approx([-9 * math.log(0.6), -4 * math.log(0.6)], rel=1e-6)
+    # perplexity of a source that puts probability p on every next token is 1/p
+    assert math.exp(nll[0] / 9) == pytest.approx(1 / 0.6, rel=1e-6)
+    if model_cls is NextTokenModel:
+        assert model.kept == [10]  # logits for the scored positions (and the last) only
+    # a surprise inside the scored part costs -log of the uniform share instead of -log p
+    ids[1, 8] = 5  # targets 8 and 9 become unexpected
+    surprise = window_nll(model, ids[1:], [4])[0]
+    assert surprise == pytest.approx(-2 * math.log(0.6) - 2 * math.log(0.4 / 12), rel=1e-6)
+
+
+def test_windows_score_every_token_once():
+    for n in range(1, 40):
+        for L in range(2, 9):
+            for stride in range(1, L + 1):
+                windows = plan_windows(n, L, stride)
+                scored = Counter(t for _, end, s in windows for t in range(s, end))
+                assert all(end - begin <= L and begin < s for begin, end, s in windows)
+                if stride < L:  # every token but the first, once
+                    assert scored == Counter(range(1, n))
+                else:  # non-overlapping: the first token of each window is context only
+                    assert scored == Counter(t for t in range(1, n) if t % L)
+
+
+def test_word_perplexity_and_bits_per_byte():
+    text = "Größe of the\ncafé"  # 4 words; bytes: Größe 7, " of" 3, " the" 4, "\n" 1, café 5
+    m = text_metrics(4 * math.log(3), 8, text)
+    assert (m["words"], m["bytes"]) == (4, 20)
+    assert m["word_ppl"] == pytest.approx(3)
+    assert m["token_ppl"] == pytest.approx(math.sqrt(3))
+    assert m["bits_per_byte"] == pytest.approx(4 * math.log2(3) / 20)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def _hf_guide_nll(model_dir, text, max_length, stride):
+    """Hugging Face's perplexity guide, with the model's own loss: (summed NLL, scored tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt").input_ids
+    nll, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, ids.shape[1], stride):
+            end = min(begin + max_length, ids.shape[1])
+            window = ids[:, begin:end]
+            target = window.clone()
+            target[:, :-(end - prev_end)] = -100
+            n = int((target[:, 1:] != -100).sum())  # the model shifts labels by one
+            nll += model(window, labels=target).loss.item() * n
+            count += n
+            prev_end = end
+            if end == ids.shape[1]:
+                break
+    return nll, count
+
+
+def _count_attention_calls(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls = Counter()
+    for impl in ("ahfa", "sdpa"):
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
+
+        def counted(*args, _fn=fn, _impl=impl, **kwargs):
+            calls[_impl] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, impl, counted)
+    return calls
+
+
+def test_wikitext_protocol(tiny_model, wiki_json, tmp_path, monkeypatch):
+    calls = _count_attention_calls(monkeypatch)
+    _run("--model", tiny_model, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 64,
+         "--batch-size", 3, "--device", "cpu", "--out-dir", tmp_path, "--name", "wt")
+    data = json.loads((tmp_path / "wt.json").read_text())
+    md = (tmp_path / "wt.md").read_text()
+    s = data["summary"]
+    assert data["meta"]["torch"] and data["config"]["max_length"] == 64
+    assert data["config"]["attention"] == {"mode": "exact"}
+    assert "PASS" in md and "word ppl" in md
+    ours, base = s["impls"]["ahfa"], s["impls"]["sdpa"]
+    assert ours["token_ppl"] == pytest.approx(base["token_ppl"], rel=1e-5)
+    assert s["verdict"]["pass"] and len(data["rows"]) == 2 * s["windows"]
+    # each layer (2) ran once per forward with the implementation asked for: batches of 3 windows
+    forwards = math.ceil(s["windows"] / 3)
+    assert calls == {"ahfa": 2 * forwards, "sdpa": 2 * forwards}
+    text = "\n\n".join(v["extract"] for v in json.loads(wiki_json.read_text()).values())
+    nll, count = _hf_guide_nll(tiny_model, text, 64, 64)
+    assert base["tokens"] == count == s["tokens_total"] - s["windows"]
+    assert base["nll"] == pytest.approx(nll, rel=1e-5)
+    assert ours["word_ppl"] == pytest.approx(math.exp(ours["nll"] / len(text.split())), rel=1e-12)
+    assert ours["bits_per_byte"] == pytest.approx(ours["nll"] / len(text.encode()) / math.log(2), rel=1e-12)
+
+
+def test_wikitext_protocol_strided_from_json_lines(tiny_model, wiki_json, tmp_path):
+    records = list(json.loads(wiki_json.read_text()).values())
+    lines = tmp_path / "docs.jsonl"
+    lines.write_text("".join(json.dumps({"text": r["extract"]}) + "\n" for r in records))
+    _run("--model", tiny_model, "--data-files", lines, "--max-length", 64, "--stride", 24, "--device", "cpu",
+         "--out-dir", tmp_path, "--name", "strided")
+    s = json.loads((tmp_path / "strided.json").read_text())["summary"]
+    nll, count = _hf_guide_nll(tiny_model, "\n\n".join(r["extract"] for r in records), 64, 24)
+    assert s["impls"]["sdpa"]["tokens"] == count == s["tokens_total"] - 1  # every token but the first
+    assert s["impls"]["sdpa"]["nll"] == pytest.approx(nll, rel=1e-5)
+    assert s["impls"]["ahfa"]["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_long_protocol(tiny_model, books, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _run("--model", tiny_model, "--protocol", "long", "--data-files", *books, "--context-lengths", "64,128,512",
+         "--score-tokens", 32, "--device", "cpu", "--out-dir", tmp_path, "--name", "long")
+    data = json.loads((tmp_path / "long.json").read_text())
+    assert (tmp_path / "long.md").exists() and (tmp_path / "long.png").stat().st_size > 10_000
+    notes = " ".join(data["notes"])
+    assert "[512] skipped" in notes and "short.txt" in notes and "1 empty document" in notes
+    rows = {(r["title"], r["ctx"], r["impl"]): r for r in data["rows"]}
+    assert sorted(rows) == sorted((b, c, i) for b, c in (("long.txt", 64), ("long.txt", 128), ("short.txt", 64))
+                                  for i in ("ahfa", "sdpa"))
+    # all context lengths of a book end at the same position and score the same 32 tokens
+    assert rows["long.txt", 64, "sdpa"]["end"] == rows["long.txt", 128, "sdpa"]["end"] == 128
+    for (book, ctx, impl), r in rows.items():
+        assert r["tokens"] == 32 and r["ppl"] == pytest.approx(rows[book, ctx, "sdpa"]["ppl"], rel=1e-5)
+    # independently: the last 32 tokens of the 64 tokens ending at 128
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
+    ids = AutoTokenizer.from_pretrained(tiny_model)(books[0].read_text(), return_tensors="pt").input_ids[:, 64:128]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, -33:-1].double(), -1)
+    expected = -logp.gather(1, ids[0, -32:, None]).sum().item()
+    assert rows["long.txt", 64, "ahfa"]["nll"] == pytest.approx(expected, rel=1e-5)
+    by_ctx = {x["ctx"]: x for x in data["summary"]["by_context"]}
+    assert sorted(by_ctx) == [64, 128] and by_ctx[64]["books"] == 2 and data["summary"]["pass"]
+
+
+def test_resume_skips_finished_items(tiny_model, books, tmp_path, monkeypatch):
+    argv = ["--model", tiny_model, "--protocol", "long", "--data-files", *books[:2], "--context-lengths", "64,128",
+            "--score-tokens", 16, "--device", "cpu"]
+    calls = []
+
+    def interrupted(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args)
+        return window_nll(*args)
+
+    monkeypatch.setattr(perplexity, "window_nll", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(*argv, "--out-dir", tmp_path / "a")
+    assert len((tmp_path / "a" / "perplexity-long.jsonl").read_text().splitlines()) == 1 + 3
+    assert not (tmp_path / "a" / "perplexity-long.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(perplexity, "window_nll", lambda *args: calls.append(args) or window_nll(*args))
+    _run(*argv, "--out-dir", tmp_path / "a")
+    assert len(calls) == 6 - 3  # (long: 64, 128; short: 64) x (ahfa, sdpa), 3 done before
+    _run(*argv, "--out-dir", tmp_path / "b")  # uninterrupted
+    resumed, fresh = (json.loads((tmp_path / d / "perplexity-long.json").read_text())["rows"] for d in "ab")
+    assert {r["key"]: r["nll"] for r in resumed} == pytest.approx({r["key"]: r["nll"] for r in fresh}, rel=1e-12)
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("offline hub", ["--dataset", "wikitext"], "--dataset 'wikitext': cannot load .*--data-files"),
+    ("unknown dataset", ["--dataset", "someone/no-such-data"], "--dataset 'someone/no-such-data'"),
+    ("missing column", ["--data-files", "WIKI", "--text-column", "body"], "--text-column 'body' is not a column"),
+    ("too long", ["--data-files", "WIKI", "--text-column", "extract", "--max-length", 512], "--max-length 512"),
+    ("adaptive", ["--data-files", "WIKI", "--mode", "adaptive"], "--mode adaptive: .*not built yet"),
+    ("auto", ["--data-files", "WIKI", "--mode", "auto", "--tau", 0.9], "--mode auto: .*not built yet"),
+    ("empty", ["--data-files", "EMPTY"], "the data is empty"),
+    ("no file", ["--data-files", "nothing.txt"], "--data-files: no such file"),
+    ("stride", ["--data-files", "WIKI", "--text-column", "extract", "--max-length", 64, "--stride", 65],
+     "--stride 65 is longer than the window"),
+    ("same impls", ["--data-files", "WIKI", "--baseline", "sdpa", "--attn", "sdpa"], "--attn and --baseline"),
+    ("long too long", ["--protocol", "long", "--data-files", "BOOK", "--context-lengths", "512,1024"],
+     r"--context-lengths \[512, 1024\]: all are longer than the model allows \(256\)"),
+    ("score too long", ["--protocol", "long", "--data-files", "WIKI", "--text-column", "extract",
+                        "--context-lengths", "64", "--score-tokens", 64], "--score-tokens 64"),
+])
+def test_bad_input_names_the_option(case, extra, message, tiny_model, wiki_json, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    book = tmp_path / "book.txt"
+    book.write_text(_text(300, 0))
+    extra = [{"WIKI": wiki_json, "EMPTY": empty, "BOOK": book}.get(x, x) for x in extra]
+    with pytest.raises(SystemExit, match=message):
+        _run("--model", tiny_model, "--device", "cpu", "--out-dir", tmp_path, *extra)
+
+
+def test_missing_model_folder(tmp_path, wiki_json):
+    with pytest.raises(SystemExit, match="--model .*no such folder"):
+        _run("--model", tmp_path / "no-model", "--data-files", wiki_json, "--text-column", "extract")
+
+
+def test_local_file_formats(books, wiki_json, tmp_path):
+    args = SimpleNamespace(data_files=[str(b) for b in books], dataset=None, text_column=None, json_field=None,
+                           max_docs=2, protocol="long")
+    texts, labels, _ = perplexity.load_documents(args)  # text: one document per file, named after it
+    assert labels == ["long.txt", "short.txt"] and texts == [b.read_text() for b in books[:2]]
+
+    args.data_files, args.text_column, args.max_docs = [str(wiki_json)], "extract", None
+    texts, labels, _ = perplexity.load_documents(args)  # an object of records keyed by title
+    records = json.loads(wiki_json.read_text())
+    assert labels == list(records) and texts == [r["extract"] for r in records.values()]
+
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"version": 1, "data": list(records.values())}))
+    args.data_files, args.json_field = [str(nested)], "data"
+    assert perplexity.load_documents(args)[:2] == (texts, labels)
