@@ -324,7 +324,21 @@ def _max_positions(model) -> int | None:
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
-def _timed(model, impl, ids, n_scored, device) -> tuple[list[float], float]:
+def document_start_token(tokenizer) -> int | None:
+    """The token the tokenizer puts at the start of a document (Gemma's ``<bos>``), if it puts one.
+
+    A model trained that way degrades badly on windows cut from the middle of a text without it, so
+    every window begins with it in place of its first token, which is context only and never scored.
+    """
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", verbose=False)["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def _timed(model, impl, ids, n_scored, device, start_token=None) -> tuple[list[float], float]:
+    if start_token is not None:
+        ids = ids.clone()
+        ids[:, 0] = start_token
     switch_attention(model, impl)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
@@ -366,7 +380,7 @@ def run(args) -> dict[str, Path]:
         "protocol": args.protocol, "model": os.path.expanduser(args.model), "gguf_file": args.gguf_file,
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "baseline": args.baseline,
         "attention": attention, "data": source, "text_column": args.text_column, "max_docs": args.max_docs,
-        "max_tokens": args.max_tokens,
+        "max_tokens": args.max_tokens, "window_start_token": document_start_token(tokenizer),
     }
     name = args.name or f"perplexity-{args.protocol}"
     paths = {ext: Path(args.out_dir) / f"{name}.{ext}" for ext in ("jsonl", "json", "md")}
@@ -428,7 +442,7 @@ def _run_wikitext(args, model, tokenizer, texts, labels, config, store_path):
                     continue
                 inputs = torch.stack([stream[windows[w][0]:windows[w][1]] for w in todo])
                 n_scored = [windows[w][1] - windows[w][2] for w in todo]
-                nll, seconds = _timed(model, impl, inputs, n_scored, args.device)
+                nll, seconds = _timed(model, impl, inputs, n_scored, args.device, config["window_start_token"])
                 for w, n, loss in zip(todo, n_scored, nll):
                     begin, end, _ = windows[w]
                     store.add(key(impl, w), impl=impl, window=w, begin=begin, end=end, nll=loss, tokens=n,
@@ -502,7 +516,8 @@ def _run_long(args, model, tokenizer, texts, labels, config, store_path):
                 if key(impl, d, c) in store:
                     continue
                 inputs = torch.tensor(tokens[d][end - c:end], device=args.device)[None]
-                (nll,), seconds = _timed(model, impl, inputs, [args.score_tokens], args.device)
+                (nll,), seconds = _timed(model, impl, inputs, [args.score_tokens], args.device,
+                                         config["window_start_token"])
                 store.add(key(impl, d, c), impl=impl, doc=d, title=labels[d], ctx=c, end=end, nll=nll,
                           tokens=args.score_tokens, ppl=_exp(nll / args.score_tokens), seconds=seconds)
                 bar.update()

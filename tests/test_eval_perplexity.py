@@ -336,3 +336,38 @@ def test_local_file_formats(books, wiki_json, tmp_path):
     nested.write_text(json.dumps({"version": 1, "data": list(records.values())}))
     args.data_files, args.json_field = [str(nested)], "data"
     assert perplexity.load_documents(args)[:2] == (texts, labels)
+
+
+def test_windows_start_with_the_document_start_token():
+    import torch
+
+    from hf_ahfa.eval import perplexity
+
+    class Tok:
+        bos_token_id = 2
+
+        def __init__(self, adds_bos):
+            self.adds_bos = adds_bos
+
+        def __call__(self, text, verbose=False):
+            return {"input_ids": ([2] if self.adds_bos else []) + [7]}
+
+    assert perplexity.document_start_token(Tok(True)) == 2
+    assert perplexity.document_start_token(Tok(False)) is None
+
+    seen = []
+
+    def fake_window_nll(model, ids, n_scored):
+        seen.append(ids.clone())
+        return [0.0] * ids.shape[0]
+
+    orig, perplexity.window_nll = perplexity.window_nll, fake_window_nll
+    orig_switch, perplexity.switch_attention = perplexity.switch_attention, lambda model, impl: None
+    try:
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+        perplexity._timed(None, "ahfa", ids, [2, 2], "cpu", start_token=2)
+        perplexity._timed(None, "ahfa", ids, [2, 2], "cpu")
+    finally:
+        perplexity.window_nll, perplexity.switch_attention = orig, orig_switch
+    assert seen[0][:, 0].tolist() == [2, 2] and seen[0][:, 1:].equal(ids[:, 1:])
+    assert seen[1].equal(ids) and ids[0, 0] == 5  # the caller's tensor is untouched
