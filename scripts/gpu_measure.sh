@@ -19,5 +19,6 @@ ev 200 perplexity --model /root/models --gguf-file smollm2.gguf --data-files .st
 ev 300 perplexity --protocol long --model /root/models --gguf-file gemma.gguf --data-files .stage-data/austen_*.txt \
   --context-lengths 2048,8192,16384,32768 --score-tokens 512 --name ppl-long-gemma3
 # Whole-model prefill / decode / training step: SmolLM2 (vocabulary small enough to train at 8K on one GPU)
-ev 200 speed --model /root/models --gguf-file smollm2.gguf --seq-lens 1024,2048,4096,8000 --decode-tokens 64 \
+[ "${SKIP_MODEL_SPEED:-0}" = 1 ] || ev 200 speed --model /root/models --gguf-file smollm2.gguf --seq-lens 1024,2048,4096,8000 --decode-tokens 64 \
   --name model-speed-smollm2
+rm -f "$OUT"/*.jsonl  # the resume stores: the JSON files hold the same rows
