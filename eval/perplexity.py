@@ -106,6 +106,8 @@ def add_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="wikitext: windows per forward pass")
     g.add_argument("--context-lengths", type=_ints, default=[2048, 8192, 16384, 32768], help="long: comma-separated")
     g.add_argument("--score-tokens", type=int, default=512, help="long: tokens scored at the end of each context")
+    g.add_argument("--window-start", choices=["auto", "bos", "none"], default="auto",
+                   help="token each window begins with: auto = BOS if the tokenizer adds it, bos = always BOS")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", type=Path, default=Path("eval/results"))
     g.add_argument("--name", help="file stem of the results (default: perplexity-<protocol>)")
@@ -324,15 +326,24 @@ def _max_positions(model) -> int | None:
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
 
-def document_start_token(tokenizer) -> int | None:
-    """The token the tokenizer puts at the start of a document (Gemma's ``<bos>``), if it puts one.
+def document_start_token(tokenizer, policy: str = "auto") -> int | None:
+    """The token every window begins with (in place of its first token, which is context only and
+    never scored), or None.
 
-    A model trained that way degrades badly on windows cut from the middle of a text without it, so
-    every window begins with it in place of its first token, which is context only and never scored.
+    A model trained with a document-start token (Gemma's ``<bos>``) degrades badly on windows cut from
+    the middle of a text without it. ``auto``: the BOS token if the tokenizer adds it to a text;
+    ``bos``: the BOS token always (for tokenizers that lost the setting, e.g. some GGUF conversions);
+    ``none``: never.
     """
     bos = tokenizer.bos_token_id
+    if policy == "none" or bos is None:
+        if policy == "bos":
+            raise SystemExit("--window-start bos: the tokenizer has no BOS token")
+        return None
+    if policy == "bos":
+        return bos
     ids = tokenizer("a", verbose=False)["input_ids"]
-    return bos if bos is not None and ids and ids[0] == bos else None
+    return bos if ids and ids[0] == bos else None
 
 
 def _timed(model, impl, ids, n_scored, device, start_token=None) -> tuple[list[float], float]:
@@ -380,7 +391,7 @@ def run(args) -> dict[str, Path]:
         "protocol": args.protocol, "model": os.path.expanduser(args.model), "gguf_file": args.gguf_file,
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "baseline": args.baseline,
         "attention": attention, "data": source, "text_column": args.text_column, "max_docs": args.max_docs,
-        "max_tokens": args.max_tokens, "window_start_token": document_start_token(tokenizer),
+        "max_tokens": args.max_tokens, "window_start_token": document_start_token(tokenizer, args.window_start),
     }
     name = args.name or f"perplexity-{args.protocol}"
     paths = {ext: Path(args.out_dir) / f"{name}.{ext}" for ext in ("jsonl", "json", "md")}

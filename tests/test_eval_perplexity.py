@@ -371,3 +371,17 @@ def test_windows_start_with_the_document_start_token():
         perplexity.window_nll, perplexity.switch_attention = orig, orig_switch
     assert seen[0][:, 0].tolist() == [2, 2] and seen[0][:, 1:].equal(ids[:, 1:])
     assert seen[1].equal(ids) and ids[0, 0] == 5  # the caller's tensor is untouched
+
+
+def test_window_start_policies():
+    from hf_ahfa.eval.perplexity import document_start_token
+
+    class Tok:
+        bos_token_id = 2
+
+        def __call__(self, text, verbose=False):
+            return {"input_ids": [7]}  # this tokenizer does not add its BOS
+
+    assert document_start_token(Tok(), "auto") is None
+    assert document_start_token(Tok(), "bos") == 2
+    assert document_start_token(Tok(), "none") is None
