@@ -25,7 +25,7 @@ import numpy as np
 from hf_ahfa.eval.glue_tasks import (HUB_NAMES, TASKS, get_task, glue_metric, load_hub, load_local,
                                      movie_reviews_splits, parse_validation_files, take)
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import ResultStore, resolve_dtype, verdict
+from hf_ahfa.eval.runs import ResultStore, process_device, resolve_dtype, verdict
 
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xmod")  # positions start at pad_id + 1
 
@@ -388,7 +388,7 @@ def run(args) -> dict[str, Path]:
     _check_args(args)
     task = get_task(args.task)
     model_path, _ = _model_config(args.model, args.max_length)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = process_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ahfa-eval glue: --device cuda but no CUDA GPU is visible")
     try:
@@ -408,7 +408,9 @@ def run(args) -> dict[str, Path]:
             "lora_targets": args.lora_targets} if args.lora else {}),
     }
     # seeds, comparisons and the threshold stay out of the stored configuration: changing them reuses finished runs
-    store = ResultStore(Path(args.out_dir) / f"{name}.jsonl", config)
+    # under `accelerate launch` every process takes part in each fine-tuning (Trainer runs data-parallel),
+    # so the store is shared (not sharded) and only the main process writes it and the report
+    store = ResultStore(Path(args.out_dir) / f"{name}.jsonl", config, shard=False)
     work_dir = args.work_dir or Path(args.out_dir) / f"{name}-work"
     encode = lambda ds: _tokenize(ds, tokenizer, task, args.max_length)  # noqa: E731
     ctx = Context(args, task, model_path, tokenizer, encode(train), {k: encode(v) for k, v in evals.items()},
@@ -419,6 +421,8 @@ def run(args) -> dict[str, Path]:
         for seed in seeds:
             for impl in (args.baseline, "ahfa"):
                 _comparison_b(ctx, store, seed, impl)
+    if not store.gather():
+        return {}
     rows = [r for r in store.rows() if r["seed"] in seeds and r["comparison"] in args.comparisons]
     summary = summarize(rows, args.baseline, args.threshold, seeds)
     full_config = {**config, "seeds": seeds, "comparisons": args.comparisons, "threshold": args.threshold,

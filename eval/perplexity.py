@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import ResultStore, load_causal_lm, relative_change, resolve_dtype, verdict
+from hf_ahfa.eval.runs import ResultStore, load_causal_lm, process_device, relative_change, resolve_dtype, verdict
 
 IGNORE = -100
 BASELINES = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -381,6 +381,7 @@ def _check_args(args) -> None:
 def run(args) -> dict[str, Path]:
     """Run the protocol, write ``<name>.jsonl/.json/.md`` (and ``.png`` for long) and print the summary."""
     _check_args(args)
+    args.device = process_device(args.device)
     texts, labels, source = load_documents(args)
     dtype = resolve_dtype(args.dtype, args.device)
     model, tokenizer = _load_model(args, dtype)
@@ -397,7 +398,10 @@ def run(args) -> dict[str, Path]:
     paths = {ext: Path(args.out_dir) / f"{name}.{ext}" for ext in ("jsonl", "json", "md")}
     protocol = _run_wikitext if args.protocol == "wikitext" else _run_long
     with torch.inference_mode():
-        rows, summary, notes, md = protocol(args, model, tokenizer, texts, labels, config, paths["jsonl"])
+        result = protocol(args, model, tokenizer, texts, labels, config, paths["jsonl"])
+    if result is None:  # not the main process of `accelerate launch`: it reports
+        return {}
+    rows, summary, notes, md = result
     meta = provenance()
     write_json(paths["json"], meta, rows, config=config, summary=summary, notes=notes)
     head = [f"# Perplexity ({args.protocol} protocol): {args.attn} vs {args.baseline}", "",
@@ -446,7 +450,9 @@ def _run_wikitext(args, model, tokenizer, texts, labels, config, store_path):
         batches += [group[k:k + args.batch_size] for k in range(0, len(group), args.batch_size)]
     done = sum(key(impl, w) in store for impl in impls for w in range(len(windows)))
     with _progress(len(windows) * len(impls), done, "windows") as bar:
-        for batch in batches:
+        for b, batch in enumerate(batches):
+            if not store.mine(b):  # another process of `accelerate launch` takes this batch
+                continue
             for impl in impls:
                 todo = [w for w in batch if key(impl, w) not in store]
                 if not todo:
@@ -459,6 +465,8 @@ def _run_wikitext(args, model, tokenizer, texts, labels, config, store_path):
                     store.add(key(impl, w), impl=impl, window=w, begin=begin, end=end, nll=loss, tokens=n,
                               seconds=seconds / len(todo))
                     bar.update()
+    if not store.gather():
+        return None
     rows = [store.items[key(impl, w)] for w in range(len(windows)) for impl in impls]
 
     per_impl = {}
@@ -522,7 +530,9 @@ def _run_long(args, model, tokenizer, texts, labels, config, store_path):
     key = lambda impl, d, c: f"{impl}/doc{d:05d}/ctx{c}"  # noqa: E731
     done = sum(key(impl, d, c) in store for impl in impls for d, c, _ in items)
     with _progress(len(items) * len(impls), done, "books x contexts") as bar:
-        for d, c, end in items:
+        for i, (d, c, end) in enumerate(items):
+            if not store.mine(i):  # another process of `accelerate launch` takes this item
+                continue
             for impl in impls:
                 if key(impl, d, c) in store:
                     continue
@@ -532,6 +542,8 @@ def _run_long(args, model, tokenizer, texts, labels, config, store_path):
                 store.add(key(impl, d, c), impl=impl, doc=d, title=labels[d], ctx=c, end=end, nll=nll,
                           tokens=args.score_tokens, ppl=_exp(nll / args.score_tokens), seconds=seconds)
                 bar.update()
+    if not store.gather():
+        return None
     rows = [store.items[key(impl, d, c)] for d, c, _ in items for impl in impls]
 
     by_context = []

@@ -14,38 +14,84 @@ class ResultStore:
 
     Each finished item is appended (and flushed) as one line keyed by ``key``; a rerun of the same
     command skips the keys already there, so an interrupted run resumes where it stopped.
+
+    Under ``accelerate launch`` with ``shard=True`` each process takes every ``world``-th item
+    (``mine``) and keeps its own ``<stem>.rankR-of-W.jsonl``; ``gather`` waits for all processes and
+    merges their items into the main process's store. With ``shard=False`` (work that the processes
+    share, e.g. a distributed Trainer) only the main process writes.
     """
 
-    def __init__(self, path: Path, config: dict):
-        self.path = Path(path)
+    def __init__(self, path: Path, config: dict, shard: bool = True):
+        self.state = process_state()
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.sharded = shard and self.world > 1
+        self.writer = self.sharded or self.state.is_main_process
+        self.base_path = Path(path)
+        self.path = self._rank_path(self.rank) if self.sharded else self.base_path
         self.config = config
-        self.items: dict[str, dict] = {}
-        if self.path.exists():
-            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            if lines and lines[0].get("config") != config:
-                raise ValueError(
-                    f"{self.path} holds results of another configuration; pass another --name or delete it\n"
-                    f"  stored: {lines[0].get('config')}\n  now:    {config}"
-                )
-            self.items = {row["key"]: row for row in lines[1:]}
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"config": config}) + "\n")
+        with self.state.main_process_first():  # one process creates a shared file, the others read it
+            self.items = self._read(self.path, create=self.writer)
+
+    def _rank_path(self, rank: int) -> Path:
+        return self.base_path.with_name(f"{self.base_path.stem}.rank{rank}-of-{self.world}.jsonl")
+
+    def _read(self, path: Path, create: bool) -> dict[str, dict]:
+        if not path.exists():
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"config": self.config}) + "\n")
+            return {}
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines and lines[0].get("config") != self.config:
+            raise ValueError(
+                f"{path} holds results of another configuration; pass another --name or delete it\n"
+                f"  stored: {lines[0].get('config')}\n  now:    {self.config}"
+            )
+        return {row["key"]: row for row in lines[1:]}
 
     def __contains__(self, key: str) -> bool:
         return key in self.items
 
+    def mine(self, index: int) -> bool:
+        """Whether item number ``index`` belongs to this process."""
+        return not self.sharded or index % self.world == self.rank
+
     def add(self, key: str, **values) -> dict:
         row = {"key": key, **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.writer:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         self.items[key] = row
         return row
 
+    def gather(self) -> bool:
+        """Wait for every process; the main process then holds all items. True on the main process."""
+        self.state.wait_for_everyone()
+        if self.sharded and self.state.is_main_process:
+            for rank in range(self.world):
+                if rank != self.rank:
+                    self.items.update(self._read(self._rank_path(rank), create=False))
+        return self.state.is_main_process
+
     def rows(self) -> list[dict]:
         return list(self.items.values())
+
+
+def process_state():
+    """accelerate's view of this process: rank and world under ``accelerate launch``/``torchrun``
+    (several CPU processes too, with ACCELERATE_USE_CPU=1), a single process otherwise."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def process_device(device: str) -> str:
+    """Under ``accelerate launch`` on several GPUs, "cuda" means this process's own GPU."""
+    state = process_state()
+    return str(state.device) if device == "cuda" and state.num_processes > 1 else device
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

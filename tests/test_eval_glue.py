@@ -328,3 +328,23 @@ def test_bad_model_and_options(tiny_model, tmp_path, monkeypatch):
         main(_args("no-org/no-model", tmp_path, *data))
     with pytest.raises(SystemExit, match="pass --model"):
         main(["glue", "--task", "sst2"])
+
+
+def test_two_processes_fine_tune_data_parallel(tiny_model, tmp_path):
+    # torchrun (what `accelerate launch` starts; ACCELERATE_USE_CPU for CPU processes): Trainer runs each
+    # fine-tuning data-parallel, and the main process alone writes the store and the report
+    import os
+    import subprocess
+    import sys
+
+    train, val = _sst2_files(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    args = _args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(train), "--validation-files", str(val),
+                 "--seeds", "0", "--name", "ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "hf_ahfa.eval.cli", *args], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "ddp.json").read_text())
+    assert {r["key"] for r in data["rows"]} == {"a/sdpa/seed0", "a/ahfa/seed0", "b/sdpa/seed0", "b/ahfa/seed0"}
+    assert data["summary"]["a"]["prediction_agreement"] == 1.0
+    assert len((tmp_path / "out" / "ddp.jsonl").read_text().splitlines()) == 1 + 4  # one writer: no duplicate rows

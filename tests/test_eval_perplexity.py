@@ -385,3 +385,26 @@ def test_window_start_policies():
     assert document_start_token(Tok(), "auto") is None
     assert document_start_token(Tok(), "bos") == 2
     assert document_start_token(Tok(), "none") is None
+
+
+def test_accelerate_launch_two_processes_match_one(tiny_model, books, tmp_path):
+    # several processes (torchrun, as `accelerate launch` starts them; ACCELERATE_USE_CPU for CPU ones) shard
+    # the items; the main process merges them into one report
+    import json
+    import os
+    import subprocess
+    import sys
+
+    common = ["--protocol", "long", "--model", str(tiny_model), "--data-files", *map(str, books),
+              "--context-lengths", "16,32", "--score-tokens", "8", "--device", "cpu", "--out-dir", str(tmp_path)]
+    _run(*common, "--name", "single")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "-m", "hf_ahfa.eval.cli", "perplexity", *common, "--name", "multi"], check=True, env=env, cwd=tmp_path,
+                   capture_output=True)
+    single = json.loads((tmp_path / "single.json").read_text())["rows"]
+    multi = json.loads((tmp_path / "multi.json").read_text())["rows"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(multi) == strip(single) and len(single) > 2
+    assert sorted(p.name for p in tmp_path.glob("multi.rank*.jsonl")) == ["multi.rank0-of-2.jsonl",
+                                                                          "multi.rank1-of-2.jsonl"]
