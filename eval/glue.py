@@ -243,10 +243,12 @@ def _comparison_a(ctx: Context, store: ResultStore, seed: int) -> None:
         model = trainer.model
         if ctx.args.lora:
             model = model.merge_and_unload()  # a plain checkpoint that loads with any implementation
-        model.save_pretrained(ckpt)
-        ctx.tokenizer.save_pretrained(ckpt)
-        # written last, it marks a complete checkpoint of this configuration
-        write_atomic(stats_file, json.dumps({"config": store.config, "stats": stats}))
+        if store.state.is_main_process:  # one writer under `accelerate launch`
+            model.save_pretrained(ckpt)
+            ctx.tokenizer.save_pretrained(ckpt)
+            # written last, it marks a complete checkpoint of this configuration
+            write_atomic(stats_file, json.dumps({"config": store.config, "stats": stats}))
+        store.state.wait_for_everyone()  # every process evaluates the saved checkpoint
         del trainer, model
     results = {}
     for impl in (base, "ahfa"):
