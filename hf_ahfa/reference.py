@@ -127,8 +127,7 @@ def reference_attention_probs(
     Returns ``out (B, Q, Hq, Dv)`` and ``probs (B, Hq, Q, K)`` (after dropout, as eager attention
     returns them), both in q's dtype. Memory is O(Q * K).
     """
-    B, Q, Hq, _ = q.shape
-    K, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     ct = _compute_dtype(q.dtype)
     qg = q.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1)).to(ct)
     kg = k.permute(0, 2, 1, 3).unsqueeze(2).to(ct)

@@ -13,7 +13,6 @@ Run with ``-s`` to see the max-abs-diff table printed at the end of the module.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
