@@ -1,0 +1,99 @@
+"""The block-sparse layout: which (query block, key block) tiles an attention call computes.
+
+One layout everywhere, in the style of FlexAttention's BlockMask: per (batch, head, query block) a
+count and an ascending list of key-block indices, plus an optional second count/list of "full" blocks
+that need no element mask (every query of the block sees every key of it). The estimator of the
+adaptive mode produces it, the block-sparse kernels consume it, tests build it by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Selected tiles of a ``q_len x k_len`` attention in blocks of ``block_q x block_k``.
+
+    ``kv_count (B, H, NQ)`` int32 and ``kv_index (B, H, NQ, NK)`` int32: for each query block the
+    number of selected key blocks and their indices, ascending, in the first ``kv_count`` slots (the
+    rest is padding with ``NK``). ``full_count``/``full_index``: the same for the subset that needs no
+    element mask, or ``None``.
+    """
+
+    kv_count: torch.Tensor
+    kv_index: torch.Tensor
+    block_q: int
+    block_k: int
+    q_len: int
+    k_len: int
+    full_count: torch.Tensor | None = None
+    full_index: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, NQ, NK)``."""
+        return (*self.kv_count.shape, self.kv_index.shape[-1])
+
+    @staticmethod
+    def from_dense(blocks: torch.Tensor, block_q: int, block_k: int, q_len: int, k_len: int,
+                   full: torch.Tensor | None = None) -> BlockLayout:
+        """From a bool ``(B, H, NQ, NK)`` tile selection (and optionally the tiles that need no mask,
+        a subset of ``blocks``)."""
+        nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+        if blocks.dtype != torch.bool or blocks.dim() != 4 or tuple(blocks.shape[2:]) != (nq, nk):
+            raise ValueError(f"blocks must be a bool (B, H, {nq}, {nk}) tensor for q_len={q_len}, "
+                             f"k_len={k_len} in blocks of {block_q}x{block_k}, got {blocks.dtype} {tuple(blocks.shape)}")
+        if full is not None and (full.shape != blocks.shape or (full & ~blocks).any()):
+            raise ValueError("full must be a bool tensor shaped like blocks and a subset of it")
+        count, index = _compress(blocks)
+        fcount, findex = _compress(full) if full is not None else (None, None)
+        return BlockLayout(count, index, block_q, block_k, q_len, k_len, fcount, findex)
+
+    def to_dense(self, full: bool = False) -> torch.Tensor:
+        """The bool ``(B, H, NQ, NK)`` selection (of full tiles only with ``full=True``)."""
+        count, index = (self.full_count, self.full_index) if full else (self.kv_count, self.kv_index)
+        if count is None:
+            raise ValueError("this layout has no full blocks")
+        B, H, NQ, NK = self.shape
+        slot = torch.arange(NK, device=count.device)
+        valid = slot < count[..., None]  # (B, H, NQ, NK): which index slots are used
+        dense = torch.zeros(B, H, NQ, NK + 1, dtype=torch.bool, device=count.device)
+        dense.scatter_(-1, torch.where(valid, index, NK).long(), True)
+        return dense[..., :NK]
+
+    def to_token_mask(self) -> torch.Tensor:
+        """The selection expanded to a bool ``(B, H, q_len, k_len)`` mask (for references and tests)."""
+        dense = self.to_dense()
+        mask = dense.repeat_interleave(self.block_q, dim=2).repeat_interleave(self.block_k, dim=3)
+        return mask[:, :, : self.q_len, : self.k_len]
+
+    def density(self, allowed: torch.Tensor | None = None) -> float:
+        """Share of tiles computed: of all tiles, or of the ``allowed`` ones (e.g. the causal tiles)."""
+        dense = self.to_dense()
+        if allowed is None:
+            return dense.float().mean().item()
+        allowed = allowed.expand_as(dense)
+        return (dense & allowed).sum().item() / max(allowed.sum().item(), 1)
+
+
+def _compress(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``(..., NK)`` -> count ``(...)`` int32 and ascending indices padded with NK."""
+    NK = blocks.shape[-1]
+    slots = torch.where(blocks, torch.arange(NK, device=blocks.device), NK)
+    index = slots.sort(dim=-1).values.to(torch.int32)
+    return blocks.sum(-1, dtype=torch.int32), index
+
+
+def causal_blocks(q_len: int, k_len: int, block_q: int, block_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles a bottom-right causal mask touches, and those it fully covers: two bool ``(1, 1, NQ, NK)``."""
+    nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+    q_first = torch.arange(nq, device=device) * block_q + (k_len - q_len)  # position of a block's first query
+    q_last = torch.clamp(q_first + block_q - 1, max=k_len - 1)
+    k_first = torch.arange(nk, device=device) * block_k
+    k_last = torch.clamp(k_first + block_k - 1, max=k_len - 1)
+    touched = k_first[None, :] <= q_last[:, None]
+    full = k_last[None, :] <= q_first[:, None]
+    return touched[None, None], full[None, None]
