@@ -6,9 +6,12 @@ complexity analyzer's predictions beside the measurements.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 
 
 def predict(config, seq_len: int, dtype_bytes: int, impl: str) -> dict:
@@ -88,10 +91,6 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
 
 def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str) -> dict:
     """JSON rows, a Markdown table with ahfa / baseline ratios, and a PNG of prefill time and memory."""
-    from pathlib import Path
-
-    from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-
     meta = provenance()
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], meta, rows, config=config)
