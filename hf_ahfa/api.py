@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from hf_ahfa import checks
+from hf_ahfa import adaptive, checks
+from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.dispatch import choose_backend
 from hf_ahfa.masks import make_layout, normalize_window
+from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.reference import reference_attention
 
 
@@ -26,8 +28,10 @@ def attention(
     cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    policy: AdaptivePolicy | None = None,
+    layout: BlockLayout | None = None,
 ):
-    """Exact scaled-dot-product attention.
+    """Scaled-dot-product attention: exact, or block-sparse where ``policy`` says so.
 
     Args:
         q: ``(B, Q, Hq, D)``; any strides.
@@ -48,6 +52,12 @@ def attention(
         return_lse: also return the log-sum-exp ``(B, Hq, Q)`` float32 of the visible scores (sinks
             excluded; no gradient).
         backend: ``"reference"`` or ``"triton"``; default: ``AHFA_BACKEND``, else automatic.
+        policy: the adaptive mode's policy (``hf_ahfa.AdaptivePolicy``); ``None`` runs exact. Long
+            prefills it selects run block-sparse over the key blocks the estimator keeps (keys outside
+            them count as masked); everything else runs exact.
+        layout: a ``hf_ahfa.BlockLayout`` to compute only its blocks (block-sparse attention with a
+            layout you build; keys outside it count as masked). ``(B, H, NQ, NK)`` per batch row, or per
+            packed sequence with ``cu_seqlens``; not together with ``policy`` or ``attn_mask``.
 
     Returns:
         ``out (B, Q, Hq, Dv)`` contiguous in q's dtype (and ``lse`` if asked). A query that sees no key
@@ -70,7 +80,25 @@ def attention(
         key_padding_mask=key_padding_mask,
         attn_mask=attn_mask,
     )
-    if choose_backend(q, backend) == "triton":
+    backend = choose_backend(q, backend)
+    if layout is not None:
+        checks.check_layout(layout, q, k, cu, policy, attn_mask)
+        out, lse = adaptive.sparse_attention(q, k, v, layout, **{n: a for n, a in args.items() if n != "attn_mask"},
+                                             cu_seqlens=cu, backend=backend)
+        out = out.contiguous()
+        return (out, lse) if return_lse else out
+    if policy is not None:
+        reason = adaptive.exact_reason(policy, q, k, window=args["window"], attn_mask=attn_mask, cu_seqlens=cu)
+        if reason is None:
+            res = adaptive.adaptive_attention(q, k, v, policy, **{n: a for n, a in args.items() if n != "attn_mask"},
+                                              backend=backend)
+            if res is not None:
+                out, lse = res
+                out = out.contiguous()
+                return (out, lse) if return_lse else out
+        else:
+            adaptive.note_exact(q, k, reason)
+    if backend == "triton":
         from hf_ahfa.kernels.flash import flash_attention
 
         out, lse = flash_attention(q, k, v, **args, cu_seqlens_q=cu and cu[0], cu_seqlens_k=cu and cu[1])

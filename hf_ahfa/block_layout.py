@@ -78,22 +78,69 @@ class BlockLayout:
         allowed = allowed.expand_as(dense)
         return (dense & allowed).sum().item() / max(allowed.sum().item(), 1)
 
+    def kernel_lists(self, *, causal: bool, window: tuple[int, int] | None, q_lens: torch.Tensor,
+                     k_lens: torch.Tensor, element_masks: bool, backward: bool):
+        """What the block-sparse kernels take: ``(count, index, full_count, full_index)`` per query block
+        (masked blocks, then blocks that need no element mask), and with ``backward`` the same lists
+        transposed (per key block, the query blocks that listed it), else ``None``.
+
+        Blocks that no query can see under ``causal``/``window`` are dropped; a block runs unmasked only
+        when the positional rules leave all of it visible (and this layout's ``full`` allows it), never
+        under ``element_masks`` (key padding or a dense mask). ``q_lens``/``k_lens``: ``(B,)`` lengths
+        of each batch row (packed sequence). All int32, contiguous, batch and heads expanded.
+        """
+        B, H, NQ, NK = self.shape
+        touched, full = band_blocks(q_lens, k_lens, self.block_q, self.block_k, NQ, NK, causal, window)
+        selected = self.to_dense() & touched
+        if element_masks:
+            full = torch.zeros_like(selected)
+        else:
+            full = full & selected
+            if self.full_count is not None:
+                full = full & self.to_dense(full=True)
+        masked = selected & ~full
+        rows = (*_compress(masked), *_compress(full))
+        cols = (*_compress(masked.transpose(-1, -2)), *_compress(full.transpose(-1, -2))) if backward else None
+        return rows, cols
+
 
 def _compress(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool ``(..., NK)`` -> count ``(...)`` int32 and ascending indices padded with NK."""
     NK = blocks.shape[-1]
     slots = torch.where(blocks, torch.arange(NK, device=blocks.device), NK)
-    index = slots.sort(dim=-1).values.to(torch.int32)
-    return blocks.sum(-1, dtype=torch.int32), index
+    index = slots.sort(dim=-1).values.to(torch.int32).contiguous()
+    return blocks.sum(-1, dtype=torch.int32).contiguous(), index
+
+
+def band_blocks(q_lens: torch.Tensor, k_lens: torch.Tensor, block_q: int, block_k: int, nq: int, nk: int,
+                causal: bool, window: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles the positional rules (``hf_ahfa.masks``) touch, and those they leave wholly visible.
+
+    ``q_lens``/``k_lens``: ``(B,)`` lengths per batch row; queries are aligned bottom-right. Returns two
+    bool ``(B, 1, nq, nk)``. A "full" tile also lies wholly inside both lengths.
+    """
+    dev = q_lens.device
+    q_lens, k_lens = q_lens.long()[:, None, None], k_lens.long()[:, None, None]
+    shift = k_lens - q_lens
+    q0 = torch.arange(nq, device=dev)[None, :, None] * block_q
+    k_first = torch.arange(nk, device=dev)[None, None, :] * block_k
+    q_first = q0 + shift
+    q_last = torch.minimum(q0 + block_q, q_lens) - 1 + shift
+    k_last = torch.minimum(k_first + block_k, k_lens) - 1
+    touched = (q0 < q_lens) & (k_first < k_lens)
+    full = touched & (k_first + block_k <= k_lens)
+    if causal:
+        touched = touched & (k_first <= q_last)
+        full = full & (k_last <= q_first)
+    if window is not None:
+        left, right = window
+        touched = touched & (k_last >= q_first - left) & (k_first <= q_last + right)
+        full = full & (k_first >= q_last - left) & (k_last <= q_first + right)
+    return touched[:, None], full[:, None]
 
 
 def causal_blocks(q_len: int, k_len: int, block_q: int, block_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiles a bottom-right causal mask touches, and those it fully covers: two bool ``(1, 1, NQ, NK)``."""
     nq, nk = -(-q_len // block_q), -(-k_len // block_k)
-    q_first = torch.arange(nq, device=device) * block_q + (k_len - q_len)  # position of a block's first query
-    q_last = torch.clamp(q_first + block_q - 1, max=k_len - 1)
-    k_first = torch.arange(nk, device=device) * block_k
-    k_last = torch.clamp(k_first + block_k - 1, max=k_len - 1)
-    touched = k_first[None, :] <= q_last[:, None]
-    full = k_last[None, :] <= q_first[:, None]
-    return touched[None, None], full[None, None]
+    lens = torch.tensor([q_len], device=device), torch.tensor([k_len], device=device)
+    return band_blocks(*lens, block_q, block_k, nq, nk, causal=True, window=None)

@@ -126,3 +126,23 @@ def check_cu_seqlens(cu_seqlens, q, k) -> tuple[torch.Tensor, torch.Tensor] | No
     if out[0].numel() != out[1].numel():
         raise ValueError("cu_seqlens for q and k must describe the same number of sequences")
     return out[0], out[1]
+
+
+def check_layout(layout, q, k, cu, policy, attn_mask) -> None:
+    """``layout`` must be a BlockLayout over this call's batch rows (or packed sequences) and heads."""
+    from hf_ahfa.block_layout import BlockLayout
+
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a hf_ahfa.BlockLayout, got {type(layout).__name__}")
+    if policy is not None or attn_mask is not None:
+        raise ValueError("layout cannot be combined with policy or attn_mask (it already says what is computed)")
+    rows = q.shape[0] if cu is None else cu[0].numel() - 1
+    q_len = q.shape[1] if cu is None else int(cu[0].diff().max())
+    k_len = k.shape[1] if cu is None else int(cu[1].diff().max())
+    B, H, NQ, NK = layout.shape
+    want = (rows, q.shape[2], -(-q_len // layout.block_q), -(-k_len // layout.block_k))
+    if (B, H, NQ, NK) != want:
+        raise ValueError(f"layout must have shape (batch or sequences, q heads, query blocks, key blocks) = {want} "
+                         f"for this call, got {(B, H, NQ, NK)}")
+    if layout.kv_count.device != q.device:
+        raise ValueError(f"layout must be on q's device {q.device}, got {layout.kv_count.device}")

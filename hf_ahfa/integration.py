@@ -15,9 +15,11 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hf_ahfa import adaptive
 from hf_ahfa.api import attention
 from hf_ahfa.checks import check_cu_seqlens
 from hf_ahfa.masks import make_layout, normalize_window
+from hf_ahfa.policy import policy_of
 from hf_ahfa.reference import reference_attention_probs
 
 NAME = "ahfa"
@@ -105,11 +107,12 @@ def ahfa_attention_forward(
         )
         # keys cut off above (the empty static-cache tail) get weight 0, as in eager attention
         return out.contiguous(), torch.nn.functional.pad(weights, (0, K - weights.shape[-1]))
-    out = attention(
-        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
-        scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens,
-    )
-    return out, None
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout, scale=scaling,
+              attn_mask=mask, cu_seqlens=cu_seqlens, policy=policy_of(getattr(module, "config", None)))
+    if adaptive.recording():
+        with adaptive.layer_tag(getattr(module, "layer_idx", None)):
+            return attention(q, k, v, **kw), None
+    return attention(q, k, v, **kw), None
 
 
 # Model types whose own attention code a module in ``hf_ahfa.patches`` routes through ahfa.

@@ -65,15 +65,29 @@ def _flags(causal, win_left, win_right, softcap, dropout_p, key_padding_mask, at
     )
 
 
-@torch.library.custom_op("hf_ahfa::flash_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def flash_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    sinks: torch.Tensor | None, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    causal: bool, win_left: int, win_right: int, softcap: float, dropout_p: float, seed: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``out (B, Q, H, DV)`` in q's dtype and ``lse (B, H, Q)``. ``win_left < 0``: no window;
-    ``softcap <= 0``: none; packed sequences when ``cu_seqlens_q`` is given (then ``B == 1``)."""
+def _sparse_args(lists, dummy):
+    """Kernel arguments of a block-sparse layout's lists ``(count, index, full_count, full_index)``."""
+    if lists is None:
+        return (dummy, dummy, dummy, dummy, 1, 1)
+    count, index, fcount, findex = lists
+    return (count, index, fcount, findex, index.shape[-2], index.shape[-1])
+
+
+def _fits(cfg_m, cfg_n, block_q, block_k):
+    """Whether kernel tiles of ``cfg_m x cfg_n`` split layout blocks of ``block_q x block_k`` evenly."""
+    return block_q % cfg_m == 0 and block_k % cfg_n == 0
+
+
+def _sparse_candidates(cands, block_q, block_k, swap=False):
+    fit = [c for c in cands if (_fits(c[1], c[0], block_q, block_k) if swap else _fits(c[0], c[1], block_q, block_k))]
+    if not fit:
+        raise ValueError(f"block sizes {block_q}x{block_k} are not multiples of any kernel tile of {cands}; "
+                         "use multiples of 128 (or of 16 under TRITON_INTERPRET)")
+    return fit
+
+
+def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+         causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1)):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(c["B"], c["Q"], c["H"], c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(c["B"], c["H"], c["Q"], dtype=torch.float32, device=q.device)
@@ -83,22 +97,41 @@ def flash_fwd(
         q, k, v, out, lse, sinks if sinks is not None else dummy, kpm if kpm is not None else dummy,
         am if am is not None else dummy,
         cu_seqlens_q if cu_seqlens_q is not None else dummy, cu_seqlens_k if cu_seqlens_k is not None else dummy,
+        *_sparse_args(lists, dummy),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kpm_strides, *am_strides,
         c["Q"], c["K"], c["H"], c["H"] // c["HKV"], c["D"], c["DV"],
         scale * LOG2E, softcap, win_left, win_right, dropout_p, seed,
     )
     flags = _flags(causal, win_left, win_right, softcap, dropout_p, key_padding_mask, attn_mask, c["varlen"],
                    c["precision"])
-    flags.update(HAS_SINKS=sinks is not None, BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"])
+    flags.update(HAS_SINKS=sinks is not None, BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"],
+                 SPARSE=lists is not None, LAYOUT_BQ=blocks[0], LAYOUT_BK=blocks[1])
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton.cdiv(c["max_q"], bm), c["nseq"] * c["H"])
         flash_fwd_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
-    key = ("fwd", q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], causal, c["max_q"] > 1024, c["max_k"] > 1024)
-    launch(pick(key, configs.candidates(configs.FWD, q.device, c["D"]), launch))
+    cands = configs.candidates(configs.FWD, q.device, c["D"])
+    if lists is not None:
+        cands = _sparse_candidates(cands, *blocks)
+    key = ("fwd" if lists is None else f"sparse_fwd{blocks}", q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], causal,
+           c["max_q"] > 1024, c["max_k"] > 1024)
+    launch(pick(key, cands, launch))
     return out, lse
+
+
+@torch.library.custom_op("hf_ahfa::flash_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def flash_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    sinks: torch.Tensor | None, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool, win_left: int, win_right: int, softcap: float, dropout_p: float, seed: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``out (B, Q, H, DV)`` in q's dtype and ``lse (B, H, Q)``. ``win_left < 0``: no window;
+    ``softcap <= 0``: none; packed sequences when ``cu_seqlens_q`` is given (then ``B == 1``)."""
+    return run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale)
 
 
 @flash_fwd.register_fake
@@ -108,15 +141,9 @@ def _(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, m
     return q.new_empty(B, Q, H, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
 
 
-@torch.library.custom_op("hf_ahfa::flash_bwd", mutates_args=(), device_types=("cuda", "cpu"))
-def flash_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, sinks: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-    attn_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, win_left: int, win_right: int, softcap: float,
-    dropout_p: float, seed: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``dq, dk, dv`` and ``dsinks (H,)`` (zeros when there are no sinks)."""
+def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
+         max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
+         rows=None, cols=None, blocks=(1, 1)):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # the softmax denominator includes the sink; a row that sees nothing gets +inf so that p = 0
     full = lse if sinks is None else torch.logaddexp(lse, sinks.float()[None, :, None])
@@ -133,15 +160,16 @@ def flash_bwd(
     scalars = (scale * LOG2E, softcap, win_left, win_right, dropout_p, seed)
     flags = _flags(causal, win_left, win_right, softcap, dropout_p, key_padding_mask, attn_mask, c["varlen"],
                    c["precision"])
-    flags.update(BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"])
+    flags.update(BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"], SPARSE=rows is not None,
+                 LAYOUT_BQ=blocks[0], LAYOUT_BK=blocks[1])
     G = c["H"] // c["HKV"]
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton.cdiv(c["max_k"], bn), c["nseq"] * c["HKV"])
         flash_bwd_dkdv_kernel[grid](
-            q, k, v, grad_out, lse2, delta, dk, dv, *opt, *strides, *dk.stride(), *dv.stride(),
-            *kpm_strides, *am_strides, c["Q"], c["K"], c["H"], c["HKV"], G, c["D"], c["DV"], *scalars,
+            q, k, v, grad_out, lse2, delta, dk, dv, *opt, *_sparse_args(cols, dummy), *strides, *dk.stride(),
+            *dv.stride(), *kpm_strides, *am_strides, c["Q"], c["K"], c["H"], c["HKV"], G, c["D"], c["DV"], *scalars,
             **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
         )
 
@@ -149,21 +177,38 @@ def flash_bwd(
         bn, bm, warps, stages = cfg  # the dq kernel holds queries: the table's roles swap
         grid = (triton.cdiv(c["max_q"], bm), c["nseq"] * c["H"])
         flash_bwd_dq_kernel[grid](
-            q, k, v, grad_out, lse2, delta, dq, *opt, *strides, *dq.stride(),
+            q, k, v, grad_out, lse2, delta, dq, *opt, *_sparse_args(rows, dummy), *strides, *dq.stride(),
             *kpm_strides, *am_strides, c["Q"], c["K"], c["H"], G, c["D"], c["DV"], *scalars,
             **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
         )
 
     cands = configs.candidates(configs.BWD, q.device, c["D"])
-    key = ("bwd", q.dtype, c["D"], c["DV"], G, causal, c["max_q"] > 1024, c["max_k"] > 1024)
-    launch_dkdv(pick(key + ("dkdv",), cands, launch_dkdv))
-    launch_dq(pick(key + ("dq",), cands, launch_dq))
+    dkdv_cands = dq_cands = cands
+    if rows is not None:
+        dkdv_cands, dq_cands = _sparse_candidates(cands, *blocks), _sparse_candidates(cands, *blocks, swap=True)
+    key = ("bwd" if rows is None else f"sparse_bwd{blocks}", q.dtype, c["D"], c["DV"], G, causal,
+           c["max_q"] > 1024, c["max_k"] > 1024)
+    launch_dkdv(pick(key + ("dkdv",), dkdv_cands, launch_dkdv))
+    launch_dq(pick(key + ("dq",), dq_cands, launch_dq))
     if sinks is None:
         dsinks = torch.zeros(c["H"], dtype=torch.float32, device=q.device)
     else:
         p_sink = torch.exp(sinks.float()[None, :, None] - full)  # (B, H, Q)
         dsinks = -(p_sink * delta).sum(dim=(0, 2))
     return dq, dk, dv, dsinks
+
+
+@torch.library.custom_op("hf_ahfa::flash_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def flash_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, sinks: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, win_left: int, win_right: int, softcap: float,
+    dropout_p: float, seed: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``dq, dk, dv`` and ``dsinks (H,)`` (zeros when there are no sinks)."""
+    return run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale)
 
 
 @flash_bwd.register_fake

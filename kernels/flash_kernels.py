@@ -177,6 +177,38 @@ def _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P):
 
 
 @triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, q_len, k_len, qk_scale, softcap,
+              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Online-softmax update of one query block with the key tile at ``start_n``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < k_len
+    if not MASKED:
+        n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
+    k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                   CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # a fully visible tile gives every row a finite max
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
+        p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
+    v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_d, offs_dv,
                stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
                KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
@@ -190,36 +222,43 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_d, off
     k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd
     v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_len
-        if not MASKED:
-            n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
-        k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_safe = m_new  # a fully visible tile gives every row a finite max
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
-            p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
-        m_i = m_new
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, q_len, k_len,
+                                  qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                  am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                  SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     return acc, l_i, m_i
 
 
 @triton.jit
+def _fwd_listed(acc, l_i, m_i, q, k_base, v_base, idx_ptr, count, offs_m, offs_d, offs_dv,
+                stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                LAYOUT_BK: tl.constexpr, MASKED: tl.constexpr):
+    """The same over the ``count`` layout key blocks listed at ``idx_ptr`` (block-sparse path).
+
+    One flat loop over (listed block, tile of it), so the compiler pipelines the loads across blocks.
+    """
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    for j in range(0, count * SUB):
+        start_n = tl.load(idx_ptr + j // SUB) * LAYOUT_BK + (j % SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, q_len, k_len,
+                                  qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                  am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                  SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def flash_fwd_kernel(
-    Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK,
+    Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, NQL, NKL,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -230,9 +269,11 @@ def flash_fwd_kernel(
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # SPARSE: only the key blocks a block-sparse layout lists for this query block (hf_ahfa.block_layout):
+    # PCNT/PIDX (B, H, NQL[, NKL]) the blocks that need the element mask, FCNT/FIDX those that do not.
     bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
                                                                               VARLEN, BLOCK_M)
     if start_m >= q_len:
@@ -254,25 +295,40 @@ def flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-    f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                             HAS_WINDOW, HAS_KPM or HAS_AM)
-    # masked window edge, unmasked interior, masked diagonal / ragged end
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
-                               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                               HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
-                               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                               HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
-                               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                               HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+    if SPARSE:
+        lrow = (b.to(tl.int64) * H + h) * NQL + start_m // LAYOUT_BQ
+        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, PIDXp + lrow * NKL, tl.load(PCNTp + lrow),
+                                    offs_m, offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len,
+                                    k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q,
+                                    stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL,
+                                    HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK,
+                                    True)
+        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, FIDXp + lrow * NKL, tl.load(FCNTp + lrow),
+                                    offs_m, offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len,
+                                    k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q,
+                                    stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL,
+                                    HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK,
+                                    False)
+    else:
+        lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
+        f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                                 HAS_WINDOW, HAS_KPM or HAS_AM)
+        # masked window edge, unmasked interior, masked diagonal / ragged end
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                                   WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                                   HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                                   WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                                   HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                                   WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                                   HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
@@ -314,6 +370,33 @@ def _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len,
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, row_base, start_m, offs_n, offs_d, offs_dv,
+               stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+               qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+               am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+               HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               MASKED: tl.constexpr):
+    """dk/dv contribution of the query tile at ``start_m`` of one q head to one key block."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_dv[None, :] * stride_dod,
+                 mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE2p + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTAp + row_base + offs_m, mask=offs_m < q_len, other=0.0)
+    s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                   CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
+    p, pd = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
+    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)  # [BN,BM]@[BM,DV]
+    dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
+    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # [BN,BM]@[BM,D]
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, start, end, offs_n, offs_d, offs_dv,
                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
@@ -323,27 +406,37 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, start, end, offs_n, off
                 MASKED: tl.constexpr):
     """dk/dv contributions of query blocks ``[start, end)`` of one q head to one key block."""
     for start_m in range(start, end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_dv[None, :] * stride_dod,
-                     mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
-        lse2 = tl.load(LSE2p + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
-        delta = tl.load(DELTAp + row_base + offs_m, mask=offs_m < q_len, other=0.0)
-        s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
-        p, pd = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)  # [BN,BM]@[BM,DV]
-        dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
-        ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # [BN,BM]@[BM,D]
+        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, row_base, start_m, offs_n, offs_d, offs_dv,
+                            stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                            qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                            am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                            SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, MASKED)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, idx_ptr, count, offs_n, offs_d, offs_dv,
+                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                 HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 LAYOUT_BQ: tl.constexpr, MASKED: tl.constexpr):
+    """The same over the ``count`` layout query blocks listed at ``idx_ptr`` (block-sparse path)."""
+    SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
+    for j in range(0, count * SUB):
+        start_m = tl.load(idx_ptr + j // SUB) * LAYOUT_BQ + (j % SUB) * BLOCK_M
+        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, row_base, start_m, offs_n, offs_d, offs_dv,
+                            stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                            qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                            am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                            SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, MASKED)
     return dk, dv
 
 
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK,
+    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, NQL, NKL,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -356,7 +449,7 @@ def flash_bwd_dkdv_kernel(
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # one program holds BLOCK_N keys of one k/v head and streams the queries of all its q heads,
@@ -393,29 +486,68 @@ def flash_bwd_dkdv_kernel(
         do_base = DOp + bm * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dot
         row_base = (bm * H + h) * Q + q_start
         am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
-        # masked edge
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, lo, f_lo, offs_n, offs_d, offs_dv,
-                                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                 SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
-        # unmasked interior
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_lo, f_hi, offs_n, offs_d, offs_dv,
-                                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                 SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, False)
-        # masked diagonal / window edge
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_hi, hi, offs_n, offs_d, offs_dv,
-                                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                 SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
+        if SPARSE:
+            # the transposed layout: per key block, the query blocks that listed it
+            lcol = (b.to(tl.int64) * H + h) * NKL + start_n // LAYOUT_BK
+            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, PIDXp + lcol * NQL, tl.load(PCNTp + lcol),
+                                  offs_n, offs_d, offs_dv, stride_qt, stride_qd, stride_dot, stride_dod, LSE2p,
+                                  DELTAp, q_len, k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp,
+                                  stride_am_q, stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV,
+                                  CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M,
+                                  LAYOUT_BQ, True)
+            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, FIDXp + lcol * NQL, tl.load(FCNTp + lcol),
+                                  offs_n, offs_d, offs_dv, stride_qt, stride_qd, stride_dot, stride_dod, LSE2p,
+                                  DELTAp, q_len, k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp,
+                                  stride_am_q, stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV,
+                                  CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M,
+                                  LAYOUT_BQ, False)
+        else:
+            # masked edge
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, lo, f_lo, offs_n, offs_d, offs_dv,
+                                     stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                                     qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                     am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                     SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
+            # unmasked interior
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_lo, f_hi, offs_n, offs_d, offs_dv,
+                                     stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                                     qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                     am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                     SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, False)
+            # masked diagonal / window edge
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_hi, hi, offs_n, offs_d, offs_dv,
+                                     stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
+                                     qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
+                                     am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
+                                     SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
     dk = dk * (qk_scale / LOG2E)
     tl.store(DKp + bm * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DKp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D))
     tl.store(DVp + bm * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
              dv.to(DVp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_d, offs_dv,
+              stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr):
+    """dq contribution of the key tile at ``start_n`` to one query block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
+    s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
+                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                   CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
+    p, _ = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
+    dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
+    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM,BN]@[BN,D]
 
 
 @triton.jit
@@ -428,24 +560,37 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, start, end, offs_m, offs_d
               MASKED: tl.constexpr):
     """dq contribution of key blocks ``[start, end)`` to one query block."""
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
-        s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
-        p, _ = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
-        dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
-        ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM,BN]@[BN,D]
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_d, offs_dv,
+                      stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                      KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                      WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                      HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
+    return dq
+
+
+@triton.jit
+def _dq_listed(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, count, offs_m, offs_d, offs_dv,
+              stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+              LAYOUT_BK: tl.constexpr, MASKED: tl.constexpr):
+    """The same over the ``count`` layout key blocks listed at ``idx_ptr`` (block-sparse path)."""
+    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
+    for j in range(0, count * SUB):
+        start_n = tl.load(idx_ptr + j // SUB) * LAYOUT_BK + (j % SUB) * BLOCK_N
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_d, offs_dv,
+                      stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                      KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                      WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                      HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
     return dq
 
 
 @triton.jit
 def flash_bwd_dq_kernel(
-    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DQp, KPMp, AMp, CUQ, CUK,
+    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DQp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, NQL, NKL,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -457,7 +602,7 @@ def flash_bwd_dq_kernel(
     qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
@@ -481,27 +626,40 @@ def flash_bwd_dq_kernel(
     kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
     am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-    f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                             HAS_WINDOW, HAS_KPM or HAS_AM)
-    # masked window edge
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
-                       stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                       HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
-    # unmasked interior
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
-                       stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                       HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
-    # masked diagonal / ragged end
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
-                       stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                       KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                       WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                       HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+    if SPARSE:
+        lrow = (b.to(tl.int64) * H + h) * NQL + start_m // LAYOUT_BQ
+        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, PIDXp + lrow * NKL, tl.load(PCNTp + lrow), offs_m,
+                        offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale,
+                        softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off, WIN_LEFT,
+                        WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM,
+                        DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK, True)
+        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, FIDXp + lrow * NKL, tl.load(FCNTp + lrow), offs_m,
+                        offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale,
+                        softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off, WIN_LEFT,
+                        WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM,
+                        DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK, False)
+    else:
+        lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
+        f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                                 HAS_WINDOW, HAS_KPM or HAS_AM)
+        # masked window edge
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
+                           stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                           WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                           HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+        # unmasked interior
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
+                           stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                           WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                           HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
+        # masked diagonal / ragged end
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
+                           stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
+                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
+                           WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
+                           HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
     dq = dq * (qk_scale / LOG2E)
     tl.store(DQp + bm * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQp.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))

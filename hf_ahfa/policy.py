@@ -1,0 +1,127 @@
+"""The adaptive policy: when ahfa computes attention block-sparse, and how.
+
+Set it in one of two places (both documented in the README):
+
+* per model, persisted: ``hf_ahfa.configure(model, mode="auto", tau=0.95)`` stores the policy in the
+  model's config (``config.ahfa``), which ``save_pretrained`` writes and ``from_pretrained`` reads back;
+* per call: ``with hf_ahfa.override(mode="exact"): model(...)`` wins over the model's setting.
+
+Without either, ``AdaptivePolicy()``'s defaults apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import asdict, dataclass, fields, replace
+
+MODES = ("exact", "adaptive", "auto")
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """How the adaptive mode runs.
+
+    Attributes:
+        mode: ``"exact"`` always dense; ``"adaptive"`` block-sparse for every prefill of at least two
+            blocks; ``"auto"`` block-sparse only from ``min_length`` query rows on (where it pays),
+            exact below. Decode steps (few queries) always run exact.
+        tau: per query block and head, keep the fewest key blocks whose estimated attention mass
+            reaches ``tau`` (``1.0`` keeps every visible block: exact results through the sparse kernel).
+        block_size: query and key block edge in tokens (a multiple of the kernels' tiles: 128 on GPUs).
+        pool: query rows averaged into one pooled query of the estimator (divides ``block_size``).
+        sink_blocks: leading key blocks always kept (attention sinks).
+        local_blocks: key blocks up to and including each query block's diagonal always kept.
+        density_limit: a head whose selection keeps more than this share of its visible blocks runs
+            all of them (the estimate says the head is dense: skipping buys little and risks quality).
+        min_length: ``auto`` switches to block-sparse from this many query rows.
+    """
+
+    mode: str = "auto"
+    tau: float = 0.95
+    block_size: int = 128
+    pool: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 2
+    density_limit: float = 0.8
+    min_length: int = 8192
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        if self.block_size < 16 or self.block_size % 16:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size}")
+        if self.pool < 1 or self.block_size % self.pool:
+            raise ValueError(f"pool must divide block_size={self.block_size}, got {self.pool}")
+        if self.sink_blocks < 0 or self.local_blocks < 1:
+            raise ValueError(f"sink_blocks must be >= 0 and local_blocks >= 1, got {self.sink_blocks}, "
+                             f"{self.local_blocks}")
+        if not 0.0 < self.density_limit <= 1.0:
+            raise ValueError(f"density_limit must be in (0, 1], got {self.density_limit}")
+        if self.min_length < 1:
+            raise ValueError(f"min_length must be >= 1, got {self.min_length}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AdaptivePolicy:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown ahfa policy field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ahfa_policy_override", default=None)
+
+
+def configure(model, **fields_) -> AdaptivePolicy:
+    """Set the policy of ``model`` (a PreTrainedModel or its config) and return it.
+
+    Fields not given keep the model's current value (or the default). Stored as ``config.ahfa`` on the
+    model's config and on every sub-config its attention layers read, so it is saved with the model.
+    """
+    configs = _configs_of(model)
+    policy = replace(policy_of(configs[0]), **fields_)
+    for config in configs:
+        config.ahfa = policy.to_dict()
+    return policy
+
+
+@contextlib.contextmanager
+def override(**fields_):
+    """Within the block, these policy fields win over every model's own (nested blocks merge)."""
+    merged = {**(_override.get() or {}), **fields_}
+    AdaptivePolicy.from_dict(merged)  # raise here on unknown or invalid fields, not inside a model
+    token = _override.set(merged)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def policy_of(config) -> AdaptivePolicy:
+    """The policy in force for a layer whose config is ``config`` (``None`` when it has none)."""
+    stored = getattr(config, "ahfa", None) if config is not None else None
+    base = AdaptivePolicy.from_dict(stored) if stored else AdaptivePolicy()
+    extra = _override.get()
+    return replace(base, **extra) if extra else base
+
+
+def _configs_of(model) -> list:
+    """The config objects of ``model`` that attention layers may hold (the model's own first)."""
+    root = getattr(model, "config", model)
+    found = [root]
+    modules = model.modules() if hasattr(model, "modules") else []
+    for module in modules:
+        config = getattr(module, "config", None)
+        if config is not None and not any(config is c for c in found):
+            found.append(config)
+    for name in ("text_config", "decoder"):
+        sub = getattr(root, name, None)
+        if sub is not None and hasattr(sub, "to_dict") and not any(sub is c for c in found):
+            found.append(sub)
+    return found
