@@ -141,8 +141,9 @@ def check_layout(layout, q, k, cu, policy, attn_mask) -> None:
     k_len = k.shape[1] if cu is None else int(cu[1].diff().max())
     B, H, NQ, NK = layout.shape
     want = (rows, q.shape[2], -(-q_len // layout.block_q), -(-k_len // layout.block_k))
-    if (B, H, NQ, NK) != want:
+    if (B, H, NQ, NK) != want or (layout.q_len, layout.k_len) != (q_len, k_len):
         raise ValueError(f"layout must have shape (batch or sequences, q heads, query blocks, key blocks) = {want} "
-                         f"for this call, got {(B, H, NQ, NK)}")
+                         f"for q_len={q_len}, k_len={k_len}; got {(B, H, NQ, NK)} for q_len={layout.q_len}, "
+                         f"k_len={layout.k_len}")
     if layout.kv_count.device != q.device:
         raise ValueError(f"layout must be on q's device {q.device}, got {layout.kv_count.device}")

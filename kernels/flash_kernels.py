@@ -258,7 +258,7 @@ def _fwd_listed(acc, l_i, m_i, q, k_base, v_base, idx_ptr, count, offs_m, offs_d
 
 @triton.jit
 def flash_fwd_kernel(
-    Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, NQL, NKL,
+    Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, LROWS, LSLOTS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -273,7 +273,7 @@ def flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # SPARSE: only the key blocks a block-sparse layout lists for this query block (hf_ahfa.block_layout):
-    # PCNT/PIDX (B, H, NQL[, NKL]) the blocks that need the element mask, FCNT/FIDX those that do not.
+    # PCNT/PIDX (B, H, LROWS[, LSLOTS]) the blocks that need the element mask, FCNT/FIDX those that do not.
     bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
                                                                               VARLEN, BLOCK_M)
     if start_m >= q_len:
@@ -296,14 +296,14 @@ def flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if SPARSE:
-        lrow = (b.to(tl.int64) * H + h) * NQL + start_m // LAYOUT_BQ
-        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, PIDXp + lrow * NKL, tl.load(PCNTp + lrow),
+        lrow = (b.to(tl.int64) * H + h) * LROWS + start_m // LAYOUT_BQ
+        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, PIDXp + lrow * LSLOTS, tl.load(PCNTp + lrow),
                                     offs_m, offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len,
                                     k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q,
                                     stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL,
                                     HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK,
                                     True)
-        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, FIDXp + lrow * NKL, tl.load(FCNTp + lrow),
+        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, FIDXp + lrow * LSLOTS, tl.load(FCNTp + lrow),
                                     offs_m, offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len,
                                     k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q,
                                     stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL,
@@ -436,7 +436,7 @@ def _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, idx_ptr, count, offs_n
 
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, NQL, NKL,
+    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, LROWS, LSLOTS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -488,14 +488,14 @@ def flash_bwd_dkdv_kernel(
         am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
         if SPARSE:
             # the transposed layout: per key block, the query blocks that listed it
-            lcol = (b.to(tl.int64) * H + h) * NKL + start_n // LAYOUT_BK
-            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, PIDXp + lcol * NQL, tl.load(PCNTp + lcol),
+            lcol = (b.to(tl.int64) * H + h) * LROWS + start_n // LAYOUT_BK
+            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, PIDXp + lcol * LSLOTS, tl.load(PCNTp + lcol),
                                   offs_n, offs_d, offs_dv, stride_qt, stride_qd, stride_dot, stride_dod, LSE2p,
                                   DELTAp, q_len, k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp,
                                   stride_am_q, stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV,
                                   CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M,
                                   LAYOUT_BQ, True)
-            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, FIDXp + lcol * NQL, tl.load(FCNTp + lcol),
+            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, FIDXp + lcol * LSLOTS, tl.load(FCNTp + lcol),
                                   offs_n, offs_d, offs_dv, stride_qt, stride_qd, stride_dot, stride_dod, LSE2p,
                                   DELTAp, q_len, k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp,
                                   stride_am_q, stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV,
@@ -590,7 +590,7 @@ def _dq_listed(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, count, offs_m, o
 
 @triton.jit
 def flash_bwd_dq_kernel(
-    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DQp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, NQL, NKL,
+    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DQp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, LROWS, LSLOTS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -627,13 +627,13 @@ def flash_bwd_dq_kernel(
     am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if SPARSE:
-        lrow = (b.to(tl.int64) * H + h) * NQL + start_m // LAYOUT_BQ
-        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, PIDXp + lrow * NKL, tl.load(PCNTp + lrow), offs_m,
+        lrow = (b.to(tl.int64) * H + h) * LROWS + start_m // LAYOUT_BQ
+        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, PIDXp + lrow * LSLOTS, tl.load(PCNTp + lrow), offs_m,
                         offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale,
                         softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off, WIN_LEFT,
                         WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM,
                         DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK, True)
-        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, FIDXp + lrow * NKL, tl.load(FCNTp + lrow), offs_m,
+        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, FIDXp + lrow * LSLOTS, tl.load(FCNTp + lrow), offs_m,
                         offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale,
                         softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off, WIN_LEFT,
                         WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM,

@@ -227,3 +227,83 @@ def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
 def test_property_tile_ranges(Q, extra_k, causal, window, seed):
     # random lengths and windows move the masked/unmasked tile boundaries of all three kernels
     _check(_both(*_qkv(1, Q, Q + extra_k, 2, 1, 16, seed=seed), causal=causal, window=window))
+
+
+# ---- block-sparse path: the same kernels visiting only a layout's blocks, against the reference with
+# the layout expanded to a token mask (``attention(..., layout=...)`` on the reference backend)
+
+
+def _layout(B, H, Q, K, bq, bk, density, seed, full_share=None):
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-Q // bq), -(-K // bk)
+    blocks = torch.rand(B, H, nq, nk, generator=g) < density
+    full = None if full_share is None else blocks & (torch.rand(B, H, nq, nk, generator=g) < full_share)
+    return hf_ahfa.BlockLayout.from_dense(blocks.to(DEVICE), bq, bk, Q, K, full=None if full is None else full.to(DEVICE))
+
+
+@pytest.mark.parametrize("Q,K,bq,bk,kw", [
+    (80, 80, 32, 32, dict(causal=True)),
+    (80, 80, 32, 16, dict(causal=False)),
+    (45, 100, 16, 32, dict(causal=True)),  # more keys than queries, ragged blocks
+    (64, 64, 32, 32, dict(causal=True, window=20)),
+    (64, 64, 16, 32, dict(causal=False, window=(10, 30))),
+    (48, 48, 16, 16, dict(causal=True, softcap=2.0, sinks="sinks")),
+])
+def test_block_sparse_matches_masked_reference(poison, Q, K, bq, bk, kw):
+    q, k, v = _qkv(2, Q, K, 4, 2, 24, seed=Q + K + bq)
+    if kw.get("sinks") == "sinks":
+        kw["sinks"] = torch.randn(4, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    layout = _layout(2, 4, Q, K, bq, bk, 0.55, seed=K, full_share=0.5)
+    _check(_both(q * 2, k, v, layout=layout, **kw))
+
+
+def test_block_sparse_key_padding_and_value_dim(poison):
+    q, k, v = _qkv(2, 50, 50, 2, 1, 16, Dv=8, seed=21)
+    kpm = torch.ones(2, 50, dtype=torch.bool, device=DEVICE)
+    kpm[0, :20] = False
+    _check(_both(q, k, v, causal=True, key_padding_mask=kpm, layout=_layout(2, 2, 50, 50, 16, 16, 0.6, seed=3)))
+
+
+def test_block_sparse_packed_sequences(poison):
+    cu = torch.tensor([0, 20, 20, 57, 90], device=DEVICE)  # per sequence its own layout rows
+    q, k, v = _qkv(1, 90, 90, 4, 2, 16, seed=22)
+    _check(_both(q, k, v, causal=True, cu_seqlens=cu, layout=_layout(4, 4, 37, 37, 16, 16, 0.6, seed=4)))
+
+
+def test_block_sparse_dense_layout_equals_exact(poison):
+    # every block listed: the sparse path computes exact attention
+    q, k, v = _qkv(1, 70, 70, 4, 2, 16, seed=23)
+    layout = _layout(1, 4, 70, 70, 16, 32, 2.0, seed=5)
+    (out, lse, grads), = [_both(q, k, v, causal=True, layout=layout)[0]]
+    (r_out, r_lse, r_grads), _ = _both(q, k, v, causal=True)
+    _check(((out, lse, grads), (r_out, r_lse, r_grads)))
+
+
+def test_block_sparse_empty_layout(poison):
+    # nothing listed: every row sees nothing -> zeros, lse -inf, zero gradients
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 40, 40, 2, 1, 16, seed=24))
+    layout = _layout(1, 2, 40, 40, 16, 16, 0.0, seed=6)
+    out, lse = hf_ahfa.attention(q, k, v, causal=True, layout=layout, backend="triton", return_lse=True)
+    assert (out == 0).all() and lse.isneginf().all()
+    assert all((g == 0).all() for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+def test_block_sparse_layout_errors():
+    q, k, v = _qkv(1, 40, 40, 2, 1, 16, seed=25)
+    with pytest.raises(ValueError, match="layout must have shape"):
+        hf_ahfa.attention(q, k, v, layout=_layout(1, 2, 50, 50, 32, 32, 0.5, seed=1))
+    with pytest.raises(ValueError, match="policy or attn_mask"):
+        hf_ahfa.attention(q, k, v, layout=_layout(1, 2, 40, 40, 16, 16, 0.5, seed=1), policy=hf_ahfa.AdaptivePolicy())
+    with pytest.raises(ValueError, match="block sizes 24x24"):
+        hf_ahfa.attention(q, k, v, layout=_layout(1, 2, 40, 40, 24, 24, 0.5, seed=1), backend="triton")
+
+
+def test_block_sparse_opcheck():
+    from hf_ahfa.kernels.sparse import sparse_fwd
+
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 33, 33, 2, 1, 16, seed=26))
+    layout = _layout(1, 2, 33, 33, 16, 16, 0.7, seed=7)
+    n = torch.tensor([33], device=DEVICE)
+    rows, cols = layout.kernel_lists(causal=True, window=None, q_lens=n, k_lens=n, element_masks=False, backward=True)
+    args = (q, k, v, None, None, None, None, None, 33, 33, True, -1, -1, 0.0, 0.0, 0, 0.25, *rows, *cols, 16, 16)
+    torch.library.opcheck(sparse_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
