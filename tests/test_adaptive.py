@@ -1,0 +1,212 @@
+"""The adaptive mode: estimator kernel vs its reference, block selection, policy plumbing, per-head
+fallback, and the whole path through Transformers (CPU: Triton interpreter, small shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_ahfa
+from hf_ahfa import adaptive
+from hf_ahfa.block_layout import band_blocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qk(B, Q, K, H, Hkv, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Q, H, D, generator=g).to(DEVICE), torch.randn(B, K, Hkv, D, generator=g).to(DEVICE),
+            torch.randn(B, K, Hkv, D, generator=g).to(DEVICE))
+
+
+def _policy(**kw):
+    return hf_ahfa.AdaptivePolicy(**{"mode": "adaptive", "block_size": 16, "pool": 8, **kw})
+
+
+@pytest.mark.parametrize("Q,K,pool,bk,causal,window,softcap,kpm", [
+    (100, 130, 16, 16, True, None, None, False),
+    (96, 96, 8, 32, False, (20, 5), None, False),
+    (64, 64, 16, 32, True, (40, 0), 5.0, False),
+    (50, 70, 8, 16, True, None, None, True),
+])
+def test_estimator_matches_reference(Q, K, pool, bk, causal, window, softcap, kpm):
+    from hf_ahfa.kernels.estimate import estimate_mass
+
+    q, k, _ = _qk(2, Q, K, 4, 2, 40, seed=Q + K)
+    q = q * 2  # peaked attention: the selection below is not a coin toss
+    pad = None
+    if kpm:
+        pad = torch.ones(2, K, dtype=torch.bool, device=DEVICE)
+        pad[0, :15] = False
+    qbar = adaptive.pool_queries(q, pool)
+    got = estimate_mass(qbar, k, pad, Q, pool, bk, causal, *(window or (-1, -1)), softcap or 0.0, 40**-0.5)
+    want = adaptive.estimate_mass_reference(qbar, k, pad, Q, pool, bk, causal, window, softcap, 40**-0.5)
+    assert (got - want).abs().max() < 1e-5
+    sums = got.sum(-1)
+    assert ((sums - 1).abs() < 1e-5).all()  # every pooled row sees a key here
+    # the same selection from both: the production path and its reference pick identical blocks
+    policy = _policy(pool=pool, block_size=bk)
+    lens = torch.tensor([Q], device=DEVICE), torch.tensor([K], device=DEVICE)
+    if bk % pool == 0:
+        touched, _ = band_blocks(*lens, bk, bk, -(-Q // bk), -(-K // bk), causal, window)
+        anchors = adaptive.anchor_blocks(Q, K, policy, causal, DEVICE)
+        pick = [adaptive.select_blocks(adaptive.block_mass(e, Q, pool, bk), touched, anchors, 0.9, 1.0)[0]
+                for e in (got, want)]
+        assert torch.equal(*pick)
+
+
+def test_pool_queries_means_rows_including_a_ragged_tail():
+    q = torch.arange(2 * 10 * 1 * 3, dtype=torch.float32).view(2, 10, 1, 3)
+    qbar = adaptive.pool_queries(q, 4)
+    assert qbar.shape == (2, 3, 1, 3)
+    assert torch.allclose(qbar[:, 0], q[:, :4].mean(1)) and torch.allclose(qbar[:, 2], q[:, 8:].mean(1))
+
+
+def test_select_blocks_fewest_reaching_tau_plus_anchors():
+    mass = torch.tensor([[[[0.05, 0.5, 0.3, 0.1, 0.05, 0.0]]]])
+    touched = torch.tensor([True] * 5 + [False]).view(1, 1, 1, 6)
+    no_anchor = torch.zeros(1, 1, 1, 6, dtype=torch.bool)
+    keep, dense = adaptive.select_blocks(mass, touched, no_anchor, 0.75, 1.0)
+    assert keep[0, 0, 0].tolist() == [False, True, True, False, False, False] and not dense.any()
+    keep, _ = adaptive.select_blocks(mass, touched, no_anchor, 0.85, 1.0)
+    assert keep[0, 0, 0].tolist() == [False, True, True, True, False, False]
+    anchors = torch.tensor([True, False, False, False, True, True]).view(1, 1, 1, 6)
+    keep, _ = adaptive.select_blocks(mass, touched, anchors, 0.75, 1.0)
+    assert keep[0, 0, 0].tolist() == [True, True, True, False, True, False]  # untouched stays out
+    keep, dense = adaptive.select_blocks(mass, touched, anchors, 0.75, 0.5)  # 4 of 5 > 0.5: head falls back
+    assert dense.all() and torch.equal(keep, touched)
+    keep, _ = adaptive.select_blocks(mass, touched, no_anchor, 1.0, 1.0)
+    assert torch.equal(keep, touched)
+
+
+def test_anchor_blocks_sink_and_local():
+    policy = hf_ahfa.AdaptivePolicy(block_size=16, pool=8, sink_blocks=1, local_blocks=2)
+    a = adaptive.anchor_blocks(64, 64, policy, True, "cpu")[0, 0]
+    assert a.tolist() == [[True, False, False, False], [True, True, False, False],
+                          [True, True, True, False], [True, False, True, True]]
+
+
+def test_tau_one_equals_exact():
+    q, k, v = (t.requires_grad_() for t in _qk(1, 80, 80, 4, 2, 16, seed=1))
+    exact = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    with hf_ahfa.record() as rec:
+        sparse = hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=_policy(tau=1.0, density_limit=1.0))
+    assert rec[0]["path"] == "sparse" and rec[0]["density"] == 1.0
+    assert (sparse - exact).abs().max() < 2e-6
+    g = torch.randn_like(exact)
+    for a, b in zip(torch.autograd.grad(sparse, (q, k, v), g), torch.autograd.grad(exact, (q, k, v), g)):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_sparse_selection_matches_its_reference_end_to_end():
+    # the whole adaptive path: Triton (estimator + sparse kernels) vs reference (estimator + masked attention)
+    q, k, v = _qk(2, 96, 96, 4, 2, 16, seed=2)
+    q = q * 3
+    policy = _policy(tau=0.5, local_blocks=1, density_limit=1.0)
+    with hf_ahfa.record() as rec:
+        got = hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=policy)
+        want = hf_ahfa.attention(q, k, v, causal=True, backend="reference", policy=policy)
+    assert rec[0]["density"] == rec[1]["density"] < 0.9
+    assert (got - want).abs().max() < 2e-5
+    assert (got - hf_ahfa.attention(q, k, v, causal=True, backend="reference")).abs().max() > 1e-3  # really sparse
+
+
+def test_per_head_fallback():
+    # head 0: queries 0 -> uniform attention, the estimate is dense -> exact; head 1: peaked on the sink
+    q, k, v = _qk(1, 128, 128, 2, 2, 16, seed=3)
+    q[..., 0, :] = 0
+    k[:, :4, 1] = 0
+    q[..., 1, :] = 0
+    q[..., 1, 0] = 30.0
+    k[:, :4, 1, 0] = 1.0
+    policy = _policy(tau=0.9, density_limit=0.6, local_blocks=1)
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=policy)
+    (entry,) = rec
+    assert entry["dense_heads"] == 1 and entry["head_density"][0] == 1.0 and entry["head_density"][1] < 0.6
+    exact = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    assert (out[:, :, 0] - exact[:, :, 0]).abs().max() < 2e-6
+
+
+def test_exact_reasons_and_all_dense_runs_exact():
+    q, k, v = _qk(1, 64, 64, 2, 1, 16, seed=4)
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=_policy(mode="exact"))
+        hf_ahfa.attention(q[:, :20], k, v, causal=True, backend="triton", policy=_policy())
+        hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=_policy(mode="auto", min_length=100))
+        hf_ahfa.attention(q, k, v, causal=True, window=8, backend="triton", policy=_policy())
+        out = hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=_policy(tau=1.0, density_limit=0.5))
+    reasons = [r["reason"] for r in rec]
+    assert reasons[0] == "mode=exact" and "two blocks" in reasons[1] and "min_length" in reasons[2]
+    assert "sliding window" in reasons[3] and reasons[4] == "every head dense"
+    assert torch.equal(out, hf_ahfa.attention(q, k, v, causal=True, backend="triton"))
+
+
+def test_policy_validation_names_the_field():
+    for kw, field in [({"mode": "fast"}, "mode"), ({"tau": 0.0}, "tau"), ({"block_size": 100}, "block_size"),
+                      ({"pool": 48}, "pool"), ({"density_limit": 2}, "density_limit"), ({"local_blocks": 0}, "local")]:
+        with pytest.raises(ValueError, match=field):
+            hf_ahfa.AdaptivePolicy(**kw)
+    with pytest.raises(ValueError, match="unknown ahfa policy field"):
+        with hf_ahfa.override(taus=0.9):
+            pass
+
+
+def _tiny_llama():
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256, initializer_range=0.2,
+        attn_implementation="ahfa")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
+
+
+def test_configure_persists_with_save_pretrained_and_override_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        exact = model(ids).logits
+        hf_ahfa.configure(model, mode="adaptive", tau=1.0, block_size=16, pool=8, density_limit=1.0)
+        with hf_ahfa.record() as rec:
+            same = model(ids).logits
+        assert [r["layer"] for r in rec] == [0, 1] and all(r["path"] == "sparse" for r in rec)
+        assert (same - exact).abs().max() < 1e-4
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="ahfa").to(DEVICE).eval()
+        assert hf_ahfa.policy.policy_of(loaded.config) == hf_ahfa.AdaptivePolicy(
+            mode="adaptive", tau=1.0, block_size=16, pool=8, density_limit=1.0)
+        hf_ahfa.configure(loaded, tau=0.5)
+        with hf_ahfa.record() as rec:
+            sparse = loaded(ids).logits
+        assert all(r["density"] < 1.0 for r in rec)
+        with hf_ahfa.override(mode="exact"), hf_ahfa.record() as rec:
+            again = loaded(ids).logits
+        assert all(r["reason"] == "mode=exact" for r in rec)
+        assert (again - exact).abs().max() < 1e-4 and (sparse - exact).abs().max() > 1e-4
+
+
+def test_generate_decodes_exact_after_sparse_prefill(monkeypatch):
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    model = _tiny_llama()
+    hf_ahfa.configure(model, mode="adaptive", tau=1.0, block_size=16, pool=8, density_limit=1.0)
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with hf_ahfa.record() as rec:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with hf_ahfa.override(mode="exact"):
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, ref)
+    paths = [r["path"] for r in rec]
+    assert paths[:2] == ["sparse", "sparse"] and set(paths[2:]) == {"exact"}
+
+
+def test_training_step_through_sparse_kernels(monkeypatch):
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    model = _tiny_llama().train()
+    hf_ahfa.configure(model, mode="adaptive", tau=0.6, block_size=16, pool=8)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.isfinite().all() for g in grads)
