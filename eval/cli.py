@@ -37,14 +37,14 @@ def _model_speed(args) -> None:
 def _speed(args) -> None:
     import torch
 
-    from hf_ahfa.eval.speed import PROVIDERS, run_kernel_sweep
+    from hf_ahfa.eval.speed import PROVIDERS, known_provider, run_kernel_sweep
     from hf_ahfa.eval.speed_report import write_speed_report
 
     if args.model:
         return _model_speed(args)
     if not torch.cuda.is_available():
         raise SystemExit("ahfa-eval speed: kernel benchmarks need a CUDA GPU")
-    unknown = set(args.providers) - set(PROVIDERS)
+    unknown = {p for p in args.providers if not known_provider(p)}
     if unknown:
         raise SystemExit(f"ahfa-eval speed: unknown --providers {sorted(unknown)}; choose from {PROVIDERS}")
     rows = run_kernel_sweep(

@@ -22,7 +22,17 @@ SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-PROVIDERS = ("ahfa", "sdpa", *SDPA_BACKENDS, "flex", "flash-attn")
+PROVIDERS = ("ahfa", "ahfa-sparse-D", "ahfa-estimate", "sdpa", *SDPA_BACKENDS, "flex", "flash-attn")
+
+
+def known_provider(name: str) -> bool:
+    """Whether ``name`` is a provider (``ahfa-sparse-D`` with a share ``0 < D <= 1``)."""
+    if name.startswith("ahfa-sparse-"):
+        try:
+            return 0 < float(name.removeprefix("ahfa-sparse-")) <= 1
+        except ValueError:
+            return False
+    return name in PROVIDERS
 
 
 @dataclass
@@ -43,11 +53,32 @@ class Row:
     tflops: float | None = None
     tbps: float | None = None
     error: str | None = None
+    density: float | None = None  # ahfa-sparse-D: the share of causal blocks actually computed
 
 
 def attention_flops(B, H, Q, K, D, causal, mode):
     flops = 4 * B * H * Q * K * D / (2 if causal else 1)
     return flops * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def sparse_density(name: str) -> float | None:
+    """``ahfa-sparse-D``: the block-sparse kernels on a random layout keeping share ``D`` of the causal
+    blocks (sink and diagonal blocks always kept), which measures how density turns into time."""
+    return float(name.removeprefix("ahfa-sparse-")) if name.startswith("ahfa-sparse-") else None
+
+
+def random_layout(B, H, T, density, causal, device, block=128, seed=0):
+    """A layout keeping about ``density`` of the visible 128x128 blocks, plus sink and diagonal blocks."""
+    from hf_ahfa.block_layout import band_blocks
+
+    n = -(-T // block)
+    g = torch.Generator(device=device).manual_seed(seed)
+    touched, _ = band_blocks(torch.tensor([T], device=device), torch.tensor([T], device=device), block, block,
+                             n, n, causal, None)
+    keep = torch.rand(B, H, n, n, generator=g, device=device) < density
+    keep[..., 0] = True
+    keep |= torch.eye(n, dtype=torch.bool, device=device)
+    return hf_ahfa.BlockLayout.from_dense(keep & touched, block, block, T, T)
 
 
 def _provider_fn(name, q, k, v, causal):
@@ -56,6 +87,15 @@ def _provider_fn(name, q, k, v, causal):
     gqa = q.shape[2] != k.shape[2]
     if name == "ahfa":
         return lambda: hf_ahfa.attention(q, k, v, causal=causal, backend="triton")
+    if (density := sparse_density(name)) is not None:
+        layout = random_layout(q.shape[0], q.shape[2], q.shape[1], density, causal, q.device)
+        return lambda: hf_ahfa.attention(q, k, v, causal=causal, backend="triton", layout=layout)
+    if name == "ahfa-estimate":  # the adaptive mode's estimator and block selection alone
+        from hf_ahfa.adaptive import select
+
+        policy = hf_ahfa.AdaptivePolicy(mode="adaptive")
+        return lambda: select(q, k, policy, causal=causal, window=None, softcap=None, scale=q.shape[-1] ** -0.5,
+                              key_padding_mask=None, backend="triton")[0]
     if name == "sdpa":  # PyTorch's own choice of backend
         return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
     if name in SDPA_BACKENDS:
@@ -106,7 +146,17 @@ def bench_prefill(provider, B, H, T, D, causal, mode, dtype=torch.bfloat16, kv_h
         row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         return row
     row.ms, row.ms_p20, row.ms_p80 = ms, lo, hi
-    row.tflops = attention_flops(B, H, T, T, D, causal, mode) / (ms * 1e-3) / 1e12
+    share = 1.0
+    if sparse_density(provider) is not None:
+        from hf_ahfa.block_layout import band_blocks
+
+        layout = random_layout(B, H, T, sparse_density(provider), causal, "cuda")
+        n = -(-T // 128)
+        touched, _ = band_blocks(*(torch.tensor([T], device="cuda"),) * 2, 128, 128, n, n, causal, None)
+        row.density = share = layout.density(touched)
+    # TFLOP/s of the work done: a sparse run counts only the blocks it computed (the estimator: none)
+    if provider != "ahfa-estimate":
+        row.tflops = share * attention_flops(B, H, T, T, D, causal, mode) / (ms * 1e-3) / 1e12
     return row
 
 

@@ -27,7 +27,8 @@ def write_speed_report(rows: list[dict], out_dir: Path, name: str) -> dict[str, 
         line = [D, mode, "causal" if causal else "full", T, B]
         for p in providers:
             r = cell.get((p, D, mode, causal, T))
-            line.append(None if r is None or r["ms"] is None else f"{r['ms']:.3f} ms ({r['tflops']:.0f})")
+            line.append(None if r is None or r["ms"] is None else
+                        f"{r['ms']:.3f} ms" + (f" ({r['tflops']:.0f})" if r["tflops"] else ""))
         base = cell.get(("sdpa-cudnn", D, mode, causal, T))
         ours = cell.get(("ahfa", D, mode, causal, T))
         line.append(f"{base['ms'] / ours['ms']:.2f}x" if base and ours and base["ms"] and ours["ms"] else None)
@@ -62,7 +63,7 @@ def _plot(prefill: list[dict], path: Path, gpu: str) -> None:
     for ax, (D, (mode, causal)) in zip(axes.flat, [(d, p) for d in dims for p in panels]):
         for p in dict.fromkeys(r["provider"] for r in prefill):
             pts = sorted((r["q_len"], r["tflops"]) for r in prefill
-                         if (r["provider"], r["head_dim"], r["mode"], r["causal"]) == (p, D, mode, causal) and r["ms"])
+                         if (r["provider"], r["head_dim"], r["mode"], r["causal"]) == (p, D, mode, causal) and r["tflops"])
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=p, linewidth=2.5 if p == "ahfa" else 1.2)
         ax.set_xscale("log", base=2)

@@ -166,3 +166,61 @@ def test_compiled_static_cache_generate():
     assert step0 < 0.1, f"first decode logits differ by {step0}"
     agree = (ours.sequences == base.sequences).float().mean().item()
     assert agree > 0.9, f"only {agree:.0%} of greedy tokens agree with sdpa"
+
+
+# ---- block-sparse and adaptive paths at real sizes
+
+
+def _random_layout(B, H, T, density, seed):
+    from hf_ahfa.eval.speed import random_layout
+
+    return random_layout(B, H, T, density, True, "cuda", seed=seed)
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_block_sparse_bf16_real_sizes(D):
+    # yardstick: the dense bf16 kernel's own error against float32; the sparse one may not be worse
+    torch.manual_seed(D)
+    B, T, H, HKV = 1, 4096 if D <= 128 else 2048, 16, 4
+    q = torch.randn(B, T, H, D, device="cuda", dtype=BF16)
+    k, v = (torch.randn(B, T, HKV, D, device="cuda", dtype=BF16) for _ in range(2))
+    gout = torch.randn(B, T, H, D, device="cuda", dtype=BF16)
+    layout = _random_layout(B, H, T, 0.3, seed=D)
+
+    def run(dtype, backend, **kw):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = hf_ahfa.attention(*leaves, causal=True, backend=backend, **kw)
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, leaves, gout.to(dtype)))]
+
+    sparse = run(BF16, "triton", layout=layout)
+    sparse_ref = run(torch.float32, "reference", layout=layout)
+    dense, dense_ref = run(BF16, "triton"), run(torch.float32, "reference")
+    for name, a, r, b, rb in zip(("out", "dq", "dk", "dv"), sparse, sparse_ref, dense, dense_ref):
+        err, yard = (a - r).abs().max().item(), (b - rb).abs().max().item()
+        assert err <= 2 * yard + 1e-3, f"{name}: sparse bf16 error {err:.3e} vs dense bf16 error {yard:.3e}"
+
+
+def test_estimator_bf16_matches_reference():
+    from hf_ahfa import adaptive
+    from hf_ahfa.kernels.estimate import estimate_mass
+
+    torch.manual_seed(1)
+    T, H, HKV, D = 8192, 8, 2, 128
+    q = torch.randn(1, T, H, D, device="cuda", dtype=BF16) * 2
+    k = torch.randn(1, T, HKV, D, device="cuda", dtype=BF16)
+    qbar = adaptive.pool_queries(q, 64)
+    got = estimate_mass(qbar, k, None, T, 64, 128, True, -1, -1, 0.0, D**-0.5)
+    want = adaptive.estimate_mass_reference(qbar, k, None, T, 64, 128, True, None, None, D**-0.5)
+    assert (got - want).abs().max() < 2e-3
+
+
+def test_adaptive_tau_one_equals_exact_bf16():
+    torch.manual_seed(2)
+    q = torch.randn(1, 8192, 16, 64, device="cuda", dtype=BF16)
+    k, v = (torch.randn(1, 8192, 4, 64, device="cuda", dtype=BF16) for _ in range(2))
+    policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=1.0, density_limit=1.0)
+    with hf_ahfa.record() as rec:
+        sparse = hf_ahfa.attention(q, k, v, causal=True, policy=policy).float()
+    exact = hf_ahfa.attention(q, k, v, causal=True).float()
+    assert rec[0]["path"] == "sparse" and rec[0]["density"] == 1.0
+    assert (sparse - exact).abs().max() < 1e-2
