@@ -2,10 +2,10 @@
 
 Per call (a prefill long enough for the policy, see ``hf_ahfa.policy``):
 
-1. ``pool_queries``: the mean of every ``pool`` consecutive query rows;
-2. the estimator (Triton ``hf_ahfa::estimate_mass``, or ``estimate_mass_reference``) scores each pooled
-   query against every key and sums its softmax per key block; ``block_mass`` averages the pooled rows
-   of a query block: the estimated share of that block's attention mass in each key block;
+1. ``sample_queries``: every ``stride``-th query row;
+2. the estimator (Triton ``hf_ahfa::estimate_mass``, or ``estimate_mass_reference``) computes each
+   sampled row's exact softmax over its keys, summed per key block; ``block_mass`` averages the sampled
+   rows of a query block: the estimated share of that block's attention mass in each key block;
 3. ``select_blocks``: per (batch, head, query block) the fewest key blocks whose estimated mass reaches
    ``tau``, plus the sink and local blocks; a head whose selection is denser than ``density_limit``
    keeps all its visible blocks (per-head fallback);
@@ -87,32 +87,28 @@ def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, *, wi
     return None
 
 
-def pool_queries(q: torch.Tensor, pool: int) -> torch.Tensor:
-    """``q (B, Q, H, D)`` -> ``(B, ceil(Q / pool), H, D)``: means of consecutive rows, in q's dtype."""
-    B, Q, H, D = q.shape
-    nr = -(-Q // pool)
-    sums = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, nr * pool - Q)).view(B, nr, pool, H, D).sum(2)
-    counts = torch.clamp(Q - torch.arange(nr, device=q.device) * pool, max=pool)
-    return (sums / counts[None, :, None, None]).to(q.dtype)
+def sample_queries(q: torch.Tensor, stride: int) -> torch.Tensor:
+    """``q (B, Q, H, D)`` -> ``(B, ceil(Q / stride), H, D)``: rows ``min(r * stride + stride - 1, Q - 1)``."""
+    rows = torch.clamp(torch.arange(stride - 1, q.shape[1] + stride - 1, stride, device=q.device), max=q.shape[1] - 1)
+    return q[:, rows]
 
 
-def estimate_mass_reference(qbar, k, key_padding_mask, q_len, pool, block_k, causal, window, softcap, scale):
+def estimate_mass_reference(qs, k, key_padding_mask, q_len, stride, block_k, causal, window, softcap, scale):
     """PyTorch reference of ``hf_ahfa::estimate_mass`` (same arguments; ``window`` a pair or None)."""
-    B, NR, H, D = qbar.shape
+    B, NR, H, D = qs.shape
     K = k.shape[1]
     kk = k.float().repeat_interleave(H // k.shape[2], dim=2)  # a reference favours clarity over memory
-    s = torch.einsum("brhd,bkhd->bhrk", qbar.float(), kk) * scale
+    s = torch.einsum("brhd,bkhd->bhrk", qs.float(), kk) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    r = torch.arange(NR, device=qbar.device)[:, None]
-    first = r * pool + (K - q_len)
-    last = torch.clamp(r * pool + pool, max=q_len) - 1 + (K - q_len)
-    kp = torch.arange(K, device=qbar.device)[None, :]
-    ok = torch.ones(NR, K, dtype=torch.bool, device=qbar.device)
+    r = torch.arange(NR, device=qs.device)[:, None]
+    pos = torch.clamp(r * stride + stride - 1, max=q_len - 1) + (K - q_len)
+    kp = torch.arange(K, device=qs.device)[None, :]
+    ok = torch.ones(NR, K, dtype=torch.bool, device=qs.device)
     if causal:
-        ok = ok & (kp <= last)
+        ok = ok & (kp <= pos)
     if window is not None:
-        ok = ok & (kp >= first - window[0]) & (kp <= last + window[1])
+        ok = ok & (kp >= pos - window[0]) & (kp <= pos + window[1])
     ok = ok[None, None]
     if key_padding_mask is not None:
         ok = ok & key_padding_mask[:, None, None, :]
@@ -122,10 +118,10 @@ def estimate_mass_reference(qbar, k, key_padding_mask, q_len, pool, block_k, cau
     return p.view(B, H, NR, nk, block_k).sum(-1)
 
 
-def block_mass(est: torch.Tensor, q_len: int, pool: int, block_q: int) -> torch.Tensor:
-    """Per pooled row ``(B, H, NR, NK)`` -> per query block ``(B, H, NQ, NK)``: the mean of its rows."""
+def block_mass(est: torch.Tensor, q_len: int, stride: int, block_q: int) -> torch.Tensor:
+    """Per sampled row ``(B, H, NR, NK)`` -> per query block ``(B, H, NQ, NK)``: the mean of its rows."""
     B, H, NR, NK = est.shape
-    per = block_q // pool
+    per = block_q // stride
     nq = -(-q_len // block_q)
     sums = torch.nn.functional.pad(est, (0, 0, 0, nq * per - NR)).view(B, H, nq, per, NK).sum(3)
     counts = torch.clamp(NR - torch.arange(nq, device=est.device) * per, max=per)
@@ -174,16 +170,16 @@ def select(q, k, policy: AdaptivePolicy, *, causal, window, softcap, scale, key_
     """Estimate and select: the kept blocks ``(B, H, NQ, NK)`` and the fallen-back heads ``(B, H)``."""
     Q, K = q.shape[1], k.shape[1]
     bs = policy.block_size
-    qbar = pool_queries(q, policy.pool)
+    qs = sample_queries(q, policy.stride)
     if backend == "triton":
         from hf_ahfa.kernels.estimate import estimate_mass
 
         win_left, win_right = window if window is not None else (-1, -1)
-        est = estimate_mass(qbar, k, key_padding_mask, Q, policy.pool, bs, causal, win_left, win_right,
+        est = estimate_mass(qs, k, key_padding_mask, Q, policy.stride, bs, causal, win_left, win_right,
                             softcap or 0.0, scale)
     else:
-        est = estimate_mass_reference(qbar, k, key_padding_mask, Q, policy.pool, bs, causal, window, softcap, scale)
-    mass = block_mass(est, Q, policy.pool, bs)
+        est = estimate_mass_reference(qs, k, key_padding_mask, Q, policy.stride, bs, causal, window, softcap, scale)
+    mass = block_mass(est, Q, policy.stride, bs)
     lens = torch.tensor([Q], device=q.device), torch.tensor([K], device=q.device)
     touched, _ = band_blocks(*lens, bs, bs, mass.shape[2], mass.shape[3], causal, window)
     anchors = anchor_blocks(Q, K, policy, causal, q.device)

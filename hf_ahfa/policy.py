@@ -29,7 +29,8 @@ class AdaptivePolicy:
         tau: per query block and head, keep the fewest key blocks whose estimated attention mass
             reaches ``tau`` (``1.0`` keeps every visible block: exact results through the sparse kernel).
         block_size: query and key block edge in tokens (a multiple of the kernels' tiles: 128 on GPUs).
-        pool: query rows averaged into one pooled query of the estimator (divides ``block_size``).
+        stride: the estimator computes the exact attention of every ``stride``-th query row (divides
+            ``block_size``); its cost is ``2 / stride`` of the ``Q K^T`` product.
         sink_blocks: leading key blocks always kept (attention sinks).
         local_blocks: key blocks up to and including each query block's diagonal always kept.
         density_limit: a head whose selection keeps more than this share of its visible blocks runs
@@ -40,7 +41,7 @@ class AdaptivePolicy:
     mode: str = "auto"
     tau: float = 0.95
     block_size: int = 128
-    pool: int = 64
+    stride: int = 16
     sink_blocks: int = 1
     local_blocks: int = 2
     density_limit: float = 0.8
@@ -53,8 +54,8 @@ class AdaptivePolicy:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.block_size < 16 or self.block_size % 16:
             raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size}")
-        if self.pool < 1 or self.block_size % self.pool:
-            raise ValueError(f"pool must divide block_size={self.block_size}, got {self.pool}")
+        if self.stride < 1 or self.block_size % self.stride:
+            raise ValueError(f"stride must divide block_size={self.block_size}, got {self.stride}")
         if self.sink_blocks < 0 or self.local_blocks < 1:
             raise ValueError(f"sink_blocks must be >= 0 and local_blocks >= 1, got {self.sink_blocks}, "
                              f"{self.local_blocks}")

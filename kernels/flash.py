@@ -73,17 +73,23 @@ def _sparse_args(lists, dummy):
     return (count, index, fcount, findex, index.shape[-2], index.shape[-1])
 
 
-def _fits(cfg_m, cfg_n, block_q, block_k):
-    """Whether kernel tiles of ``cfg_m x cfg_n`` split layout blocks of ``block_q x block_k`` evenly."""
-    return block_q % cfg_m == 0 and block_k % cfg_n == 0
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides ``n``, at most ``cap``."""
+    return min(n & -n, cap)
 
 
 def _sparse_candidates(cands, block_q, block_k, swap=False):
-    fit = [c for c in cands if (_fits(c[1], c[0], block_q, block_k) if swap else _fits(c[0], c[1], block_q, block_k))]
+    """The launch candidates with tiles shrunk where needed to split layout blocks evenly (a kernel tile
+    never straddles two layout blocks). ``swap``: the dq kernel's table, whose roles are swapped."""
+    fit = []
+    for c in cands:
+        m, n = (c[1], c[0]) if swap else (c[0], c[1])
+        m, n = _pow2_divisor(block_q, m), _pow2_divisor(block_k, n)
+        if min(m, n) >= 16:
+            fit.append(((n, m) if swap else (m, n)) + tuple(c[2:]))
     if not fit:
-        raise ValueError(f"block sizes {block_q}x{block_k} are not multiples of any kernel tile of {cands}; "
-                         "use multiples of 128 (or of 16 under TRITON_INTERPRET)")
-    return fit
+        raise ValueError(f"block sizes {block_q}x{block_k} must be multiples of 16 for the block-sparse kernels")
+    return list(dict.fromkeys(fit))
 
 
 def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -21,16 +21,16 @@ def _qk(B, Q, K, H, Hkv, D, seed):
 
 
 def _policy(**kw):
-    return hf_ahfa.AdaptivePolicy(**{"mode": "adaptive", "block_size": 16, "pool": 8, **kw})
+    return hf_ahfa.AdaptivePolicy(**{"mode": "adaptive", "block_size": 16, "stride": 8, **kw})
 
 
-@pytest.mark.parametrize("Q,K,pool,bk,causal,window,softcap,kpm", [
+@pytest.mark.parametrize("Q,K,stride,bk,causal,window,softcap,kpm", [
     (100, 130, 16, 16, True, None, None, False),
     (96, 96, 8, 32, False, (20, 5), None, False),
     (64, 64, 16, 32, True, (40, 0), 5.0, False),
     (50, 70, 8, 16, True, None, None, True),
 ])
-def test_estimator_matches_reference(Q, K, pool, bk, causal, window, softcap, kpm):
+def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, kpm):
     from hf_ahfa.kernels.estimate import estimate_mass
 
     q, k, _ = _qk(2, Q, K, 4, 2, 40, seed=Q + K)
@@ -39,28 +39,28 @@ def test_estimator_matches_reference(Q, K, pool, bk, causal, window, softcap, kp
     if kpm:
         pad = torch.ones(2, K, dtype=torch.bool, device=DEVICE)
         pad[0, :15] = False
-    qbar = adaptive.pool_queries(q, pool)
-    got = estimate_mass(qbar, k, pad, Q, pool, bk, causal, *(window or (-1, -1)), softcap or 0.0, 40**-0.5)
-    want = adaptive.estimate_mass_reference(qbar, k, pad, Q, pool, bk, causal, window, softcap, 40**-0.5)
+    qs = adaptive.sample_queries(q, stride)
+    got = estimate_mass(qs, k, pad, Q, stride, bk, causal, *(window or (-1, -1)), softcap or 0.0, 40**-0.5)
+    want = adaptive.estimate_mass_reference(qs, k, pad, Q, stride, bk, causal, window, softcap, 40**-0.5)
     assert (got - want).abs().max() < 1e-5
     sums = got.sum(-1)
-    assert ((sums - 1).abs() < 1e-5).all()  # every pooled row sees a key here
+    assert ((sums - 1).abs() < 1e-5).all()  # every sampled row sees a key here
     # the same selection from both: the production path and its reference pick identical blocks
-    policy = _policy(pool=pool, block_size=bk)
+    policy = _policy(stride=stride, block_size=bk)
     lens = torch.tensor([Q], device=DEVICE), torch.tensor([K], device=DEVICE)
-    if bk % pool == 0:
+    if bk % stride == 0:
         touched, _ = band_blocks(*lens, bk, bk, -(-Q // bk), -(-K // bk), causal, window)
         anchors = adaptive.anchor_blocks(Q, K, policy, causal, DEVICE)
-        pick = [adaptive.select_blocks(adaptive.block_mass(e, Q, pool, bk), touched, anchors, 0.9, 1.0)[0]
+        pick = [adaptive.select_blocks(adaptive.block_mass(e, Q, stride, bk), touched, anchors, 0.9, 1.0)[0]
                 for e in (got, want)]
         assert torch.equal(*pick)
 
 
-def test_pool_queries_means_rows_including_a_ragged_tail():
+def test_sample_queries_takes_the_last_row_of_each_group():
     q = torch.arange(2 * 10 * 1 * 3, dtype=torch.float32).view(2, 10, 1, 3)
-    qbar = adaptive.pool_queries(q, 4)
-    assert qbar.shape == (2, 3, 1, 3)
-    assert torch.allclose(qbar[:, 0], q[:, :4].mean(1)) and torch.allclose(qbar[:, 2], q[:, 8:].mean(1))
+    qs = adaptive.sample_queries(q, 4)
+    assert qs.shape == (2, 3, 1, 3)
+    assert torch.equal(qs, q[:, [3, 7, 9]])
 
 
 def test_select_blocks_fewest_reaching_tau_plus_anchors():
@@ -81,7 +81,7 @@ def test_select_blocks_fewest_reaching_tau_plus_anchors():
 
 
 def test_anchor_blocks_sink_and_local():
-    policy = hf_ahfa.AdaptivePolicy(block_size=16, pool=8, sink_blocks=1, local_blocks=2)
+    policy = hf_ahfa.AdaptivePolicy(block_size=16, stride=8, sink_blocks=1, local_blocks=2)
     a = adaptive.anchor_blocks(64, 64, policy, True, "cpu")[0, 0]
     assert a.tolist() == [[True, False, False, False], [True, True, False, False],
                           [True, True, True, False], [True, False, True, True]]
@@ -145,7 +145,7 @@ def test_exact_reasons_and_all_dense_runs_exact():
 
 def test_policy_validation_names_the_field():
     for kw, field in [({"mode": "fast"}, "mode"), ({"tau": 0.0}, "tau"), ({"block_size": 100}, "block_size"),
-                      ({"pool": 48}, "pool"), ({"density_limit": 2}, "density_limit"), ({"local_blocks": 0}, "local")]:
+                      ({"stride": 48}, "stride"), ({"density_limit": 2}, "density_limit"), ({"local_blocks": 0}, "local")]:
         with pytest.raises(ValueError, match=field):
             hf_ahfa.AdaptivePolicy(**kw)
     with pytest.raises(ValueError, match="unknown ahfa policy field"):
@@ -168,7 +168,7 @@ def test_configure_persists_with_save_pretrained_and_override_wins(tmp_path, mon
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         exact = model(ids).logits
-        hf_ahfa.configure(model, mode="adaptive", tau=1.0, block_size=16, pool=8, density_limit=1.0)
+        hf_ahfa.configure(model, mode="adaptive", tau=1.0, block_size=16, stride=8, density_limit=1.0)
         with hf_ahfa.record() as rec:
             same = model(ids).logits
         assert [r["layer"] for r in rec] == [0, 1] and all(r["path"] == "sparse" for r in rec)
@@ -176,7 +176,7 @@ def test_configure_persists_with_save_pretrained_and_override_wins(tmp_path, mon
         model.save_pretrained(tmp_path)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="ahfa").to(DEVICE).eval()
         assert hf_ahfa.policy.policy_of(loaded.config) == hf_ahfa.AdaptivePolicy(
-            mode="adaptive", tau=1.0, block_size=16, pool=8, density_limit=1.0)
+            mode="adaptive", tau=1.0, block_size=16, stride=8, density_limit=1.0)
         hf_ahfa.configure(loaded, tau=0.5)
         with hf_ahfa.record() as rec:
             sparse = loaded(ids).logits
@@ -190,7 +190,7 @@ def test_configure_persists_with_save_pretrained_and_override_wins(tmp_path, mon
 def test_generate_decodes_exact_after_sparse_prefill(monkeypatch):
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     model = _tiny_llama()
-    hf_ahfa.configure(model, mode="adaptive", tau=1.0, block_size=16, pool=8, density_limit=1.0)
+    hf_ahfa.configure(model, mode="adaptive", tau=1.0, block_size=16, stride=8, density_limit=1.0)
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with hf_ahfa.record() as rec:
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -204,7 +204,7 @@ def test_generate_decodes_exact_after_sparse_prefill(monkeypatch):
 def test_training_step_through_sparse_kernels(monkeypatch):
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     model = _tiny_llama().train()
-    hf_ahfa.configure(model, mode="adaptive", tau=0.6, block_size=16, pool=8)
+    hf_ahfa.configure(model, mode="adaptive", tau=0.6, block_size=16, stride=8)
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     loss = model(ids, labels=ids).loss
     loss.backward()

@@ -294,7 +294,7 @@ def test_block_sparse_layout_errors():
         hf_ahfa.attention(q, k, v, layout=_layout(1, 2, 50, 50, 32, 32, 0.5, seed=1))
     with pytest.raises(ValueError, match="policy or attn_mask"):
         hf_ahfa.attention(q, k, v, layout=_layout(1, 2, 40, 40, 16, 16, 0.5, seed=1), policy=hf_ahfa.AdaptivePolicy())
-    with pytest.raises(ValueError, match="block sizes 24x24"):
+    with pytest.raises(ValueError, match="block sizes 24x24 must be multiples of 16"):
         hf_ahfa.attention(q, k, v, layout=_layout(1, 2, 40, 40, 24, 24, 0.5, seed=1), backend="triton")
 
 
