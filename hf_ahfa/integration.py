@@ -2,9 +2,10 @@
 
 Transformers calls ``ahfa_attention_forward(module, query, key, value, attention_mask, ...)`` with
 ``query (B, Hq, Q, D)`` and ``key/value (B, Hkv, K, D)`` views, and builds ``attention_mask`` with the
-mask function registered under the same name. We register Transformers' own ``sdpa_mask``: a boolean
-``(B, 1, Q, K)`` mask (True = visible) that encodes causality, windows, padding, packed sequences and
-static-cache slots in true cache positions, or ``None`` when the call is plainly causal/bidirectional.
+mask function registered under the same name: Transformers' own ``sdpa_mask`` (a boolean ``(B, 1, Q, K)``
+mask, True = visible, that encodes causality, windows, padding, packed sequences and static-cache slots
+in true cache positions, or ``None`` when the call is plainly causal/bidirectional), except that a
+sliding-window layer of a plain call also gets ``None`` (see ``ahfa_mask``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ _IGNORED_KWARGS = frozenset(
     {"position_ids", "max_length_q", "max_length_k", "use_cache", "output_hidden_states", "output_router_logits",
      "return_dict", "num_items_in_batch", "seq_idx", "cache_position", "past_key_values"}
 )
+
+
+def ahfa_mask(*args, **kwargs):
+    """``sdpa_mask``, but ``None`` for a sliding-window layer whenever a full-attention layer of the same
+    call would get ``None`` (no padding, every cached key valid).
+
+    The attention function then applies the window from the ``sliding_window`` argument, which every
+    sliding-window model passes (flash-attention needs it too), and the kernels skip the blocks outside
+    the window instead of reading a dense ``Q x K`` mask: at 32K tokens that mask is 1 GiB per layer.
+    """
+    if kwargs.get("local_size") is not None and sdpa_mask(*args, **{**kwargs, "local_size": None}) is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +106,8 @@ def ahfa_attention_forward(
     else:
         # A skipped mask means (as in Transformers' sdpa path): a single query sees every key; otherwise
         # causal is aligned top-left, which matters only for a static cache whose tail is still empty.
+        if sliding_window is None:  # (set by ahfa_mask's callers as an argument or on the module)
+            sliding_window = getattr(module, "sliding_window", None)
         causal, window, mask = is_causal and Q > 1, sliding_window, None
         if causal and k.shape[1] > Q:
             k, v = k[:, :Q], v[:, :Q]
@@ -147,7 +163,7 @@ def _guard_unreachable_models(get_correct_attn_implementation):
 def register() -> None:
     """Register ``"ahfa"`` with Transformers' attention and attention-mask interfaces (idempotent)."""
     AttentionInterface.register(NAME, ahfa_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, ahfa_mask)
     if not getattr(PreTrainedModel.get_correct_attn_implementation, "__ahfa_guard__", False):
         PreTrainedModel.get_correct_attn_implementation = _guard_unreachable_models(
             PreTrainedModel.get_correct_attn_implementation
