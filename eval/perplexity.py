@@ -35,6 +35,7 @@ are scored (``logits_to_keep``), so long windows never hold full-vocabulary floa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -42,12 +43,14 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import hf_ahfa
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import ResultStore, load_causal_lm, process_device, relative_change, resolve_dtype, verdict
 
@@ -69,6 +72,10 @@ TITLE_COLUMNS = ("title", "short_book_title")
 LOGIT_BUDGET = 1 << 26
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -85,11 +92,14 @@ def add_parser(sub) -> None:
                    help="auto: bfloat16 on CUDA, float32 elsewhere")
     g = p.add_argument_group("attention")
     g.add_argument("--attn", default="ahfa", choices=["ahfa", *BASELINES], help="implementation under test")
-    g.add_argument("--baseline", default="sdpa", choices=BASELINES)
+    g.add_argument("--baseline", default="sdpa", choices=["ahfa", *BASELINES],
+                   help="implementation to compare with; ahfa = ahfa exact (with --mode adaptive/auto)")
     g.add_argument("--mode", default="exact", choices=MODES,
-                   help="ahfa mode; only exact is built so far (adaptive/auto: block-sparse, later)")
-    g.add_argument("--tau", type=float, default=0.95, help="adaptive mode: attention-mass target per query block")
-    g.add_argument("--min-sparse-len", type=int, help="adaptive mode: inputs shorter than this run exact")
+                   help="ahfa mode (hf_ahfa.AdaptivePolicy): exact, adaptive (block-sparse prefill), auto")
+    g.add_argument("--tau", type=_floats, help="adaptive/auto: attention-mass target(s) per query block, "
+                   "comma-separated for a sweep (default: the policy's)")
+    g.add_argument("--min-sparse-len", type=int, help="auto mode: inputs shorter than this run exact")
+    g.add_argument("--block-size", type=int, help="adaptive/auto: block edge in tokens (default: the policy's)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="hub dataset (default: wikitext, or pg19 for --protocol long)")
     g.add_argument("--dataset-config", help="hub dataset configuration (default: the alias's, e.g. wikitext-2-raw-v1)")
@@ -346,28 +356,91 @@ def document_start_token(tokenizer, policy: str = "auto") -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _timed(model, impl, ids, n_scored, device, start_token=None) -> tuple[list[float], float]:
+@dataclass(frozen=True)
+class Variant:
+    """One attention set-up a run scores: its label in the results, the Transformers implementation,
+    and for ahfa the policy fields it runs under (``hf_ahfa.override``)."""
+
+    label: str
+    impl: str
+    policy: tuple = ()
+
+
+def variants(args) -> tuple[list[Variant], Variant]:
+    """The variants under test (one per ``--tau`` in adaptive/auto mode) and the baseline."""
+    def exact(impl):
+        return Variant(impl if impl != "ahfa" or args.mode == "exact" else "ahfa-exact", impl,
+                       (("mode", "exact"),) if impl == "ahfa" else ())
+
+    if args.mode == "exact" or args.attn != "ahfa":
+        tests = [exact(args.attn)]
+    else:
+        extra = (("min_length", args.min_sparse_len),) if args.min_sparse_len else ()
+        extra += (("block_size", args.block_size),) if args.block_size else ()
+        taus = args.tau or [hf_ahfa.AdaptivePolicy().tau]
+        tests = [Variant(f"ahfa-{args.mode}-tau{t:g}", "ahfa", (("mode", args.mode), ("tau", t), *extra)) for t in taus]
+    return tests, exact(args.baseline)
+
+
+_warm: set = set()
+
+
+def _timed(model, variant, ids, n_scored, device, start_token=None) -> tuple[list[float], float, dict]:
+    """NLL of the scored tokens, forward seconds and, for ahfa, what its attention calls did.
+
+    The first call of a variant at a shape runs once untimed (kernel autotuning, compilation).
+    """
+    if isinstance(variant, str):
+        variant = Variant(variant, variant)
     if start_token is not None:
         ids = ids.clone()
         ids[:, 0] = start_token
-    switch_attention(model, impl)
+    switch_attention(model, variant.impl)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    nll = window_nll(model, ids, n_scored)
-    sync()
-    return nll, time.perf_counter() - start
+    policy = hf_ahfa.override(**dict(variant.policy)) if variant.policy else contextlib.nullcontext()
+    with policy:
+        if (variant, ids.shape) not in _warm and device.startswith("cuda"):
+            window_nll(model, ids, n_scored)
+            _warm.add((variant, ids.shape))
+        sync()
+        start = time.perf_counter()
+        with hf_ahfa.record() if variant.impl == "ahfa" else contextlib.nullcontext([]) as calls:
+            nll = window_nll(model, ids, n_scored)
+        sync()
+    return nll, time.perf_counter() - start, attention_summary(calls)
+
+
+def attention_summary(calls: list[dict]) -> dict:
+    """Kept share of visible blocks over ahfa's block-sparse calls: overall and per layer (``{}`` if none)."""
+    sparse = [c for c in calls if c.get("density") is not None]
+    if not sparse:
+        return {"sparse_calls": 0, "exact_calls": len(calls)} if calls else {}
+    layers: dict = {}
+    for c in sparse:
+        layers.setdefault(str(c["layer"]), []).append(c["density"])
+    return {"density": sum(c["density"] for c in sparse) / len(sparse),
+            "layer_density": {k: sum(v) / len(v) for k, v in layers.items()},
+            "dense_heads": sum(c["dense_heads"] for c in sparse), "sparse_calls": len(sparse),
+            "exact_calls": len(calls) - len(sparse)}
 
 
 # -------------------------------------------------------------------------------------------------------- run
 
 
 def _check_args(args) -> None:
-    if args.mode != "exact":
-        raise SystemExit(f"--mode {args.mode}: the adaptive (block-sparse) mode of ahfa is not built yet; "
-                         "only --mode exact runs now")
-    if args.attn == args.baseline:
-        raise SystemExit(f"--attn and --baseline are both {args.attn!r}; compare two implementations")
+    if args.mode != "exact" and args.attn != "ahfa":
+        raise SystemExit(f"--mode {args.mode} is an ahfa mode; --attn is {args.attn!r}")
+    if args.attn == args.baseline and (args.mode == "exact" or args.attn != "ahfa"):
+        raise SystemExit(f"--attn and --baseline are both {args.attn!r}; compare two implementations "
+                         "(or ahfa --mode adaptive/auto against --baseline ahfa, i.e. ahfa exact)")
+    for tau in args.tau or []:
+        if not 0 < tau <= 1:
+            raise SystemExit(f"--tau must be in (0, 1], got {tau}")
+    try:
+        for v in variants(args)[0]:
+            hf_ahfa.AdaptivePolicy(**dict(v.policy))
+    except ValueError as err:
+        raise SystemExit(f"--mode/--tau/--block-size/--min-sparse-len: {err}") from err
     for option in ("max_length", "stride", "batch_size", "score_tokens", "max_docs", "max_tokens"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -386,8 +459,8 @@ def run(args) -> dict[str, Path]:
     dtype = resolve_dtype(args.dtype, args.device)
     model, tokenizer = _load_model(args, dtype)
     # The adaptive knobs are part of the configuration only where they change the numbers.
-    attention = {"mode": args.mode} if args.mode == "exact" else \
-        {"mode": args.mode, "tau": args.tau, "min_sparse_len": args.min_sparse_len}
+    tests, base = variants(args)
+    attention = {"mode": args.mode, "variants": [dict(v.policy) | {"label": v.label} for v in (*tests, base)]}
     config = {
         "protocol": args.protocol, "model": os.path.expanduser(args.model), "gguf_file": args.gguf_file,
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "baseline": args.baseline,
@@ -404,7 +477,7 @@ def run(args) -> dict[str, Path]:
     rows, summary, notes, md = result
     meta = provenance()
     write_json(paths["json"], meta, rows, config=config, summary=summary, notes=notes)
-    head = [f"# Perplexity ({args.protocol} protocol): {args.attn} vs {args.baseline}", "",
+    head = [f"# Perplexity ({args.protocol} protocol): {', '.join(v.label for v in tests)} vs {base.label}", "",
             f"Model `{args.model}`, {config['dtype']} on {args.device}; data: {source}. "
             f"torch {meta['torch']}, transformers {meta['transformers']}, commit {meta['commit'][:12]}, "
             f"{meta['date']}" + (f", {meta['gpu']}" if meta["gpu"] else "") + ".", ""]
@@ -413,6 +486,9 @@ def run(args) -> dict[str, Path]:
     if args.protocol == "long":
         paths["png"] = paths["md"].with_suffix(".png")
         _plot_long(summary, paths["png"], args)
+        if args.mode != "exact":
+            paths["tau_png"] = paths["md"].with_name(f"{name}-tau.png")
+            _plot_tau(summary, paths["tau_png"], args)
     print(paths["md"].read_text())
     return paths
 
@@ -439,7 +515,9 @@ def _run_wikitext(args, model, tokenizer, texts, labels, config, store_path):
     windows = plan_windows(len(ids), max_length, stride)
     config.update(max_length=max_length, stride=stride, tokens=len(ids), tokens_sha1=_digest([ids]))
     store = ResultStore(store_path, config)
-    impls = (args.attn, args.baseline)
+    tests, base = variants(args)
+    by_label = {v.label: v for v in (*tests, base)}
+    impls = list(by_label)
     stream = torch.tensor(ids, device=args.device)
 
     key = lambda impl, i: f"{impl}/window{i:06d}"  # noqa: E731
@@ -459,11 +537,12 @@ def _run_wikitext(args, model, tokenizer, texts, labels, config, store_path):
                     continue
                 inputs = torch.stack([stream[windows[w][0]:windows[w][1]] for w in todo])
                 n_scored = [windows[w][1] - windows[w][2] for w in todo]
-                nll, seconds = _timed(model, impl, inputs, n_scored, args.device, config["window_start_token"])
+                nll, seconds, attn = _timed(model, by_label[impl], inputs, n_scored, args.device,
+                                            config["window_start_token"])
                 for w, n, loss in zip(todo, n_scored, nll):
                     begin, end, _ = windows[w]
                     store.add(key(impl, w), impl=impl, window=w, begin=begin, end=end, nll=loss, tokens=n,
-                              seconds=seconds / len(todo))
+                              seconds=seconds / len(todo), **attn)
                     bar.update()
     if not store.gather():
         return None
@@ -473,25 +552,29 @@ def _run_wikitext(args, model, tokenizer, texts, labels, config, store_path):
     for impl in impls:
         mine = [r for r in rows if r["impl"] == impl]
         per_impl[impl] = {**text_metrics(sum(r["nll"] for r in mine), sum(r["tokens"] for r in mine), covered),
-                          "seconds": sum(r["seconds"] for r in mine)}
-    ours, base = per_impl[args.attn], per_impl[args.baseline]
+                          "seconds": sum(r["seconds"] for r in mine), "density": _mean_density(mine)}
+    b = per_impl[base.label]
+    verdicts = {t.label: verdict(per_impl[t.label]["token_ppl"], b["token_ppl"], args.threshold, higher_is_better=False)
+                for t in tests}
+    ours = per_impl[tests[0].label]
     summary = {
-        "impls": per_impl, "windows": len(windows), "tokens_total": len(ids),
-        "verdict": verdict(ours["token_ppl"], base["token_ppl"], args.threshold, higher_is_better=False),
-        "relative_change": {m: relative_change(ours[m], base[m]) for m in ("token_ppl", "word_ppl", "bits_per_byte")},
+        "impls": per_impl, "windows": len(windows), "tokens_total": len(ids), "baseline": base.label,
+        "verdict": verdicts[tests[0].label], "verdicts": verdicts,
+        "relative_change": {m: relative_change(ours[m], b[m]) for m in ("token_ppl", "word_ppl", "bits_per_byte")},
     }
-    v = summary["verdict"]
     scored = ours["tokens"]
     md = [f"{len(windows)} windows of {max_length} tokens, stride {stride}: {scored} of {len(ids)} tokens scored"
           + (" (the first token of each window is context only)" if stride == max_length and len(windows) > 1 else "")
           + f"; {ours['words']} words, {ours['bytes']} UTF-8 bytes.", "",
-          markdown_table(["implementation", "tokens scored", "NLL", "token ppl", "word ppl", "bits/byte", "forward s"],
+          markdown_table(["implementation", "tokens scored", "NLL", "token ppl", "word ppl", "bits/byte", "forward s",
+                          "kept blocks"],
                          [[impl, m["tokens"], f"{m['nll']:.6f}", f"{m['token_ppl']:.6f}", f"{m['word_ppl']:.6f}",
-                           f"{m['bits_per_byte']:.6f}", m["seconds"]] for impl, m in per_impl.items()]), "",
-          f"**{'PASS' if v['pass'] else 'FAIL'}**: {args.attn} token perplexity {v['ahfa']:.6f} vs {args.baseline} "
-          f"{v['baseline']:.6f}, relative change {v['relative_change']:+.2e} (threshold {args.threshold:.2%}); "
-          f"word perplexity {summary['relative_change']['word_ppl']:+.2e}, "
-          f"bits/byte {summary['relative_change']['bits_per_byte']:+.2e}."]
+                           f"{m['bits_per_byte']:.6f}", m["seconds"], m["density"]] for impl, m in per_impl.items()]), ""]
+    md += [f"**{'PASS' if v['pass'] else 'FAIL'}**: {label} token perplexity {v['ahfa']:.6f} vs {base.label} "
+           f"{v['baseline']:.6f}, relative change {v['relative_change']:+.2e} (threshold {args.threshold:.2%})."
+           for label, v in verdicts.items()]
+    md += [f"Word perplexity {summary['relative_change']['word_ppl']:+.2e}, bits/byte "
+           f"{summary['relative_change']['bits_per_byte']:+.2e} ({tests[0].label})."]
     return rows, summary, [], md
 
 
@@ -524,7 +607,9 @@ def _run_long(args, model, tokenizer, texts, labels, config, store_path):
     config.update(context_lengths=lengths, score_tokens=args.score_tokens,
                   tokens_sha1=_digest([ids for _, ids in books]))
     store = ResultStore(store_path, config)
-    impls = (args.attn, args.baseline)
+    tests, base = variants(args)
+    by_label = {v.label: v for v in (*tests, base)}
+    impls = list(by_label)
     tokens = dict(books)
 
     key = lambda impl, d, c: f"{impl}/doc{d:05d}/ctx{c}"  # noqa: E731
@@ -537,10 +622,10 @@ def _run_long(args, model, tokenizer, texts, labels, config, store_path):
                 if key(impl, d, c) in store:
                     continue
                 inputs = torch.tensor(tokens[d][end - c:end], device=args.device)[None]
-                (nll,), seconds = _timed(model, impl, inputs, [args.score_tokens], args.device,
-                                         config["window_start_token"])
+                (nll,), seconds, attn = _timed(model, by_label[impl], inputs, [args.score_tokens], args.device,
+                                               config["window_start_token"])
                 store.add(key(impl, d, c), impl=impl, doc=d, title=labels[d], ctx=c, end=end, nll=nll,
-                          tokens=args.score_tokens, ppl=_exp(nll / args.score_tokens), seconds=seconds)
+                          tokens=args.score_tokens, ppl=_exp(nll / args.score_tokens), seconds=seconds, **attn)
                 bar.update()
     if not store.gather():
         return None
@@ -549,31 +634,57 @@ def _run_long(args, model, tokenizer, texts, labels, config, store_path):
     by_context = []
     for c in lengths:
         cell = {impl: [r for r in rows if r["impl"] == impl and r["ctx"] == c] for impl in impls}
-        if not cell[args.attn]:
+        if not cell[base.label]:
             continue
         ppl = {impl: _exp(sum(r["nll"] for r in rs) / sum(r["tokens"] for r in rs)) for impl, rs in cell.items()}
-        by_context.append({"ctx": c, "books": len(cell[args.attn]), "tokens": sum(r["tokens"] for r in cell[args.attn]),
-                           "ppl": ppl, "verdict": verdict(ppl[args.attn], ppl[args.baseline], args.threshold, False)})
-    summary = {"by_context": by_context, "pass": all(x["verdict"]["pass"] for x in by_context)}
+        verdicts = {t.label: verdict(ppl[t.label], ppl[base.label], args.threshold, False) for t in tests}
+        by_context.append({"ctx": c, "books": len(cell[base.label]), "tokens": sum(r["tokens"] for r in cell[base.label]),
+                           "ppl": ppl, "seconds": {i: sum(r["seconds"] for r in rs) for i, rs in cell.items()},
+                           "density": {i: _mean_density(rs) for i, rs in cell.items()},
+                           "layer_density": {i: _layer_density(rs) for i, rs in cell.items()},
+                           "verdict": verdicts[tests[0].label], "verdicts": verdicts})
+    summary = {"by_context": by_context, "baseline": base.label,
+               "pass": all(v["pass"] for x in by_context for v in x["verdicts"].values())}
 
     pair = {(r["doc"], r["ctx"], r["impl"]): r for r in rows}
     md = [f"Per book, the same {args.score_tokens} tokens are scored with each context length: the last ones of a "
           "context that ends at a fixed position of the book (the longest context length, or the book's end); "
-          "perplexity over all books per length.", "",
-          markdown_table(["context", "books", "tokens scored", f"{args.attn} ppl", f"{args.baseline} ppl",
-                          "relative change", "verdict"],
-                         [[x["ctx"], x["books"], x["tokens"], f"{x['ppl'][args.attn]:.6f}",
-                           f"{x['ppl'][args.baseline]:.6f}", f"{x['verdict']['relative_change']:+.2e}",
-                           "PASS" if x["verdict"]["pass"] else "FAIL"] for x in by_context]), "",
+          "perplexity over all books per length. Kept blocks: share of the visible 128x128 blocks ahfa's "
+          "block-sparse calls computed (layers that ran exact not counted); forward s: whole-model forward time "
+          "summed over books.", "",
+          markdown_table(["context", "books", "implementation", "ppl", f"vs {base.label}", "kept blocks", "forward s",
+                          f"speed-up vs {base.label}", "verdict"],
+                         [[x["ctx"], x["books"], i, f"{x['ppl'][i]:.6f}",
+                           f"{x['verdicts'][i]['relative_change']:+.2e}" if i in x["verdicts"] else "",
+                           x["density"][i], x["seconds"][i],
+                           f"{x['seconds'][base.label] / x['seconds'][i]:.2f}x" if i != base.label else "",
+                           ("PASS" if x["verdicts"][i]["pass"] else "FAIL") if i in x["verdicts"] else ""]
+                          for x in by_context for i in impls]), "",
           f"**{'PASS' if summary['pass'] else 'FAIL'}** at every context length (threshold {args.threshold:.2%}).",
           "", "## Per book", "",
-          markdown_table(["book", "context", "context ends at", "tokens scored", f"{args.attn} ppl",
-                          f"{args.baseline} ppl", "relative change"],
-                         [[labels[d], c, end, args.score_tokens, f"{pair[d, c, args.attn]['ppl']:.6f}",
-                           f"{pair[d, c, args.baseline]['ppl']:.6f}",
-                           f"{relative_change(pair[d, c, args.attn]['ppl'], pair[d, c, args.baseline]['ppl']):+.2e}"]
-                          for d, c, end in items])]
+          markdown_table(["book", "context", "context ends at", *[f"{i} ppl" for i in impls]],
+                         [[labels[d], c, end, *[f"{pair[d, c, i]['ppl']:.6f}" for i in impls]] for d, c, end in items])]
+    layered = [x for x in by_context if any(x["layer_density"][t.label] for t in tests)]
+    if layered:
+        md += ["", "## Kept blocks per layer (block-sparse calls only)", "",
+               markdown_table(["context", "implementation", "per layer (layer: kept share)"],
+                              [[x["ctx"], t.label, ", ".join(f"{k}: {v:.2f}" for k, v in x["layer_density"][t.label].items())]
+                               for x in layered for t in tests])]
     return rows, summary, notes, md
+
+
+def _mean_density(rows: list[dict]) -> float | None:
+    """Mean kept-block share of the rows that ran block-sparse calls (None when none did)."""
+    dens = [r["density"] for r in rows if r.get("density") is not None]
+    return sum(dens) / len(dens) if dens else None
+
+
+def _layer_density(rows: list[dict]) -> dict:
+    per: dict = {}
+    for r in rows:
+        for layer, d in (r.get("layer_density") or {}).items():
+            per.setdefault(layer, []).append(d)
+    return {k: sum(v) / len(v) for k, v in sorted(per.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1)}
 
 
 def _plot_long(summary: dict, path: Path, args) -> None:
@@ -584,7 +695,8 @@ def _plot_long(summary: dict, path: Path, args) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     xs = [x["ctx"] for x in summary["by_context"]]
-    for impl, style in ((args.baseline, dict(marker="s", linewidth=3, alpha=0.5)), (args.attn, dict(marker="o"))):
+    for impl in summary["by_context"][0]["ppl"]:
+        style = dict(marker="s", linewidth=3, alpha=0.5) if impl == summary["baseline"] else dict(marker="o")
         ax.plot(xs, [x["ppl"][impl] for x in summary["by_context"]], label=impl, **style)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
@@ -595,6 +707,36 @@ def _plot_long(summary: dict, path: Path, args) -> None:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_tau(summary: dict, path: Path, args) -> None:
+    """Quality against speed per context length: one point per tau (relative perplexity change vs
+    whole-model forward speed-up over the baseline), with the kept-block share beside each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = summary["baseline"]
+    for x in summary["by_context"]:
+        pts = [(x["seconds"][base] / x["seconds"][t], 100 * v["relative_change"], t, x["density"][t])
+               for t, v in x["verdicts"].items()]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{x['ctx']} tokens")
+        for sx, sy, t, d in pts:
+            ax.annotate(t.rsplit("tau", 1)[-1] + (f" ({d:.0%})" if d is not None else ""), (sx, sy), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100 * args.threshold, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel(f"whole-model forward speed-up over {base}")
+    ax.set_ylabel("perplexity change (%)")
+    ax.set_title(f"{Path(args.model).name}: tau (kept blocks) vs quality and speed", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     tmp = path.with_suffix(".png.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

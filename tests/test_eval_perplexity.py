@@ -204,7 +204,7 @@ def test_wikitext_protocol(tiny_model, wiki_json, tmp_path, monkeypatch):
     md = (tmp_path / "wt.md").read_text()
     s = data["summary"]
     assert data["meta"]["torch"] and data["config"]["max_length"] == 64
-    assert data["config"]["attention"] == {"mode": "exact"}
+    assert data["config"]["attention"] == {"mode": "exact", "variants": [{"label": "ahfa", "mode": "exact"}, {"label": "sdpa"}]}
     assert "PASS" in md and "word ppl" in md
     ours, base = s["impls"]["ahfa"], s["impls"]["sdpa"]
     assert ours["token_ppl"] == pytest.approx(base["token_ppl"], rel=1e-5)
@@ -294,8 +294,9 @@ def test_resume_skips_finished_items(tiny_model, books, tmp_path, monkeypatch):
     ("unknown dataset", ["--dataset", "someone/no-such-data"], "--dataset 'someone/no-such-data'"),
     ("missing column", ["--data-files", "WIKI", "--text-column", "body"], "--text-column 'body' is not a column"),
     ("too long", ["--data-files", "WIKI", "--text-column", "extract", "--max-length", 512], "--max-length 512"),
-    ("adaptive", ["--data-files", "WIKI", "--mode", "adaptive"], "--mode adaptive: .*not built yet"),
-    ("auto", ["--data-files", "WIKI", "--mode", "auto", "--tau", 0.9], "--mode auto: .*not built yet"),
+    ("mode of sdpa", ["--data-files", "WIKI", "--mode", "adaptive", "--attn", "sdpa", "--baseline", "eager"],
+     "--mode adaptive is an ahfa mode"),
+    ("tau", ["--data-files", "WIKI", "--mode", "auto", "--tau", "0.9,1.5"], r"--tau must be in \(0, 1\]"),
     ("empty", ["--data-files", "EMPTY"], "the data is empty"),
     ("no file", ["--data-files", "nothing.txt"], "--data-files: no such file"),
     ("stride", ["--data-files", "WIKI", "--text-column", "extract", "--max-length", 64, "--stride", 65],
@@ -408,3 +409,20 @@ def test_accelerate_launch_two_processes_match_one(tiny_model, books, tmp_path):
     assert strip(multi) == strip(single) and len(single) > 2
     assert sorted(p.name for p in tmp_path.glob("multi.rank*.jsonl")) == ["multi.rank0-of-2.jsonl",
                                                                           "multi.rank1-of-2.jsonl"]
+
+
+def test_adaptive_tau_sweep_long_protocol(tiny_model, books, tmp_path, monkeypatch):
+    # ahfa adaptive (Triton kernels; the interpreter on CPU) against ahfa exact in one run: tau = 1 keeps
+    # every block (same perplexity), tau = 0.3 keeps fewer (density < 1, recorded per layer)
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    _run("--model", tiny_model, "--device", "cpu", "--protocol", "long", "--data-files", books[0],
+         "--context-lengths", "256", "--score-tokens", "16", "--mode", "adaptive", "--tau", "1,0.3",
+         "--block-size", "32", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "sweep")
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    (ctx,) = data["summary"]["by_context"]
+    assert set(ctx["ppl"]) == {"ahfa-adaptive-tau1", "ahfa-adaptive-tau0.3", "ahfa-exact"}
+    assert ctx["ppl"]["ahfa-adaptive-tau1"] == pytest.approx(ctx["ppl"]["ahfa-exact"], rel=1e-5)
+    assert ctx["density"]["ahfa-adaptive-tau1"] == 1.0 and ctx["density"]["ahfa-adaptive-tau0.3"] < 1.0
+    assert ctx["density"]["ahfa-exact"] is None
+    assert set(ctx["layer_density"]["ahfa-adaptive-tau0.3"]) == {"0", "1"}
+    assert (tmp_path / "sweep-tau.png").stat().st_size > 0 and "Kept blocks per layer" in (tmp_path / "sweep.md").read_text()
