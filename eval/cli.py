@@ -17,21 +17,90 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _variants(args) -> dict[str, tuple[str, dict]]:
+    """ahfa's variants to measure: exact, plus one per ``--tau`` in adaptive/auto mode."""
+    out = {"ahfa": ("ahfa", {"mode": "exact"})}
+    if args.mode != "exact":
+        import hf_ahfa
+
+        for tau in args.tau or [hf_ahfa.AdaptivePolicy().tau]:
+            fields = {"mode": args.mode, "tau": tau}
+            hf_ahfa.AdaptivePolicy(**fields)  # invalid values fail here, before the model loads
+            out[f"ahfa-{args.mode}-tau{tau:g}"] = ("ahfa", fields)
+    return out
+
+
+def _text_tokens(args, tokenizer, n: int) -> list[int]:
+    """The first ``n`` tokens of ``--text`` (a document-start token first, as ``perplexity`` does)."""
+    from hf_ahfa.eval.perplexity import document_start_token
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise SystemExit(f"ahfa-eval speed: --text {args.text}: no such file")
+    ids = tokenizer(path.read_text(), verbose=False)["input_ids"]
+    if len(ids) < n:
+        raise SystemExit(f"ahfa-eval speed: --text holds {len(ids)} tokens, --seq-lens needs {n}")
+    start = document_start_token(tokenizer, args.window_start)
+    return ([start] if start is not None and ids[0] != start else []) + ids[:n]
+
+
 def _model_speed(args) -> None:
     from hf_ahfa.eval.model_speed import measure, write_model_speed_report
     from hf_ahfa.eval.runs import load_causal_lm, resolve_dtype
 
+    variants = _variants(args)
     dtype = resolve_dtype(args.dtype, args.device)
-    model, _ = load_causal_lm(args.model, "ahfa", dtype, args.device, args.gguf_file)
+    model, tokenizer = load_causal_lm(args.model, "ahfa", dtype, args.device, args.gguf_file)
+    tokens = _text_tokens(args, tokenizer, max(args.seq_lens)) if args.text else None
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    config = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "baseline": args.baseline,
+              "decode_tokens": args.decode_tokens, "text": args.text, "variants": variants}
+    if args.attention:
+        return _attention_speed(args, model, tokens, variants, config, max_pos)
     too_long = [L for L in args.seq_lens if max_pos and L + args.decode_tokens > max_pos]
     if too_long:
         raise SystemExit(f"ahfa-eval speed: --seq-lens {too_long} plus --decode-tokens exceed the model's "
                          f"max_position_embeddings ({max_pos})")
-    rows = measure(model, ["ahfa", args.baseline], args.seq_lens, args.decode_tokens, train=not args.no_train)
-    config = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "baseline": args.baseline,
-              "decode_tokens": args.decode_tokens}
+    rows = measure(model, [*variants, args.baseline], args.seq_lens, args.decode_tokens, train=not args.no_train,
+                   policies=variants, tokens=tokens)
     print(write_model_speed_report(rows, config, args.out_dir, args.name)["md"].read_text())
+
+
+def _attention_speed(args, model, tokens, variants, config, max_pos) -> None:
+    import torch
+
+    import hf_ahfa
+    from hf_ahfa.eval.attention_speed import SDPA, capture_calls, measure, report_lines
+    from hf_ahfa.eval.report import provenance, write_atomic, write_json
+
+    if tokens is None:
+        raise SystemExit("ahfa-eval speed --attention: pass --text (a long real text): sparsity depends on it")
+    policies = {label: None if f["mode"] == "exact" else hf_ahfa.AdaptivePolicy(**f) for label, (_, f) in variants.items()}
+    providers = ["sdpa", *[p for p in args.providers if p in SDPA and p != "sdpa"]]
+    rows = []
+    for L in args.seq_lens:
+        ids = torch.tensor(tokens[:L], device=args.device)[None]
+        calls = capture_calls(model, ids)
+        rows += measure(calls, policies, providers)
+        del calls
+        torch.cuda.empty_cache()
+    meta = provenance()
+    paths = {ext: Path(args.out_dir) / f"{args.name}.{ext}" for ext in ("json", "md")}
+    write_json(paths["json"], meta, rows, config=config)
+    notes = [f"lengths above the model's max_position_embeddings ({max_pos}) run beyond its trained positions"] \
+        if max_pos and max(args.seq_lens) > max_pos else []
+    md = [f"# Attention time of a prefill: {args.model} on {meta['gpu']}", "",
+          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit'][:12]}, {meta['date']}, "
+          f"{config['dtype']}, batch 1, text {args.text}. Every attention call of one forward, replayed per provider "
+          "(median of 5 after a warm-up). Adaptive rows include the estimator and block selection; kept blocks = "
+          "share of visible 128x128 blocks computed in the layers that ran block-sparse.", "",
+          *report_lines(rows), *[f"- {n}" for n in notes]]
+    write_atomic(paths["md"], "\n".join(md) + "\n")
+    print(paths["md"].read_text())
 
 
 def _speed(args) -> None:
@@ -75,6 +144,16 @@ def _add_speed(sub) -> None:
     whole.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     whole.add_argument("--device", default="cuda" if _cuda() else "cpu")
     whole.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    whole.add_argument("--text", help="a long text file whose tokens the prefills use (default: random tokens)")
+    whole.add_argument("--window-start", choices=["auto", "bos", "none"], default="auto",
+                       help="token the text starts with: auto = BOS if the tokenizer adds it, bos = always BOS")
+    whole.add_argument("--attention", action="store_true",
+                       help="time the attention of a prefill alone: every attention call of one forward over "
+                            "--text, replayed per provider (ahfa variants, sdpa, and the --providers sdpa-cudnn / "
+                            "sdpa-flash)")
+    whole.add_argument("--mode", default="exact", choices=["exact", "adaptive", "auto"],
+                       help="also measure ahfa in this mode (one variant per --tau)")
+    whole.add_argument("--tau", type=_floats, help="adaptive/auto: mass target(s), comma-separated")
     sp.set_defaults(func=_speed)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import hf_ahfa
 from hf_ahfa.eval.glue_tasks import (HUB_NAMES, TASKS, get_task, glue_metric, load_hub, load_local,
                                      movie_reviews_splits, parse_validation_files, take)
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
@@ -46,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--comparisons", nargs="+", default=["a", "b"], choices=["a", "b"])
     p.add_argument("--mode", default="exact", choices=["exact", "adaptive", "auto"],
-                   help="ahfa's attention mode (only exact exists so far)")
+                   help="ahfa's attention mode (hf_ahfa.AdaptivePolicy) for every ahfa run; GLUE inputs are "
+                        "short, so auto runs exact and adaptive needs --max-length of at least two blocks (256)")
     data = p.add_argument_group("data (default: the GLUE task from the dataset hub)")
     data.add_argument("--dataset", default="nyu-mll/glue", help=f"hub dataset ({' or '.join(HUB_NAMES)})")
     data.add_argument("--train-files", nargs="+", help="local CSV/TSV/JSON/JSONL/parquet with GLUE's column names")
@@ -84,9 +86,6 @@ def add_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- set-up
 def _check_args(args) -> None:
-    if args.mode != "exact":
-        raise SystemExit(f"ahfa-eval glue: --mode {args.mode}: adaptive attention is not built yet; "
-                         "only --mode exact is available")
     if not args.model:
         raise SystemExit("ahfa-eval glue: pass --model (a hub name or a local folder)")
     if bool(args.train_files) != bool(args.validation_files):
@@ -417,12 +416,13 @@ def run(args) -> dict[str, Path]:
     encode = lambda ds: _tokenize(ds, tokenizer, task, args.max_length)  # noqa: E731
     ctx = Context(args, task, model_path, tokenizer, encode(train), {k: encode(v) for k, v in evals.items()},
                   device, dtype, work_dir)
-    if "a" in args.comparisons:
-        _comparison_a(ctx, store, seeds[0])
-    if "b" in args.comparisons:
-        for seed in seeds:
-            for impl in (args.baseline, "ahfa"):
-                _comparison_b(ctx, store, seed, impl)
+    with hf_ahfa.override(mode=args.mode):  # the ahfa runs of this command use --mode
+        if "a" in args.comparisons:
+            _comparison_a(ctx, store, seeds[0])
+        if "b" in args.comparisons:
+            for seed in seeds:
+                for impl in (args.baseline, "ahfa"):
+                    _comparison_b(ctx, store, seed, impl)
     if not store.gather():
         return {}
     rows = [r for r in store.rows() if r["seed"] in seeds and r["comparison"] in args.comparisons]

@@ -5,12 +5,14 @@ complexity analyzer's predictions beside the measurements.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+import hf_ahfa
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 
 
@@ -57,36 +59,52 @@ def _timed(fn, device, repeat: int = 3) -> tuple[float, float]:
     return sorted(times)[repeat // 2], peak
 
 
-def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, progress=True) -> list[dict]:
+def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, progress=True, policies=None,
+            tokens=None) -> list[dict]:
     """One row per (implementation, length): prefill seconds and peak memory, decode tokens/s, and the
-    time of one forward+backward step on ``L`` tokens (``train``)."""
+    time of one forward+backward step on ``L`` tokens (``train``).
+
+    ``impls`` are labels: Transformers implementations, or keys of ``policies`` mapping a label to
+    ``(implementation, ahfa policy fields)`` (e.g. ahfa in adaptive mode). ``tokens``: real token ids to
+    take the first ``L`` of (random ids otherwise: attention sparsity then means little).
+    """
     device = next(model.parameters()).device
     vocab = vocab or model.config.get_text_config().vocab_size
+    policies = policies or {}
     rows = []
     jobs = [(impl, L) for L in seq_lens for impl in impls]
-    for impl, L in tqdm(jobs, desc="model speed", disable=not progress):
+    for label, L in tqdm(jobs, desc="model speed", disable=not progress):
+        impl, fields = policies.get(label, (label, None))
         model.set_attn_implementation(impl)
-        ids = torch.randint(0, vocab, (1, L), device=device)
-        row = {"impl": impl, "seq_len": L, **predict(model.config, L, model.dtype.itemsize, impl)}
-        try:
-            with torch.no_grad():
-                row["prefill_s"], row["prefill_peak_bytes"] = _timed(lambda: model(ids, use_cache=True).logits[:, -1].argmax(-1), device)
+        ids = (torch.tensor(tokens[:L], device=device)[None] if tokens is not None
+               else torch.randint(0, vocab, (1, L), device=device))
+        row = {"impl": label, "seq_len": L, **predict(model.config, L, model.dtype.itemsize, impl)}
+        with hf_ahfa.override(**fields) if fields else contextlib.nullcontext():
+            _measure_one(model, ids, row, device, decode_tokens, train)
+        rows.append(row)
+    return rows
+
+
+def _measure_one(model, ids, row, device, decode_tokens, train) -> None:
+    """Fill ``row`` with prefill, decode and (``train``) training-step measurements of one input."""
+    try:
+        with torch.no_grad():
+            row["prefill_s"], row["prefill_peak_bytes"] = _timed(lambda: model(ids, use_cache=True).logits[:, -1].argmax(-1), device)
+            if decode_tokens:
                 gen = lambda: model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,  # noqa: E731
                                              do_sample=False)
                 total, _ = _timed(gen, device)
                 row["decode_tokens_per_s"] = decode_tokens / max(total - row["prefill_s"], 1e-9)
-            if train:
-                def step():
-                    model.zero_grad(set_to_none=True)
-                    model(ids, labels=ids).loss.backward()
-
-                row["train_step_s"], row["train_peak_bytes"] = _timed(step, device)
+        if train:
+            def step():
                 model.zero_grad(set_to_none=True)
-        except torch.OutOfMemoryError as err:
-            row["error"] = f"out of memory: {str(err).splitlines()[0][:160]}"
-            torch.cuda.empty_cache()
-        rows.append(row)
-    return rows
+                model(ids, labels=ids).loss.backward()
+
+            row["train_step_s"], row["train_peak_bytes"] = _timed(step, device)
+            model.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0][:160]}"
+        torch.cuda.empty_cache()
 
 
 def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str) -> dict:

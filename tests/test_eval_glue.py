@@ -319,8 +319,6 @@ def test_bad_model_and_options(tiny_model, tmp_path, monkeypatch):
         main(_args(tmp_path / "no-such-model", tmp_path, *data))
     with pytest.raises(SystemExit, match=r"--max-length 100 is above the 64 positions"):
         main(_args(tiny_model, tmp_path, *data, "--max-length", "100"))
-    with pytest.raises(SystemExit, match="adaptive attention is not built yet"):
-        main(_args(tiny_model, tmp_path, *data, "--mode", "adaptive"))
     with pytest.raises(SystemExit, match=r"could not load model 'no-org/no-model' \(no such local folder, and the hub"):
         import huggingface_hub.constants
 

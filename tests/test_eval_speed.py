@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from hf_ahfa.eval.speed import Row, attention_flops, ratios
 from hf_ahfa.eval.speed_report import write_speed_report
 
@@ -71,3 +73,66 @@ def test_model_speed_end_to_end_cpu(tmp_path):
     assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["train_step_s"] > 0 for r in rows)
     paths = write_model_speed_report(rows, {"model": "tiny", "dtype": "float32"}, tmp_path, "m")
     assert "prefill speed-up vs sdpa" in paths["md"].read_text() and paths["png"].exists()
+
+
+def _tiny_gemma3():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_ahfa  # noqa: F401
+
+    cfg = AutoConfig.for_model("gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="ahfa").eval()
+
+
+def test_attention_capture_records_every_call():
+    from hf_ahfa.eval.attention_speed import capture_calls
+
+    model = _tiny_gemma3()
+    ids = torch.randint(0, 64, (1, 40))
+    calls = capture_calls(model, ids)
+    assert [(c["layer"], c["window"], c["causal"]) for c in calls] == [(0, 8, True), (1, None, True)]
+    assert calls[0]["q"].shape == (1, 40, 2, 16) and calls[0]["k"].shape == (1, 40, 1, 16)
+    assert calls[0]["scale"] == 16**-0.5
+    assert model.config._attn_implementation == "ahfa"  # restored
+
+
+
+def test_attention_replay_cpu(monkeypatch):
+    # every provider replays the recorded calls; adaptive rows carry the kept share per layer
+    import hf_ahfa
+    from hf_ahfa.eval.attention_speed import capture_calls, measure
+
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    model = _tiny_gemma3()
+    calls = capture_calls(model, torch.randint(0, 64, (1, 64)))
+    policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.5, block_size=16, stride=8)
+    rows = measure(calls, {"ahfa": None, "ahfa-adaptive": policy}, ["sdpa"], repeat=1)
+    by = {r["provider"]: r for r in rows}
+    assert all(by[p]["ms"] > 0 and by[p]["full_ms"] > 0 for p in ("ahfa", "ahfa-adaptive", "sdpa"))
+    assert set(by["ahfa-adaptive"]["layer_density"]) == {"1"} and by["ahfa-adaptive"]["density"] < 1
+
+
+def test_model_speed_variants_and_real_tokens():
+    from hf_ahfa.eval.model_speed import measure
+
+    model = _tiny_gemma3()
+    tokens = list(range(1, 40))
+    policies = {"ahfa-exact": ("ahfa", {"mode": "exact"}), "ahfa-adaptive-tau0.5": ("ahfa", {"mode": "adaptive", "tau": 0.5})}
+    rows = measure(model, [*policies, "sdpa"], [32], decode_tokens=0, train=False, progress=False, policies=policies,
+                   tokens=tokens)
+    assert [r["impl"] for r in rows] == ["ahfa-exact", "ahfa-adaptive-tau0.5", "sdpa"]
+    assert all(r["prefill_s"] > 0 and "decode_tokens_per_s" not in r for r in rows)
+
+
+def test_attention_report_lines():
+    from hf_ahfa.eval.attention_speed import report_lines
+
+    rows = [{"seq_len": 8192, "provider": p, "layers": 3, "full_layers": 1, "ms": ms, "full_ms": ms / 2,
+             "density": d} for p, ms, d in (("ahfa", 4.0, None), ("ahfa-adaptive-tau0.9", 2.0, 0.5),
+                                           ("sdpa-cudnn", 3.0, None), ("sdpa-flash", 6.0, None))]
+    text = "\n".join(report_lines(rows))
+    assert "8192 tokens (3 attention layers, 1 without a window)" in text
+    assert "| ahfa-adaptive-tau0.9 | 2 | 1 | 0.5 | 1.50x | 1.50x | 3.00x | 3.00x | 2.00x | 2.00x |" in text
