@@ -107,8 +107,8 @@ def test_attention_replay_cpu(monkeypatch):
 
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     model = _tiny_gemma3()
-    calls = capture_calls(model, torch.randint(0, 64, (1, 64)))
-    policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.5, block_size=16, stride=8)
+    calls = capture_calls(model, torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(0)))
+    policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.3, block_size=16, stride=8, local_blocks=1)
     rows = measure(calls, {"ahfa": None, "ahfa-adaptive": policy}, ["sdpa"], repeat=1)
     by = {r["provider"]: r for r in rows}
     assert all(by[p]["ms"] > 0 and by[p]["full_ms"] > 0 for p in ("ahfa", "ahfa-adaptive", "sdpa"))
