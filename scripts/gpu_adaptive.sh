@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Device calls of issue 5 (adaptive mode). The models travel as 7 parts (.stage-models.tar.part*, one per
+# call, copied to /root/stage while the machine stays warm); each call also does one piece of work:
+#   bash scripts/gpu_adaptive.sh tests     GPU tests (-m gpu): dense and block-sparse/adaptive at real sizes
+#   bash scripts/gpu_adaptive.sh suites    the CPU suites of the sparse/adaptive paths on CUDA + kernel sweep
+#   bash scripts/gpu_adaptive.sh stage     only copy the carried part
+#   bash scripts/gpu_adaptive.sh measure   last part + .stage-data + .whl: join the models, then perplexity
+#                                          (tau sweep), attention replay and whole-model prefill, two models
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/ahfa-out}
+mkdir -p "$OUT" /root/stage && cp .stage-models.tar.part*/* /root/stage/ 2>/dev/null; ls /root/stage
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+case "${1:-stage}" in
+tests)
+  timeout 540 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
+suites)
+  AHFA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/test_adaptive.py tests/test_kernels.py \
+    -k "block_sparse or adaptive or estimator or sample or select or anchor or tau or fallback or exact_reasons or configure or generate or training" \
+    2>&1 | tee "$OUT/adaptive-tests-cuda.log" | tail -8
+  timeout 200 python3 -m hf_ahfa.eval.cli speed --out-dir "$OUT" --name speed-sparse-h100 --seq-lens 8192,32768 \
+    --head-dims 64,128 --masks causal --decode-lens "" \
+    --providers ahfa ahfa-sparse-0.5 ahfa-sparse-0.25 ahfa-sparse-0.1 ahfa-estimate sdpa-cudnn sdpa-flash 2>&1 | tail -16 ;;
+measure)
+  repo=$(pwd)
+  mkdir -p /root/models
+  (cd /root/models && cat /root/stage/models.tar.part* | tar xf - && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  ev() { timeout "$1" python3 -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" 2>&1 | grep -v "Warning\|warn(" | tail -30; }
+  TAUS=${TAUS:-0.9,0.95,0.98,0.99}
+  G="--model /root/models --gguf-file gemma.gguf"
+  S="--model /root/models --gguf-file smollm2.gguf"
+  # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run
+  ev 150 perplexity --protocol long $G --data-files .stage-data/austen_*.txt --context-lengths 8192,16384,32768 \
+    --score-tokens 512 --window-start bos --mode adaptive --tau $TAUS --baseline ahfa --name ppl-adaptive-gemma3
+  ev 120 perplexity --protocol long $S --data-files .stage-data/austen_*.txt --context-lengths 4096,8192 \
+    --score-tokens 512 --mode adaptive --tau $TAUS --baseline ahfa --name ppl-adaptive-smollm2
+  # attention of one prefill over Emma, replayed per provider (estimator included)
+  ev 120 speed $G --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
+    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3
+  ev 120 speed $S --text .stage-data/austen_emma.txt --attention --seq-lens 8192,16384,32768 \
+    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-smollm2
+  # whole-model prefill (time to first token), real text
+  ev 100 speed $G --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
+    --mode adaptive --tau 0.95,0.98 --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3
+  rm -f "$OUT"/*.jsonl ;;
+stage) ;;
+esac
