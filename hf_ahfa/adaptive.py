@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 
 import torch
 
-from hf_ahfa.block_layout import BlockLayout, band_blocks
+from hf_ahfa.block_layout import BlockLayout, band_blocks, kernel_lists
 from hf_ahfa.policy import AdaptivePolicy
 
 logger = logging.getLogger("hf_ahfa")
@@ -180,31 +181,39 @@ def select(q, k, policy: AdaptivePolicy, *, causal, window, softcap, scale, key_
     else:
         est = estimate_mass_reference(qs, k, key_padding_mask, Q, policy.stride, bs, causal, window, softcap, scale)
     mass = block_mass(est, Q, policy.stride, bs)
-    lens = torch.tensor([Q], device=q.device), torch.tensor([K], device=q.device)
-    touched, _ = band_blocks(*lens, bs, bs, mass.shape[2], mass.shape[3], causal, window)
-    anchors = anchor_blocks(Q, K, policy, causal, q.device)
+    touched, anchors = _geometry(Q, K, bs, policy.sink_blocks, policy.local_blocks, causal, window, q.device)
     return (*select_blocks(mass, touched, anchors, policy.tau, policy.density_limit), touched)
+
+
+@functools.lru_cache(maxsize=64)
+def _band(Q, K, block_q, block_k, causal, window, device):
+    """``band_blocks`` of one unpacked call shape, cached: built once per shape, and without the
+    host-to-device copies that would make every call wait for the GPU."""
+    lens = torch.full((1,), Q, device=device), torch.full((1,), K, device=device)
+    return band_blocks(*lens, block_q, block_k, -(-Q // block_q), -(-K // block_k), causal, window)
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(Q, K, bs, sink_blocks, local_blocks, causal, window, device):
+    """The visible and the always-kept blocks of one call shape (cached like ``_band``)."""
+    policy = AdaptivePolicy(block_size=bs, stride=1, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    return _band(Q, K, bs, bs, causal, window, device)[0], anchor_blocks(Q, K, policy, causal, device)
 
 
 def adaptive_attention(q, k, v, policy: AdaptivePolicy, *, causal, window, softcap, sinks, dropout_p, scale,
                        key_padding_mask, backend):
-    """Block-sparse attention under ``policy``; ``(out, lse)``, or ``None`` when every head fell back
-    (the caller then runs the exact path, which is faster than listing every block)."""
+    """Block-sparse attention under ``policy``: ``(out, lse)``. Heads that fell back list every visible
+    block. Nothing here waits for the GPU (unless ``record()`` is active)."""
     keep, dense, touched = select(q, k, policy, causal=causal, window=window, softcap=softcap, scale=scale,
                                   key_padding_mask=key_padding_mask, backend=backend)
     if recording():
         visible = touched.expand_as(keep).sum((2, 3)).clamp_min(1)
         head = (keep.sum((2, 3)) / visible).mean(0)
-        _note(q_len=q.shape[1], k_len=k.shape[1], path="sparse" if not dense.all() else "exact",
-              reason=None if not dense.all() else "every head dense", density=head.mean().item(),
+        _note(q_len=q.shape[1], k_len=k.shape[1], path="sparse", reason=None, density=head.mean().item(),
               head_density=head.tolist(), dense_heads=int(dense.sum()))
-    if dense.all():
-        return None
-    bs = policy.block_size
-    layout = BlockLayout.from_dense(keep, bs, bs, q.shape[1], k.shape[1])
-    return sparse_attention(q, k, v, layout, causal=causal, window=window, softcap=softcap, sinks=sinks,
-                            dropout_p=dropout_p, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=None,
-                            backend=backend)
+    return _sparse(q, k, v, keep, None, policy.block_size, policy.block_size, causal=causal, window=window,
+                   softcap=softcap, sinks=sinks, dropout_p=dropout_p, scale=scale,
+                   key_padding_mask=key_padding_mask, cu_seqlens=None, backend=backend)
 
 
 def sparse_attention(q, k, v, layout: BlockLayout, *, causal, window, softcap, sinks, dropout_p, scale,
@@ -214,18 +223,22 @@ def sparse_attention(q, k, v, layout: BlockLayout, *, causal, window, softcap, s
     ``layout`` is ``(B, H, NQ, NK)`` over each batch row, or over each packed sequence of ``cu_seqlens``.
     The reference backend expands the layout to a token mask; the Triton one runs the sparse kernels.
     """
+    full = layout.to_dense(full=True) if layout.full_count is not None else None
+    return _sparse(q, k, v, layout.to_dense(), full, layout.block_q, layout.block_k, causal=causal, window=window,
+                   softcap=softcap, sinks=sinks, dropout_p=dropout_p, scale=scale,
+                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, backend=backend)
+
+
+def _sparse(q, k, v, selected, full_hint, block_q, block_k, *, causal, window, softcap, sinks, dropout_p, scale,
+            key_padding_mask, cu_seqlens, backend):
+    """``sparse_attention`` on a bool ``(B, H, NQ, NK)`` selection."""
     from hf_ahfa.masks import make_layout
 
     Q, K = q.shape[1], k.shape[1]
-    if cu_seqlens is None:
-        q_lens = torch.full((q.shape[0],), Q, device=q.device)
-        k_lens = torch.full((q.shape[0],), K, device=q.device)
-    else:
-        q_lens, k_lens = cu_seqlens[0].diff(), cu_seqlens[1].diff()
     if backend != "triton":
         from hf_ahfa.reference import reference_attention
 
-        mask = _token_mask(layout, cu_seqlens, Q, K)
+        mask = _token_mask(selected, block_q, block_k, cu_seqlens, Q, K)
         if key_padding_mask is not None:
             mask = mask & key_padding_mask[:, None, None, :]
         return reference_attention(q, k, v, make_layout(Q, K, q.device, *(cu_seqlens or (None, None))),
@@ -233,25 +246,33 @@ def sparse_attention(q, k, v, layout: BlockLayout, *, causal, window, softcap, s
                                    scale=scale, key_padding_mask=None, attn_mask=mask)
     from hf_ahfa.kernels.sparse import sparse_fwd
 
+    if cu_seqlens is None:
+        q_lens = torch.full((q.shape[0],), Q, device=q.device)
+        k_lens = torch.full((q.shape[0],), K, device=q.device)
+        max_q, max_k = Q, K
+    else:
+        q_lens, k_lens = cu_seqlens[0].diff(), cu_seqlens[1].diff()
+        max_q, max_k = int(q_lens.max()), int(k_lens.max())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None)
-    rows, cols = layout.kernel_lists(causal=causal, window=window, q_lens=q_lens, k_lens=k_lens,
-                                     element_masks=key_padding_mask is not None, backward=needs_grad)
-    max_q, max_k = (Q, K) if cu_seqlens is None else (int(q_lens.max()), int(k_lens.max()))
+    band = _band(Q, K, block_q, block_k, causal, window, q.device) if cu_seqlens is None else None
+    rows, cols = kernel_lists(selected, full_hint, block_q, block_k, causal=causal, window=window, q_lens=q_lens,
+                              k_lens=k_lens, element_masks=key_padding_mask is not None, backward=needs_grad,
+                              band=band)
     seed = int(torch.randint(0, 2**30, ())) if dropout_p > 0 else 0
     return sparse_fwd(q, k, v, sinks, key_padding_mask, None, *(cu_seqlens or (None, None)), max_q, max_k, causal,
                       *(window if window is not None else (-1, -1)), softcap or 0.0, dropout_p, seed, scale,
-                      *rows, *(cols if cols is not None else (None,) * 4), layout.block_q, layout.block_k)
+                      *rows, *(cols if cols is not None else (None,) * 4), block_q, block_k)
 
 
-def _token_mask(layout: BlockLayout, cu_seqlens, Q: int, K: int) -> torch.Tensor:
-    """The layout as a bool token mask ``(B, H, Q, K)`` (packed: ``(1, H, Q, K)``, sequences on the diagonal)."""
+def _token_mask(selected: torch.Tensor, block_q: int, block_k: int, cu_seqlens, Q: int, K: int) -> torch.Tensor:
+    """A bool block selection as a token mask ``(B, H, Q, K)`` (packed: ``(1, H, Q, K)``, sequences on the
+    diagonal)."""
     if cu_seqlens is None:
-        return layout.to_token_mask()
-    dense = layout.to_dense()
-    mask = torch.zeros(1, dense.shape[1], Q, K, dtype=torch.bool, device=dense.device)
+        return selected.repeat_interleave(block_q, 2).repeat_interleave(block_k, 3)[:, :, :Q, :K]
+    mask = torch.zeros(1, selected.shape[1], Q, K, dtype=torch.bool, device=selected.device)
     cu_q, cu_k = cu_seqlens[0].tolist(), cu_seqlens[1].tolist()
     for i in range(len(cu_q) - 1):
-        blocks = dense[i].repeat_interleave(layout.block_q, 1).repeat_interleave(layout.block_k, 2)
+        blocks = selected[i].repeat_interleave(block_q, 1).repeat_interleave(block_k, 2)
         mask[0, :, cu_q[i]:cu_q[i + 1], cu_k[i]:cu_k[i + 1]] = blocks[:, : cu_q[i + 1] - cu_q[i], : cu_k[i + 1] - cu_k[i]]
     return mask
 

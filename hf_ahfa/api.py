@@ -90,14 +90,11 @@ def attention(
     if policy is not None:
         reason = adaptive.exact_reason(policy, q, k, window=args["window"], attn_mask=attn_mask, cu_seqlens=cu)
         if reason is None:
-            res = adaptive.adaptive_attention(q, k, v, policy, **{n: a for n, a in args.items() if n != "attn_mask"},
-                                              backend=backend)
-            if res is not None:
-                out, lse = res
-                out = out.contiguous()
-                return (out, lse) if return_lse else out
-        else:
-            adaptive.note_exact(q, k, reason)
+            out, lse = adaptive.adaptive_attention(q, k, v, policy, **{n: a for n, a in args.items() if n != "attn_mask"},
+                                                   backend=backend)
+            out = out.contiguous()
+            return (out, lse) if return_lse else out
+        adaptive.note_exact(q, k, reason)
     if backend == "triton":
         from hf_ahfa.kernels.flash import flash_attention
 

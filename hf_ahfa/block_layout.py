@@ -89,19 +89,29 @@ class BlockLayout:
         under ``element_masks`` (key padding or a dense mask). ``q_lens``/``k_lens``: ``(B,)`` lengths
         of each batch row (packed sequence). All int32, contiguous, batch and heads expanded.
         """
-        B, H, NQ, NK = self.shape
-        touched, full = band_blocks(q_lens, k_lens, self.block_q, self.block_k, NQ, NK, causal, window)
-        selected = self.to_dense() & touched
-        if element_masks:
-            full = torch.zeros_like(selected)
-        else:
-            full = full & selected
-            if self.full_count is not None:
-                full = full & self.to_dense(full=True)
-        masked = selected & ~full
-        rows = (*_compress(masked), *_compress(full))
-        cols = (*_compress(masked.transpose(-1, -2)), *_compress(full.transpose(-1, -2))) if backward else None
-        return rows, cols
+        return kernel_lists(self.to_dense(), self.to_dense(full=True) if self.full_count is not None else None,
+                            self.block_q, self.block_k, causal=causal, window=window, q_lens=q_lens, k_lens=k_lens,
+                            element_masks=element_masks, backward=backward)
+
+
+def kernel_lists(selected: torch.Tensor, full_hint: torch.Tensor | None, block_q: int, block_k: int, *,
+                 causal: bool, window, q_lens: torch.Tensor, k_lens: torch.Tensor, element_masks: bool,
+                 backward: bool, band: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``BlockLayout.kernel_lists`` from a bool ``(B, H, NQ, NK)`` selection (and optional full-block hint);
+    ``band``: ``band_blocks``' result when the caller has it already."""
+    NQ, NK = selected.shape[-2:]
+    touched, full = band or band_blocks(q_lens, k_lens, block_q, block_k, NQ, NK, causal, window)
+    selected = selected & touched
+    if element_masks:
+        full = torch.zeros_like(selected)
+    else:
+        full = full & selected
+        if full_hint is not None:
+            full = full & full_hint
+    masked = selected & ~full
+    rows = (*_compress(masked), *_compress(full))
+    cols = (*_compress(masked.transpose(-1, -2)), *_compress(full.transpose(-1, -2))) if backward else None
+    return rows, cols
 
 
 def _compress(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

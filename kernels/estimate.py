@@ -25,20 +25,23 @@ def estimate_mass(
     B, NR, H, D = qs.shape
     K, HKV = k.shape[1], k.shape[2]
     nkb = triton.cdiv(K, block_k)
-    est = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
-    # rows per program: each program streams its keys twice, so more rows per program means fewer
-    # passes over K (with few rows the estimator is bandwidth-bound); the interpreter keeps tiles small
-    block_r = 16 if configs.interpreting() else 64
+    tile_max = torch.full((B, H, NR, nkb), float("-inf"), dtype=torch.float32, device=qs.device)
+    tile_sum = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
     kpm = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-    estimate_mass_kernel[(triton.cdiv(NR, block_r), B * H)](
-        qs, k, kpm if kpm is not None else est, est, *qs.stride(), *k.stride(),
+    block_r = 16 if configs.interpreting() else 64
+    estimate_mass_kernel[(triton.cdiv(NR, block_r), nkb, B * H)](
+        qs, k, kpm if kpm is not None else tile_sum, tile_max, tile_sum, *qs.stride(), *k.stride(),
         *((kpm.stride(0), kpm.stride(1)) if kpm is not None else (0, 0)),
         NR, q_len, K, H, H // HKV, nkb, stride, D, scale * LOG2E, softcap, win_left, win_right,
         CAUSAL=causal, HAS_WINDOW=win_left >= 0, SOFTCAP=softcap > 0, HAS_KPM=kpm is not None,
         PRECISION="ieee" if qs.dtype == torch.float32 else "tf32", BLOCK_R=block_r, BLOCK_N=block_k,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=1 if configs.interpreting() else 4, num_stages=2,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=1 if configs.interpreting() else 4, num_stages=1,
     )
-    return est
+    # softmax mass per block: each tile's sum rescaled to the row's max, over the row's total
+    row_max = tile_max.amax(-1, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+    mass = tile_sum * torch.exp2(tile_max - row_max)
+    return mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @estimate_mass.register_fake

@@ -3,8 +3,10 @@
 The estimator takes every ``STRIDE``-th query row (the last of each group of ``STRIDE``) and computes its
 exact softmax over every key it sees, summed per key block: the mass that row puts on each block.
 Averaged over a block's sampled rows (``hf_ahfa.adaptive.block_mass``) this tracks the true block mass
-closely, unlike pooled (averaged) queries or keys, which blur the rows' different peaks. Cost: two
-passes of ``Q / STRIDE`` rows over the keys, ``2 / STRIDE`` of the ``Q K^T`` FLOPs.
+closely, unlike pooled (averaged) queries or keys, which blur the rows' different peaks. Cost: one pass
+of ``Q / STRIDE`` rows over the keys, ``1 / STRIDE`` of the ``Q K^T`` FLOPs: every program takes one
+(row tile, key block) pair and writes that tile's row max and sum of exponentials; the launcher turns
+them into each row's softmax mass per block.
 """
 
 import triton
@@ -53,7 +55,7 @@ def _sampled_scores(qs, k_base, start_n, offs_r, offs_d, stride_kt, stride_kd, N
 
 @triton.jit
 def estimate_mass_kernel(
-    QSp, Kp, KPMp, ESTp,
+    QSp, Kp, KPMp, Mp, Lp,
     stride_qb, stride_qr, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_kpm_b, stride_kpm_k,
@@ -62,10 +64,24 @@ def estimate_mass_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # one program: BLOCK_R sampled rows of one (batch, q head); BLOCK_N = the layout's key block, so
-    # pass 2 writes one estimate per (sampled row, key block): EST (B, H, NR, NKB), zero where unseen
+    # one program: BLOCK_R sampled rows x one key block (BLOCK_N = the layout's block) of one
+    # (batch, q head); M/L (B, H, NR, NKB) get the tile's row max (log2 domain) and sum of exp2, and
+    # stay -inf / 0 where the rows see nothing of the block
     pid_r = tl.program_id(0)
-    bh = tl.program_id(1)
+    kb = tl.program_id(1)
+    bh = tl.program_id(2)
+    start_n = kb * BLOCK_N
+    first = _sampled_pos(pid_r * BLOCK_R, Q, K, STRIDE)
+    last = _sampled_pos(tl.minimum(pid_r * BLOCK_R + BLOCK_R, NR) - 1, Q, K, STRIDE)
+    if CAUSAL:
+        if start_n > last:
+            return
+    if HAS_WINDOW:
+        if start_n + BLOCK_N - 1 < first - WIN_LEFT:
+            return
+        if not CAUSAL:
+            if start_n > last + WIN_RIGHT:
+                return
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = h // GROUP
@@ -74,34 +90,11 @@ def estimate_mass_kernel(
     qs = tl.load(QSp + b * stride_qb + h.to(tl.int64) * stride_qh + offs_r[:, None].to(tl.int64) * stride_qr
                  + offs_d[None, :] * stride_qd, mask=(offs_r[:, None] < NR) & (offs_d[None, :] < D), other=0.0)
     k_base = Kp + b * stride_kb + hk.to(tl.int64) * stride_kh
-    kpm_off = b * stride_kpm_b
-    first = _sampled_pos(pid_r * BLOCK_R, Q, K, STRIDE)
-    last = _sampled_pos(tl.minimum(pid_r * BLOCK_R + BLOCK_R, NR) - 1, Q, K, STRIDE)
-    lo = 0
-    hi = K
-    if CAUSAL:
-        hi = tl.minimum(hi, last + 1)
-    if HAS_WINDOW:
-        lo = (tl.maximum(first - WIN_LEFT, 0) // BLOCK_N) * BLOCK_N
-        if not CAUSAL:
-            hi = tl.minimum(hi, last + WIN_RIGHT + 1)
-    hi = tl.maximum(hi, 0)
-
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        s = _sampled_scores(qs, k_base, start_n, offs_r, offs_d, stride_kt, stride_kd, NR, Q, K, STRIDE, qk_scale,
-                            softcap, KPMp, stride_kpm_k, kpm_off, WIN_LEFT, WIN_RIGHT, D, CAUSAL, HAS_WINDOW,
-                            SOFTCAP, HAS_KPM, PRECISION, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
-    # rows that see nothing get +inf, so their estimates are 0
-    lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
-    est_base = ESTp + (bh.to(tl.int64) * NR + offs_r) * NKB
-    for start_n in range(lo, hi, BLOCK_N):
-        s = _sampled_scores(qs, k_base, start_n, offs_r, offs_d, stride_kt, stride_kd, NR, Q, K, STRIDE, qk_scale,
-                            softcap, KPMp, stride_kpm_k, kpm_off, WIN_LEFT, WIN_RIGHT, D, CAUSAL, HAS_WINDOW,
-                            SOFTCAP, HAS_KPM, PRECISION, BLOCK_N)
-        tl.store(est_base + start_n // BLOCK_N, tl.sum(tl.exp2(s - lse2[:, None]), 1), mask=offs_r < NR)
+    s = _sampled_scores(qs, k_base, start_n, offs_r, offs_d, stride_kt, stride_kd, NR, Q, K, STRIDE, qk_scale,
+                        softcap, KPMp, stride_kpm_k, b * stride_kpm_b, WIN_LEFT, WIN_RIGHT, D, CAUSAL, HAS_WINDOW,
+                        SOFTCAP, HAS_KPM, PRECISION, BLOCK_N)
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    out = (bh.to(tl.int64) * NR + offs_r) * NKB + kb
+    tl.store(Mp + out, m, mask=offs_r < NR)
+    tl.store(Lp + out, tl.sum(tl.exp2(s - m_safe[:, None]), 1), mask=offs_r < NR)

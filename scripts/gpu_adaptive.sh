@@ -8,14 +8,16 @@
 #                                          (tau sweep), attention replay and whole-model prefill, two models
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/ahfa-out}
-mkdir -p "$OUT" /root/stage && cp .stage-models.tar.part*/* /root/stage/ 2>/dev/null; ls /root/stage
+FINAL=${OUT:-/tmp/ahfa-out}
+OUT=/tmp/ahfa-results  # everything is written here and handed back as one tar (a call returns few files)
+trap 'tar cf "$FINAL/results.tar" -C "$OUT" .' EXIT
+mkdir -p "$OUT" "$FINAL" /root/stage && cp .stage-models.tar.part*/* /root/stage/ 2>/dev/null; ls /root/stage
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 case "${1:-stage}" in
 tests)
   timeout 540 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
-suites)
+suites)  # (with the first model part: bash scripts/gpu_adaptive.sh suites)
   AHFA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/test_adaptive.py tests/test_kernels.py \
     -k "block_sparse or adaptive or estimator or sample or select or anchor or tau or fallback or exact_reasons or configure or generate or training" \
     2>&1 | tee "$OUT/adaptive-tests-cuda.log" | tail -8
