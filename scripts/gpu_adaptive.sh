@@ -18,10 +18,11 @@ case "${1:-stage}" in
 tests)
   timeout 540 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
 suites)  # (with the first model part: bash scripts/gpu_adaptive.sh suites)
-  AHFA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/test_adaptive.py tests/test_kernels.py \
+  timeout 300 python3 -m pytest -q -m gpu tests/test_gpu.py -k "sparse or estimator or adaptive" 2>&1 | tee "$OUT/gpu-tests-adaptive.log" | tail -3
+  timeout 300 python3 -m pytest -q tests/test_adaptive.py tests/test_kernels.py \
     -k "block_sparse or adaptive or estimator or sample or select or anchor or tau or fallback or exact_reasons or configure or generate or training" \
     2>&1 | tee "$OUT/adaptive-tests-cuda.log" | tail -8
-  timeout 200 python3 -m hf_ahfa.eval.cli speed --out-dir "$OUT" --name speed-sparse-h100 --seq-lens 8192,32768 \
+  [ "${SWEEP:-1}" = 1 ] && timeout 200 python3 -m hf_ahfa.eval.cli speed --out-dir "$OUT" --name speed-sparse-h100 --seq-lens 8192,32768 \
     --head-dims 64,128 --masks causal --decode-lens "" \
     --providers ahfa ahfa-sparse-0.5 ahfa-sparse-0.25 ahfa-sparse-0.1 ahfa-estimate sdpa-cudnn sdpa-flash 2>&1 | tail -16 ;;
 measure)
@@ -45,7 +46,7 @@ measure)
     --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-smollm2
   # whole-model prefill (time to first token), real text
   ev 100 speed $G --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
-    --mode adaptive --tau 0.95,0.98 --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3
+    --mode adaptive --tau 0.98,0.99 --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3
   rm -f "$OUT"/*.jsonl ;;
 stage) ;;
 esac
