@@ -200,10 +200,67 @@ def _geometry(Q, K, bs, sink_blocks, local_blocks, causal, window, device):
     return _band(Q, K, bs, bs, causal, window, device)[0], anchor_blocks(Q, K, policy, causal, device)
 
 
+# Inference calls of the Triton path replay a CUDA graph per call shape: the estimator, the selection
+# and the sparse kernels are ~70 launches whose host-side cost (~2 ms) exceeds the GPU work below ~32K
+# tokens. Set to False to run them eagerly (tests compare the two).
+CUDA_GRAPHS = True
+_GRAPHS_KEPT = 8  # graphs hold their own memory pools: keep the most recent shapes only
+_graphs: dict = {}
+
+
 def adaptive_attention(q, k, v, policy: AdaptivePolicy, *, causal, window, softcap, sinks, dropout_p, scale,
                        key_padding_mask, backend):
     """Block-sparse attention under ``policy``: ``(out, lse)``. Heads that fell back list every visible
     block. Nothing here waits for the GPU (unless ``record()`` is active)."""
+    kw = dict(causal=causal, window=window, softcap=softcap, dropout_p=dropout_p, scale=scale)
+    if _graphable(q, k, v, sinks, key_padding_mask, dropout_p, backend):
+        return _replay(q, k, v, sinks, key_padding_mask, policy, kw)
+    return _adaptive(q, k, v, sinks, key_padding_mask, policy, backend=backend, **kw)
+
+
+def _graphable(q, k, v, sinks, key_padding_mask, dropout_p, backend) -> bool:
+    tensors = [t for t in (q, k, v, sinks, key_padding_mask) if t is not None]
+    return (CUDA_GRAPHS and backend == "triton" and q.is_cuda and dropout_p == 0 and not recording()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling())
+
+
+def _replay(q, k, v, sinks, key_padding_mask, policy, kw):
+    """``_adaptive`` through a CUDA graph captured once per call shape (inputs copied into its buffers)."""
+    inputs = [t for t in (q, k, v, sinks, key_padding_mask) if t is not None]
+    key = (tuple((t.shape, t.stride(), t.dtype) for t in inputs), q.device, sinks is not None,
+           key_padding_mask is not None, policy, tuple(sorted(kw.items())))
+    entry = _graphs.pop(key, None)
+    if entry is None:
+        static = [t.clone() for t in inputs]  # clone keeps the strides (e.g. Transformers' transposed views)
+
+        def run():
+            it = iter(static)
+            q_, k_, v_ = next(it), next(it), next(it)
+            s_ = next(it) if sinks is not None else None
+            m_ = next(it) if key_padding_mask is not None else None
+            return _adaptive(q_, k_, v_, s_, m_, policy, backend="triton", **kw)
+
+        side = torch.cuda.Stream(q.device)
+        side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side):
+            run()  # compiles and autotunes the kernels outside the capture
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()
+        entry = (graph, static, outputs)
+        while len(_graphs) >= _GRAPHS_KEPT:
+            _graphs.pop(next(iter(_graphs)))
+    _graphs[key] = entry  # most recent last
+    graph, static, (out, lse) = entry
+    for dst, src in zip(static, inputs):
+        dst.copy_(src)
+    graph.replay()
+    return out.clone(), lse.clone()
+
+
+def _adaptive(q, k, v, sinks, key_padding_mask, policy, *, causal, window, softcap, dropout_p, scale, backend):
     keep, dense, touched = select(q, k, policy, causal=causal, window=window, softcap=softcap, scale=scale,
                                   key_padding_mask=key_padding_mask, backend=backend)
     if recording():

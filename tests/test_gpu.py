@@ -224,3 +224,23 @@ def test_adaptive_tau_one_equals_exact_bf16():
     exact = hf_ahfa.attention(q, k, v, causal=True).float()
     assert rec[0]["path"] == "sparse" and rec[0]["density"] == 1.0
     assert (sparse - exact).abs().max() < 1e-2
+
+
+def test_adaptive_cuda_graph_replay_matches_eager():
+    from hf_ahfa import adaptive
+
+    policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.9)
+    outs = {}
+    for graphs in (False, True):
+        adaptive.CUDA_GRAPHS = graphs
+        try:
+            for seed in (0, 1):  # a second input through the same graph: its buffers are refreshed
+                torch.manual_seed(seed)
+                q = torch.randn(1, 4096, 8, 64, device="cuda", dtype=BF16) * 2
+                k, v = (torch.randn(1, 4096, 2, 64, device="cuda", dtype=BF16) for _ in range(2))
+                outs[graphs, seed] = hf_ahfa.attention(q, k, v, causal=True, policy=policy)
+        finally:
+            adaptive.CUDA_GRAPHS = True
+    for seed in (0, 1):
+        assert torch.equal(outs[False, seed], outs[True, seed])
+    assert not torch.equal(outs[True, 0], outs[True, 1])
