@@ -34,10 +34,10 @@ measure)
   TAUS=${TAUS:-0.9,0.95,0.98,0.99}
   G="--model /root/models --gguf-file gemma.gguf"
   S="--model /root/models --gguf-file smollm2.gguf"
-  # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run
-  ev 150 perplexity --protocol long $G --data-files .stage-data/austen_*.txt --context-lengths 8192,16384,32768 \
+  # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run (SKIP_PPL=1: speed only)
+  [ "${SKIP_PPL:-0}" = 1 ] || ev 150 perplexity --protocol long $G --data-files .stage-data/austen_*.txt --context-lengths 8192,16384,32768 \
     --score-tokens 512 --window-start bos --mode adaptive --tau $TAUS --baseline ahfa --name ppl-adaptive-gemma3
-  ev 120 perplexity --protocol long $S --data-files .stage-data/austen_*.txt --context-lengths 4096,8192 \
+  [ "${SKIP_PPL:-0}" = 1 ] || ev 120 perplexity --protocol long $S --data-files .stage-data/austen_*.txt --context-lengths 4096,8192 \
     --score-tokens 512 --mode adaptive --tau $TAUS --baseline ahfa --name ppl-adaptive-smollm2
   # attention of one prefill over Emma, replayed per provider (estimator included)
   ev 120 speed $G --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
