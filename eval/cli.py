@@ -23,14 +23,11 @@ def _floats(text: str) -> list[float]:
 
 def _variants(args) -> dict[str, tuple[str, dict]]:
     """ahfa's variants to measure: exact, plus one per ``--tau`` in adaptive/auto mode."""
-    out = {"ahfa": ("ahfa", {"mode": "exact"})}
-    if args.mode != "exact":
-        import hf_ahfa
+    from hf_ahfa.eval.runs import adaptive_variants
 
-        for tau in args.tau or [hf_ahfa.AdaptivePolicy().tau]:
-            fields = {"mode": args.mode, "tau": tau}
-            hf_ahfa.AdaptivePolicy(**fields)  # invalid values fail here, before the model loads
-            out[f"ahfa-{args.mode}-tau{tau:g}"] = ("ahfa", fields)
+    out = {"ahfa": ("ahfa", {"mode": "exact"})}
+    if args.mode != "exact":  # invalid values fail here, before the model loads
+        out.update({label: ("ahfa", fields) for label, fields in adaptive_variants(args.mode, args.tau).items()})
     return out
 
 

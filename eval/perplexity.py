@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 import hf_ahfa
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import ResultStore, load_causal_lm, process_device, relative_change, resolve_dtype, verdict
+from hf_ahfa.eval.runs import (ResultStore, adaptive_variants, load_causal_lm, process_device, relative_change,
+                               resolve_dtype, verdict)
 
 IGNORE = -100
 BASELINES = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -375,10 +376,10 @@ def variants(args) -> tuple[list[Variant], Variant]:
     if args.mode == "exact" or args.attn != "ahfa":
         tests = [exact(args.attn)]
     else:
-        extra = (("min_length", args.min_sparse_len),) if args.min_sparse_len else ()
-        extra += (("block_size", args.block_size),) if args.block_size else ()
-        taus = args.tau or [hf_ahfa.AdaptivePolicy().tau]
-        tests = [Variant(f"ahfa-{args.mode}-tau{t:g}", "ahfa", (("mode", args.mode), ("tau", t), *extra)) for t in taus]
+        extra = {"min_length": args.min_sparse_len} if args.min_sparse_len else {}
+        extra |= {"block_size": args.block_size} if args.block_size else {}
+        tests = [Variant(label, "ahfa", tuple(fields.items()))
+                 for label, fields in adaptive_variants(args.mode, args.tau, **extra).items()]
     return tests, exact(args.baseline)
 
 
@@ -390,8 +391,6 @@ def _timed(model, variant, ids, n_scored, device, start_token=None) -> tuple[lis
 
     The first call of a variant at a shape runs once untimed (kernel autotuning, compilation).
     """
-    if isinstance(variant, str):
-        variant = Variant(variant, variant)
     if start_token is not None:
         ids = ids.clone()
         ids[:, 0] = start_token
@@ -437,8 +436,7 @@ def _check_args(args) -> None:
         if not 0 < tau <= 1:
             raise SystemExit(f"--tau must be in (0, 1], got {tau}")
     try:
-        for v in variants(args)[0]:
-            hf_ahfa.AdaptivePolicy(**dict(v.policy))
+        variants(args)  # builds (and so validates) every variant's policy
     except ValueError as err:
         raise SystemExit(f"--mode/--tau/--block-size/--min-sparse-len: {err}") from err
     for option in ("max_length", "stride", "batch_size", "score_tokens", "max_docs", "max_tokens"):

@@ -117,6 +117,19 @@ def load_causal_lm(model: str, attn_implementation: str, dtype: torch.dtype, dev
     return lm.to(device).eval(), tokenizer
 
 
+def adaptive_variants(mode: str, taus: list[float] | None, **extra) -> dict[str, dict]:
+    """ahfa's adaptive/auto variants of a sweep: label ``ahfa-<mode>-tau<t>`` -> policy fields, one per
+    tau (default: the policy's), with ``extra`` fields set in each. Invalid values raise ``ValueError``."""
+    import hf_ahfa
+
+    out = {}
+    for tau in taus or [hf_ahfa.AdaptivePolicy().tau]:
+        fields = {"mode": mode, "tau": tau, **extra}
+        hf_ahfa.AdaptivePolicy(**fields)
+        out[f"ahfa-{mode}-tau{tau:g}"] = fields
+    return out
+
+
 def relative_change(ours: float, base: float) -> float:
     """``(ours - base) / |base|``: the quantity the verdict thresholds."""
     return (ours - base) / abs(base) if base else float("inf")

@@ -181,7 +181,7 @@ def select(q, k, policy: AdaptivePolicy, *, causal, window, softcap, scale, key_
     else:
         est = estimate_mass_reference(qs, k, key_padding_mask, Q, policy.stride, bs, causal, window, softcap, scale)
     mass = block_mass(est, Q, policy.stride, bs)
-    touched, anchors = _geometry(Q, K, bs, policy.sink_blocks, policy.local_blocks, causal, window, q.device)
+    touched, anchors = _geometry(Q, K, policy, causal, window, q.device)
     return (*select_blocks(mass, touched, anchors, policy.tau, policy.density_limit), touched)
 
 
@@ -194,9 +194,9 @@ def _band(Q, K, block_q, block_k, causal, window, device):
 
 
 @functools.lru_cache(maxsize=64)
-def _geometry(Q, K, bs, sink_blocks, local_blocks, causal, window, device):
+def _geometry(Q, K, policy, causal, window, device):
     """The visible and the always-kept blocks of one call shape (cached like ``_band``)."""
-    policy = AdaptivePolicy(block_size=bs, stride=1, sink_blocks=sink_blocks, local_blocks=local_blocks)
+    bs = policy.block_size
     return _band(Q, K, bs, bs, causal, window, device)[0], anchor_blocks(Q, K, policy, causal, device)
 
 
@@ -303,15 +303,15 @@ def _sparse(q, k, v, selected, full_hint, block_q, block_k, *, causal, window, s
                                    scale=scale, key_padding_mask=None, attn_mask=mask)
     from hf_ahfa.kernels.sparse import sparse_fwd
 
-    if cu_seqlens is None:
-        q_lens = torch.full((q.shape[0],), Q, device=q.device)
-        k_lens = torch.full((q.shape[0],), K, device=q.device)
+    if cu_seqlens is None:  # one band for every batch row, cached per shape
+        q_lens = k_lens = None
         max_q, max_k = Q, K
+        band = _band(Q, K, block_q, block_k, causal, window, q.device)
     else:
         q_lens, k_lens = cu_seqlens[0].diff(), cu_seqlens[1].diff()
         max_q, max_k = int(q_lens.max()), int(k_lens.max())
+        band = None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None)
-    band = _band(Q, K, block_q, block_k, causal, window, q.device) if cu_seqlens is None else None
     rows, cols = kernel_lists(selected, full_hint, block_q, block_k, causal=causal, window=window, q_lens=q_lens,
                               k_lens=k_lens, element_masks=key_padding_mask is not None, backward=needs_grad,
                               band=band)

@@ -95,10 +95,10 @@ class BlockLayout:
 
 
 def kernel_lists(selected: torch.Tensor, full_hint: torch.Tensor | None, block_q: int, block_k: int, *,
-                 causal: bool, window, q_lens: torch.Tensor, k_lens: torch.Tensor, element_masks: bool,
+                 causal: bool, window, q_lens: torch.Tensor | None, k_lens: torch.Tensor | None, element_masks: bool,
                  backward: bool, band: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``BlockLayout.kernel_lists`` from a bool ``(B, H, NQ, NK)`` selection (and optional full-block hint);
-    ``band``: ``band_blocks``' result when the caller has it already."""
+    ``band``: ``band_blocks``' result when the caller has it already (then the lengths are not read)."""
     NQ, NK = selected.shape[-2:]
     touched, full = band or band_blocks(q_lens, k_lens, block_q, block_k, NQ, NK, causal, window)
     selected = selected & touched
@@ -148,9 +148,3 @@ def band_blocks(q_lens: torch.Tensor, k_lens: torch.Tensor, block_q: int, block_
         full = full & (k_first >= q_last - left) & (k_last <= q_first + right)
     return touched[:, None], full[:, None]
 
-
-def causal_blocks(q_len: int, k_len: int, block_q: int, block_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiles a bottom-right causal mask touches, and those it fully covers: two bool ``(1, 1, NQ, NK)``."""
-    nq, nk = -(-q_len // block_q), -(-k_len // block_k)
-    lens = torch.tensor([q_len], device=device), torch.tensor([k_len], device=device)
-    return band_blocks(*lens, block_q, block_k, nq, nk, causal=True, window=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_ahfa.block_layout import BlockLayout, causal_blocks
+from hf_ahfa.block_layout import BlockLayout, band_blocks
 
 
 @pytest.mark.parametrize("q_len,k_len,bq,bk", [(64, 64, 16, 16), (97, 130, 32, 16), (1, 1025, 16, 128)])
@@ -31,7 +31,8 @@ def test_round_trip_and_expansion(q_len, k_len, bq, bk):
 
 @pytest.mark.parametrize("q_len,k_len", [(64, 64), (50, 130), (1, 77)])
 def test_causal_tiles_cover_the_causal_mask(q_len, k_len):
-    touched, full = causal_blocks(q_len, k_len, 16, 32)
+    touched, full = band_blocks(torch.tensor([q_len]), torch.tensor([k_len]), 16, 32, -(-q_len // 16), -(-k_len // 32),
+                                causal=True, window=None)
     layout = BlockLayout.from_dense(touched, 16, 32, q_len, k_len, full=full)
     causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
     tokens = layout.to_token_mask()[0, 0]

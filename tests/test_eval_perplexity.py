@@ -366,8 +366,9 @@ def test_windows_start_with_the_document_start_token():
     orig_switch, perplexity.switch_attention = perplexity.switch_attention, lambda model, impl: None
     try:
         ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-        perplexity._timed(None, "ahfa", ids, [2, 2], "cpu", start_token=2)
-        perplexity._timed(None, "ahfa", ids, [2, 2], "cpu")
+        variant = perplexity.Variant("sdpa", "sdpa")
+        perplexity._timed(None, variant, ids, [2, 2], "cpu", start_token=2)
+        perplexity._timed(None, variant, ids, [2, 2], "cpu")
     finally:
         perplexity.window_nll, perplexity.switch_attention = orig, orig_switch
     assert seen[0][:, 0].tolist() == [2, 2] and seen[0][:, 1:].equal(ids[:, 1:])
