@@ -3,8 +3,11 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # Installed only where torch is missing; our machines and CI use this CPU wheel.
 TORCH ?= torch==2.13.0
+# The lowest Transformers release the package allows (read from pyproject.toml, the one place it is set).
+LOWEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+LOWEST_VENV ?= .venv-lowest
 
-.PHONY: install demo test
+.PHONY: install demo test test-lowest
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -17,3 +20,12 @@ demo: install
 # PYTHONSAFEPATH keeps the repository root off sys.path, so `kernels` resolves as an installed user would see it.
 test: install
 	PYTHONSAFEPATH=1 $(PYTHON) -m pytest -m "not gpu"
+
+# The same suite against the lowest allowed Transformers, in a virtualenv layered on the installed packages
+# (torch and the rest are shared; only transformers is pinned down; no pip of its own, whose bundled old
+# setuptools would shadow the build backend the wheel test needs). CI runs it after `make test`.
+test-lowest: install
+	$(PYTHON) -m venv --system-site-packages --without-pip $(LOWEST_VENV)
+	$(PIP) --python $(LOWEST_VENV)/bin/python install -q "transformers==$(LOWEST_TRANSFORMERS)"
+	PYTHONSAFEPATH=1 $(LOWEST_VENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(LOWEST_TRANSFORMERS)', t.__version__"
+	PYTHONSAFEPATH=1 $(LOWEST_VENV)/bin/python -m pytest -m "not gpu"

@@ -4,11 +4,11 @@
 do not route attention through Transformers' AttentionInterface (see ``hf_ahfa.patches``).
 """
 
-from hf_ahfa.adaptive import record
 from hf_ahfa.api import attention
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.integration import NAME, register
 from hf_ahfa.policy import AdaptivePolicy, configure, override
+from hf_ahfa.telemetry import record
 
 __version__ = "0.1.0"
 __all__ = ["attention", "AdaptivePolicy", "configure", "override", "record", "BlockLayout", "register", "NAME",

@@ -1,15 +1,13 @@
-"""``hf_ahfa.attention``: the public functional entry point."""
+"""``hf_ahfa.attention``: the public functional entry point (a thin wrapper over the router)."""
 
 from __future__ import annotations
 
 import torch
 
-from hf_ahfa import adaptive, checks
+from hf_ahfa import checks, router
 from hf_ahfa.block_layout import BlockLayout
-from hf_ahfa.dispatch import choose_backend
-from hf_ahfa.masks import make_layout, normalize_window
 from hf_ahfa.policy import AdaptivePolicy
-from hf_ahfa.reference import reference_attention
+from hf_ahfa.spec import make_call
 
 
 def attention(
@@ -31,7 +29,15 @@ def attention(
     policy: AdaptivePolicy | None = None,
     layout: BlockLayout | None = None,
 ):
-    """Scaled-dot-product attention: exact, or block-sparse where ``policy`` says so.
+    """Scaled-dot-product attention: exact, or block-sparse where ``policy`` or ``layout`` says so.
+
+    The mask, for a causal call with ``Q = 3`` queries over ``K = 5`` keys (bottom-right aligned) and
+    ``window=3`` (``window=(2, 0)``)::
+
+                 keys 0 1 2 3 4
+        query 0 (pos 2)  x x x . .
+        query 1 (pos 3)  . x x x .
+        query 2 (pos 4)  . . x x x
 
     Args:
         q: ``(B, Q, Hq, D)``; any strides.
@@ -63,44 +69,11 @@ def attention(
         ``out (B, Q, Hq, Dv)`` contiguous in q's dtype (and ``lse`` if asked). A query that sees no key
         gets zeros and ``lse = -inf``.
     """
-    checks.check_qkv(q, k, v)
-    checks.check_window(window)
-    checks.check_scalars(softcap, dropout_p, scale)
-    checks.check_sinks(sinks, q)
-    checks.check_masks(key_padding_mask, attn_mask, q, k)
-    cu = checks.check_cu_seqlens(cu_seqlens, q, k)
-
-    args = dict(
-        causal=causal,
-        window=normalize_window(window, causal),
-        softcap=softcap,
-        sinks=sinks,
-        dropout_p=dropout_p,
-        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-        key_padding_mask=key_padding_mask,
-        attn_mask=attn_mask,
-    )
-    backend = choose_backend(q, backend)
+    call = make_call(q, k, v, causal=causal, window=window, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                     scale=scale, key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu_seqlens)
+    checks.check_policy(policy)
     if layout is not None:
-        checks.check_layout(layout, q, k, cu, policy, attn_mask)
-        out, lse = adaptive.sparse_attention(q, k, v, layout, **{n: a for n, a in args.items() if n != "attn_mask"},
-                                             cu_seqlens=cu, backend=backend)
-        out = out.contiguous()
-        return (out, lse) if return_lse else out
-    if policy is not None:
-        reason = adaptive.exact_reason(policy, q, k, window=args["window"], attn_mask=attn_mask, cu_seqlens=cu)
-        if reason is None:
-            out, lse = adaptive.adaptive_attention(q, k, v, policy, **{n: a for n, a in args.items() if n != "attn_mask"},
-                                                   backend=backend)
-            out = out.contiguous()
-            return (out, lse) if return_lse else out
-        adaptive.note_exact(q, k, reason)
-    if backend == "triton":
-        from hf_ahfa.kernels.flash import flash_attention
-
-        out, lse = flash_attention(q, k, v, **args, cu_seqlens_q=cu and cu[0], cu_seqlens_k=cu and cu[1])
-    else:
-        layout = make_layout(q.shape[1], k.shape[1], q.device, *(cu or (None, None)))
-        out, lse = reference_attention(q, k, v, layout, **args)
+        checks.check_layout(layout, q, call, policy)
+    out, lse = router.run(q, k, v, call, backend=backend, policy=policy, layout=layout)
     out = out.contiguous()
     return (out, lse) if return_lse else out

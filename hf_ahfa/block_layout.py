@@ -1,9 +1,11 @@
 """The block-sparse layout: which (query block, key block) tiles an attention call computes.
 
-One layout everywhere, in the style of FlexAttention's BlockMask: per (batch, head, query block) a
-count and an ascending list of key-block indices, plus an optional second count/list of "full" blocks
-that need no element mask (every query of the block sees every key of it). The estimator of the
-adaptive mode produces it, the block-sparse kernels consume it, tests build it by hand.
+One layout everywhere, in the style of FlexAttention's BlockMask: per (batch, head, query block) a count
+and an ascending list of the key blocks that need the element mask (causal diagonal, window edges,
+padding), and a second count/list of "full" blocks computed without any mask; for the backward, the same
+two lists transposed (per key block, the query blocks that list it). Users and tests build one with
+``from_dense``; the adaptive selection produces one; ``resolve`` fits one to a call's masks, which is the
+form the block-sparse kernels take.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import torch
 class BlockLayout:
     """Selected tiles of a ``q_len x k_len`` attention in blocks of ``block_q x block_k``.
 
-    ``kv_count (B, H, NQ)`` int32 and ``kv_index (B, H, NQ, NK)`` int32: for each query block the
-    number of selected key blocks and their indices, ascending, in the first ``kv_count`` slots (the
-    rest is padding with ``NK``). ``full_count``/``full_index``: the same for the subset that needs no
-    element mask, or ``None``.
+    ``kv_count (B, H, NQ)`` int32 and ``kv_index (B, H, NQ, NK)`` int32: for each query block the number
+    of selected key blocks that need the element mask and their indices, ascending, in the first
+    ``kv_count`` slots (the rest is padding with ``NK``). ``full_count``/``full_index``: the same for the
+    selected blocks that need no mask (disjoint from the first list), or ``None``. ``q_count``/``q_index``
+    and ``full_q_count``/``full_q_index``: both lists transposed, ``(B, H, NK[, NQ])``, when built for a
+    backward pass, else ``None``.
     """
 
     kv_count: torch.Tensor
@@ -31,6 +35,10 @@ class BlockLayout:
     k_len: int
     full_count: torch.Tensor | None = None
     full_index: torch.Tensor | None = None
+    q_count: torch.Tensor | None = None
+    q_index: torch.Tensor | None = None
+    full_q_count: torch.Tensor | None = None
+    full_q_index: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -39,30 +47,35 @@ class BlockLayout:
 
     @staticmethod
     def from_dense(blocks: torch.Tensor, block_q: int, block_k: int, q_len: int, k_len: int,
-                   full: torch.Tensor | None = None) -> BlockLayout:
-        """From a bool ``(B, H, NQ, NK)`` tile selection (and optionally the tiles that need no mask,
-        a subset of ``blocks``)."""
+                   full: torch.Tensor | None = None, transposed: bool = False) -> BlockLayout:
+        """From a bool ``(B, H, NQ, NK)`` tile selection, and optionally the tiles of it that need no
+        element mask (a subset of ``blocks``); ``transposed`` also builds the backward's lists."""
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
         if blocks.dtype != torch.bool or blocks.dim() != 4 or tuple(blocks.shape[2:]) != (nq, nk):
             raise ValueError(f"blocks must be a bool (B, H, {nq}, {nk}) tensor for q_len={q_len}, "
                              f"k_len={k_len} in blocks of {block_q}x{block_k}, got {blocks.dtype} {tuple(blocks.shape)}")
         if full is not None and (full.shape != blocks.shape or (full & ~blocks).any()):
             raise ValueError("full must be a bool tensor shaped like blocks and a subset of it")
-        count, index = _compress(blocks)
-        fcount, findex = _compress(full) if full is not None else (None, None)
-        return BlockLayout(count, index, block_q, block_k, q_len, k_len, fcount, findex)
+        masked = blocks if full is None else blocks & ~full
+        lists = dict(zip(("kv_count", "kv_index"), _compress(masked)))
+        if full is not None:
+            lists.update(zip(("full_count", "full_index"), _compress(full)))
+        if transposed:
+            lists.update(zip(("q_count", "q_index"), _compress(masked.transpose(-1, -2))))
+            lists.update(zip(("full_q_count", "full_q_index"), _compress(
+                (full if full is not None else torch.zeros_like(blocks)).transpose(-1, -2))))
+        return BlockLayout(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, **lists)
 
-    def to_dense(self, full: bool = False) -> torch.Tensor:
-        """The bool ``(B, H, NQ, NK)`` selection (of full tiles only with ``full=True``)."""
-        count, index = (self.full_count, self.full_index) if full else (self.kv_count, self.kv_index)
-        if count is None:
+    def to_dense(self, full: bool | None = None) -> torch.Tensor:
+        """The bool ``(B, H, NQ, NK)`` selection: every selected tile (``full=None``), only the tiles that
+        need no mask (``True``) or only those that do (``False``)."""
+        if full and self.full_count is None:
             raise ValueError("this layout has no full blocks")
-        B, H, NQ, NK = self.shape
-        slot = torch.arange(NK, device=count.device)
-        valid = slot < count[..., None]  # (B, H, NQ, NK): which index slots are used
-        dense = torch.zeros(B, H, NQ, NK + 1, dtype=torch.bool, device=count.device)
-        dense.scatter_(-1, torch.where(valid, index, NK).long(), True)
-        return dense[..., :NK]
+        masked = _expand(self.kv_count, self.kv_index)
+        if full is False or self.full_count is None:
+            return masked
+        unmasked = _expand(self.full_count, self.full_index)
+        return unmasked if full else masked | unmasked
 
     def to_token_mask(self) -> torch.Tensor:
         """The selection expanded to a bool ``(B, H, q_len, k_len)`` mask (for references and tests)."""
@@ -78,29 +91,21 @@ class BlockLayout:
         allowed = allowed.expand_as(dense)
         return (dense & allowed).sum().item() / max(allowed.sum().item(), 1)
 
-    def kernel_lists(self, *, causal: bool, window: tuple[int, int] | None, q_lens: torch.Tensor,
-                     k_lens: torch.Tensor, element_masks: bool, backward: bool):
-        """What the block-sparse kernels take: ``(count, index, full_count, full_index)`` per query block
-        (masked blocks, then blocks that need no element mask), and with ``backward`` the same lists
-        transposed (per key block, the query blocks that listed it), else ``None``.
-
-        Blocks that no query can see under ``causal``/``window`` are dropped; a block runs unmasked only
-        when the positional rules leave all of it visible (and this layout's ``full`` allows it), never
-        under ``element_masks`` (key padding or a dense mask). ``q_lens``/``k_lens``: ``(B,)`` lengths
-        of each batch row (packed sequence). All int32, contiguous, batch and heads expanded.
-        """
-        return kernel_lists(self.to_dense(), self.to_dense(full=True) if self.full_count is not None else None,
-                            self.block_q, self.block_k, causal=causal, window=window, q_lens=q_lens, k_lens=k_lens,
-                            element_masks=element_masks, backward=backward)
+    def resolve(self, band: tuple[torch.Tensor, torch.Tensor], *, element_masks: bool,
+                backward: bool) -> BlockLayout:
+        """This layout fitted to one call, as the block-sparse kernels take it: tiles that no query can see
+        under the positional rules dropped, a tile unmasked only where the rules leave all of it visible
+        (and this layout's full lists allow it), never under ``element_masks``; transposed lists with
+        ``backward``. ``band``: ``band_blocks(...)`` of the call."""
+        hint = self.to_dense(full=True) if self.full_count is not None else None
+        return fit_to_band(self.to_dense(), hint, band, self.block_q, self.block_k, self.q_len, self.k_len,
+                           element_masks=element_masks, backward=backward)
 
 
-def kernel_lists(selected: torch.Tensor, full_hint: torch.Tensor | None, block_q: int, block_k: int, *,
-                 causal: bool, window, q_lens: torch.Tensor | None, k_lens: torch.Tensor | None, element_masks: bool,
-                 backward: bool, band: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """``BlockLayout.kernel_lists`` from a bool ``(B, H, NQ, NK)`` selection (and optional full-block hint);
-    ``band``: ``band_blocks``' result when the caller has it already (then the lengths are not read)."""
-    NQ, NK = selected.shape[-2:]
-    touched, full = band or band_blocks(q_lens, k_lens, block_q, block_k, NQ, NK, causal, window)
+def fit_to_band(selected: torch.Tensor, full_hint: torch.Tensor | None, band, block_q: int, block_k: int,
+                q_len: int, k_len: int, *, element_masks: bool, backward: bool) -> BlockLayout:
+    """``BlockLayout.resolve`` on a bool ``(B, H, NQ, NK)`` selection (what the adaptive selection yields)."""
+    touched, full = band
     selected = selected & touched
     if element_masks:
         full = torch.zeros_like(selected)
@@ -108,18 +113,24 @@ def kernel_lists(selected: torch.Tensor, full_hint: torch.Tensor | None, block_q
         full = full & selected
         if full_hint is not None:
             full = full & full_hint
-    masked = selected & ~full
-    rows = (*_compress(masked), *_compress(full))
-    cols = (*_compress(masked.transpose(-1, -2)), *_compress(full.transpose(-1, -2))) if backward else None
-    return rows, cols
+    return BlockLayout.from_dense(selected, block_q, block_k, q_len, k_len, full=full, transposed=backward)
 
 
 def _compress(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool ``(..., NK)`` -> count ``(...)`` int32 and ascending indices padded with NK."""
+    """Bool ``(..., NK)`` -> count ``(...)`` int32 and ascending indices padded with NK, contiguous."""
     NK = blocks.shape[-1]
     slots = torch.where(blocks, torch.arange(NK, device=blocks.device), NK)
     index = slots.sort(dim=-1).values.to(torch.int32).contiguous()
     return blocks.sum(-1, dtype=torch.int32).contiguous(), index
+
+
+def _expand(count: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_compress``: the bool ``(..., NK)`` selection."""
+    NK = index.shape[-1]
+    valid = torch.arange(NK, device=count.device) < count[..., None]
+    dense = torch.zeros(*index.shape[:-1], NK + 1, dtype=torch.bool, device=count.device)
+    dense.scatter_(-1, torch.where(valid, index, NK).long(), True)
+    return dense[..., :NK]
 
 
 def band_blocks(q_lens: torch.Tensor, k_lens: torch.Tensor, block_q: int, block_k: int, nq: int, nk: int,
@@ -147,4 +158,3 @@ def band_blocks(q_lens: torch.Tensor, k_lens: torch.Tensor, block_q: int, block_
         touched = touched & (k_last >= q_first - left) & (k_first <= q_last + right)
         full = full & (k_first >= q_last - left) & (k_last <= q_first + right)
     return touched[:, None], full[:, None]
-

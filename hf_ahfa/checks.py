@@ -43,6 +43,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
 def check_window(window) -> None:
     if window is None:
         return
@@ -58,15 +62,20 @@ def check_window(window) -> None:
 
 
 def check_scalars(softcap, dropout_p, scale) -> None:
-    if softcap is not None and not (isinstance(softcap, Real) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (_is_real(softcap) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite positive number, got {softcap!r}")
-    if not (isinstance(dropout_p, Real) and 0.0 <= dropout_p < 1.0):
+    if not (_is_real(dropout_p) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, Real) and math.isfinite(scale) and scale > 0):
+    if scale is not None and not (_is_real(scale) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
 
 
-def check_sinks(sinks, q) -> None:
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_sinks(sinks, q, check_values: bool = True) -> None:
     if sinks is None:
         return
     Hq = q.shape[2]
@@ -75,8 +84,8 @@ def check_sinks(sinks, q) -> None:
         raise ValueError(f"sinks must be a floating tensor of shape (num_q_heads,) = ({Hq},), got {got}")
     if sinks.device != q.device:
         raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
-    # a data-dependent check: skipped while torch.compile traces (it would break the graph)
-    if not torch.compiler.is_compiling() and torch.isnan(sinks).any():
+    # reads the values (a host sync): skipped for model weights and while torch.compile traces
+    if check_values and not torch.compiler.is_compiling() and torch.isnan(sinks).any():
         raise ValueError("sinks contains NaN")
 
 
@@ -101,7 +110,8 @@ def check_masks(key_padding_mask, attn_mask, q, k) -> None:
 
 
 def check_cu_seqlens(cu_seqlens, q, k) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Validates ``cu_seqlens`` (one tensor, or a ``(cu_q, cu_k)`` pair) and returns ``(cu_q, cu_k)``."""
+    """Checks the form of ``cu_seqlens`` (one tensor, or a ``(cu_q, cu_k)`` pair) without reading its values;
+    returns ``(cu_q, cu_k)`` as contiguous int64 tensors (the kernels read them with stride 1)."""
     if cu_seqlens is None:
         return None
     if q.shape[0] != 1:
@@ -109,36 +119,41 @@ def check_cu_seqlens(cu_seqlens, q, k) -> tuple[torch.Tensor, torch.Tensor] | No
     pair = tuple(cu_seqlens) if isinstance(cu_seqlens, (tuple, list)) else (cu_seqlens, cu_seqlens)
     if len(pair) != 2:
         raise ValueError("cu_seqlens must be a tensor or a (cu_seqlens_q, cu_seqlens_k) pair")
-    out = []
-    for name, cu, total in (("cu_seqlens (q)", pair[0], q.shape[1]), ("cu_seqlens (k)", pair[1], k.shape[1])):
+    for name, cu in (("cu_seqlens (q)", pair[0]), ("cu_seqlens (k)", pair[1])):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be a 1-D int32/int64 tensor")
         if cu.numel() < 2:
             raise ValueError(f"{name} must hold at least 2 offsets, got {cu.numel()}")
         if cu.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
-        values = cu.tolist()
+    if pair[0].numel() != pair[1].numel():
+        raise ValueError("cu_seqlens for q and k must describe the same number of sequences")
+    return pair[0].long().contiguous(), pair[1].long().contiguous()
+
+
+def check_cu_values(cu: tuple[torch.Tensor, torch.Tensor], q, k) -> tuple[int, int]:
+    """Checks the offsets' values (one host sync) and returns the longest query and key sequence."""
+    longest = []
+    for name, c, total in (("cu_seqlens (q)", cu[0], q.shape[1]), ("cu_seqlens (k)", cu[1], k.shape[1])):
+        values = c.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values}")
         if values[-1] != total:
             raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
-        out.append(cu.long())
-    if out[0].numel() != out[1].numel():
-        raise ValueError("cu_seqlens for q and k must describe the same number of sequences")
-    return out[0], out[1]
+        longest.append(max(b - a for a, b in zip(values, values[1:])))
+    return longest[0], longest[1]
 
 
-def check_layout(layout, q, k, cu, policy, attn_mask) -> None:
+def check_layout(layout, q, call, policy) -> None:
     """``layout`` must be a BlockLayout over this call's batch rows (or packed sequences) and heads."""
     from hf_ahfa.block_layout import BlockLayout
 
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a hf_ahfa.BlockLayout, got {type(layout).__name__}")
-    if policy is not None or attn_mask is not None:
+    if policy is not None or call.attn_mask is not None:
         raise ValueError("layout cannot be combined with policy or attn_mask (it already says what is computed)")
-    rows = q.shape[0] if cu is None else cu[0].numel() - 1
-    q_len = q.shape[1] if cu is None else int(cu[0].diff().max())
-    k_len = k.shape[1] if cu is None else int(cu[1].diff().max())
+    rows = q.shape[0] if call.cu_seqlens is None else call.cu_seqlens[0].numel() - 1
+    q_len, k_len = call.max_q, call.max_k
     B, H, NQ, NK = layout.shape
     want = (rows, q.shape[2], -(-q_len // layout.block_q), -(-k_len // layout.block_k))
     if (B, H, NQ, NK) != want or (layout.q_len, layout.k_len) != (q_len, k_len):
@@ -147,3 +162,11 @@ def check_layout(layout, q, k, cu, policy, attn_mask) -> None:
                          f"k_len={layout.k_len}")
     if layout.kv_count.device != q.device:
         raise ValueError(f"layout must be on q's device {q.device}, got {layout.kv_count.device}")
+
+
+def check_policy(policy) -> None:
+    from hf_ahfa.policy import AdaptivePolicy
+
+    if policy is not None and not isinstance(policy, AdaptivePolicy):
+        raise TypeError(f"policy must be a hf_ahfa.AdaptivePolicy or None, got {type(policy).__name__} "
+                        "(build one with hf_ahfa.AdaptivePolicy(**fields))")

@@ -16,17 +16,18 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_ahfa import adaptive
-from hf_ahfa.api import attention
-from hf_ahfa.checks import check_cu_seqlens
-from hf_ahfa.masks import make_layout, normalize_window
+from hf_ahfa import telemetry
+from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import policy_of
 from hf_ahfa.reference import reference_attention_probs
+from hf_ahfa.router import run as run_call
+from hf_ahfa.spec import make_call
 
 NAME = "ahfa"
 
 # Keyword arguments that Transformers passes along but that do not change the attention function:
-# bookkeeping for other layers, or hints that only size buffers (max_length_*).
+# bookkeeping for other layers, and the longest packed sequences (max_length_*, read below so that packed
+# calls need no host sync).
 _IGNORED_KWARGS = frozenset(
     {"position_ids", "max_length_q", "max_length_k", "use_cache", "output_hidden_states", "output_router_logits",
      "return_dict", "num_items_in_batch", "seq_idx", "cache_position", "past_key_values"}
@@ -112,23 +113,21 @@ def ahfa_attention_forward(
         if causal and k.shape[1] > Q:
             k, v = k[:, :Q], v[:, :Q]
     cu_seqlens = None if cu_seq_lens_q is None else (cu_seq_lens_q, cu_seq_lens_k)
-
+    max_lengths = (kwargs.get("max_length_q"), kwargs.get("max_length_k"))
+    # the tensors come from Transformers and the model's weights: no value checks (they would wait for the GPU)
+    call = make_call(q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
+                     scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens,
+                     max_seqlens=None if None in max_lengths else max_lengths, check_values=False)
     if _weights_requested(output_attentions):
-        cu = check_cu_seqlens(cu_seqlens, q, k)
-        layout = make_layout(Q, k.shape[1], q.device, *(cu or (None, None)))
-        out, weights = reference_attention_probs(
-            q, k, v, layout, causal=causal, window=normalize_window(window, causal), softcap=softcap,
-            sinks=s_aux, dropout_p=dropout, scale=q.shape[-1] ** -0.5 if scaling is None else scaling,
-            key_padding_mask=None, attn_mask=mask,
-        )
+        layout = make_layout(Q, k.shape[1], q.device, *(call.cu_seqlens or (None, None)))
+        out, weights = reference_attention_probs(q, k, v, layout, call)
         # keys cut off above (the empty static-cache tail) get weight 0, as in eager attention
         return out.contiguous(), torch.nn.functional.pad(weights, (0, K - weights.shape[-1]))
-    kw = dict(causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout, scale=scaling,
-              attn_mask=mask, cu_seqlens=cu_seqlens, policy=policy_of(getattr(module, "config", None)))
-    if adaptive.recording():
-        with adaptive.layer_tag(getattr(module, "layer_idx", None)):
-            return attention(q, k, v, **kw), None
-    return attention(q, k, v, **kw), None
+    policy = policy_of(getattr(module, "config", None))
+    if telemetry.recording():
+        with telemetry.layer_tag(getattr(module, "layer_idx", None)):
+            return run_call(q, k, v, call, policy=policy)[0].contiguous(), None
+    return run_call(q, k, v, call, policy=policy)[0].contiguous(), None
 
 
 # Model types whose own attention code a module in ``hf_ahfa.patches`` routes through ahfa.

@@ -69,6 +69,18 @@ def _segments(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch
     return seq, idx - cu_seqlens[seq]
 
 
+def positions_visible(qp: torch.Tensor, kp: torch.Tensor, *, causal: bool,
+                      window: tuple[int, int] | None) -> torch.Tensor:
+    """The positional rules on broadcastable query / key positions (in-sequence, bottom-right aligned)."""
+    ok = torch.ones(torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=qp.device)
+    if causal:
+        ok = ok & (kp <= qp)
+    if window is not None:
+        left, right = window
+        ok = ok & (kp >= qp - left) & (kp <= qp + right)
+    return ok
+
+
 def visible(
     layout: Layout,
     rows: slice,
@@ -85,14 +97,8 @@ def visible(
     positional rules apply, with batch/head dims taken from ``key_padding_mask`` ``(B, K)`` and
     ``attn_mask`` ``(B|1, H|1, Q, K)`` when given.
     """
-    qs, qp = layout.q_seq[rows, None], layout.q_pos[rows, None]
-    ks, kp = layout.k_seq[None, cols], layout.k_pos[None, cols]
-    ok = qs == ks
-    if causal:
-        ok = ok & (kp <= qp)
-    if window is not None:
-        left, right = window
-        ok = ok & (kp >= qp - left) & (kp <= qp + right)
+    ok = layout.q_seq[rows, None] == layout.k_seq[None, cols]
+    ok = ok & positions_visible(layout.q_pos[rows, None], layout.k_pos[None, cols], causal=causal, window=window)
     ok = ok[None, None]
     if key_padding_mask is not None:
         ok = ok & key_padding_mask[:, None, None, cols]

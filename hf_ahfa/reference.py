@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from hf_ahfa.masks import Layout, visible
+from hf_ahfa.spec import AttnCall
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,27 +40,12 @@ def _dropout(p: torch.Tensor, dropout_p: float) -> torch.Tensor:
     return p * keep / (1.0 - dropout_p)
 
 
-def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: Layout,
-    *,
-    causal: bool,
-    window: tuple[int, int] | None,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    dropout_p: float,
-    scale: float,
-    key_padding_mask: torch.Tensor | None,
-    attn_mask: torch.Tensor | None,
-    block_q: int = 256,
-    block_k: int = 512,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, call: AttnCall, *,
+                        block_q: int = 256, block_k: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention. Returns ``out (B, Q, Hq, Dv)`` in q's dtype and ``lse (B, Hq, Q)`` float32.
 
     ``lse`` is the log-sum-exp of the visible scores (sinks excluded, ``-inf`` for a row that sees no
-    key) and carries no gradient. Arguments are already validated and normalized by ``hf_ahfa.attention``.
+    key) and carries no gradient. ``layout``: the rows' and columns' coordinates (``hf_ahfa.masks``).
     """
     B, Q, Hq, _ = q.shape
     K, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -67,7 +53,7 @@ def reference_attention(
     qg = q.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1))  # (B, Hkv, G, Q, D), a view
     kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hkv, 1, K, D)
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)
-    sink = None if sinks is None else sinks.to(ct).view(1, Hkv, -1, 1)
+    sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
 
     outs, lses = [], []
     for r0 in range(0, Q, block_q):
@@ -80,12 +66,12 @@ def reference_attention(
         for c0 in range(0, K, block_k):
             cols = slice(c0, min(c0 + block_k, K))
             ok = visible(
-                layout, rows, cols, causal=causal, window=window,
-                key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                layout, rows, cols, causal=call.causal, window=call.window,
+                key_padding_mask=call.key_padding_mask, attn_mask=call.attn_mask,
             )
             if not bool(ok.any()):
                 continue
-            s = _scores(qt, kg[..., cols, :].to(ct), scale, softcap)
+            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap)
             s = s.masked_fill(~_grouped(ok, Hkv), float("-inf"))
             # the running max only shifts the exponent: no gradient needs to flow through it
             m_new = torch.maximum(m, s.amax(-1)).detach()
@@ -93,8 +79,8 @@ def reference_attention(
             p = torch.exp(s - m_safe[..., None])
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(-1)
-            if dropout_p > 0:
-                p = _dropout(p, dropout_p)
+            if call.dropout_p > 0:
+                p = _dropout(p, call.dropout_p)
             acc = acc * alpha[..., None] + p @ vg[..., cols, :].to(ct)  # [.., R, C] @ [.., C, Dv]
             m = m_new
         m_safe = torch.where(m == float("-inf"), 0.0, m)
@@ -107,21 +93,8 @@ def reference_attention(
     return out.to(q.dtype), lse
 
 
-def reference_attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: Layout,
-    *,
-    causal: bool,
-    window: tuple[int, int] | None,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    dropout_p: float,
-    scale: float,
-    key_padding_mask: torch.Tensor | None,
-    attn_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                              call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Untiled attention that also returns the probabilities, for ``output_attentions``.
 
     Returns ``out (B, Q, Hq, Dv)`` and ``probs (B, Hq, Q, K)`` (after dropout, as eager attention
@@ -133,18 +106,18 @@ def reference_attention_probs(
     kg = k.permute(0, 2, 1, 3).unsqueeze(2).to(ct)
     vg = v.permute(0, 2, 1, 3).unsqueeze(2).to(ct)
     ok = visible(
-        layout, slice(None), slice(None), causal=causal, window=window,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+        layout, slice(None), slice(None), causal=call.causal, window=call.window,
+        key_padding_mask=call.key_padding_mask, attn_mask=call.attn_mask,
     )
-    s = _scores(qg, kg, scale, softcap).masked_fill(~_grouped(ok, Hkv), float("-inf"))
+    s = _scores(qg, kg, call.scale, call.softcap).masked_fill(~_grouped(ok, Hkv), float("-inf"))
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(m == float("-inf"), 0.0, m)
     p = torch.exp(s - m)
     den = p.sum(-1, keepdim=True)
-    if sinks is not None:
-        den = den + torch.exp(sinks.to(ct).view(1, Hkv, -1, 1, 1) - m)
+    if call.sinks is not None:
+        den = den + torch.exp(call.sinks.to(ct).view(1, Hkv, -1, 1, 1) - m)
     p = p / torch.where(den > 0, den, 1.0)
-    if dropout_p > 0:
-        p = _dropout(p, dropout_p)
+    if call.dropout_p > 0:
+        p = _dropout(p, call.dropout_p)
     out = (p @ vg).flatten(1, 2).transpose(1, 2)
     return out.to(q.dtype), p.flatten(1, 2).to(q.dtype)

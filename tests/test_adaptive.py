@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
-from hf_ahfa import adaptive
+from hf_ahfa.estimate import block_mass, estimate_mass_reference, sample_queries
+from hf_ahfa.select import anchor_blocks, select_blocks
 from hf_ahfa.block_layout import band_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,9 +40,9 @@ def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, 
     if kpm:
         pad = torch.ones(2, K, dtype=torch.bool, device=DEVICE)
         pad[0, :15] = False
-    qs = adaptive.sample_queries(q, stride)
+    qs = sample_queries(q, stride)
     got = estimate_mass(qs, k, pad, Q, stride, bk, causal, *(window or (-1, -1)), softcap or 0.0, 40**-0.5)
-    want = adaptive.estimate_mass_reference(qs, k, pad, Q, stride, bk, causal, window, softcap, 40**-0.5)
+    want = estimate_mass_reference(qs, k, pad, Q, stride, bk, causal, window, softcap, 40**-0.5)
     assert (got - want).abs().max() < 1e-5
     sums = got.sum(-1)
     assert ((sums - 1).abs() < 1e-5).all()  # every sampled row sees a key here
@@ -50,15 +51,15 @@ def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, 
     lens = torch.tensor([Q], device=DEVICE), torch.tensor([K], device=DEVICE)
     if bk % stride == 0:
         touched, _ = band_blocks(*lens, bk, bk, -(-Q // bk), -(-K // bk), causal, window)
-        anchors = adaptive.anchor_blocks(Q, K, policy, causal, DEVICE)
-        pick = [adaptive.select_blocks(adaptive.block_mass(e, Q, stride, bk), touched, anchors, 0.9, 1.0)[0]
+        anchors = anchor_blocks(Q, K, policy, causal, DEVICE)
+        pick = [select_blocks(block_mass(e, Q, stride, bk), touched, anchors, 0.9, 1.0)[0]
                 for e in (got, want)]
         assert torch.equal(*pick)
 
 
 def test_sample_queries_takes_the_last_row_of_each_group():
     q = torch.arange(2 * 10 * 1 * 3, dtype=torch.float32).view(2, 10, 1, 3)
-    qs = adaptive.sample_queries(q, 4)
+    qs = sample_queries(q, 4)
     assert qs.shape == (2, 3, 1, 3)
     assert torch.equal(qs, q[:, [3, 7, 9]])
 
@@ -67,22 +68,22 @@ def test_select_blocks_fewest_reaching_tau_plus_anchors():
     mass = torch.tensor([[[[0.05, 0.5, 0.3, 0.1, 0.05, 0.0]]]])
     touched = torch.tensor([True] * 5 + [False]).view(1, 1, 1, 6)
     no_anchor = torch.zeros(1, 1, 1, 6, dtype=torch.bool)
-    keep, dense = adaptive.select_blocks(mass, touched, no_anchor, 0.75, 1.0)
+    keep, dense = select_blocks(mass, touched, no_anchor, 0.75, 1.0)
     assert keep[0, 0, 0].tolist() == [False, True, True, False, False, False] and not dense.any()
-    keep, _ = adaptive.select_blocks(mass, touched, no_anchor, 0.85, 1.0)
+    keep, _ = select_blocks(mass, touched, no_anchor, 0.85, 1.0)
     assert keep[0, 0, 0].tolist() == [False, True, True, True, False, False]
     anchors = torch.tensor([True, False, False, False, True, True]).view(1, 1, 1, 6)
-    keep, _ = adaptive.select_blocks(mass, touched, anchors, 0.75, 1.0)
+    keep, _ = select_blocks(mass, touched, anchors, 0.75, 1.0)
     assert keep[0, 0, 0].tolist() == [True, True, True, False, True, False]  # untouched stays out
-    keep, dense = adaptive.select_blocks(mass, touched, anchors, 0.75, 0.5)  # 4 of 5 > 0.5: head falls back
+    keep, dense = select_blocks(mass, touched, anchors, 0.75, 0.5)  # 4 of 5 > 0.5: head falls back
     assert dense.all() and torch.equal(keep, touched)
-    keep, _ = adaptive.select_blocks(mass, touched, no_anchor, 1.0, 1.0)
+    keep, _ = select_blocks(mass, touched, no_anchor, 1.0, 1.0)
     assert torch.equal(keep, touched)
 
 
 def test_anchor_blocks_sink_and_local():
     policy = hf_ahfa.AdaptivePolicy(block_size=16, stride=8, sink_blocks=1, local_blocks=2)
-    a = adaptive.anchor_blocks(64, 64, policy, True, "cpu")[0, 0]
+    a = anchor_blocks(64, 64, policy, True, "cpu")[0, 0]
     assert a.tolist() == [[True, False, False, False], [True, True, False, False],
                           [True, True, True, False], [True, False, True, True]]
 

@@ -17,7 +17,10 @@ def test_round_trip_and_expansion(q_len, k_len, bq, bk):
     layout = BlockLayout.from_dense(blocks, bq, bk, q_len, k_len, full=full)
     assert layout.shape == (2, 3, nq, nk)
     assert torch.equal(layout.to_dense(), blocks) and torch.equal(layout.to_dense(full=True), full)
-    assert torch.equal(layout.kv_count, blocks.sum(-1).int())
+    assert torch.equal(layout.to_dense(full=False), blocks & ~full)
+    # as FlexAttention's BlockMask: the first list holds the blocks that need the mask, the second the rest
+    assert torch.equal(layout.kv_count, (blocks & ~full).sum(-1).int())
+    assert torch.equal(layout.full_count, full.sum(-1).int())
     # indices ascending in the used slots, padded with NK after them
     used = torch.arange(nk) < layout.kv_count[..., None]
     assert (layout.kv_index[~used] == nk).all()

@@ -201,16 +201,16 @@ def test_block_sparse_bf16_real_sizes(D):
 
 
 def test_estimator_bf16_matches_reference():
-    from hf_ahfa import adaptive
+    from hf_ahfa.estimate import estimate_mass_reference, sample_queries
     from hf_ahfa.kernels.estimate import estimate_mass
 
     torch.manual_seed(1)
     T, H, HKV, D = 8192, 8, 2, 128
     q = torch.randn(1, T, H, D, device="cuda", dtype=BF16) * 2
     k = torch.randn(1, T, HKV, D, device="cuda", dtype=BF16)
-    qs = adaptive.sample_queries(q, 16)
+    qs = sample_queries(q, 16)
     got = estimate_mass(qs, k, None, T, 16, 128, True, -1, -1, 0.0, D**-0.5)
-    want = adaptive.estimate_mass_reference(qs, k, None, T, 16, 128, True, None, None, D**-0.5)
+    want = estimate_mass_reference(qs, k, None, T, 16, 128, True, None, None, D**-0.5)
     assert (got - want).abs().max() < 2e-3
 
 
@@ -227,20 +227,20 @@ def test_adaptive_tau_one_equals_exact_bf16():
 
 
 def test_adaptive_cuda_graph_replay_matches_eager():
-    from hf_ahfa import adaptive
+    from hf_ahfa import graphs
 
     policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.9)
     outs = {}
-    for graphs in (False, True):
-        adaptive.CUDA_GRAPHS = graphs
+    for enabled in (False, True):
+        graphs.ENABLED = enabled
         try:
             for seed in (0, 1):  # a second input through the same graph: its buffers are refreshed
                 torch.manual_seed(seed)
                 q = torch.randn(1, 4096, 8, 64, device="cuda", dtype=BF16) * 2
                 k, v = (torch.randn(1, 4096, 2, 64, device="cuda", dtype=BF16) for _ in range(2))
-                outs[graphs, seed] = hf_ahfa.attention(q, k, v, causal=True, policy=policy)
+                outs[enabled, seed] = hf_ahfa.attention(q, k, v, causal=True, policy=policy)
         finally:
-            adaptive.CUDA_GRAPHS = True
+            graphs.ENABLED = True
     for seed in (0, 1):
         assert torch.equal(outs[False, seed], outs[True, seed])
     assert not torch.equal(outs[True, 0], outs[True, 1])

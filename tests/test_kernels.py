@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_ahfa
+from hf_ahfa.block_layout import band_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -304,6 +305,7 @@ def test_block_sparse_opcheck():
     q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 33, 33, 2, 1, 16, seed=26))
     layout = _layout(1, 2, 33, 33, 16, 16, 0.7, seed=7)
     n = torch.tensor([33], device=DEVICE)
-    rows, cols = layout.kernel_lists(causal=True, window=None, q_lens=n, k_lens=n, element_masks=False, backward=True)
-    args = (q, k, v, None, None, None, None, None, 33, 33, True, -1, -1, 0.0, 0.0, 0, 0.25, *rows, *cols, 16, 16)
+    r = layout.resolve(band_blocks(n, n, 16, 16, 3, 3, True, None), element_masks=False, backward=True)
+    lists = (r.kv_count, r.kv_index, r.full_count, r.full_index, r.q_count, r.q_index, r.full_q_count, r.full_q_index)
+    args = (q, k, v, None, None, None, None, None, 33, 33, True, -1, -1, 0.0, 0.0, 0, 0.25, *lists, 16, 16)
     torch.library.opcheck(sparse_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import hf_ahfa
 from hf_ahfa.masks import make_layout
 from hf_ahfa.reference import reference_attention_probs
+from hf_ahfa.spec import make_call
 
 
 def _qkv(B, Q, K, Hq, Hkv, D, dtype=torch.float32, Dv=None, seed=0, transposed=True):
@@ -166,10 +167,8 @@ def test_probs_path_matches_tiled(oracle):
     kpm = torch.ones(2, 45, dtype=torch.bool)
     kpm[0, :20] = False
     layout = make_layout(30, 45, q.device)
-    out, probs = reference_attention_probs(
-        q, k, v, layout, causal=True, window=None, softcap=None, sinks=None, dropout_p=0.0,
-        scale=0.25, key_padding_mask=kpm, attn_mask=None,
-    )
+    out, probs = reference_attention_probs(q, k, v, layout, make_call(q, k, v, causal=True, scale=0.25,
+                                                                      key_padding_mask=kpm))
     _close(out, oracle(q, k, v, causal=True, scale=0.25, key_padding_mask=kpm)[0], 2e-6)
     sums = probs.sum(-1)
     assert torch.allclose(sums[sums > 0], torch.ones(()), atol=1e-5)

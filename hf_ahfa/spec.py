@@ -1,0 +1,100 @@
+"""The call spec: one validated, normalised description of an attention call, built once per call.
+
+``hf_ahfa.attention`` and the Transformers function build an ``AttnCall`` with ``make_call`` and pass it
+down; every backend reads its arguments from it, and ``kernel_args`` is the one place where it becomes the
+Triton ops' flat arguments (window ``-1`` sentinel, softcap ``0.0`` for none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from hf_ahfa import checks
+from hf_ahfa.masks import normalize_window
+
+
+@dataclass(frozen=True)
+class AttnCall:
+    """What an attention call computes, apart from q, k, v themselves.
+
+    Attributes:
+        causal: bottom-right aligned causal mask.
+        window: ``(left, right)`` visible offsets around each query's position, or ``None`` (unbounded);
+            ``right`` is 0 when ``causal``.
+        scale: score scale (already defaulted to ``D ** -0.5``).
+        softcap: ``c`` in ``c * tanh(s / c)``, or ``None``.
+        sinks: ``(Hq,)`` sink logits, or ``None``.
+        dropout_p: dropout on the probabilities.
+        key_padding_mask: ``(B, K)`` bool, or ``None``.
+        attn_mask: ``(B|1, Hq|1, Q, K)`` bool, or ``None``.
+        cu_seqlens: ``(cu_q, cu_k)`` int64 contiguous offsets of a packed batch, or ``None``.
+        max_q, max_k: the longest query / key sequence (the whole lengths when not packed).
+    """
+
+    causal: bool
+    window: tuple[int, int] | None
+    scale: float
+    softcap: float | None
+    sinks: torch.Tensor | None
+    dropout_p: float
+    key_padding_mask: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None
+    max_q: int
+    max_k: int
+
+    @property
+    def element_masks(self) -> bool:
+        """True when some visibility comes from a tensor (no tile is known to be fully visible)."""
+        return self.key_padding_mask is not None or self.attn_mask is not None
+
+    def needs_grad(self, q, k, v) -> bool:
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v, self.sinks) if t is not None)
+
+    def replace(self, **changes) -> AttnCall:
+        return dataclasses.replace(self, **changes)
+
+    def dropout_seed(self) -> int:
+        """The kernels' dropout seed, drawn from torch's RNG so that activation checkpointing (which restores
+        the RNG state) replays the same mask; 0 without dropout."""
+        return int(torch.randint(0, 2**30, ())) if self.dropout_p > 0 else 0
+
+    def kernel_args(self) -> dict:
+        """The Triton ops' encoding of this call's semantics (no window: ``-1``; no softcap: ``0.0``)."""
+        left, right = self.window if self.window is not None else (-1, -1)
+        return dict(causal=self.causal, win_left=left, win_right=right, softcap=self.softcap or 0.0,
+                    scale=self.scale)
+
+
+def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, dropout_p=0.0, scale=None,
+              key_padding_mask=None, attn_mask=None, cu_seqlens=None, max_seqlens=None,
+              check_values=True) -> AttnCall:
+    """Validate the arguments of ``hf_ahfa.attention`` (errors name the argument) and normalise them.
+
+    ``max_seqlens``: ``(max_q, max_k)`` of a packed batch when the caller knows them (Transformers does),
+    so that nothing waits for the GPU. ``check_values=False`` skips the checks that read tensor values
+    (NaN sinks, offsets that do not add up), for callers whose tensors are valid by construction.
+    """
+    checks.check_qkv(q, k, v)
+    checks.check_flag("causal", causal)
+    checks.check_window(window)
+    checks.check_scalars(softcap, dropout_p, scale)
+    checks.check_sinks(sinks, q, check_values)
+    checks.check_masks(key_padding_mask, attn_mask, q, k)
+    cu = checks.check_cu_seqlens(cu_seqlens, q, k)
+    max_q, max_k = q.shape[1], k.shape[1]
+    if cu is not None:
+        if max_seqlens is None or check_values:
+            checked = checks.check_cu_values(cu, q, k)  # one host sync: also yields the longest sequences
+            max_seqlens = max_seqlens or checked
+        max_q, max_k = (int(m) for m in max_seqlens)
+    return AttnCall(
+        causal=bool(causal), window=normalize_window(window, causal),
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        softcap=None if softcap is None else float(softcap), sinks=sinks, dropout_p=float(dropout_p),
+        key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu, max_q=max_q, max_k=max_k,
+    )
