@@ -17,7 +17,7 @@ if os.environ.get("AHFA_TEST_DEVICE"):
 
 
 def _visible(Q: int, K: int, causal: bool, window) -> torch.Tensor:
-    """Visibility written out from the rules in DESIGN.md, one query at a time (no shared code)."""
+    """Visibility written out from the README's semantics table, one query at a time (no shared code)."""
     ok = torch.zeros(Q, K, dtype=torch.bool)
     for i in range(Q):
         p = i + K - Q  # bottom-right alignment

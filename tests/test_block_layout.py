@@ -56,3 +56,26 @@ def test_bad_input():
         BlockLayout.from_dense(blocks, 16, 32, 64, 64, full=~blocks)
     with pytest.raises(ValueError, match="no full blocks"):
         BlockLayout.from_dense(blocks, 16, 32, 64, 64).to_dense(full=True)
+
+
+def test_resolve_fits_the_layout_to_a_call():
+    # a causal call of 50 queries over 70 keys in 16x16 blocks: tiles above the diagonal are dropped, tiles
+    # wholly below it need no mask (unless element masks apply), and the transposed lists mirror the rows
+    q_len, k_len, bs = 50, 70, 16
+    nq, nk = -(-q_len // bs), -(-k_len // bs)
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.rand(2, 3, nq, nk, generator=g) < 0.7
+    band = band_blocks(torch.tensor([q_len] * 2), torch.tensor([k_len] * 2), bs, bs, nq, nk, True, None)
+    touched, full = band
+    layout = BlockLayout.from_dense(blocks, bs, bs, q_len, k_len)
+    r = layout.resolve(band, element_masks=False, backward=True)
+    assert torch.equal(r.to_dense(), blocks & touched)
+    assert torch.equal(r.to_dense(full=True), blocks & full)
+    for rows, cols in (((r.kv_count, r.kv_index), (r.q_count, r.q_index)),
+                       ((r.full_count, r.full_index), (r.full_q_count, r.full_q_index))):
+        by_row = BlockLayout(*rows, bs, bs, q_len, k_len).to_dense()
+        by_col = BlockLayout(*cols, bs, bs, k_len, q_len).to_dense()
+        assert torch.equal(by_row, by_col.transpose(-1, -2))
+    masked = layout.resolve(band, element_masks=True, backward=False)
+    assert not masked.to_dense(full=True).any() and masked.q_count is None
+    assert torch.equal(masked.to_dense(), blocks & touched)
