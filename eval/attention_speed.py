@@ -12,6 +12,7 @@ and the report also gives the time of the full-attention layers alone, where eve
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 import hf_ahfa
-from hf_ahfa.adaptive import layer_tag
-from hf_ahfa.integration import ahfa_attention_forward, ahfa_mask
+from hf_ahfa.eval.report import markdown_table, or_na, provenance, write_atomic, write_json
 
 CAPTURE = "ahfa_capture"
 SDPA = {"sdpa": None, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
@@ -28,10 +28,16 @@ SDPA = {"sdpa": None, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SD
 
 def capture_calls(model, ids: torch.Tensor) -> list[dict]:
     """The attention calls of one forward of ``model`` over ``ids``: tensors in ahfa's ``(B, T, H, D)``
-    layout and the arguments that change the function (causal, window, softcap, sinks, scale)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    layout and the arguments that change the function (causal, window, softcap, sinks, scale).
 
+    The forward runs through ahfa's registered attention and mask functions (taken from Transformers'
+    registries), under a name of its own whose attention function records each call first.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ahfa_attention, ahfa_mask = ALL_ATTENTION_FUNCTIONS[hf_ahfa.NAME], ALL_MASK_ATTENTION_FUNCTIONS[hf_ahfa.NAME]
     calls = []
 
     def record(module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
@@ -44,9 +50,8 @@ def capture_calls(model, ids: torch.Tensor) -> list[dict]:
             window=sliding_window if sliding_window is not None else getattr(module, "sliding_window", None),
             softcap=softcap, sinks=s_aux, scale=scaling,
         ))
-        return ahfa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, s_aux=s_aux,
-                                      is_causal=is_causal, **kw)
+        return ahfa_attention(module, query, key, value, attention_mask, scaling=scaling,
+                              sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, is_causal=is_causal, **kw)
 
     AttentionInterface.register(CAPTURE, record)
     AttentionMaskInterface.register(CAPTURE, ahfa_mask)
@@ -134,22 +139,26 @@ def measure(calls: list[dict], variants: dict[str, hf_ahfa.AdaptivePolicy | None
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             policy = variants.get(name)
             if policy is not None and "error" not in row:
-                with hf_ahfa.record() as rec:
-                    for c in calls:
-                        with layer_tag(c["layer"]):
-                            _ahfa(c, policy)()
-                sparse = [r for r in rec if r.get("density") is not None]
-                row["density"] = sum(r["density"] for r in sparse) / len(sparse) if sparse else None
-                row["layer_density"] = {str(r["layer"]): r["density"] for r in sparse}
-                row["dense_heads"] = sum(r["dense_heads"] for r in sparse)
+                row.update(_kept_blocks(calls, policy))
             rows.append(row)
     return rows
 
 
+def _kept_blocks(calls: list[dict], policy: hf_ahfa.AdaptivePolicy) -> dict:
+    """One untimed replay under ``hf_ahfa.record()``: the kept share of visible blocks (mean and per layer)
+    and the heads that fell back to all blocks, over the calls that ran block-sparse."""
+    sparse = []  # (layer, record entry); each call is recorded alone, so its entries belong to its layer
+    for c in calls:
+        with hf_ahfa.record() as rec:
+            _ahfa(c, policy)()
+        sparse += [(c["layer"], r) for r in rec if r.get("density") is not None]
+    return {"density": sum(r["density"] for _, r in sparse) / len(sparse) if sparse else None,
+            "layer_density": {str(layer): r["density"] for layer, r in sparse},
+            "dense_heads": sum(r["dense_heads"] for _, r in sparse)}
+
+
 def report_lines(rows: list[dict]) -> list[str]:
     """Markdown: per length, each provider's total and full-layer time and its speed-up over the others."""
-    from hf_ahfa.eval.report import markdown_table
-
     lines = []
     for T in sorted({r["seq_len"] for r in rows}):
         mine = {r["provider"]: r for r in rows if r["seq_len"] == T}
@@ -158,7 +167,7 @@ def report_lines(rows: list[dict]) -> list[str]:
         def ratio(r, base, key):
             return f"{base[key] / r[key]:.2f}x" if r.get(key) and base.get(key) else None
 
-        table = [[p, r.get("ms"), r.get("full_ms"), r.get("density"),
+        table = [[p, r.get("ms"), r.get("full_ms"), or_na(r.get("density")),
                   *[ratio(r, ref[b], k) if b in ref else None for b in ref for k in ("ms", "full_ms")], r.get("error")]
                  for p, r in mine.items()]
         heads = [f"{k} vs {b}" for b in ref for k in ("total", "full layers")]
@@ -167,3 +176,21 @@ def report_lines(rows: list[dict]) -> list[str]:
                   markdown_table(["provider", "total ms", "full-attention layers ms", "kept blocks", *heads, "error"],
                                  table), ""]
     return lines
+
+
+def write_attention_report(rows: list[dict], config: dict, out_dir, name: str, max_pos: int | None) -> dict[str, Path]:
+    """``<name>.json`` (rows, config, provenance) and ``<name>.md`` (``report_lines`` and notes)."""
+    meta = provenance()
+    paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md")}
+    write_json(paths["json"], meta, rows, config=config)
+    longest = max(r["seq_len"] for r in rows)
+    notes = [f"lengths above the model's max_position_embeddings ({max_pos}) run beyond its trained positions"] \
+        if max_pos and longest > max_pos else []
+    md = [f"# Attention time of a prefill: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
+          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit'][:12]}, {meta['date']}, "
+          f"{config['dtype']}, batch 1, text {config['text']}. Every attention call of one forward, replayed per "
+          "provider (median of 5 after a warm-up). Adaptive rows include the estimator and block selection; kept "
+          "blocks = share of visible 128x128 blocks computed in the layers that ran block-sparse.", "",
+          *report_lines(rows), *[f"- {n}" for n in notes]]
+    write_atomic(paths["md"], "\n".join(md) + "\n")
+    return paths

@@ -1,15 +1,18 @@
-"""``ahfa-eval glue``: fine-tune on a GLUE task with ``transformers.Trainer`` and compare ``ahfa`` with a baseline.
+"""ahfa-eval glue: fine-tune on a GLUE task with transformers.Trainer and compare ahfa with a baseline.
 
 Two comparisons:
 
-* **a** (isolates the attention): fine-tune once with the baseline implementation (first seed), save the
-  checkpoint, evaluate it loaded with ``ahfa`` and with the baseline. The metrics should agree to rounding.
-* **b** (end to end): fine-tune separately with each implementation over ``--seeds``; mean and standard
+* a (isolates the attention): fine-tune once with the baseline implementation (first seed), save the
+  checkpoint, evaluate it loaded with ahfa and with the baseline. The metrics should agree to rounding.
+* b (end to end): fine-tune separately with each implementation over --seeds; mean and standard
   deviation of each metric per implementation, since seed noise on small tasks exceeds a point.
   The baseline run of the first seed is the very run of comparison a, so it is shared, not repeated.
 
-Every finished item (comparison/implementation/seed) is appended to ``NAME.jsonl``; a rerun resumes
-there (more ``--seeds`` add runs, finished ones are kept). Reports: ``NAME.json`` and ``NAME.md``.
+Every finished item (comparison/implementation/seed) is appended to NAME.jsonl; a rerun resumes there
+(more --seeds add runs, finished ones are kept). Reports: NAME.json and NAME.md.
+
+    ahfa-eval glue --task mrpc --model bert-base-uncased --seeds 0,1,2
+    ahfa-eval glue --task sst2 --model PATH --train-files train.csv --validation-files dev.csv
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import hf_ahfa
 from hf_ahfa.eval.glue_tasks import (HUB_NAMES, TASKS, get_task, glue_metric, load_hub, load_local,
                                      movie_reviews_splits, parse_validation_files, take)
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import ResultStore, process_device, resolve_dtype, verdict
+from hf_ahfa.eval.runs import ResultStore, model_location, process_device, resolve_dtype, verdict
+from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command
 
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "xmod")  # positions start at pad_id + 1
 
@@ -35,17 +39,13 @@ def _seeds(items: list[str]) -> list[int]:
     return [int(x) for item in items for x in item.split(",") if x]
 
 
-def add_parser(sub) -> None:
-    from hf_ahfa.eval.cli import DEFAULT_OUT
-
-    import argparse
-
-    p = sub.add_parser("glue", help="GLUE fine-tuning: ahfa vs a baseline attention implementation",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=list(TASKS))
+def add_parser(subparsers) -> None:
+    p = add_command(subparsers, "glue", "GLUE fine-tuning: ahfa vs a baseline attention implementation", __doc__)
+    p.add_argument("--task", required=True, choices=list(TASKS), help="GLUE task")
     p.add_argument("--model", default=None, help="hub name or local folder of an encoder (BERT, RoBERTa, ...)")
-    p.add_argument("--baseline", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--comparisons", nargs="+", default=["a", "b"], choices=["a", "b"])
+    p.add_argument("--baseline", default="sdpa", choices=["sdpa", "eager"], help="implementation to compare with")
+    p.add_argument("--comparisons", nargs="+", default=["a", "b"], choices=["a", "b"],
+                   help="a: one checkpoint evaluated with both; b: fine-tuned with each over --seeds")
     p.add_argument("--mode", default="exact", choices=["exact", "adaptive", "auto"],
                    help="ahfa's attention mode (hf_ahfa.AdaptivePolicy) for every ahfa run; GLUE inputs are "
                         "short, so auto runs exact and adaptive needs --max-length of at least two blocks (256)")
@@ -57,66 +57,61 @@ def add_parser(sub) -> None:
     data.add_argument("--movie-reviews", metavar="PATH",
                       help="SST-2-like offline set: vaderSentiment's movieReviewSnippets_GroundTruth.txt, or an "
                            "archive that holds it (label = score > 0, zeros dropped, seeded 80/20 split)")
-    data.add_argument("--max-train-samples", type=int)
-    data.add_argument("--max-eval-samples", type=int)
+    data.add_argument("--max-train-samples", type=int, help="use at most N training examples (default: all)")
+    data.add_argument("--max-eval-samples", type=int, help="use at most N examples per evaluation set (default: all)")
     tr = p.add_argument_group("training")
-    tr.add_argument("--epochs", type=float, default=3.0)
-    tr.add_argument("--lr", type=float, default=2e-5)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--epochs", type=float, default=3.0, help="training epochs")
+    tr.add_argument("--lr", type=float, default=2e-5, help="learning rate")
+    tr.add_argument("--batch-size", type=int, default=32, help="examples per device and step")
+    tr.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     tr.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="e.g. 0,1,2 or 0 1 2")
-    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    tr.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16: mixed-precision "
-                                                    "compute (weights stay float32); auto is bf16 on CUDA")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when visible")
+    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="mixed-precision compute (weights stay float32); auto is bf16 on CUDA")
     tr.add_argument("--lora", action="store_true", help="LoRA through peft instead of full fine-tuning")
-    tr.add_argument("--lora-r", type=int, default=8)
-    tr.add_argument("--lora-alpha", type=int, default=16)
-    tr.add_argument("--lora-dropout", type=float, default=0.1)
+    tr.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    tr.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling numerator")
+    tr.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
     tr.add_argument("--lora-targets", nargs="+", default=None, help="module names (default: peft's for the model)")
     out = p.add_argument_group("output")
-    out.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    out.add_argument("--name", default=None, help="file stem of the results (default glue-TASK)")
-    out.add_argument("--threshold", type=float, default=0.01,
-                     help="largest relative loss of a metric that still passes (default 0.01)")
+    out.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="folder of the result files")
+    out.add_argument("--name", default=None, help="file stem of the results (default: glue-TASK)")
+    out.add_argument("--threshold", type=float, default=0.01, help="largest relative loss of a metric that still passes")
     out.add_argument("--work-dir", type=Path, default=None,
-                     help="checkpoints and Trainer output (default OUT_DIR/NAME-work, removed after a finished run)")
-    out.add_argument("--keep-checkpoints", action="store_true")
-    p.set_defaults(func=run)
+                     help="checkpoints and Trainer output (default: OUT_DIR/NAME-work, removed after a finished run)")
+    out.add_argument("--keep-checkpoints", action="store_true", help="keep --work-dir after a finished run")
+    p.set_defaults(run=run)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
 def _check_args(args) -> None:
     if not args.model:
-        raise SystemExit("ahfa-eval glue: pass --model (a hub name or a local folder)")
+        raise UsageError("pass --model (a hub name or a local folder)")
     if bool(args.train_files) != bool(args.validation_files):
-        raise SystemExit("ahfa-eval glue: --train-files and --validation-files go together")
+        raise UsageError("--train-files and --validation-files go together")
     if args.movie_reviews and (args.train_files or args.task != "sst2"):
-        raise SystemExit("ahfa-eval glue: --movie-reviews is an SST-2-like set: use it with --task sst2 "
+        raise UsageError("--movie-reviews is an SST-2-like set: use it with --task sst2 "
                          "and without --train-files")
     if not _seeds(args.seeds):
-        raise SystemExit("ahfa-eval glue: --seeds is empty")
+        raise UsageError("--seeds is empty")
 
 
 def _model_config(model: str, max_length: int):
     from huggingface_hub import is_offline_mode
     from transformers import AutoConfig
 
-    local = Path(model).expanduser()
-    if local.exists():
-        model = str(local)
-    elif model.startswith(("/", ".", "~")) or model.count("/") > 1:
-        raise SystemExit(f"ahfa-eval glue: model path {model} does not exist")
+    model = model_location(model)
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
         offline = " (no such local folder, and the hub is offline: HF_HUB_OFFLINE=1)" \
             if is_offline_mode() else ""
-        raise SystemExit(f"ahfa-eval glue: could not load model {model!r}{offline}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"could not load model {model!r}{offline}: {str(e).splitlines()[0]}") from None
     limit = config.max_position_embeddings
     if config.model_type in ROBERTA_LIKE:
         limit -= (config.pad_token_id or 0) + 1
     if max_length > limit:
-        raise SystemExit(f"ahfa-eval glue: --max-length {max_length} is above the {limit} positions of "
+        raise UsageError(f"--max-length {max_length} is above the {limit} positions of "
                          f"model {model} ({config.model_type}, max_position_embeddings "
                          f"{config.max_position_embeddings})")
     return model, config
@@ -383,6 +378,9 @@ def write_report(out_dir: Path, name: str, config: dict, rows: list[dict], summa
 
 # ---------------------------------------------------------------------------------------------- command
 def run(args) -> dict[str, Path]:
+    """Fine-tune and evaluate as the comparisons ask, write NAME.json/NAME.md and print the report.
+
+    Returns the files written (and the kept checkpoints; {} off the main process of ``accelerate launch``)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -391,11 +389,8 @@ def run(args) -> dict[str, Path]:
     model_path, _ = _model_config(args.model, args.max_length)
     device = process_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("ahfa-eval glue: --device cuda but no CUDA GPU is visible")
-    try:
-        dtype = resolve_dtype(args.dtype, device)
-    except ValueError as e:
-        raise SystemExit(f"ahfa-eval glue: {e}") from None
+        raise UsageError("--device cuda but no CUDA GPU is visible")
+    dtype = resolve_dtype(args.dtype, device)
     seeds = list(dict.fromkeys(_seeds(args.seeds)))
     name = args.name or f"glue-{task.name}"
     train, evals, source = _data(args, task)
@@ -430,7 +425,9 @@ def run(args) -> dict[str, Path]:
     full_config = {**config, "seeds": seeds, "comparisons": args.comparisons, "threshold": args.threshold,
                    "n_train": len(train), "n_eval": {k: len(v) for k, v in evals.items()}}
     paths = write_report(args.out_dir, name, full_config, rows, summary)
-    if not args.keep_checkpoints:
+    if args.keep_checkpoints:
+        paths["checkpoints"] = work_dir
+    else:
         shutil.rmtree(work_dir, ignore_errors=True)
     print(paths["md"].read_text())
     return paths

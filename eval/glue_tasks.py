@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_ahfa.eval.usage import UsageError
+
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -49,7 +51,7 @@ def get_task(name: str) -> GlueTask:
     try:
         return TASKS[name]
     except KeyError:
-        raise SystemExit(f"ahfa-eval glue: unknown task {name!r}; choose from {', '.join(TASKS)}") from None
+        raise UsageError(f"unknown task {name!r}; choose from {', '.join(TASKS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -147,16 +149,16 @@ def load_local(files: list[str], task: GlueTask, role: str):
     for f in files:
         path = Path(f)
         if not path.is_file():
-            raise SystemExit(f"ahfa-eval glue: {role} file {f} does not exist")
+            raise UsageError(f"{role} file {f} does not exist")
         suffix = path.suffix.lower()
         if suffix not in _BUILDERS:
-            raise SystemExit(f"ahfa-eval glue: {role} file {f}: unsupported format {suffix!r}; "
+            raise UsageError(f"{role} file {f}: unsupported format {suffix!r}; "
                              f"use one of {', '.join(_BUILDERS)}")
         builder, kw = _BUILDERS[suffix]
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
         for col in (*task.text_columns, "label"):
             if col not in ds.column_names:
-                raise SystemExit(f"ahfa-eval glue: {role} file {f} has no column {col!r}; task {task.name} needs "
+                raise UsageError(f"{role} file {f} has no column {col!r}; task {task.name} needs "
                                  f"{', '.join((*task.text_columns, 'label'))} (found {', '.join(ds.column_names)})")
         ds = ds.select_columns([*task.text_columns, "label"])
         parts.append(_check_labels(ds, task, f"{role} file {f}"))
@@ -171,11 +173,11 @@ def _check_labels(ds, task: GlueTask, where: str):
         try:
             [float(x) for x in labels]
         except (TypeError, ValueError):
-            raise SystemExit(f"ahfa-eval glue: {where}: task {task.name} needs numeric labels") from None
+            raise UsageError(f"{where}: task {task.name} needs numeric labels") from None
         return ds.cast_column("label", datasets.Value("float32"))
     bad = [x for x in labels if not (isinstance(x, (int, np.integer)) and 0 <= x < task.num_labels)]
     if bad:
-        raise SystemExit(f"ahfa-eval glue: {where}: labels must be integers 0..{task.num_labels - 1} "
+        raise UsageError(f"{where}: labels must be integers 0..{task.num_labels - 1} "
                          f"(GLUE's encoding), found {bad[0]!r}")
     return ds.cast_column("label", datasets.Value("int64"))
 
@@ -187,8 +189,8 @@ def load_hub(dataset: str, task: GlueTask):
     try:
         dd = datasets.load_dataset(dataset, task.name)
     except Exception as e:
-        raise SystemExit(
-            f"ahfa-eval glue: could not load task {task.name!r} of {dataset!r} from the dataset hub "
+        raise UsageError(
+            f"could not load task {task.name!r} of {dataset!r} from the dataset hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, pass local files with "
             f"GLUE's column names (--train-files/--validation-files), or --movie-reviews PATH for an "
             f"SST-2-like set") from None
@@ -220,11 +222,11 @@ def read_movie_reviews(path: str) -> list[tuple[float, str]]:
     """
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"ahfa-eval glue: --movie-reviews {path} does not exist")
+        raise UsageError(f"--movie-reviews {path} does not exist")
     if p.name.endswith((".tar.gz", ".tgz", ".tar")):
         text = _find_in_tar(p.read_bytes())
         if text is None:
-            raise SystemExit(f"ahfa-eval glue: no {MOVIE_REVIEWS_FILE} inside {path}")
+            raise UsageError(f"no {MOVIE_REVIEWS_FILE} inside {path}")
     else:
         text = p.read_bytes()
     rows = []
@@ -235,7 +237,7 @@ def read_movie_reviews(path: str) -> list[tuple[float, str]]:
         try:
             rows.append((float(parts[1]), parts[2].strip()))
         except (IndexError, ValueError):
-            raise SystemExit(f"ahfa-eval glue: {path} line {n} is not 'id<TAB>score<TAB>sentence'") from None
+            raise UsageError(f"{path} line {n} is not 'id<TAB>score<TAB>sentence'") from None
     return rows
 
 

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 import hf_ahfa
-from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
+from hf_ahfa.eval.report import markdown_table, or_na, provenance, write_atomic, write_json
 
 
 def predict(config, seq_len: int, dtype_bytes: int, impl: str) -> dict:
@@ -42,8 +42,9 @@ def predict(config, seq_len: int, dtype_bytes: int, impl: str) -> dict:
     return {"attn_flops": flops, "attn_bytes": bytes_, "attn_extra_memory": extra}
 
 
-def _timed(fn, device, repeat: int = 3) -> tuple[float, float]:
-    """Median seconds of ``repeat`` calls of ``fn()`` after one warm-up, and the peak allocated bytes."""
+def _timed(fn, device, repeat: int = 3) -> tuple[float, int | None]:
+    """Median seconds of ``repeat`` calls of ``fn()`` after one warm-up, and the peak allocated bytes
+    (None off CUDA: PyTorch tracks no peak of CPU allocations)."""
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -55,7 +56,7 @@ def _timed(fn, device, repeat: int = 3) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return sorted(times)[repeat // 2], peak
 
 
@@ -107,22 +108,25 @@ def _measure_one(model, ids, row, device, decode_tokens, train) -> None:
         torch.cuda.empty_cache()
 
 
+def _gib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2**30
+
+
 def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str) -> dict:
     """JSON rows, a Markdown table with ahfa / baseline ratios, and a PNG of prefill time and memory."""
     meta = provenance()
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], meta, rows, config=config)
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    base = impls[-1]
+    base = list(dict.fromkeys(r["impl"] for r in rows))[-1]
     by = {(r["impl"], r["seq_len"]): r for r in rows}
     lines = []
     for r in rows:
         b = by.get((base, r["seq_len"]), {})
         ratio = lambda k: b[k] / r[k] if r.get(k) and b.get(k) else None  # noqa: E731  (>1: ahfa faster)
-        lines.append([r["impl"], r["seq_len"], r.get("prefill_s"), (r.get("prefill_peak_bytes") or 0) / 2**30,
-                      r.get("decode_tokens_per_s"), r.get("train_step_s"), r["attn_flops"] / 1e12,
-                      r["attn_extra_memory"] / 2**30, ratio("prefill_s") if r["impl"] != base else None,
-                      r.get("error")])
+        peak = or_na(_gib(r.get("prefill_peak_bytes"))) if "prefill_s" in r else None  # "n/a": not tracked (CPU)
+        lines.append([r["impl"], r["seq_len"], r.get("prefill_s"), peak, r.get("decode_tokens_per_s"),
+                      r.get("train_step_s"), r["attn_flops"] / 1e12, r["attn_extra_memory"] / 2**30,
+                      ratio("prefill_s") if r["impl"] != base else None, r.get("error")])
     md = [f"# Whole-model speed and memory: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
           f"torch {meta['torch']}, transformers {meta['transformers']}, commit {meta['commit'][:12]}, {meta['date']}, "
           f"dtype {config['dtype']}, batch 1. Predicted columns come from the complexity analyzer "
@@ -130,27 +134,34 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str)
           markdown_table(["impl", "tokens", "prefill s", "prefill peak GiB", "decode tok/s", "train step s",
                           "pred. attn TFLOP", "pred. extra GiB", f"prefill speed-up vs {base}", "error"], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
+    _plot(rows, config["model"], paths["png"])
+    return paths
 
+
+def _plot(rows: list[dict], model: str, path: Path) -> None:
+    """Prefill time, and peak memory where it was measured (CUDA), against prompt length per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for impl in impls:
-        pts = sorted((r["seq_len"], r.get("prefill_s"), (r.get("prefill_peak_bytes") or 0) / 2**30)
-                     for r in rows if r["impl"] == impl and r.get("prefill_s"))
-        if pts:
-            x, t, m = zip(*pts)
-            axes[0].plot(x, t, marker="o", label=impl)
-            axes[1].plot(x, m, marker="o", label=impl)
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        mine = sorted((r for r in rows if r["impl"] == impl and r.get("prefill_s")), key=lambda r: r["seq_len"])
+        if mine:
+            axes[0].plot([r["seq_len"] for r in mine], [r["prefill_s"] for r in mine], marker="o", label=impl)
+        memory = [(r["seq_len"], _gib(r["prefill_peak_bytes"])) for r in mine if r.get("prefill_peak_bytes") is not None]
+        if memory:
+            axes[1].plot(*zip(*memory), marker="o", label=impl)
     for ax, label in zip(axes, ("prefill time (s)", "prefill peak memory (GiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{config['model']}: whole-model prefill", fontsize=10)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if not axes[1].lines:
+        axes[1].text(0.5, 0.5, "n/a: peak memory is tracked on CUDA only", ha="center", transform=axes[1].transAxes)
+    fig.suptitle(f"{model}: whole-model prefill", fontsize=10)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths

@@ -52,6 +52,11 @@ def write_json(path: Path, meta: dict, rows: list[dict], **extra) -> None:
     write_atomic(path, json.dumps({"meta": meta, **extra, "rows": rows}, indent=1) + "\n")
 
 
+def or_na(value):
+    """``value``, or "n/a" where the figure does not exist (an exact run's kept blocks, CPU peak memory)."""
+    return "n/a" if value is None else value
+
+
 def markdown_table(headers: list[str], lines: list[list]) -> str:
     fmt = lambda x: "" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hf_ahfa.eval.usage import UsageError
 
 class ResultStore:
     """Per-item results of one command, kept in a JSON-lines file next to its report.
@@ -42,11 +43,11 @@ class ResultStore:
                 path.write_text(json.dumps({"config": self.config}) + "\n")
             return {}
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines and lines[0].get("config") != self.config:
-            raise ValueError(
-                f"{path} holds results of another configuration; pass another --name or delete it\n"
-                f"  stored: {lines[0].get('config')}\n  now:    {self.config}"
-            )
+        stored = (lines[0].get("config") or {}) if lines else self.config
+        if stored != self.config:
+            changed = sorted(k for k in {*stored, *self.config} if stored.get(k) != self.config.get(k))
+            raise UsageError(f"{path} holds results of another configuration (changed: {', '.join(changed)}); "
+                             "pass another --name, or delete that file to start over")
         return {row["key"]: row for row in lines[1:]}
 
     def __contains__(self, key: str) -> bool:
@@ -100,7 +101,16 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def model_location(model: str) -> str:
+    """``--model`` with ``~`` expanded. "org/model" is a hub name; a name that looks like a path (it starts
+    with "/", "." or "~", or has more than one "/") must exist, or the hub would be asked for it."""
+    name = os.path.expanduser(model)
+    if not Path(name).exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+        raise UsageError(f"--model path {model} does not exist (no such folder)")
+    return name
 
 
 def load_causal_lm(model: str, attn_implementation: str, dtype: torch.dtype, device: str, gguf_file=None):
@@ -109,11 +119,18 @@ def load_causal_lm(model: str, attn_implementation: str, dtype: torch.dtype, dev
 
     import hf_ahfa  # noqa: F401  (registers "ahfa")
 
-    if not Path(model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"model {model!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
+    name = model_location(model)
+    if gguf_file and Path(name).is_dir() and not (Path(name) / gguf_file).is_file():
+        raise UsageError(f"--gguf-file {gguf_file!r}: not found in {name}")
+    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"--model {model!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **kw)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"--model {model!r}: cannot load it ({type(e).__name__}: {first})") from e
     return lm.to(device).eval(), tokenizer
 
 

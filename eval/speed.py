@@ -67,14 +67,19 @@ def sparse_density(name: str) -> float | None:
     return float(name.removeprefix("ahfa-sparse-")) if name.startswith("ahfa-sparse-") else None
 
 
+def visible_blocks(T: int, causal: bool, device, block: int = 128) -> torch.Tensor:
+    """``(1, 1, n, n)`` bool: the blocks of a ``T x T`` self-attention with any visible pair (queries and
+    keys share positions, so a causal one keeps the blocks on and below the diagonal)."""
+    n = -(-T // block)
+    ones = torch.ones(n, n, dtype=torch.bool, device=device)
+    return (ones.tril() if causal else ones)[None, None]
+
+
 def random_layout(B, H, T, density, causal, device, block=128, seed=0):
     """A layout keeping about ``density`` of the visible 128x128 blocks, plus sink and diagonal blocks."""
-    from hf_ahfa.block_layout import band_blocks
-
     n = -(-T // block)
     g = torch.Generator(device=device).manual_seed(seed)
-    touched, _ = band_blocks(torch.tensor([T], device=device), torch.tensor([T], device=device), block, block,
-                             n, n, causal, None)
+    touched = visible_blocks(T, causal, device, block)
     keep = torch.rand(B, H, n, n, generator=g, device=device) < density
     keep[..., 0] = True
     keep |= torch.eye(n, dtype=torch.bool, device=device)
@@ -91,11 +96,8 @@ def _provider_fn(name, q, k, v, causal):
         layout = random_layout(q.shape[0], q.shape[2], q.shape[1], density, causal, q.device)
         return lambda: hf_ahfa.attention(q, k, v, causal=causal, backend="triton", layout=layout)
     if name == "ahfa-estimate":  # the adaptive mode's estimator and block selection alone
-        from hf_ahfa.adaptive import select
-
         policy = hf_ahfa.AdaptivePolicy(mode="adaptive")
-        return lambda: select(q, k, policy, causal=causal, window=None, softcap=None, scale=q.shape[-1] ** -0.5,
-                              key_padding_mask=None, backend="triton")[0]
+        return lambda: hf_ahfa.estimate_layout(q, k, policy, causal=causal, backend="triton")
     if name == "sdpa":  # PyTorch's own choice of backend
         return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
     if name in SDPA_BACKENDS:
@@ -148,12 +150,8 @@ def bench_prefill(provider, B, H, T, D, causal, mode, dtype=torch.bfloat16, kv_h
     row.ms, row.ms_p20, row.ms_p80 = ms, lo, hi
     share = 1.0
     if sparse_density(provider) is not None:
-        from hf_ahfa.block_layout import band_blocks
-
         layout = random_layout(B, H, T, sparse_density(provider), causal, "cuda")
-        n = -(-T // 128)
-        touched, _ = band_blocks(*(torch.tensor([T], device="cuda"),) * 2, 128, 128, n, n, causal, None)
-        row.density = share = layout.density(touched)
+        row.density = share = layout.density(visible_blocks(T, causal, "cuda"))
     # TFLOP/s of the work done: a sparse run counts only the blocks it computed (the estimator: none)
     if provider != "ahfa-estimate":
         row.tflops = share * attention_flops(B, H, T, T, D, causal, mode) / (ms * 1e-3) / 1e12

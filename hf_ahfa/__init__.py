@@ -4,6 +4,7 @@
 do not route attention through Transformers' AttentionInterface (see ``hf_ahfa.patches``).
 """
 
+from hf_ahfa.adaptive import estimate_layout
 from hf_ahfa.api import attention
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.integration import NAME, register
@@ -11,7 +12,7 @@ from hf_ahfa.policy import AdaptivePolicy, configure, override
 from hf_ahfa.telemetry import record
 
 __version__ = "0.1.0"
-__all__ = ["attention", "AdaptivePolicy", "configure", "override", "record", "BlockLayout", "register", "NAME",
+__all__ = ["attention", "estimate_layout", "AdaptivePolicy", "configure", "override", "record", "BlockLayout", "register", "NAME",
            "__version__"]
 
 register()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 
 from hf_ahfa import graphs, telemetry
+from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.block_sparse import sparse_kernels, sparse_reference
 from hf_ahfa.estimate import estimate_block_mass
 from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.select import select_layout
-from hf_ahfa.spec import AttnCall
+from hf_ahfa.router import choose_backend
+from hf_ahfa.spec import AttnCall, make_call
 
 
 def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool):
@@ -46,3 +48,20 @@ def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool)
                        reason=None, density=head.mean().item(),
                        head_density=head.tolist(), dense_heads=int(dense.sum()))
     return (sparse_kernels if kernels else sparse_reference)(q, k, v, layout, call)
+
+
+def estimate_layout(q, k, policy: AdaptivePolicy, *, causal: bool = False, window=None, softcap=None, scale=None,
+                    key_padding_mask=None, backend: str | None = None) -> BlockLayout:
+    """The blocks the adaptive mode would keep for this call, as a ``BlockLayout`` (estimator and selection
+    alone, whatever the policy's ``mode``; arguments as ``hf_ahfa.attention``, no packed sequences). Its
+    ``to_dense()`` is the kept selection, fitted to the call's causal/window band.
+
+    ``q (B, Q, Hq, D)``, ``k (B, K, Hkv, D)``; the layout is ``(B, Hq, ceil(Q / bs), ceil(K / bs))`` for
+    ``bs = policy.block_size``.
+    """
+    call = make_call(q, k, k, causal=causal, window=window, softcap=softcap, scale=scale,
+                     key_padding_mask=key_padding_mask)
+    kernels = choose_backend(q, backend) == "triton"
+    mass = estimate_block_mass(q, k, call, policy, kernels=kernels)
+    return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
+                         element_masks=call.element_masks, backward=False)[0]

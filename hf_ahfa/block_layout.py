@@ -50,21 +50,16 @@ class BlockLayout:
                    full: torch.Tensor | None = None, transposed: bool = False) -> BlockLayout:
         """From a bool ``(B, H, NQ, NK)`` tile selection, and optionally the tiles of it that need no
         element mask (a subset of ``blocks``); ``transposed`` also builds the backward's lists."""
+        for name, size in (("block_q", block_q), ("block_k", block_k)):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
         if blocks.dtype != torch.bool or blocks.dim() != 4 or tuple(blocks.shape[2:]) != (nq, nk):
             raise ValueError(f"blocks must be a bool (B, H, {nq}, {nk}) tensor for q_len={q_len}, "
                              f"k_len={k_len} in blocks of {block_q}x{block_k}, got {blocks.dtype} {tuple(blocks.shape)}")
         if full is not None and (full.shape != blocks.shape or (full & ~blocks).any()):
             raise ValueError("full must be a bool tensor shaped like blocks and a subset of it")
-        masked = blocks if full is None else blocks & ~full
-        lists = dict(zip(("kv_count", "kv_index"), _compress(masked)))
-        if full is not None:
-            lists.update(zip(("full_count", "full_index"), _compress(full)))
-        if transposed:
-            lists.update(zip(("q_count", "q_index"), _compress(masked.transpose(-1, -2))))
-            lists.update(zip(("full_q_count", "full_q_index"), _compress(
-                (full if full is not None else torch.zeros_like(blocks)).transpose(-1, -2))))
-        return BlockLayout(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, **lists)
+        return _build(blocks if full is None else blocks & ~full, full, block_q, block_k, q_len, k_len, transposed)
 
     def to_dense(self, full: bool | None = None) -> torch.Tensor:
         """The bool ``(B, H, NQ, NK)`` selection: every selected tile (``full=None``), only the tiles that
@@ -113,7 +108,19 @@ def fit_to_band(selected: torch.Tensor, full_hint: torch.Tensor | None, band, bl
         full = full & selected
         if full_hint is not None:
             full = full & full_hint
-    return BlockLayout.from_dense(selected, block_q, block_k, q_len, k_len, full=full, transposed=backward)
+    return _build(selected & ~full, full, block_q, block_k, q_len, k_len, backward)
+
+
+def _build(masked, full, block_q, block_k, q_len, k_len, transposed) -> BlockLayout:
+    """A layout of two disjoint bool selections (no checks: no host syncs, traceable by torch.compile)."""
+    lists = dict(zip(("kv_count", "kv_index"), _compress(masked)))
+    if full is not None:
+        lists.update(zip(("full_count", "full_index"), _compress(full)))
+    if transposed:
+        lists.update(zip(("q_count", "q_index"), _compress(masked.transpose(-1, -2))))
+        lists.update(zip(("full_q_count", "full_q_index"), _compress(
+            (full if full is not None else torch.zeros_like(masked)).transpose(-1, -2))))
+    return BlockLayout(block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, **lists)
 
 
 def _compress(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,9 @@ def check_qkv(q, k, v) -> None:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise ValueError("q, k, v are meta tensors, which hold no data to attend over; use a real device "
+                         "(torch.compile's fake tensors are fine)")
     (B, _, Hq, D), (Bk, K, Hkv, Dk), (Bv, Kv, Hv, Dv) = q.shape, k.shape, v.shape
     if not B == Bk == Bv:
         raise ValueError(f"q, k, v must have the same batch size (dim 0), got {B}, {Bk}, {Bv}")
@@ -154,6 +157,8 @@ def check_layout(layout, q, call, policy) -> None:
         raise ValueError("layout cannot be combined with policy or attn_mask (it already says what is computed)")
     rows = q.shape[0] if call.cu_seqlens is None else call.cu_seqlens[0].numel() - 1
     q_len, k_len = call.max_q, call.max_k
+    if not (_is_int(layout.block_q) and _is_int(layout.block_k) and layout.block_q > 0 and layout.block_k > 0):
+        raise ValueError(f"layout block sizes must be positive ints, got {layout.block_q!r}x{layout.block_k!r}")
     B, H, NQ, NK = layout.shape
     want = (rows, q.shape[2], -(-q_len // layout.block_q), -(-k_len // layout.block_k))
     if (B, H, NQ, NK) != want or (layout.q_len, layout.k_len) != (q_len, k_len):
@@ -162,6 +167,20 @@ def check_layout(layout, q, call, policy) -> None:
                          f"k_len={layout.k_len}")
     if layout.kv_count.device != q.device:
         raise ValueError(f"layout must be on q's device {q.device}, got {layout.kv_count.device}")
+    for name in ("kv", "full"):
+        count, index = getattr(layout, f"{name}_count"), getattr(layout, f"{name}_index")
+        if count is None:
+            continue
+        if count.shape != (B, H, NQ) or index.shape != (B, H, NQ, NK) or count.dtype != torch.int32 \
+                or index.dtype != torch.int32:
+            raise ValueError(f"layout.{name}_count / {name}_index must be int32 of shapes {(B, H, NQ)} / "
+                             f"{(B, H, NQ, NK)}, got {count.dtype} {tuple(count.shape)} / {index.dtype} "
+                             f"{tuple(index.shape)} (build layouts with BlockLayout.from_dense)")
+        # a user's layout only (one host sync): an index out of range would read outside the tensors
+        used = torch.arange(NK, device=count.device) < count[..., None]
+        if bool(((count < 0) | (count > NK)).any()) or bool((used & ((index < 0) | (index >= NK))).any()):
+            raise ValueError(f"layout.{name}_count must lie in [0, {NK}] and its first {name}_count entries of "
+                             f"{name}_index in [0, {NK})")
 
 
 def check_policy(policy) -> None:

@@ -17,7 +17,6 @@ slower (0.76-0.95x) up to 32K.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import asdict, dataclass, fields, replace
 
 MODES = ("exact", "adaptive", "auto")
@@ -74,14 +73,19 @@ class AdaptivePolicy:
 
     @classmethod
     def from_dict(cls, values: dict) -> AdaptivePolicy:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = set(values) - _FIELD_NAMES
         if unknown:
-            raise ValueError(f"unknown ahfa policy field(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown ahfa policy field(s) {sorted(unknown)}; known: {sorted(_FIELD_NAMES)}")
         return cls(**values)
 
 
-_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ahfa_policy_override", default=None)
+# Read once: torch.compile cannot trace dataclasses.fields(), and policy_of runs inside compiled models.
+_FIELD_NAMES = frozenset(f.name for f in fields(AdaptivePolicy))
+_DEFAULT = AdaptivePolicy()
+
+# A plain module global, not a ContextVar: torch.compile traces reading it (and guards on it, so a model compiled
+# inside ``override`` recompiles outside it); a ContextVar would break ``fullgraph=True``. Process-wide.
+_override: dict | None = None
 
 
 def configure(model, **fields_) -> AdaptivePolicy:
@@ -100,21 +104,22 @@ def configure(model, **fields_) -> AdaptivePolicy:
 @contextlib.contextmanager
 def override(**fields_):
     """Within the block, these policy fields win over every model's own (nested blocks merge)."""
-    merged = {**(_override.get() or {}), **fields_}
+    global _override
+    outer = _override
+    merged = {**(outer or {}), **fields_}
     AdaptivePolicy.from_dict(merged)  # raise here on unknown or invalid fields, not inside a model
-    token = _override.set(merged)
+    _override = merged
     try:
         yield
     finally:
-        _override.reset(token)
+        _override = outer
 
 
 def policy_of(config) -> AdaptivePolicy:
     """The policy in force for a layer whose config is ``config`` (``None`` when it has none)."""
     stored = getattr(config, "ahfa", None) if config is not None else None
-    base = AdaptivePolicy.from_dict(stored) if stored else AdaptivePolicy()
-    extra = _override.get()
-    return replace(base, **extra) if extra else base
+    values = {**(stored or {}), **(_override or {})}
+    return AdaptivePolicy.from_dict(values) if values else _DEFAULT
 
 
 def _configs_of(model) -> list:

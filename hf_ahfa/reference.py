@@ -55,6 +55,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)
     sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
 
+    if Q == 0:
+        return q.new_zeros(B, 0, Hq, Dv), torch.zeros(B, Hq, 0, device=q.device)
     outs, lses = [], []
     for r0 in range(0, Q, block_q):
         rows = slice(r0, min(r0 + block_q, Q))
@@ -63,14 +65,20 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         m = torch.full((B, Hkv, qt.shape[2], R), float("-inf"), dtype=ct, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros(*m.shape, Dv, dtype=ct, device=q.device)
+        computed = False
         for c0 in range(0, K, block_k):
             cols = slice(c0, min(c0 + block_k, K))
             ok = visible(
                 layout, rows, cols, causal=call.causal, window=call.window,
                 key_padding_mask=call.key_padding_mask, attn_mask=call.attn_mask,
             )
-            if not bool(ok.any()):
+            # skip invisible tiles (a host sync, so not while torch.compile traces); the last tile runs anyway
+            # when nothing else did, so that the output of fully masked rows still depends on q, k, v (zero
+            # gradients, as the kernels give)
+            last = c0 + block_k >= K
+            if not torch.compiler.is_compiling() and not (last and not computed) and not bool(ok.any()):
                 continue
+            computed = True
             s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap)
             s = s.masked_fill(~_grouped(ok, Hkv), float("-inf"))
             # the running max only shifts the exponent: no gradient needs to flow through it

@@ -78,6 +78,8 @@ def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call:
     Q, K = q.shape[1], k.shape[1]
     if policy.mode == "exact":
         return "mode=exact"
+    if K == 0:
+        return "no keys"
     if Q < 2 * policy.block_size:
         return f"fewer than two blocks of queries ({Q} < {2 * policy.block_size})"
     if policy.mode == "auto" and Q < policy.min_length:

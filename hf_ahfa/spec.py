@@ -92,9 +92,17 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
             checked = checks.check_cu_values(cu, q, k)  # one host sync: also yields the longest sequences
             max_seqlens = max_seqlens or checked
         max_q, max_k = (int(m) for m in max_seqlens)
+    window = normalize_window(window, causal)
+    if window is not None:
+        # a window wider than every distance between a query and a key is no narrower than that distance: the
+        # kernels' 32-bit positions never see a larger one
+        reach = max_q + max_k
+        window = (min(window[0], reach), min(window[1], reach))
     return AttnCall(
-        causal=bool(causal), window=normalize_window(window, causal),
+        causal=causal, window=window,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-        softcap=None if softcap is None else float(softcap), sinks=sinks, dropout_p=float(dropout_p),
+        # the kernels read sinks with stride 1 (a copy keeps the gradient flowing to a strided view)
+        softcap=None if softcap is None else float(softcap), sinks=None if sinks is None else sinks.contiguous(),
+        dropout_p=float(dropout_p),
         key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu, max_q=max_q, max_k=max_k,
     )

@@ -8,10 +8,10 @@ while recording, so recording makes calls wait for the GPU.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
-_records: contextvars.ContextVar[list | None] = contextvars.ContextVar("ahfa_records", default=None)
-_layer: contextvars.ContextVar[int | None] = contextvars.ContextVar("ahfa_layer", default=None)
+# Plain module globals (process-wide), not ContextVars: torch.compile traces reading them, which fullgraph needs.
+_records: list | None = None
+_layer: int | None = None
 
 
 @contextlib.contextmanager
@@ -24,30 +24,30 @@ def record():
     policy ran exact), and for estimated calls ``density`` (kept share of the visible blocks, mean over batch and heads),
     ``head_density`` (list per head), ``dense_heads`` (heads that fell back to all blocks).
     """
-    records: list[dict] = []
-    token = _records.set(records)
+    global _records
+    outer, _records = _records, []
     try:
-        yield records
+        yield _records
     finally:
-        _records.reset(token)
+        _records = outer
 
 
 def recording() -> bool:
-    return _records.get() is not None
+    return _records is not None
 
 
 @contextlib.contextmanager
 def layer_tag(layer: int | None):
     """Name the layer of the calls inside the block in ``record()``'s entries."""
-    token = _layer.set(layer)
+    global _layer
+    outer, _layer = _layer, layer
     try:
         yield
     finally:
-        _layer.reset(token)
+        _layer = outer
 
 
 def note(**entry) -> None:
     """Add one entry (no-op unless ``record()`` is active)."""
-    records = _records.get()
-    if records is not None:
-        records.append({"layer": _layer.get(), **entry})
+    if _records is not None:
+        _records.append({"layer": _layer, **entry})

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import random
+import re
 import tarfile
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from hf_ahfa.eval import glue
 from hf_ahfa.eval.cli import main
+from hf_ahfa.eval.usage import UsageError
 from hf_ahfa.eval.glue_tasks import (TASKS, average_ranks, builtin_metrics, f1_binary, matthews_correlation,
                                      movie_reviews_splits, parse_validation_files, pearson, spearmanr)
 
@@ -68,6 +70,17 @@ def _pair_rows(rng, n, regression=False):
     return rows
 
 
+def _usage_error(capsys, message: str, argv: list[str]) -> str:
+    """Run ``ahfa-eval ARGV``; check it ends with one line (no traceback) matching ``message``, status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (progress bars of model loading may come before it)
+    assert exit_.value.code == 2 and "Traceback" not in err and last.startswith("ahfa-eval "), err
+    assert re.search(message, last), err
+    return last
+
+
 def _args(model, tmp_path, *extra):
     return ["glue", "--model", str(model), "--out-dir", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8",
             "--max-length", "32", "--lr", "1e-3", *extra]
@@ -110,11 +123,13 @@ def test_single_sentence_both_comparisons(tiny_model, tmp_path, count_trainings)
     assert not (tmp_path / "out" / "sst2-tiny-work").exists()  # checkpoints removed after a finished run
 
 
-def test_pair_task_end_to_end(tiny_model, tmp_path):
+def test_pair_task_end_to_end(tiny_model, tmp_path, capsys):
     rows = _pair_rows(random.Random(1), 40)
     train, val = _write(tmp_path / "train.tsv", rows[:24]), _write(tmp_path / "val.csv", rows[24:])
     main(_args(tiny_model, tmp_path, "--task", "mrpc", "--train-files", str(train), "--validation-files",
                str(val), "--comparisons", "a", "--seeds", "0"))
+    out = tmp_path / "out"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {out / 'glue-mrpc.json'}, {out / 'glue-mrpc.md'}"
     data = json.loads((tmp_path / "out" / "glue-mrpc.json").read_text())
     metrics = data["summary"]["a"]["metrics"]
     assert set(metrics) == {"f1", "accuracy"}
@@ -267,7 +282,7 @@ def test_hub_data_and_offline_error(monkeypatch):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(SystemExit, match=r"could not load task 'sst2' of 'nyu-mll/glue'.*--train-files.*--movie-"):
+    with pytest.raises(UsageError, match=r"could not load task 'sst2' of 'nyu-mll/glue'.*--train-files.*--movie-"):
         load_hub("nyu-mll/glue", TASKS["sst2"])
     row = {"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}
     fake = datasets.DatasetDict({s: datasets.Dataset.from_list([row]) for s in
@@ -292,40 +307,38 @@ def test_unknown_task(capsys):
     assert "invalid choice: 'squad'" in capsys.readouterr().err
 
 
-def test_missing_column_names_column_and_file(tiny_model, tmp_path):
+def test_missing_column_names_column_and_file(tiny_model, tmp_path, capsys):
     train = _write(tmp_path / "nosentence.csv", [{"text": "good movie", "label": 1}])
     _, val = _sst2_files(tmp_path)
-    with pytest.raises(SystemExit, match=r"train file .*nosentence\.csv has no column 'sentence'.*found text, label"):
-        main(_args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(train), "--validation-files", str(val)))
+    _usage_error(capsys, r"train file .*nosentence\.csv has no column 'sentence'.*found text, label",
+                 _args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(train), "--validation-files", str(val)))
     pair = _write(tmp_path / "pair.csv", [{"sentence1": "good", "label": 1}])
-    with pytest.raises(SystemExit, match=r"pair\.csv has no column 'sentence2'"):
-        main(_args(tiny_model, tmp_path, "--task", "rte", "--train-files", str(pair), "--validation-files", str(pair)))
+    _usage_error(capsys, r"pair\.csv has no column 'sentence2'",
+                 _args(tiny_model, tmp_path, "--task", "rte", "--train-files", str(pair), "--validation-files", str(pair)))
 
 
-def test_bad_labels_and_missing_file(tiny_model, tmp_path):
+def test_bad_labels_and_missing_file(tiny_model, tmp_path, capsys):
     bad = _write(tmp_path / "bad.csv", [{"sentence": "good", "label": "positive"}])
-    with pytest.raises(SystemExit, match=r"bad\.csv: labels must be integers 0\.\.1"):
-        main(_args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(bad), "--validation-files", str(bad)))
+    _usage_error(capsys, r"bad\.csv: labels must be integers 0\.\.1",
+                 _args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(bad), "--validation-files", str(bad)))
     train, _ = _sst2_files(tmp_path)
-    with pytest.raises(SystemExit, match=r"validation file .*nope\.csv does not exist"):
-        main(_args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(train), "--validation-files",
-                   str(tmp_path / "nope.csv")))
+    _usage_error(capsys, r"validation file .*nope\.csv does not exist",
+                 _args(tiny_model, tmp_path, "--task", "sst2", "--train-files", str(train), "--validation-files",
+                       str(tmp_path / "nope.csv")))
 
 
-def test_bad_model_and_options(tiny_model, tmp_path, monkeypatch):
+def test_bad_model_and_options(tiny_model, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
     train, val = _sst2_files(tmp_path)
     data = ["--task", "sst2", "--train-files", str(train), "--validation-files", str(val)]
-    with pytest.raises(SystemExit, match=r"model path .*no-such-model does not exist"):
-        main(_args(tmp_path / "no-such-model", tmp_path, *data))
-    with pytest.raises(SystemExit, match=r"--max-length 100 is above the 64 positions"):
-        main(_args(tiny_model, tmp_path, *data, "--max-length", "100"))
-    with pytest.raises(SystemExit, match=r"could not load model 'no-org/no-model' \(no such local folder, and the hub"):
-        import huggingface_hub.constants
-
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
-        main(_args("no-org/no-model", tmp_path, *data))
-    with pytest.raises(SystemExit, match="pass --model"):
-        main(["glue", "--task", "sst2"])
+    _usage_error(capsys, r"model path .*no-such-model does not exist", _args(tmp_path / "no-such-model", tmp_path, *data))
+    _usage_error(capsys, r"--max-length 100 is above the 64 positions",
+                 _args(tiny_model, tmp_path, *data, "--max-length", "100"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    _usage_error(capsys, r"could not load model 'no-org/no-model' \(no such local folder, and the hub",
+                 _args("no-org/no-model", tmp_path, *data))
+    _usage_error(capsys, "pass --model", ["glue", "--task", "sst2"])
 
 
 def test_two_processes_fine_tune_data_parallel(tiny_model, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import hf_ahfa  # noqa: F401  (registers "ahfa")
-from hf_ahfa.eval import cli, perplexity
-from hf_ahfa.eval.perplexity import IGNORE, plan_windows, sequence_nll, text_metrics, window_nll
+from hf_ahfa.eval import cli, perplexity_data, perplexity_protocols
+from hf_ahfa.eval.perplexity_metrics import IGNORE, plan_windows, sequence_nll, text_metrics, window_nll
 
 WORDS = [f"w{i}" for i in range(40)] + ["the", "a", "of", "and", "."]
 
@@ -77,6 +78,17 @@ def books(tmp_path):
 
 def _run(*argv):
     cli.main(["perplexity", *map(str, argv)])
+
+
+def _usage_error(capsys, message: str, *argv) -> str:
+    """Run ``ahfa-eval perplexity ARGV``; check it ends with one line (no traceback) matching ``message``, status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        _run(*argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (progress bars of model loading may come before it)
+    assert exit_.value.code == 2 and "Traceback" not in err and last.startswith("ahfa-eval "), err
+    assert re.search(message, last), err
+    return last
 
 
 # --------------------------------------------------------------------------------------------- arithmetic
@@ -271,14 +283,14 @@ def test_resume_skips_finished_items(tiny_model, books, tmp_path, monkeypatch):
         calls.append(args)
         return window_nll(*args)
 
-    monkeypatch.setattr(perplexity, "window_nll", interrupted)
+    monkeypatch.setattr(perplexity_protocols, "window_nll", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(*argv, "--out-dir", tmp_path / "a")
     assert len((tmp_path / "a" / "perplexity-long.jsonl").read_text().splitlines()) == 1 + 3
     assert not (tmp_path / "a" / "perplexity-long.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(perplexity, "window_nll", lambda *args: calls.append(args) or window_nll(*args))
+    monkeypatch.setattr(perplexity_protocols, "window_nll", lambda *args: calls.append(args) or window_nll(*args))
     _run(*argv, "--out-dir", tmp_path / "a")
     assert len(calls) == 6 - 3  # (long: 64, 128; short: 64) x (ahfa, sdpa), 3 done before
     _run(*argv, "--out-dir", tmp_path / "b")  # uninterrupted
@@ -307,42 +319,39 @@ def test_resume_skips_finished_items(tiny_model, books, tmp_path, monkeypatch):
     ("score too long", ["--protocol", "long", "--data-files", "WIKI", "--text-column", "extract",
                         "--context-lengths", "64", "--score-tokens", 64], "--score-tokens 64"),
 ])
-def test_bad_input_names_the_option(case, extra, message, tiny_model, wiki_json, tmp_path):
+def test_bad_input_names_the_option(case, extra, message, tiny_model, wiki_json, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n")
     book = tmp_path / "book.txt"
     book.write_text(_text(300, 0))
     extra = [{"WIKI": wiki_json, "EMPTY": empty, "BOOK": book}.get(x, x) for x in extra]
-    with pytest.raises(SystemExit, match=message):
-        _run("--model", tiny_model, "--device", "cpu", "--out-dir", tmp_path, *extra)
+    _usage_error(capsys, message, "--model", tiny_model, "--device", "cpu", "--out-dir", tmp_path, *extra)
 
 
-def test_missing_model_folder(tmp_path, wiki_json):
-    with pytest.raises(SystemExit, match="--model .*no such folder"):
-        _run("--model", tmp_path / "no-model", "--data-files", wiki_json, "--text-column", "extract")
+def test_missing_model_folder(tmp_path, wiki_json, capsys):
+    _usage_error(capsys, "--model .*no such folder", "--model", tmp_path / "no-model", "--data-files", wiki_json,
+                 "--text-column", "extract")
 
 
 def test_local_file_formats(books, wiki_json, tmp_path):
     args = SimpleNamespace(data_files=[str(b) for b in books], dataset=None, text_column=None, json_field=None,
                            max_docs=2, protocol="long")
-    texts, labels, _ = perplexity.load_documents(args)  # text: one document per file, named after it
+    texts, labels, _ = perplexity_data.load_documents(args)  # text: one document per file, named after it
     assert labels == ["long.txt", "short.txt"] and texts == [b.read_text() for b in books[:2]]
 
     args.data_files, args.text_column, args.max_docs = [str(wiki_json)], "extract", None
-    texts, labels, _ = perplexity.load_documents(args)  # an object of records keyed by title
+    texts, labels, _ = perplexity_data.load_documents(args)  # an object of records keyed by title
     records = json.loads(wiki_json.read_text())
     assert labels == list(records) and texts == [r["extract"] for r in records.values()]
 
     nested = tmp_path / "nested.json"
     nested.write_text(json.dumps({"version": 1, "data": list(records.values())}))
     args.data_files, args.json_field = [str(nested)], "data"
-    assert perplexity.load_documents(args)[:2] == (texts, labels)
+    assert perplexity_data.load_documents(args)[:2] == (texts, labels)
 
 
 def test_windows_start_with_the_document_start_token():
     import torch
-
-    from hf_ahfa.eval import perplexity
 
     class Tok:
         bos_token_id = 2
@@ -353,8 +362,8 @@ def test_windows_start_with_the_document_start_token():
         def __call__(self, text, verbose=False):
             return {"input_ids": ([2] if self.adds_bos else []) + [7]}
 
-    assert perplexity.document_start_token(Tok(True)) == 2
-    assert perplexity.document_start_token(Tok(False)) is None
+    assert perplexity_data.document_start_token(Tok(True)) == 2
+    assert perplexity_data.document_start_token(Tok(False)) is None
 
     seen = []
 
@@ -362,21 +371,22 @@ def test_windows_start_with_the_document_start_token():
         seen.append(ids.clone())
         return [0.0] * ids.shape[0]
 
-    orig, perplexity.window_nll = perplexity.window_nll, fake_window_nll
-    orig_switch, perplexity.switch_attention = perplexity.switch_attention, lambda model, impl: None
+    protocols = perplexity_protocols
+    orig, protocols.window_nll = protocols.window_nll, fake_window_nll
+    orig_switch, protocols.switch_attention = protocols.switch_attention, lambda model, impl: None
     try:
         ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-        variant = perplexity.Variant("sdpa", "sdpa")
-        perplexity._timed(None, variant, ids, [2, 2], "cpu", start_token=2)
-        perplexity._timed(None, variant, ids, [2, 2], "cpu")
+        variant = protocols.Variant("sdpa", "sdpa")
+        protocols.timed_nll(None, variant, ids, [2, 2], "cpu", start_token=2)
+        protocols.timed_nll(None, variant, ids, [2, 2], "cpu")
     finally:
-        perplexity.window_nll, perplexity.switch_attention = orig, orig_switch
+        protocols.window_nll, protocols.switch_attention = orig, orig_switch
     assert seen[0][:, 0].tolist() == [2, 2] and seen[0][:, 1:].equal(ids[:, 1:])
     assert seen[1].equal(ids) and ids[0, 0] == 5  # the caller's tensor is untouched
 
 
 def test_window_start_policies():
-    from hf_ahfa.eval.perplexity import document_start_token
+    from hf_ahfa.eval.perplexity_data import document_start_token
 
     class Tok:
         bos_token_id = 2
@@ -427,3 +437,16 @@ def test_adaptive_tau_sweep_long_protocol(tiny_model, books, tmp_path, monkeypat
     assert ctx["density"]["ahfa-exact"] is None
     assert set(ctx["layer_density"]["ahfa-adaptive-tau0.3"]) == {"0", "1"}
     assert (tmp_path / "sweep-tau.png").stat().st_size > 0 and "Kept blocks per layer" in (tmp_path / "sweep.md").read_text()
+
+
+def test_rerun_with_other_settings_names_the_option_and_files_are_announced(tiny_model, wiki_json, tmp_path, capsys):
+    argv = ["--model", tiny_model, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 32,
+            "--max-docs", 2, "--device", "cpu", "--out-dir", tmp_path, "--name", "same"]
+    _run(*argv)
+    out = capsys.readouterr().out
+    wrote = out.strip().splitlines()[-1]
+    assert wrote == "wrote " + ", ".join(str(tmp_path / f"same.{ext}") for ext in ("jsonl", "json", "md"))
+    # exact mode has no kept-block share: the column says so
+    assert re.search(r"\| ahfa \|.*\| n/a \|", (tmp_path / "same.md").read_text())
+    last = _usage_error(capsys, "", *argv[:-4], "--max-docs", 3, "--out-dir", tmp_path, "--name", "same")
+    assert "same.jsonl holds results of another configuration (changed: max_docs" in last and "--name" in last

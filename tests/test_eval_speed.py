@@ -72,7 +72,11 @@ def test_model_speed_end_to_end_cpu(tmp_path):
     assert [r["impl"] for r in rows] == ["ahfa", "sdpa"]
     assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["train_step_s"] > 0 for r in rows)
     paths = write_model_speed_report(rows, {"model": "tiny", "dtype": "float32"}, tmp_path, "m")
-    assert "prefill speed-up vs sdpa" in paths["md"].read_text() and paths["png"].exists()
+    md = paths["md"].read_text()
+    assert "prefill speed-up vs sdpa" in md and paths["png"].exists()
+    # PyTorch tracks no peak of CPU allocations: the figure does not exist, and the table says so
+    assert all(r["prefill_peak_bytes"] is None for r in rows)
+    assert all(line.split(" | ")[3] == "n/a" for line in md.splitlines() if line.startswith(("| ahfa ", "| sdpa ")))
 
 
 def _tiny_gemma3():
@@ -136,3 +140,4 @@ def test_attention_report_lines():
     text = "\n".join(report_lines(rows))
     assert "8192 tokens (3 attention layers, 1 without a window)" in text
     assert "| ahfa-adaptive-tau0.9 | 2 | 1 | 0.5 | 1.50x | 1.50x | 3.00x | 3.00x | 2.00x | 2.00x |" in text
+    assert "| sdpa-cudnn | 3 | 1.5 | n/a |" in text  # no kept-block share where nothing ran block-sparse
