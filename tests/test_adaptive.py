@@ -213,3 +213,19 @@ def test_training_step_through_sparse_kernels(monkeypatch):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.isfinite().all() for g in grads)
+
+
+def test_estimate_layout_is_what_the_adaptive_path_keeps():
+    g = torch.Generator(DEVICE).manual_seed(11)
+    q = torch.randn(1, 96, 4, 16, device=DEVICE, generator=g) * 3
+    k, v = (torch.randn(1, 96, 2, 16, device=DEVICE, generator=g) for _ in range(2))
+    policy = _policy(tau=0.7)
+    layout = hf_ahfa.estimate_layout(q, k, policy, causal=True, backend="reference")
+    causal = band_blocks(torch.tensor([96]), torch.tensor([96]), 16, 16, 6, 6, True, None)[0].to(DEVICE)
+    kept = layout.to_dense()
+    assert layout.shape == (1, 4, 6, 6) and not (kept & ~causal).any() and kept.diagonal(dim1=-2, dim2=-1).all()
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, policy=policy, backend="reference")
+    assert rec[0]["density"] == pytest.approx(layout.density(allowed=causal))
+    full = hf_ahfa.estimate_layout(q, k, _policy(tau=1.0), causal=True, backend="reference")
+    assert torch.equal(full.to_dense(), causal.expand(1, 4, 6, 6))
