@@ -57,7 +57,10 @@ def attention(
             inside each sequence, never across.
         return_lse: also return the log-sum-exp ``(B, Hq, Q)`` float32 of the visible scores (sinks
             excluded; no gradient).
-        backend: ``"reference"`` or ``"triton"``; default: ``AHFA_BACKEND``, else automatic.
+        backend: ``"reference"`` or ``"triton"`` (our own code only), ``"sdpa"`` (PyTorch's kernels; raises
+            where they do not compute this call exactly); default: ``AHFA_BACKEND``, else automatic: SDPA
+            where it computes the call exactly and is faster (always on the CPU; timed once per shape on
+            CUDA), else Triton on CUDA and the reference elsewhere.
         policy: the adaptive mode's policy (``hf_ahfa.AdaptivePolicy``); ``None`` runs exact. Long
             prefills it selects run block-sparse over the key blocks the estimator keeps (keys outside
             them count as masked); everything else runs exact.
@@ -74,6 +77,6 @@ def attention(
     checks.check_policy(policy)
     if layout is not None:
         checks.check_layout(layout, q, call, policy)
-    out, lse = router.run(q, k, v, call, backend=backend, policy=policy, layout=layout)
+    out, lse = router.run(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=return_lse)
     out = out.contiguous()
     return (out, lse) if return_lse else out

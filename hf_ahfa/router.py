@@ -2,16 +2,19 @@
 
     hf_ahfa.attention / Transformers' "ahfa" function
         -> make_call (hf_ahfa.spec: validate, normalise)
-        -> route(): backend (reference | triton), then the path:
+        -> route(): backend (reference | triton | sdpa), then the path:
              "layout"    a BlockLayout was given            -> block-sparse kernels / masked reference
              "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse
+             "sdpa"      PyTorch's SDPA computes exactly this call and is faster (CPU: always; CUDA: timed
+                         once per shape against our kernel, see hf_ahfa.fastest)
              "decode"    few queries over many keys          -> split-KV Triton kernel
              "flash"     everything else on Triton          -> dense flash kernels (fwd/bwd)
              "reference" no Triton (CPU, float64, forced)    -> tiled PyTorch reference
         -> telemetry.note (what ``hf_ahfa.record()`` shows)
 
-``AHFA_BACKEND=reference|triton`` (or ``attention(..., backend=...)``) forces a backend; a forced backend
-that cannot run raises instead of falling back. Automatic fallback is logged once per reason.
+``AHFA_BACKEND=reference|triton|sdpa`` (or ``attention(..., backend=...)``) forces a backend: ``reference``
+or ``triton`` run our own code only (what benchmarks of our kernels use), ``sdpa`` raises where SDPA cannot
+compute the call exactly. Automatic fallback to the reference is logged once per reason.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_ahfa import telemetry
+from hf_ahfa.fastest import fastest
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.spec import AttnCall
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "sdpa")
 # Split-KV pays when few query rows face many keys; training needs the backward of the dense path.
 DECODE_MAX_Q = 16
 DECODE_MIN_K = 512
@@ -38,8 +44,8 @@ _said: set[str] = set()
 
 
 class Route(NamedTuple):
-    path: str  # "reference", "flash", "decode", "adaptive" or "layout"
-    backend: str  # "reference" or "triton"
+    path: str  # "reference", "flash", "decode", "sdpa", "adaptive" or "layout"
+    backend: str  # "reference", "triton" or "sdpa"
     reason: str | None = None  # why an adaptive policy ran exact
 
 
@@ -57,12 +63,12 @@ def triton_unavailable_reason(q: torch.Tensor) -> str | None:
 
 
 def choose_backend(q: torch.Tensor, requested: str | None = None) -> str:
-    requested = requested or os.environ.get("AHFA_BACKEND") or None
-    if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"backend (or AHFA_BACKEND) must be one of {BACKENDS}, got {requested!r}")
-        if requested == "triton" and (reason := triton_unavailable_reason(q)):
-            raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
+    """Our own backend for this call: the requested one (``backend=`` or ``AHFA_BACKEND``), else Triton on CUDA
+    where it can run, else the reference. (Whether SDPA runs the call instead is ``route``'s decision.)"""
+    requested = _requested(requested)
+    if requested == "triton" and (reason := triton_unavailable_reason(q)):
+        raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
+    if requested in ("reference", "triton"):
         return requested
     if q.device.type == "cuda":
         if (reason := triton_unavailable_reason(q)) is None:
@@ -71,6 +77,31 @@ def choose_backend(q: torch.Tensor, requested: str | None = None) -> str:
             _said.add(reason)
             logger.warning("hf_ahfa: using the PyTorch reference backend: %s", reason)
     return "reference"
+
+
+def _requested(requested: str | None) -> str | None:
+    requested = requested or os.environ.get("AHFA_BACKEND") or None
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"backend (or AHFA_BACKEND) must be one of {BACKENDS}, got {requested!r}")
+    return requested
+
+
+def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
+    """Why PyTorch's SDPA does not compute exactly this call (``None`` when it does)."""
+    Q, K = q.shape[1], k.shape[1]
+    reasons = (
+        (need_lse, "the log-sum-exp is asked for"), (call.softcap is not None, "softcap"),
+        (call.sinks is not None, "sinks"), (call.dropout_p > 0, "dropout (ahfa draws its own mask)"),
+        (call.cu_seqlens is not None, "packed sequences"), (call.window is not None, "a sliding window"),
+        (Q == 0 or K == 0, "an empty query or key sequence"),
+        (call.causal and Q > 1 and Q != K, "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"),
+        (call.causal and call.element_masks, "causal together with a mask"),
+        (call.key_padding_mask is not None and call.attn_mask is not None, "two masks"),
+        # rows that see no key are zeros on the CPU (checked in tests); not established for every CUDA backend
+        (q.is_cuda and call.element_masks, "a mask on CUDA"),
+        (q.device.type not in ("cpu", "cuda"), f"device {q.device.type}"),
+    )
+    return next((why for unfit, why in reasons if unfit), None)
 
 
 def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> str | None:
@@ -94,28 +125,63 @@ def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call:
 
 
 def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolicy | None,
-          layout: BlockLayout | None) -> Route:
+          layout: BlockLayout | None, need_lse: bool = False) -> Route:
     """How this call runs (see the module docstring)."""
-    backend = choose_backend(q, backend)
+    requested = _requested(backend)
+    if requested == "sdpa":
+        if layout is not None or policy is not None:
+            raise ValueError("backend 'sdpa' runs exact attention only: no layout or policy")
+        if why := sdpa_unfit_reason(q, k, call, need_lse):
+            raise ValueError(f"backend 'sdpa' was requested but SDPA does not compute this call exactly: {why}")
+        return Route("sdpa", "sdpa")
+    own = choose_backend(q, requested)
     if layout is not None:
-        return Route("layout", backend)
+        return Route("layout", own)
     reason = None
     if policy is not None:
         reason = exact_reason(policy, q, k, call)
         if reason is None:
-            return Route("adaptive", backend)
-    if backend == "reference":
-        return Route("reference", backend, reason)
-    if (call.cu_seqlens is None and q.shape[1] <= DECODE_MAX_Q and k.shape[1] >= DECODE_MIN_K
-            and call.dropout_p == 0 and not call.needs_grad(q, k, v)):
-        return Route("decode", backend, reason)
-    return Route("flash", backend, reason)
+            return Route("adaptive", own)
+    if own == "reference":
+        path = "reference"
+    elif (call.cu_seqlens is None and q.shape[1] <= DECODE_MAX_Q and k.shape[1] >= DECODE_MIN_K
+          and call.dropout_p == 0 and not call.needs_grad(q, k, v)):
+        path = "decode"
+    else:
+        path = "flash"
+    if requested is None and sdpa_unfit_reason(q, k, call, need_lse) is None:
+        if not q.is_cuda:  # the reference is several times slower than torch's CPU kernels
+            return Route("sdpa", "sdpa", reason)
+        if _faster_than_sdpa(q, k, v, call, path) == "sdpa":
+            return Route("sdpa", "sdpa", reason)
+    return Route(path, own, reason)
+
+
+def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
+    """``"sdpa"`` or ``path``: whichever ran this call's shape faster (timed once per shape key)."""
+    grad = call.needs_grad(q, k, v)
+    # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
+    key = (q.device, q.dtype, q.shape[0], triton_pow2(q.shape[1]), triton_pow2(k.shape[1]), q.shape[2], k.shape[2],
+           q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad)
+
+    def timed(fn):
+        if not grad:
+            return lambda: fn(q, k, v, call)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return lambda: fn(*leaves, call)[0].sum().backward()
+
+    return fastest(key, {"sdpa": timed(_sdpa), path: timed(_OWN[path])}, default=path)
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: AdaptivePolicy | None = None,
-        layout: BlockLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q))``."""
-    r = route(q, k, v, call, backend=backend, policy=policy, layout=layout)
+        layout: BlockLayout | None = None, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q) or None)``; ``lse`` is
+    ``None`` only where ``need_lse`` was False and the call ran through SDPA."""
+    r = route(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=need_lse)
     if r.path == "adaptive":  # notes its own entry, with the kept blocks
         from hf_ahfa.adaptive import adaptive_attention
 
@@ -124,23 +190,52 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
                    route=r.path, backend=r.backend, reason=r.reason)
     if r.path == "layout":
         return _run_layout(q, k, v, call, layout, kernels=r.backend == "triton")
-    if r.path == "reference":
-        from hf_ahfa.reference import reference_attention
+    return (_sdpa if r.path == "sdpa" else _OWN[r.path])(q, k, v, call)
 
-        coords = make_layout(q.shape[1], k.shape[1], q.device, *(call.cu_seqlens or (None, None)))
-        return reference_attention(q, k, v, coords, call)
+
+def _reference(q, k, v, call: AttnCall):
+    from hf_ahfa.reference import reference_attention
+
+    coords = make_layout(q.shape[1], k.shape[1], q.device, *(call.cu_seqlens or (None, None)))
+    return reference_attention(q, k, v, coords, call)
+
+
+def _decode(q, k, v, call: AttnCall):
+    from hf_ahfa.kernels.flash import flash_decode
+
     a = call.kernel_args()
-    if r.path == "decode":
-        from hf_ahfa.kernels.flash import flash_decode
+    return flash_decode(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, a["causal"], a["win_left"],
+                        a["win_right"], a["softcap"], a["scale"])
 
-        return flash_decode(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, a["causal"], a["win_left"],
-                            a["win_right"], a["softcap"], a["scale"])
+
+def _flash(q, k, v, call: AttnCall):
     from hf_ahfa.kernels.flash import flash_fwd
 
+    a = call.kernel_args()
     cu_q, cu_k = call.cu_seqlens or (None, None)
     return flash_fwd(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, cu_q, cu_k, call.max_q, call.max_k,
                      a["causal"], a["win_left"], a["win_right"], a["softcap"], call.dropout_p, call.dropout_seed(),
                      a["scale"])
+
+
+_OWN = {"reference": _reference, "decode": _decode, "flash": _flash}
+# On CUDA, SDPA's fastest kernels first (PyTorch's default order puts FlashAttention-2 before cuDNN).
+_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def _sdpa(q, k, v, call: AttnCall):
+    """PyTorch's scaled_dot_product_attention on this call (``sdpa_unfit_reason`` is None): ``(out, None)``."""
+    mask = call.attn_mask if call.key_padding_mask is None else call.key_padding_mask[:, None, None, :]
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, D) views
+    kw = dict(attn_mask=mask, is_causal=call.causal and q.shape[1] > 1, scale=call.scale,
+              enable_gqa=q.shape[2] != k.shape[2])
+    if q.is_cuda and not torch.compiler.is_compiling():
+        with sdpa_kernel(_SDPA_ORDER, set_priority=True):
+            out = F.scaled_dot_product_attention(*args, **kw)
+    else:
+        out = F.scaled_dot_product_attention(*args, **kw)
+    return out.transpose(1, 2), None
 
 
 def _run_layout(q, k, v, call: AttnCall, layout: BlockLayout, *, kernels: bool):

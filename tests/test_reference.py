@@ -13,6 +13,14 @@ from hf_ahfa.reference import reference_attention_probs
 from hf_ahfa.spec import make_call
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _reference_backend():
+    # on the CPU the router would send plain calls to torch's SDPA: these tests are about our reference
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AHFA_BACKEND", "reference")
+        yield
+
+
 def _qkv(B, Q, K, Hq, Hkv, D, dtype=torch.float32, Dv=None, seed=0, transposed=True):
     """Fresh random inputs; ``transposed`` gives (B, T, H, D) views of (B, H, T, D) memory, as Transformers does."""
     g = torch.Generator().manual_seed(seed)

@@ -56,3 +56,53 @@ def test_policy_must_be_a_policy():
     q, k, v = _qkv(8, 8, seed=4)
     with pytest.raises(TypeError, match="policy must be a hf_ahfa.AdaptivePolicy"):
         hf_ahfa.attention(q, k, v, policy={"mode": "adaptive"})
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU routing rule (CUDA is timed, see test_gpu.py)")
+def test_cpu_calls_that_sdpa_computes_exactly_run_sdpa(oracle):
+    q, k, v = _qkv(9, 9, seed=7, requires_grad=True)
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True)
+    assert rec[0]["route"] == "sdpa"
+    want = oracle(q, k, v, causal=True)[0]
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=2e-6)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+    # a key padding mask with a fully padded row: zeros there, as on every backend
+    kpm = torch.ones(1, 9, dtype=torch.bool)
+    kpm[0, :] = False
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, key_padding_mask=kpm)
+    assert rec[0]["route"] == "sdpa" and (out == 0).all()
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(softcap=2.0), "softcap"), (dict(window=3), "sliding window"), (dict(sinks=torch.zeros(4)), "sinks"),
+    (dict(dropout_p=0.5), "dropout"), (dict(causal=True, K=12), "top-left"), (dict(return_lse=True), "log-sum-exp"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 9])), "packed"),
+])
+def test_calls_sdpa_cannot_compute_exactly_run_our_code(kw, why):
+    kw = dict(kw)
+    q, k, v = _qkv(9, kw.pop("K", 9), seed=8)
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, **kw)
+    assert rec[0]["route"] != "sdpa"
+    with pytest.raises(ValueError, match=f"backend 'sdpa'.*{why}"):
+        hf_ahfa.attention(q, k, v, backend="sdpa", **kw)
+
+
+def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
+    from hf_ahfa import fastest
+
+    timings = {"a": 2.0, "b": 1.0}
+    timed = []
+    monkeypatch.setattr(fastest, "_median_ms", lambda fn: (timed.append(fn()), timings[fn()])[1])
+    monkeypatch.setattr(fastest, "_chosen", {})
+    candidates = {"a": lambda: "a", "b": lambda: "b"}
+    assert fastest.fastest(("k",), candidates, default="a") == "b"
+    timings["b"] = 3.0
+    assert fastest.fastest(("k",), candidates, default="a") == "b" and len(timed) == 2  # cached
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fastest.fastest(("other",), candidates, default="a") == "a" and len(timed) == 2

@@ -265,11 +265,14 @@ def test_registered():
 # logits
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])  # auto sends plain CPU calls to torch's SDPA
 @pytest.mark.parametrize("padding", ["left", "right", "none"])
 @pytest.mark.parametrize(
     "family,ref", [(f, r) for f in DECODERS for r in references(f)], ids=lambda x: x
 )
-def test_decoder_logits_match(family, ref, padding, ahfa_calls):
+def test_decoder_logits_match(family, ref, padding, backend, ahfa_calls, monkeypatch):
+    if backend != "auto":
+        monkeypatch.setenv("AHFA_BACKEND", backend)
     models = make_models(family, ["ahfa", ref])
     batch = decoder_batch(padding)
     with torch.no_grad():
