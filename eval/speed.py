@@ -22,7 +22,7 @@ SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-PROVIDERS = ("ahfa", "ahfa-sparse-D", "ahfa-estimate", "sdpa", *SDPA_BACKENDS, "flex", "flash-attn")
+PROVIDERS = ("ahfa", "ahfa-auto", "ahfa-sparse-D", "ahfa-estimate", "sdpa", *SDPA_BACKENDS, "flex", "flash-attn")
 
 
 def known_provider(name: str) -> bool:
@@ -90,8 +90,10 @@ def _provider_fn(name, q, k, v, causal):
     """A no-argument callable computing attention with provider ``name`` on (B, T, H, D) tensors."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views, as Transformers gives SDPA
     gqa = q.shape[2] != k.shape[2]
-    if name == "ahfa":
+    if name == "ahfa":  # our own kernels
         return lambda: hf_ahfa.attention(q, k, v, causal=causal, backend="triton")
+    if name == "ahfa-auto":  # what a user gets: the router's choice between our kernels and SDPA's
+        return lambda: hf_ahfa.attention(q, k, v, causal=causal)
     if (density := sparse_density(name)) is not None:
         layout = random_layout(q.shape[0], q.shape[2], q.shape[1], density, causal, q.device)
         return lambda: hf_ahfa.attention(q, k, v, causal=causal, backend="triton", layout=layout)
@@ -174,7 +176,7 @@ def bench_decode(provider, B, H, kv_heads, K, D, dtype=torch.bfloat16) -> Row:
     return row
 
 
-DECODE_PROVIDERS = ("ahfa", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+DECODE_PROVIDERS = ("ahfa", "ahfa-auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 
 
 def run_kernel_sweep(seq_lens, head_dims, modes, providers, causal_opts, decode_lens, tokens=32768, heads=32,

@@ -1,7 +1,7 @@
 """Launch wrappers of the block-sparse flash kernels, registered as PyTorch ops.
 
-The block-sparse path runs the dense kernels of ``flash_kernels`` with ``SPARSE=True``: each query
-block visits only the key blocks its layout lists (``hf_ahfa.block_layout.BlockLayout.kernel_lists``),
+The block-sparse path runs the dense kernels of ``flash_kernels`` with a ``LISTS`` argument (which
+turns on ``F.sparse``): each query block visits only the key blocks its layout lists (``hf_ahfa.block_layout.BlockLayout.kernel_lists``),
 first those that need the element mask (causal diagonal, window edges, padding), then the "full" ones
 without any mask arithmetic. The backward's dk/dv kernel walks the transposed lists (per key block, the
 query blocks that listed it). All exact-path semantics (GQA, causal, window, softcap, sinks, padding,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_ahfa.kernels.flash import run_bwd, run_fwd
+from hf_ahfa.kernels.flash import fake_bwd, fake_fwd, register_autograd, run_bwd, run_fwd
 
 
 @torch.library.custom_op("hf_ahfa::sparse_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -33,10 +33,7 @@ def sparse_fwd(
                    lists=(count, index, full_count, full_index), blocks=(block_q, block_k))
 
 
-@sparse_fwd.register_fake
-def _(q, k, v, *args):
-    B, Q, H, _ = q.shape
-    return q.new_empty(B, Q, H, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
+sparse_fwd.register_fake(fake_fwd)
 
 
 @torch.library.custom_op("hf_ahfa::sparse_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -57,28 +54,13 @@ def sparse_bwd(
                    blocks=(block_q, block_k))
 
 
-@sparse_bwd.register_fake
-def _(grad_out, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(q.shape[2], dtype=torch.float32)
+sparse_bwd.register_fake(fake_bwd)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, sinks, kpm, am, cu_q, cu_k = inputs[:8]
-    lists = inputs[17:25]
-    ctx.save_for_backward(q, k, v, *output, sinks, kpm, am, cu_q, cu_k, *lists)
-    ctx.args = inputs[8:17]
-    ctx.blocks = inputs[25:27]
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, sinks, kpm, am, cu_q, cu_k, *lists = ctx.saved_tensors
-    if lists[4] is None:
+def _needs_transposed_lists(args):
+    if args["t_count"] is None:
         raise RuntimeError("hf_ahfa.sparse_fwd was called without the transposed lists (t_count, ...) that its "
                            "backward needs; build them with BlockLayout.kernel_lists(..., backward=True)")
-    dq, dk, dv, dsinks = sparse_bwd(grad_out, q, k, v, out, lse, sinks, kpm, am, cu_q, cu_k, *ctx.args, *lists,
-                                    *ctx.blocks)
-    dsinks = None if sinks is None else dsinks.to(sinks.dtype)
-    return dq, dk, dv, dsinks, *([None] * 23)
 
 
-sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(sparse_fwd, sparse_bwd, check=_needs_transposed_lists)

@@ -22,10 +22,13 @@ before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
 after timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_fuzz.py 2>&1 | tee "$R/gpu-tests.log" | tail -8
 after timeout ${SUITES_S:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py tests/test_router.py tests/test_reliability.py tests/test_compile.py tests/test_adaptive.py 2>&1 | tee "$R/suites-cuda.log" | tail -4
+# whole model (issue 11): ahfa as routed and on its own kernels against sdpa
+after timeout ${MODEL_S:-150} python3 scripts/model_prefill_speed.py --out-dir "$R" 2>&1 | tail -12
+# kernels: the sweep before and after, twice, interleaved; after also with ahfa-auto (the router's choice)
 SWEEP=(-m hf_ahfa.eval.cli speed --seq-lens 8192,32768 --head-dims 128 --masks causal --modes fwd fwd+bwd
-       --providers ahfa sdpa-cudnn --decode-lens 8192,32768,131072 --out-dir "$R")
+       --decode-lens 8192,32768,131072 --out-dir "$R")
 for i in 1 2; do
-  before timeout ${SWEEP_S:-100} python3 "${SWEEP[@]}" --name "arch-before-$i" 2>&1 | tail -14
-  after timeout ${SWEEP_S:-100} python3 "${SWEEP[@]}" --name "arch-after-$i" 2>&1 | tail -14
+  before timeout ${SWEEP_S:-100} python3 "${SWEEP[@]}" --providers ahfa sdpa sdpa-cudnn --name "arch-before-$i" 2>&1 | tail -14
+  after timeout ${SWEEP_S:-100} python3 "${SWEEP[@]}" --providers ahfa ahfa-auto sdpa sdpa-cudnn --name "arch-after-$i" 2>&1 | tail -16
 done
 rm -f "$R"/*.jsonl

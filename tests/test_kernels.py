@@ -205,9 +205,13 @@ def test_opcheck():
     (3, 700, 4, 4, dict(causal=True, window=50)),
     (2, 530, 4, 1, dict(softcap=2.0, sinks="sinks")),
     (1, 520, 2, 1, dict(causal=True, key_padding_mask="all padded in batch 1")),
+    (2, 540, 4, 2, dict(causal=True, attn_mask="per head and query")),
 ])
 def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
     q, k, v = _qkv(2, Q, K, Hq, Hkv, 16, seed=K)
+    if "attn_mask" in kw:
+        # the split-KV rows are (q head, query) pairs: the dense mask must be read per head and per query
+        kw["attn_mask"] = torch.rand(2, Hq, Q, K, generator=torch.Generator().manual_seed(4)).to(DEVICE) > 0.3
     if "sinks" in kw:
         kw["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     if "key_padding_mask" in kw:

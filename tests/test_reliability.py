@@ -85,3 +85,14 @@ def test_adaptive_without_keys(backend):
     with hf_ahfa.record() as rec:
         out = hf_ahfa.attention(q, k, v, policy=policy, backend=backend)
     assert (out == 0).all() and rec[0]["reason"] == "no keys"
+
+
+@pytest.mark.parametrize("softcap", [0.5, 30.0, 1e3, 1e4, 1e5, 1e8])
+def test_softcap_accurate_at_every_magnitude(softcap, oracle):
+    q, k, v = _qkv(1, 33, 33, 2, 1, 16, seed=7, grad=True)
+    want = oracle(q, k, v, causal=True, softcap=softcap)[0]
+    out = hf_ahfa.attention(q, k, v, causal=True, softcap=softcap, backend="triton")
+    _close(out, want, 2e-6)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+        _close(g, w, 2e-5)
