@@ -20,7 +20,7 @@ mkdir -p /tmp/before-src && tar xf .stage-before/before.tar -C /tmp/before-src &
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-after timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_fuzz.py 2>&1 | tee "$R/gpu-tests.log" | tail -8
+after timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py ${FUZZ:-} 2>&1 | tee "$R/gpu-tests.log" | tail -8
 after timeout ${SUITES_S:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py tests/test_router.py tests/test_reliability.py tests/test_compile.py tests/test_adaptive.py 2>&1 | tee "$R/suites-cuda.log" | tail -4
 # whole model (issue 11): ahfa as routed and on its own kernels against sdpa
 after timeout ${MODEL_S:-150} python3 scripts/model_prefill_speed.py --out-dir "$R" 2>&1 | tail -12

@@ -244,3 +244,22 @@ def test_adaptive_cuda_graph_replay_matches_eager():
     for seed in (0, 1):
         assert torch.equal(outs[False, seed], outs[True, seed])
     assert not torch.equal(outs[True, 0], outs[True, 1])
+
+
+@pytest.mark.parametrize("Q,K,Hkv,grad", [(4096, 4096, 32, False), (4096, 4096, 8, True), (1, 32768, 8, False)])
+def test_routed_calls_match_own_kernels(Q, K, Hkv, grad):
+    """The router's choice (SDPA where it computes the call exactly and was timed faster) gives our kernels'
+    result up to bf16 rounding, and record() names it."""
+    torch.manual_seed(Q + Hkv)
+    q = torch.randn(2, Q, 32, 128, device="cuda", dtype=BF16, requires_grad=grad)
+    k, v = (torch.randn(2, K, Hkv, 128, device="cuda", dtype=BF16, requires_grad=grad) for _ in range(2))
+    with hf_ahfa.record() as rec:
+        routed = hf_ahfa.attention(q, k, v, causal=True)
+    own = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    assert rec[0]["route"] in ("sdpa", "flash", "decode")
+    print(f"route Q={Q} K={K} Hkv={Hkv} grad={grad}: {rec[0]['route']}")
+    assert (routed.float() - own.float()).abs().max() < 2e-2
+    if grad:
+        g = torch.randn_like(routed)
+        for a, b in zip(torch.autograd.grad(routed, (q, k, v), g), torch.autograd.grad(own, (q, k, v), g)):
+            assert (a.float() - b.float()).abs().max() / b.float().abs().max() < 2e-2
