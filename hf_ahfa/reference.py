@@ -55,8 +55,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)
     sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
 
-    if Q == 0:
-        return q.new_zeros(B, 0, Hq, Dv), torch.zeros(B, Hq, 0, device=q.device)
+    if Q == 0:  # an empty output still in q, k and v's graph, so that backward gives (empty and zero) gradients
+        anchor = sum(t.sum() for t in (q, k, v) if t.requires_grad) * 0
+        return q.new_zeros(B, 0, Hq, Dv) + anchor, torch.zeros(B, Hq, 0, device=q.device)
     outs, lses = [], []
     for r0 in range(0, Q, block_q):
         rows = slice(r0, min(r0 + block_q, Q))

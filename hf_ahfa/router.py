@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_ahfa import telemetry
 from hf_ahfa.fastest import fastest
@@ -219,22 +218,18 @@ def _flash(q, k, v, call: AttnCall):
 
 
 _OWN = {"reference": _reference, "decode": _decode, "flash": _flash}
-# On CUDA, SDPA's fastest kernels first (PyTorch's default order puts FlashAttention-2 before cuDNN).
-_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.MATH]
 
 
 def _sdpa(q, k, v, call: AttnCall):
-    """PyTorch's scaled_dot_product_attention on this call (``sdpa_unfit_reason`` is None): ``(out, None)``."""
+    """PyTorch's scaled_dot_product_attention on this call (``sdpa_unfit_reason`` is None): ``(out, None)``.
+
+    PyTorch's own choice among its backends, exactly what ``attn_implementation="sdpa"`` gets; its global
+    backend settings are left alone (``sdpa_kernel(..., set_priority=True)`` did not restore the order it
+    found: plain SDPA calls after it ran FlashAttention-2 instead of cuDNN, 1.6x slower on the H200)."""
     mask = call.attn_mask if call.key_padding_mask is None else call.key_padding_mask[:, None, None, :]
-    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, D) views
-    kw = dict(attn_mask=mask, is_causal=call.causal and q.shape[1] > 1, scale=call.scale,
-              enable_gqa=q.shape[2] != k.shape[2])
-    if q.is_cuda and not torch.compiler.is_compiling():
-        with sdpa_kernel(_SDPA_ORDER, set_priority=True):
-            out = F.scaled_dot_product_attention(*args, **kw)
-    else:
-        out = F.scaled_dot_product_attention(*args, **kw)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=call.causal and q.shape[1] > 1, scale=call.scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2), None
 
 

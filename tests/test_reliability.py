@@ -65,6 +65,8 @@ def test_empty_queries(backend):
     q, k, v = _qkv(2, 0, 7, 4, 2, 16, seed=4, grad=True)
     out, lse = hf_ahfa.attention(q, k, v, causal=True, backend=backend, return_lse=True)
     assert out.shape == (2, 0, 4, 16) and lse.shape == (2, 4, 0)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

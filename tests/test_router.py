@@ -84,7 +84,7 @@ def test_cpu_calls_that_sdpa_computes_exactly_run_sdpa(oracle):
     (dict(cu_seqlens=torch.tensor([0, 4, 9])), "packed"),
 ])
 def test_calls_sdpa_cannot_compute_exactly_run_our_code(kw, why):
-    kw = dict(kw)
+    kw = {n: a.to(DEVICE) if isinstance(a, torch.Tensor) else a for n, a in kw.items()}
     q, k, v = _qkv(9, kw.pop("K", 9), seed=8)
     with hf_ahfa.record() as rec:
         hf_ahfa.attention(q, k, v, **kw)
@@ -106,3 +106,12 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
     assert fastest.fastest(("k",), candidates, default="a") == "b" and len(timed) == 2  # cached
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert fastest.fastest(("other",), candidates, default="a") == "a" and len(timed) == 2
+
+
+def test_routing_leaves_torch_sdpa_settings_alone():
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    q, k, v = _qkv(9, 9, seed=9)
+    hf_ahfa.attention(q, k, v, causal=True)
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()) == flags
