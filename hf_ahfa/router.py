@@ -19,6 +19,7 @@ compute the call exactly. Automatic fallback to the reference is logged once per
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import NamedTuple
@@ -50,12 +51,18 @@ class Route(NamedTuple):
 
 def triton_unavailable_reason(q: torch.Tensor) -> str | None:
     """Why the Triton backend cannot run a call with query ``q`` (``None`` when it can)."""
+    return _triton_unavailable_reason(q.device, q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    # cached: it depends on the device and dtype only, and every call asks
     try:
         from hf_ahfa.kernels.flash import check_supported
     except ImportError as err:
         return f"the Triton kernels cannot be imported ({err})"
     try:
-        check_supported(q)
+        check_supported(torch.empty(0, device=device, dtype=dtype))
     except (TypeError, ValueError, RuntimeError) as err:
         return str(err)
     return None
