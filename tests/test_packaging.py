@@ -47,6 +47,8 @@ def test_wheel_install_imports(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for sub in ("kernels", "patches", "eval"):
         assert f"hf_ahfa/{sub}/__init__.py" in names
+    assert "hf_ahfa/py.typed" in names  # type checkers read the package's annotations
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("kernels/", "patches/", "eval/", "tests/")) for n in names)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
