@@ -167,7 +167,7 @@ def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
     """``"sdpa"`` or ``path``: whichever ran this call's shape faster (timed once per shape key)."""
     grad = call.needs_grad(q, k, v)
     # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
-    key = (q.device, q.dtype, q.shape[0], triton_pow2(q.shape[1]), triton_pow2(k.shape[1]), q.shape[2], k.shape[2],
+    key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
            q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad)
 
     def timed(fn):
@@ -179,7 +179,7 @@ def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
     return fastest(key, {"sdpa": timed(_sdpa), path: timed(_OWN[path])}, default=path)
 
 
-def triton_pow2(n: int) -> int:
+def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
