@@ -4,6 +4,7 @@
 """
 
 import argparse
+import inspect
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -33,10 +34,14 @@ def main():
         raise SystemExit(f"--text holds fewer than --block-size ({args.block_size}) tokens")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); take the name it knows
+    known = inspect.signature(TrainingArguments).parameters
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     trainer = Trainer(
         model=model,
         args=TrainingArguments(args.output_dir, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=2e-4,
-                               gradient_checkpointing=True, logging_steps=10, report_to=[], save_strategy="no"),
+                               logging_steps=10, report_to=[], save_strategy="no",
+                               dataloader_pin_memory=torch.cuda.is_available(), **{checkpointing: True}),
         train_dataset=blocks,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
