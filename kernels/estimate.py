@@ -7,8 +7,8 @@ import triton
 
 from hf_ahfa.kernels import configs
 from hf_ahfa.kernels.estimate_kernels import estimate_mass_kernel
+from hf_ahfa.kernels.common import Scores, mask_args, precision, tensor_arg
 from hf_ahfa.kernels.flash import LOG2E
-
 
 
 @torch.library.custom_op("hf_ahfa::estimate_mass", mutates_args=(), device_types=("cuda", "cpu"))
@@ -27,15 +27,12 @@ def estimate_mass(
     nkb = triton.cdiv(K, block_k)
     tile_max = torch.full((B, H, NR, nkb), float("-inf"), dtype=torch.float32, device=qs.device)
     tile_sum = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
-    kpm = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     block_r = 16 if configs.interpreting() else 64
     estimate_mass_kernel[(triton.cdiv(NR, block_r), nkb, B * H)](
-        qs, k, kpm if kpm is not None else tile_sum, tile_max, tile_sum, *qs.stride(), *k.stride(),
-        *((kpm.stride(0), kpm.stride(1)) if kpm is not None else (0, 0)),
-        NR, q_len, K, H, H // HKV, nkb, stride, D, scale * LOG2E, softcap, win_left, win_right,
-        CAUSAL=causal, HAS_WINDOW=win_left >= 0, SOFTCAP=softcap > 0, HAS_KPM=kpm is not None,
-        PRECISION="ieee" if qs.dtype == torch.float32 else "tf32", BLOCK_R=block_r, BLOCK_N=block_k,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=1 if configs.interpreting() else 4, num_stages=1,
+        tensor_arg(qs), tensor_arg(k), mask_args(key_padding_mask, None)[0], tile_max, tile_sum,
+        NR, q_len, K, H, H // HKV, nkb, stride, Scores(scale * LOG2E, softcap, win_left, win_right),
+        D=D, CAUSAL=causal, PRECISION=precision(qs.dtype), BLOCK_R=block_r,
+        BLOCK_N=block_k, num_warps=1 if configs.interpreting() else 4, num_stages=1,
     )
     # softmax mass per block: each tile's sum rescaled to the row's max, over the row's total
     row_max = tile_max.amax(-1, keepdim=True)

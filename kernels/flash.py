@@ -11,6 +11,7 @@ import torch
 import triton
 
 from hf_ahfa.kernels import configs
+from hf_ahfa.kernels.common import Scores, block_size, mask_args, precision, tensor_arg
 from hf_ahfa.kernels.flash_kernels import (
     flash_bwd_dkdv_kernel,
     flash_bwd_dq_kernel,
@@ -36,13 +37,17 @@ def check_supported(q: torch.Tensor) -> None:
     configs.arch(q.device)  # raises below sm80
 
 
-def _mask_args(key_padding_mask, attn_mask):
-    """uint8 views of the bool masks (no copy) and their strides; size-1 dims broadcast with stride 0."""
-    kpm = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-    am = None if attn_mask is None else attn_mask.view(torch.uint8)
-    kpm_strides = (kpm.stride(0), kpm.stride(1)) if kpm is not None else (0, 0)
-    am_strides = tuple(0 if am.shape[i] == 1 else am.stride(i) for i in range(4)) if am is not None else (0, 0, 0, 0)
-    return kpm, am, kpm_strides, am_strides
+def _packed(cu_seqlens_q, cu_seqlens_k):
+    """Kernel argument ``CU`` of packed sequences."""
+    return None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
+
+
+def _lists(lists):
+    """Kernel argument of a block-sparse layout's lists ``(count, index, full_count, full_index)``."""
+    if lists is None:
+        return None
+    count, index, fcount, findex = lists
+    return (count, index, fcount, findex, index.shape[-2], index.shape[-1])
 
 
 def _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -53,24 +58,14 @@ def _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return dict(
         B=B, Q=Q, K=K, H=H, HKV=HKV, D=D, DV=DV, varlen=varlen, nseq=nseq,
         max_q=max_seqlen_q if varlen else Q, max_k=max_seqlen_k if varlen else K,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-        precision="ieee" if q.dtype == torch.float32 else "tf32",
+        precision=precision(q.dtype),
     )
 
 
-def _flags(causal, win_left, win_right, softcap, dropout_p, key_padding_mask, attn_mask, varlen, precision):
-    return dict(
-        CAUSAL=causal, HAS_WINDOW=win_left >= 0, SOFTCAP=softcap > 0, HAS_KPM=key_padding_mask is not None,
-        HAS_AM=attn_mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0, PRECISION=precision,
-    )
-
-
-def _sparse_args(lists, dummy):
-    """Kernel arguments of a block-sparse layout's lists ``(count, index, full_count, full_index)``."""
-    if lists is None:
-        return (dummy, dummy, dummy, dummy, 1, 1)
-    count, index, fcount, findex = lists
-    return (count, index, fcount, findex, index.shape[-2], index.shape[-1])
+def _constexprs(c, causal, blocks):
+    """The explicit compile-time arguments of the flash kernels (the rest are derived by ``common.flags``)."""
+    return dict(D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], LAYOUT_BQ=blocks[0],
+                LAYOUT_BK=blocks[1])
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -93,30 +88,22 @@ def _sparse_candidates(cands, block_q, block_k, swap=False):
 
 
 def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-         causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1)):
+            causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1)):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(c["B"], c["Q"], c["H"], c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(c["B"], c["H"], c["Q"], dtype=torch.float32, device=q.device)
-    kpm, am, kpm_strides, am_strides = _mask_args(key_padding_mask, attn_mask)
-    dummy = out
     args = (
-        q, k, v, out, lse, sinks if sinks is not None else dummy, kpm if kpm is not None else dummy,
-        am if am is not None else dummy,
-        cu_seqlens_q if cu_seqlens_q is not None else dummy, cu_seqlens_k if cu_seqlens_k is not None else dummy,
-        *_sparse_args(lists, dummy),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kpm_strides, *am_strides,
-        c["Q"], c["K"], c["H"], c["H"] // c["HKV"], c["D"], c["DV"],
-        scale * LOG2E, softcap, win_left, win_right, dropout_p, seed,
+        tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), lse, sinks,
+        *mask_args(key_padding_mask, attn_mask), _packed(cu_seqlens_q, cu_seqlens_k), _lists(lists),
+        c["Q"], c["K"], c["H"], c["H"] // c["HKV"],
+        Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed),
     )
-    flags = _flags(causal, win_left, win_right, softcap, dropout_p, key_padding_mask, attn_mask, c["varlen"],
-                   c["precision"])
-    flags.update(HAS_SINKS=sinks is not None, BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"],
-                 SPARSE=lists is not None, LAYOUT_BQ=blocks[0], LAYOUT_BK=blocks[1])
+    consts = _constexprs(c, causal, blocks)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton.cdiv(c["max_q"], bm), c["nseq"] * c["H"])
-        flash_fwd_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     cands = configs.candidates(configs.FWD, q.device, c["D"])
     if lists is not None:
@@ -140,16 +127,18 @@ def flash_fwd(
                 max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale)
 
 
-@flash_fwd.register_fake
-def _(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, win_left, win_right, softcap, dropout_p, seed, scale):
+def fake_fwd(q, k, v, *args):
+    """Shapes of a forward op's ``(out, lse)``."""
     B, Q, H, _ = q.shape
     return q.new_empty(B, Q, H, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
 
 
+flash_fwd.register_fake(fake_fwd)
+
+
 def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
-         max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
-         rows=None, cols=None, blocks=(1, 1)):
+            max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
+            rows=None, cols=None, blocks=(1, 1)):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # the softmax denominator includes the sink; a row that sees nothing gets +inf so that p = 0
     full = lse if sinks is None else torch.logaddexp(lse, sinks.float()[None, :, None])
@@ -158,34 +147,26 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kpm, am, kpm_strides, am_strides = _mask_args(key_padding_mask, attn_mask)
-    dummy = lse2
-    opt = (kpm if kpm is not None else dummy, am if am is not None else dummy,
-           cu_seqlens_q if cu_seqlens_q is not None else dummy, cu_seqlens_k if cu_seqlens_k is not None else dummy)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (scale * LOG2E, softcap, win_left, win_right, dropout_p, seed)
-    flags = _flags(causal, win_left, win_right, softcap, dropout_p, key_padding_mask, attn_mask, c["varlen"],
-                   c["precision"])
-    flags.update(BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"], SPARSE=rows is not None,
-                 LAYOUT_BQ=blocks[0], LAYOUT_BK=blocks[1])
+    inputs = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(grad_out), lse2, delta)
+    masks = (*mask_args(key_padding_mask, attn_mask), _packed(cu_seqlens_q, cu_seqlens_k))
+    scores = Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed)
+    consts = _constexprs(c, causal, blocks)
     G = c["H"] // c["HKV"]
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton.cdiv(c["max_k"], bn), c["nseq"] * c["HKV"])
         flash_bwd_dkdv_kernel[grid](
-            q, k, v, grad_out, lse2, delta, dk, dv, *opt, *_sparse_args(cols, dummy), *strides, *dk.stride(),
-            *dv.stride(), *kpm_strides, *am_strides, c["Q"], c["K"], c["H"], c["HKV"], G, c["D"], c["DV"], *scalars,
-            **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            *inputs, tensor_arg(dk), tensor_arg(dv), *masks, _lists(cols), c["Q"], c["K"], c["H"], c["HKV"], G, scores,
+            **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
         )
 
     def launch_dq(cfg):
         bn, bm, warps, stages = cfg  # the dq kernel holds queries: the table's roles swap
         grid = (triton.cdiv(c["max_q"], bm), c["nseq"] * c["H"])
         flash_bwd_dq_kernel[grid](
-            q, k, v, grad_out, lse2, delta, dq, *opt, *_sparse_args(rows, dummy), *strides, *dq.stride(),
-            *kpm_strides, *am_strides, c["Q"], c["K"], c["H"], G, c["D"], c["DV"], *scalars,
-            **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            *inputs, tensor_arg(dq), *masks, _lists(rows), c["Q"], c["K"], c["H"], G, scores,
+            **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
         )
 
     cands = configs.candidates(configs.BWD, q.device, c["D"])
@@ -217,26 +198,44 @@ def flash_bwd(
                 max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale)
 
 
-@flash_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, sinks, *args):
+def fake_bwd(grad_out, q, k, v, *args):
+    """Shapes of a backward op's ``(dq, dk, dv, dsinks)``."""
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(q.shape[2], dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    (q, k, v, sinks, kpm, am, cu_q, cu_k, max_q, max_k, causal, wl, wr, softcap, dropout_p, seed, scale) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, sinks, kpm, am, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, wl, wr, softcap, dropout_p, seed, scale)
+flash_bwd.register_fake(fake_bwd)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, sinks, kpm, am, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv, dsinks = flash_bwd(grad_out, q, k, v, out, lse, sinks, kpm, am, cu_q, cu_k, *ctx.args)
-    dsinks = None if sinks is None else dsinks.to(sinks.dtype)
-    return dq, dk, dv, dsinks, *([None] * 13)
+def _arg_names(op) -> tuple[str, ...]:
+    return tuple(arg.name for arg in op._opoverload._schema.arguments)
 
 
-flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+def register_autograd(fwd, bwd, check=None):
+    """Autograd of the forward op ``fwd`` through the backward op ``bwd``, their arguments matched by name:
+    ``bwd`` takes ``grad_out``, the forward's ``out`` and ``lse`` and any of its arguments, and returns the
+    gradients of ``q, k, v, sinks``. ``check(args)`` may refuse a backward that the forward's arguments
+    cannot serve."""
+    fwd_names, bwd_names = _arg_names(fwd), _arg_names(bwd)[1:]
+
+    def setup_context(ctx, inputs, output):
+        args = dict(zip(fwd_names, inputs), out=output[0], lse=output[1])
+        ctx.tensor_names = [n for n in bwd_names if isinstance(args[n], torch.Tensor)]
+        ctx.save_for_backward(*(args[n] for n in ctx.tensor_names))
+        ctx.args = {n: args[n] for n in bwd_names if n not in ctx.tensor_names}
+
+    def backward(ctx, grad_out, grad_lse):
+        args = dict(zip(ctx.tensor_names, ctx.saved_tensors), **ctx.args)
+        if check is not None:
+            check(args)
+        dq, dk, dv, dsinks = bwd(grad_out, **args)
+        sinks = args["sinks"]
+        grads = dict(q=dq, k=dk, v=dv, sinks=None if sinks is None else dsinks.to(sinks.dtype))
+        return tuple(grads.get(n) for n in fwd_names)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+
+register_autograd(flash_fwd, flash_bwd)
 
 
 @torch.library.custom_op("hf_ahfa::flash_decode", mutates_args=(), device_types=("cuda", "cpu"))
@@ -258,26 +257,20 @@ def flash_decode(
     splits = triton.cdiv(c["K"], split_len)
     o_part = torch.empty(B * HKV, splits, rows, c["DV"], dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HKV, splits, rows, dtype=torch.float32, device=q.device)
-    kpm, am, kpm_strides, am_strides = _mask_args(key_padding_mask, attn_mask)
     flash_decode_kernel[(splits, B * HKV)](
-        q, k, v, o_part, lse_part, kpm if kpm is not None else o_part, am if am is not None else o_part,
-        *q.stride(), *k.stride(), *v.stride(), *kpm_strides, *am_strides,
-        Q, c["K"], HKV, G, c["D"], c["DV"], split_len, scale * LOG2E, softcap, win_left, win_right,
-        CAUSAL=causal, HAS_WINDOW=win_left >= 0, SOFTCAP=softcap > 0, HAS_KPM=kpm is not None,
-        HAS_AM=am is not None, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=block_n,
-        BLOCK_D=c["BLOCK_D"], BLOCK_DV=c["BLOCK_DV"], num_warps=4, num_stages=3,
+        tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
+        Q, c["K"], HKV, G, split_len, Scores(scale * LOG2E, softcap, win_left, win_right),
+        D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=block_n,
+        num_warps=4, num_stages=3,
     )
     out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
     flash_decode_combine_kernel[(B * HKV * G * Q,)](
-        o_part, lse_part, sinks if sinks is not None else lse, out, lse, *out.stride(),
-        Q, H, HKV, G, splits, ROWS=rows, DV=c["DV"], HAS_SINKS=sinks is not None,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=c["BLOCK_DV"], num_warps=1,
+        o_part, lse_part, sinks, tensor_arg(out), lse, Q, H, HKV, G, splits, ROWS=rows, DV=c["DV"],
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=block_size(c["DV"]),
+        num_warps=1,
     )
     return out, lse
 
 
-@flash_decode.register_fake
-def _(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, win_right, softcap, scale):
-    B, Q, H, _ = q.shape
-    return q.new_empty(B, Q, H, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
+flash_decode.register_fake(fake_fwd)

@@ -1,34 +1,30 @@
-"""Dense flash attention in Triton: forward (with log-sum-exp), backward (dk/dv, then dq).
+"""Dense flash attention in Triton: forward (with log-sum-exp), backward (dk/dv, then dq), split-KV decode.
 
 Layout ``(B, T, H, D)`` with arbitrary strides; GQA is native (a query head reads k/v head
 ``h // GROUP``). Scores live in the log2 domain (``exp2``) with the scale folded in. Masks follow
-``hf_ahfa.masks``: bottom-right causal, window ``(left, right)``, key padding, dense boolean mask,
-packed sequences (``cu_seqlens``). Blocks outside the causal/window band are never visited.
+``hf_ahfa.masks`` through ``common.visible``: bottom-right causal, window ``(left, right)``, key padding,
+dense boolean mask, packed sequences (``cu_seqlens``). Blocks outside the causal/window band are never
+visited, and blocks wholly inside it are visited without any mask arithmetic (``MASKED=False``).
+
+With ``F.sparse`` (a ``LISTS`` argument, ``hf_ahfa.kernels.sparse``) the same kernels visit only the
+blocks a block-sparse layout lists: the walk helpers (``_fwd_blocks``...) loop over a key (or query) range
+or over listed layout blocks, chosen by that one constexpr.
 """
 
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
+from hf_ahfa.kernels.common import (
+    LOG2E, flags, head_view, key_span, load_tile, logits, make_ctx, natural_lse, online_softmax, store_tile,
+    tile_ptrs, visible,
+)
 
 
 @triton.jit
-def _tanh(x):
-    # no tanh in triton.language that also runs under TRITON_INTERPRET. 2 * sigmoid(2x) - 1 cancels for small x
-    # (a large softcap): an odd series below |x| = 0.2 (next term < 6e-8 relative), (1 - e) / (1 + e) with
-    # e = exp(-2|x|) above (no overflow, at most ~2 ulp lost)
-    a = tl.abs(x)
-    x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    return tl.where(a < 0.2, series, tl.where(x < 0, -big, big))
-
-
-@triton.jit
-def _seq_bounds(cu_q, cu_k, seq, Q, K, VARLEN: tl.constexpr):
+def _seq_bounds(CU, seq, T_Q, T_K, F: tl.constexpr):
     """Start row and length of sequence ``seq`` in q and in k (whole tensors when not packed)."""
-    if VARLEN:
+    if F.varlen:
+        cu_q, cu_k = CU
         q_start = tl.load(cu_q + seq).to(tl.int64)
         k_start = tl.load(cu_k + seq).to(tl.int64)
         q_len = (tl.load(cu_q + seq + 1) - q_start).to(tl.int32)
@@ -36,754 +32,465 @@ def _seq_bounds(cu_q, cu_k, seq, Q, K, VARLEN: tl.constexpr):
     else:
         q_start = tl.zeros((), tl.int64)
         k_start = tl.zeros((), tl.int64)
-        q_len = Q
-        k_len = K
+        q_len = T_Q
+        k_len = T_K
     return q_start, k_start, q_len, k_len
 
 
 @triton.jit
-def _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Which (sequence, q head, query block) this program of a query-block grid owns."""
+def _batch_row(b, F: tl.constexpr):
+    bm = b.to(tl.int64)
+    if F.varlen:
+        bm = bm * 0  # packed sequences share batch row 0
+    return bm
+
+
+@triton.jit
+def _query_program(KPM, AM, CU, S, T_Q, T_K, H, F: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(ctx, sequence, q head, batch row, q start, k start, query block) of a program of a query-block grid."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T_Q, T_K, F)
     start_m = tl.program_id(0) * BLOCK_M
-    if CAUSAL:
+    if F.causal:
         # the last query blocks see the most keys: start them first so the tail of the grid is short
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bm = b.to(tl.int64)
-    if VARLEN:
-        bm = bm * 0  # packed sequences share batch row 0
-    return bh, b, h, h // GROUP, bm, q_start, k_start, q_len, k_len, start_m
+    bm = _batch_row(b, F)
+    return make_ctx(KPM, AM, S, bm, h, q_start, k_start, q_len, k_len, bh, F), b, h, bm, q_start, k_start, start_m
 
 
 @triton.jit
-def _key_range(start_m, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr):
-    """Key blocks ``[lo, hi)`` that queries ``start_m .. start_m + BLOCK_M`` may see."""
-    shift = k_len - q_len  # bottom-right alignment: query i sits at position i + shift
-    lo = 0
-    hi = k_len
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + shift)
-    if HAS_WINDOW:
-        lo = tl.maximum(0, start_m + shift - WIN_LEFT)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        if not CAUSAL:
-            hi = tl.minimum(hi, start_m + BLOCK_M - 1 + shift + WIN_RIGHT + 1)
-    return lo, tl.maximum(hi, 0)
+def _lists(LISTS, b, h, H, block):
+    """Layout row ``(b, h, block)`` of ``LISTS = (count, index, full_count, full_index, rows, slots)``:
+    (how many masked blocks, where they are listed, how many full blocks, where those are listed)."""
+    count, index, full_count, full_index, rows, slots = LISTS
+    row = (b.to(tl.int64) * H + h) * rows + block
+    return tl.load(count + row), index + row * slots, tl.load(full_count + row), full_index + row * slots
 
 
 @triton.jit
-def _query_range(start_n, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr):
-    """Query blocks ``[lo, hi)`` that may see keys ``start_n .. start_n + BLOCK_N``."""
-    shift = k_len - q_len
-    lo = 0
-    hi = q_len
-    if CAUSAL:
-        lo = tl.maximum(0, start_n - shift)
-    if HAS_WINDOW:
-        hi = tl.minimum(hi, start_n + BLOCK_N - 1 + WIN_LEFT - shift + 1)
-        if not CAUSAL:
-            lo = tl.maximum(0, start_n - WIN_RIGHT - shift)
-    lo = (lo // BLOCK_M) * BLOCK_M
-    return lo, tl.maximum(hi, 0)
-
-
-@triton.jit
-def _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr, ELEMENT_MASKS: tl.constexpr):
-    """Key blocks ``[f_lo, f_hi)`` inside ``[lo, hi)`` that every query of the block fully sees.
-
-    Only the blocks outside it (the causal diagonal, window edges, the ragged end) need a mask. With a
-    key-padding or dense mask (``ELEMENT_MASKS``) every block is masked.
-    """
-    shift = k_len - q_len
-    f_hi = (k_len // BLOCK_N) * BLOCK_N
+def _key_blocks(start_m, cx, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range ``[lo, hi)`` that queries ``start_m .. + BLOCK_M`` may see, and inside it ``[f_lo, f_hi)``
+    that every one of them fully sees. Only the blocks outside the latter (the causal diagonal, window
+    edges, the ragged end) need a mask; with a key-padding or dense mask every block does."""
+    shift = cx.k_len - cx.q_len  # bottom-right alignment: query i sits at position i + shift
+    lo, hi = key_span(start_m + shift, start_m + BLOCK_M + shift, cx, F)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    f_hi = (cx.k_len // BLOCK_N) * BLOCK_N
     f_lo = lo
-    if CAUSAL:
+    if F.causal:
         f_hi = tl.minimum(f_hi, ((start_m + shift + 1) // BLOCK_N) * BLOCK_N)
-    if HAS_WINDOW:
-        f_lo = tl.maximum(lo, tl.cdiv(start_m + BLOCK_M - 1 + shift - WIN_LEFT, BLOCK_N) * BLOCK_N)
-        if not CAUSAL:
-            f_hi = tl.minimum(f_hi, ((start_m + shift + WIN_RIGHT + 1) // BLOCK_N) * BLOCK_N)
-    if ELEMENT_MASKS:
+    if F.window:
+        f_lo = tl.maximum(lo, tl.cdiv(start_m + BLOCK_M - 1 + shift - cx.win_left, BLOCK_N) * BLOCK_N)
+        if not F.causal:
+            f_hi = tl.minimum(f_hi, ((start_m + shift + cx.win_right + 1) // BLOCK_N) * BLOCK_N)
+    if F.kpm or F.am:
         f_lo = hi
     f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
-    return f_lo, f_hi
+    return lo, f_lo, f_hi, hi
 
 
 @triton.jit
-def _full_query_range(start_n, lo, hi, q_len, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      CAUSAL: tl.constexpr, WIN_LEFT, WIN_RIGHT, HAS_WINDOW: tl.constexpr,
-                      ELEMENT_MASKS: tl.constexpr):
-    """Query blocks ``[f_lo, f_hi)`` inside ``[lo, hi)`` that fully see keys ``start_n .. + BLOCK_N``."""
-    shift = k_len - q_len
+def _query_blocks(start_n, cx, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query range ``[lo, hi)`` that may see keys ``start_n .. + BLOCK_N``, and inside it ``[f_lo, f_hi)``
+    that fully sees them (the transpose of ``_key_blocks``)."""
+    shift = cx.k_len - cx.q_len
+    lo = 0
+    hi = cx.q_len
+    if F.causal:
+        lo = tl.maximum(0, start_n - shift)
+    if F.window:
+        hi = tl.minimum(hi, start_n + BLOCK_N - 1 + cx.win_left - shift + 1)
+        if not F.causal:
+            lo = tl.maximum(0, start_n - cx.win_right - shift)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.maximum(hi, 0)
     f_lo = lo
     f_hi = hi
-    if CAUSAL:
+    if F.causal:
         f_lo = tl.maximum(f_lo, tl.cdiv(start_n + BLOCK_N - 1 - shift, BLOCK_M) * BLOCK_M)
-    if HAS_WINDOW:
-        f_hi = tl.minimum(f_hi, ((start_n + WIN_LEFT - shift + 1) // BLOCK_M) * BLOCK_M)
-        if not CAUSAL:
-            f_lo = tl.maximum(f_lo, tl.cdiv(start_n + BLOCK_N - 1 - shift - WIN_RIGHT, BLOCK_M) * BLOCK_M)
-    if ELEMENT_MASKS or start_n + BLOCK_N > k_len:  # a ragged key block is masked everywhere
+    if F.window:
+        f_hi = tl.minimum(f_hi, ((start_n + cx.win_left - shift + 1) // BLOCK_M) * BLOCK_M)
+        if not F.causal:
+            f_lo = tl.maximum(f_lo, tl.cdiv(start_n + BLOCK_N - 1 - shift - cx.win_right, BLOCK_M) * BLOCK_M)
+    if F.kpm or F.am or start_n + BLOCK_N > cx.k_len:  # a ragged key block is masked everywhere
         f_lo = hi
     f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
-    return f_lo, f_hi
+    return lo, f_lo, f_hi, hi
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-            kpm_ptr, stride_kpm_k, kpm_off, am_ptr, stride_am_q, stride_am_k, am_off,
-            CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, WIN_LEFT, WIN_RIGHT,
-            SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr,
-            PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
-    """Scores of one tile in the log2 domain, and the raw tanh for the softcap gradient.
-
-    q: [BM, D], k: [BN, D] -> s: [BM, BN]; invisible entries are -inf. ``MASKED=False`` is for tiles
-    that lie wholly inside the visible band (see ``_full_range``): no mask is built at all.
-    """
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, D] @ [D, BN] -> [BM, BN]
-    t = s
-    if SOFTCAP:
-        t = _tanh(s * (qk_scale / LOG2E) / softcap)
-        s = t * (softcap * LOG2E)
-    else:
-        s = s * qk_scale
-    if not MASKED:
-        return s, t
-    qp = offs_m[:, None] + (k_len - q_len)
-    kp = offs_n[None, :]
-    ok = (offs_m[:, None] < q_len) & (kp < k_len)
-    if CAUSAL:
-        ok = ok & (kp <= qp)
-    if HAS_WINDOW:
-        ok = ok & (kp >= qp - WIN_LEFT) & (kp <= qp + WIN_RIGHT)
-    if HAS_KPM:
-        pad = tl.load(kpm_ptr + kpm_off + offs_n.to(tl.int64) * stride_kpm_k, mask=offs_n < k_len, other=0)
-        ok = ok & (pad != 0)[None, :]
-    if HAS_AM:
-        am = tl.load(
-            am_ptr + am_off + offs_m[:, None].to(tl.int64) * stride_am_q + offs_n[None, :].to(tl.int64) * stride_am_k,
-            mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len), other=0,
-        )
-        ok = ok & (am != 0)
-    return tl.where(ok, s, float("-inf")), t
+def _listed_start(index, j, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
+    """Start of the ``j``-th kernel tile of the blocks listed at ``index`` (tiles split layout blocks evenly)."""
+    SUB: tl.constexpr = LAYOUT_B // BLOCK
+    return tl.load(index + j // SUB) * LAYOUT_B + (j % SUB) * BLOCK
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P):
+def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
+    """Log2-domain scores of a query tile against a key tile (and the tanh for the softcap gradient);
+    invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built."""
+    s, t = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
+    if MASKED:
+        ok = visible(offs_m[:, None] + (cx.k_len - cx.q_len), offs_n, offs_m, cx.q_len, cx.k_len,
+                     offs_m.to(tl.int64) * cx.am_q, cx, F)
+        s = tl.where(ok, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(cx, offs_m, offs_n):
     # one Philox stream per (batch, head); the offset numbers each (query, key) pair of that head
-    rnd = tl.rand(seed + bh, offs_m[:, None] * k_len + offs_n[None, :])
-    return rnd >= DROPOUT_P
+    rnd = tl.rand(cx.seed + cx.bh, offs_m[:, None] * cx.k_len + offs_n[None, :])
+    return rnd >= cx.dropout_p
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, q_len, k_len, qk_scale, softcap,
-              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr):
     """Online-softmax update of one query block with the key tile at ``start_n``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < k_len
+    n_ok = offs_n < cx.k_len
     if not MASKED:
         n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
-    k = tl.load(k_ptrs, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                   CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
+    s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
+    if F.dropout:
+        p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
+    v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, kv, start, end, index, offs_m, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Online softmax of one query block over key tiles ``[start, end)``; with ``F.sparse`` over the
+    ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks."""
+    k_view, v_view = kv
+    offs_d = tl.arange(0, F.block_d)
+    offs_dv = tl.arange(0, F.block_dv)
+    if F.sparse:
+        for j in range(0, end * (F.layout_bk // BLOCK_N)):
+            start_n = _listed_start(index, j, F.layout_bk, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, tile_ptrs(k_view, offs_n, offs_d),
+                                      tile_ptrs(v_view, offs_n, offs_dv), start_n, offs_m, cx, F, BLOCK_N, MASKED)
     else:
-        m_safe = m_new  # a fully visible tile gives every row a finite max
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
-        p = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
-    v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_d, offs_dv,
-               stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-               KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-               WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-               HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr):
-    """Online-softmax accumulation over key blocks ``[start, end)`` of one query block."""
-    # pointers advance by one block per step instead of being recomputed in 64-bit per element
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd
-    for start_n in range(start, end, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, q_len, k_len,
-                                  qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                  am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                  SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        # pointers advance by one block per step instead of being recomputed in 64-bit per element
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k_ptrs = tile_ptrs(k_view, offs_n, offs_d)
+        v_ptrs = tile_ptrs(v_view, offs_n, offs_dv)
+        for start_n in range(start, end, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F, BLOCK_N, MASKED)
+            k_ptrs += BLOCK_N * k_view.row
+            v_ptrs += BLOCK_N * v_view.row
     return acc, l_i, m_i
 
 
-@triton.jit
-def _fwd_listed(acc, l_i, m_i, q, k_base, v_base, idx_ptr, count, offs_m, offs_d, offs_dv,
-                stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                LAYOUT_BK: tl.constexpr, MASKED: tl.constexpr):
-    """The same over the ``count`` layout key blocks listed at ``idx_ptr`` (block-sparse path).
-
-    One flat loop over (listed block, tile of it), so the compiler pipelines the loads across blocks.
-    """
-    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    for j in range(0, count * SUB):
-        start_n = tl.load(idx_ptr + j // SUB) * LAYOUT_BK + (j % SUB) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_d, offs_dv, q_len, k_len,
-                                  qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                  am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                  SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
-    return acc, l_i, m_i
-
-
+@triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_fwd_kernel(
-    Qp, Kp, Vp, Op, LSEp, SINKp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, LROWS, LSLOTS,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_ob, stride_ot, stride_oh, stride_od,
-    stride_kpm_b, stride_kpm_k,
-    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, H, GROUP, D: tl.constexpr, DV: tl.constexpr,
-    qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q, K, V, O, LSE, SINKS, KPM, AM, CU, LISTS, T_Q, T_K, H, GROUP, S,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    F: tl.constexpr,
 ):
-    # SPARSE: only the key blocks a block-sparse layout lists for this query block (hf_ahfa.block_layout):
-    # PCNT/PIDX (B, H, LROWS[, LSLOTS]) the blocks that need the element mask, FCNT/FIDX those that do not.
-    bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
-                                                                              VARLEN, BLOCK_M)
-    if start_m >= q_len:
+    # Q, K, V, O: (tensor, *strides) of (B, T, H, D) tensors; LSE (B, H, T_Q) contiguous; SINKS (H,),
+    # KPM (tensor, stride_b, stride_k), AM (tensor, 4 strides), CU (cu_seqlens_q, cu_seqlens_k) and LISTS
+    # (see _lists) are None when absent. LISTS: per query block the key blocks of a block-sparse layout
+    # (hf_ahfa.block_layout), first those that need the element mask, then those that do not.
+    cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, CU, S, T_Q, T_K, H, F, BLOCK_M)
+    if start_m >= cx.q_len:
         return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        Qp + bm * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0,
-    )
-    k_base = Kp + bm * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kt
-    v_base = Vp + bm * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vt
-    kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
-    am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
+    offs_dv = tl.arange(0, F.block_dv)
+    q = load_tile(head_view(Q, bm, h, q_start), offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
+    kv = (head_view(K, bm, h // GROUP, k_start), head_view(V, bm, h // GROUP, k_start))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if SPARSE:
-        lrow = (b.to(tl.int64) * H + h) * LROWS + start_m // LAYOUT_BQ
-        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, PIDXp + lrow * LSLOTS, tl.load(PCNTp + lrow),
-                                    offs_m, offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len,
-                                    k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q,
-                                    stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL,
-                                    HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK,
-                                    True)
-        acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, k_base, v_base, FIDXp + lrow * LSLOTS, tl.load(FCNTp + lrow),
-                                    offs_m, offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len,
-                                    k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q,
-                                    stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL,
-                                    HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK,
-                                    False)
+    acc = tl.zeros([BLOCK_M, F.block_dv], tl.float32)
+    if F.sparse:
+        n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, 0, n_masked, masked, offs_m, cx, F, BLOCK_N, True)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, 0, n_full, full, offs_m, cx, F, BLOCK_N, False)
     else:
-        lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-        f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                                 HAS_WINDOW, HAS_KPM or HAS_AM)
+        lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
-                                   stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                                   WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                                   HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
-                                   stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                                   WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                                   HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
-                                   stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                                   WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                                   HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N, True)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, f_lo, f_hi, None, offs_m, cx, F, BLOCK_N, False)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N, True)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
-    if HAS_SINKS:
-        den = den + tl.exp2(tl.load(SINKp + h).to(tl.float32) * LOG2E - m_safe)
+    if F.sinks:
+        den = den + tl.exp2(tl.load(SINKS + h).to(tl.float32) * LOG2E - m_safe)
     out = acc / tl.where(den > 0, den, 1.0)[:, None]  # a row that sees nothing stays 0
-    tl.store(
-        Op + bm * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_ot + offs_dv[None, :] * stride_od,
-        out.to(Op.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV),
-    )
-    lse = tl.where(l_i > 0, (m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E, float("-inf"))
+    store_tile(head_view(O, bm, h, q_start), offs_m, offs_dv, out, cx.q_len, F.dv)
     # lse is (B, H, Q) contiguous; packed sequences index it by their global row
-    tl.store(LSEp + (bm * H + h) * Q + rows, lse, mask=offs_m < q_len)
+    tl.store(LSE + (bm * H + h) * T_Q + q_start + offs_m, natural_lse(m_i, l_i), mask=offs_m < cx.q_len)
 
 
 @triton.jit
-def _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT: tl.constexpr, DROPOUT_P):
+def _probs(s, lse2, offs_m, offs_n, cx, F: tl.constexpr):
     """Recomputed probabilities ``p`` and their dropped-out version ``pd`` (``p`` when no dropout)."""
     p = tl.exp2(s - lse2[:, None])  # lse2 = +inf for rows that see nothing: p = 0
     pd = p
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
-        pd = tl.where(keep, p / (1.0 - DROPOUT_P), 0.0)
+    if F.dropout:
+        pd = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
     return p, pd
 
 
 @triton.jit
-def _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len,
-             SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, DROPOUT_P):
+def _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F: tl.constexpr):
     """Gradient w.r.t. the raw scores q.k (before scale and softcap). dpd = dO @ V^T: [BM, BN]."""
     dp = dpd
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, offs_m, offs_n, k_len, DROPOUT_P)
-        dp = tl.where(keep, dpd / (1.0 - DROPOUT_P), 0.0)
+    if F.dropout:
+        dp = tl.where(_dropout_keep(cx, offs_m, offs_n), dpd / (1.0 - cx.dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
-    if SOFTCAP:
+    if F.softcap:
         ds = ds * (1.0 - t * t)
     return ds
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, row_base, start_m, offs_n, offs_d, offs_dv,
-               stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-               qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-               am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-               HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+def _row_stats(stats, offs_m, q_len):
+    """``lse2`` and ``delta`` of query rows ``offs_m``; ``stats`` points both at the head's first row."""
+    lse2_ptr, delta_ptr = stats
+    lse2 = tl.load(lse2_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
+    return lse2, tl.load(delta_ptr + offs_m, mask=offs_m < q_len, other=0.0)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, BLOCK_M: tl.constexpr,
                MASKED: tl.constexpr):
     """dk/dv contribution of the query tile at ``start_m`` of one q head to one key block."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_dv[None, :] * stride_dod,
-                 mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
-    lse2 = tl.load(LSE2p + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
-    delta = tl.load(DELTAp + row_base + offs_m, mask=offs_m < q_len, other=0.0)
-    s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                   CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
-    p, pd = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
-    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)  # [BN,BM]@[BM,DV]
-    dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
-    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # [BN,BM]@[BM,D]
+    q = load_tile(qdo[0], offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
+    do = load_tile(qdo[1], offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
+    lse2, delta = _row_stats(stats, offs_m, cx.q_len)
+    s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    p, pd = _probs(s, lse2, offs_m, offs_n, cx, F)
+    dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=F.precision)  # [BN,BM]@[BM,DV]
+    dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
+    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=F.precision)  # [BN,BM]@[BM,D]
     return dk, dv
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, start, end, offs_n, offs_d, offs_dv,
-                stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr):
-    """dk/dv contributions of query blocks ``[start, end)`` of one q head to one key block."""
-    for start_m in range(start, end, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, row_base, start_m, offs_n, offs_d, offs_dv,
-                            stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                            qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                            am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                            SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, MASKED)
+def _dkdv_blocks(dk, dv, k, v, qdo, stats, start, end, index, offs_n, cx, F: tl.constexpr,
+                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """dk/dv contributions of query tiles ``[start, end)`` of one q head to one key block; with ``F.sparse``
+    of the ``end`` layout query blocks listed at ``index``."""
+    if F.sparse:
+        for j in range(0, end * (F.layout_bq // BLOCK_M)):
+            dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, _listed_start(index, j, F.layout_bq, BLOCK_M), offs_n,
+                                cx, F, BLOCK_M, MASKED)
+    else:
+        for start_m in range(start, end, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F, BLOCK_M, MASKED)
     return dk, dv
 
 
-@triton.jit
-def _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, idx_ptr, count, offs_n, offs_d, offs_dv,
-                 stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                 qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                 am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                 HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 LAYOUT_BQ: tl.constexpr, MASKED: tl.constexpr):
-    """The same over the ``count`` layout query blocks listed at ``idx_ptr`` (block-sparse path)."""
-    SUB: tl.constexpr = LAYOUT_BQ // BLOCK_M
-    for j in range(0, count * SUB):
-        start_m = tl.load(idx_ptr + j // SUB) * LAYOUT_BQ + (j % SUB) * BLOCK_M
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, row_base, start_m, offs_n, offs_d, offs_dv,
-                            stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                            qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                            am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                            SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, MASKED)
-    return dk, dv
-
-
+@triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DKp, DVp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, LROWS, LSLOTS,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_dob, stride_dot, stride_doh, stride_dod,
-    stride_dkb, stride_dkt, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvt, stride_dvh, stride_dvd,
-    stride_kpm_b, stride_kpm_k,
-    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, H, HKV, GROUP, D: tl.constexpr, DV: tl.constexpr,
-    qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q, K, V, DO, LSE2, DELTA, DK, DV_, KPM, AM, CU, LISTS, T_Q, T_K, H, HKV, GROUP, S,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    F: tl.constexpr,
 ):
     # one program holds BLOCK_N keys of one k/v head and streams the queries of all its q heads,
-    # so dk/dv are accumulated in registers without atomics
+    # so dk/dv are accumulated in registers without atomics. LISTS is the transposed layout: per key
+    # block, the query blocks that listed it. Arguments as in flash_fwd_kernel; DV_ is the dv output.
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
-    q_start, k_start, q_len, k_len = _seq_bounds(CUQ, CUK, b, Q, K, VARLEN)
+    q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T_Q, T_K, F)
     if start_n >= k_len:
         return
-    bm = b.to(tl.int64)
-    if VARLEN:
-        bm = bm * 0
+    bm = _batch_row(b, F)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    cols = (k_start + offs_n).to(tl.int64)
-    k = tl.load(Kp + bm * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(Vp + bm * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
-                mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
-    lo, hi = _query_range(start_n, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-    f_lo, f_hi = _full_query_range(start_n, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                                   HAS_WINDOW, HAS_KPM or HAS_AM)
+    offs_d = tl.arange(0, F.block_d)
+    offs_dv = tl.arange(0, F.block_dv)
+    k = load_tile(head_view(K, bm, hk, k_start), offs_n, offs_d, k_len, F.d)
+    v = load_tile(head_view(V, bm, hk, k_start), offs_n, offs_dv, k_len, F.dv)
+    dk = tl.zeros([BLOCK_N, F.block_d], tl.float32)
+    dv = tl.zeros([BLOCK_N, F.block_dv], tl.float32)
+    # the band of this key block is the same for every q head of the group
+    cx = make_ctx(KPM, AM, S, bm, hk, q_start, k_start, q_len, k_len, 0, F)
+    lo, f_lo, f_hi, hi = _query_blocks(start_n, cx, F, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        bh = b * H + h
-        q_base = Qp + bm * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qt
-        do_base = DOp + bm * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dot
-        row_base = (bm * H + h) * Q + q_start
-        am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
-        if SPARSE:
-            # the transposed layout: per key block, the query blocks that listed it
-            lcol = (b.to(tl.int64) * H + h) * LROWS + start_n // LAYOUT_BK
-            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, PIDXp + lcol * LSLOTS, tl.load(PCNTp + lcol),
-                                  offs_n, offs_d, offs_dv, stride_qt, stride_qd, stride_dot, stride_dod, LSE2p,
-                                  DELTAp, q_len, k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp,
-                                  stride_am_q, stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV,
-                                  CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M,
-                                  LAYOUT_BQ, True)
-            dk, dv = _dkdv_listed(dk, dv, k, v, q_base, do_base, row_base, FIDXp + lcol * LSLOTS, tl.load(FCNTp + lcol),
-                                  offs_n, offs_d, offs_dv, stride_qt, stride_qd, stride_dot, stride_dod, LSE2p,
-                                  DELTAp, q_len, k_len, qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp,
-                                  stride_am_q, stride_am_k, am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV,
-                                  CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M,
-                                  LAYOUT_BQ, False)
+        cx = make_ctx(KPM, AM, S, bm, h, q_start, k_start, q_len, k_len, b * H + h, F)
+        qdo = (head_view(Q, bm, h, q_start), head_view(DO, bm, h, q_start))
+        row = (bm * H + h) * T_Q + q_start
+        stats = (LSE2 + row, DELTA + row)
+        if F.sparse:
+            n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_n // LAYOUT_BK)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, 0, n_masked, masked, offs_n, cx, F, BLOCK_M, True)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, 0, n_full, full, offs_n, cx, F, BLOCK_M, False)
         else:
-            # masked edge
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, lo, f_lo, offs_n, offs_d, offs_dv,
-                                     stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                                     qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                     am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                     SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
-            # unmasked interior
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_lo, f_hi, offs_n, offs_d, offs_dv,
-                                     stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                                     qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                     am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                     SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, False)
-            # masked diagonal / window edge
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, f_hi, hi, offs_n, offs_d, offs_dv,
-                                     stride_qt, stride_qd, stride_dot, stride_dod, LSE2p, DELTAp, q_len, k_len,
-                                     qk_scale, softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k,
-                                     am_off, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW,
-                                     SOFTCAP, HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_M, True)
-    dk = dk * (qk_scale / LOG2E)
-    tl.store(DKp + bm * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             dk.to(DKp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D))
-    tl.store(DVp + bm * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
-             dv.to(DVp.dtype.element_ty), mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV))
+            # masked edge, unmasked interior, masked diagonal / window edge
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, lo, f_lo, None, offs_n, cx, F, BLOCK_M, True)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, f_lo, f_hi, None, offs_n, cx, F, BLOCK_M, False)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, f_hi, hi, None, offs_n, cx, F, BLOCK_M, True)
+    store_tile(head_view(DK, bm, hk, k_start), offs_n, offs_d, dk * (S.qk_scale / LOG2E), k_len, F.d)
+    store_tile(head_view(DV_, bm, hk, k_start), offs_n, offs_dv, dv, k_len, F.dv)
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_d, offs_dv,
-              stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr):
+def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr):
     """dq contribution of the key tile at ``start_n`` to one query block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
-                mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < DV), other=0.0)
-    s, t = _scores(q, k, offs_m, offs_n, q_len, k_len, qk_scale, softcap,
-                   KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                   CAUSAL, HAS_WINDOW, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_KPM, HAS_AM, PRECISION, MASKED)
-    p, _ = _probs(s, lse2, offs_m, offs_n, seed, bh, k_len, DROPOUT, DROPOUT_P)
-    dpd = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM,DV]@[DV,BN]
-    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, seed, bh, k_len, SOFTCAP, DROPOUT, DROPOUT_P)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM,BN]@[BN,D]
+    k = load_tile(kv[0], offs_n, tl.arange(0, F.block_d), cx.k_len, F.d)
+    v = load_tile(kv[1], offs_n, tl.arange(0, F.block_dv), cx.k_len, F.dv)
+    s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    p, _ = _probs(s, lse2, offs_m, offs_n, cx, F)
+    dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
+    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=F.precision)  # [BM,BN]@[BN,D]
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, start, end, offs_m, offs_d, offs_dv,
-              stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr):
-    """dq contribution of key blocks ``[start, end)`` to one query block."""
-    for start_n in range(start, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_d, offs_dv,
-                      stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                      KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                      WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                      HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
+def _dq_blocks(dq, q, do, lse2, delta, kv, start, end, index, offs_m, cx, F: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dq contribution of key tiles ``[start, end)`` to one query block; with ``F.sparse`` of the ``end``
+    layout key blocks listed at ``index``."""
+    if F.sparse:
+        for j in range(0, end * (F.layout_bk // BLOCK_N)):
+            dq = _dq_step(dq, q, do, lse2, delta, kv, _listed_start(index, j, F.layout_bk, BLOCK_N), offs_m, cx, F,
+                          BLOCK_N, MASKED)
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F, BLOCK_N, MASKED)
     return dq
 
 
-@triton.jit
-def _dq_listed(dq, q, do, lse2, delta, k_base, v_base, idx_ptr, count, offs_m, offs_d, offs_dv,
-              stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-              KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-              WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D: tl.constexpr, DV: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              HAS_AM: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-              LAYOUT_BK: tl.constexpr, MASKED: tl.constexpr):
-    """The same over the ``count`` layout key blocks listed at ``idx_ptr`` (block-sparse path)."""
-    SUB: tl.constexpr = LAYOUT_BK // BLOCK_N
-    for j in range(0, count * SUB):
-        start_n = tl.load(idx_ptr + j // SUB) * LAYOUT_BK + (j % SUB) * BLOCK_N
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, start_n, offs_m, offs_d, offs_dv,
-                      stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                      KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                      WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                      HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, MASKED)
-    return dq
-
-
+@triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_bwd_dq_kernel(
-    Qp, Kp, Vp, DOp, LSE2p, DELTAp, DQp, KPMp, AMp, CUQ, CUK, PCNTp, PIDXp, FCNTp, FIDXp, LROWS, LSLOTS,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_dob, stride_dot, stride_doh, stride_dod,
-    stride_dqb, stride_dqt, stride_dqh, stride_dqd,
-    stride_kpm_b, stride_kpm_k,
-    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, H, GROUP, D: tl.constexpr, DV: tl.constexpr,
-    qk_scale, softcap, WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, SPARSE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q, K, V, DO, LSE2, DELTA, DQ, KPM, AM, CU, LISTS, T_Q, T_K, H, GROUP, S,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    F: tl.constexpr,
 ):
-    bh, b, h, hk, bm, q_start, k_start, q_len, k_len, start_m = _query_block(CUQ, CUK, Q, K, H, GROUP, CAUSAL,
-                                                                              VARLEN, BLOCK_M)
-    if start_m >= q_len:
+    cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, CU, S, T_Q, T_K, H, F, BLOCK_M)
+    if start_m >= cx.q_len:
         return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Qp + bm * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DOp + bm * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
-                 mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < DV), other=0.0)
-    row_base = (bm * H + h) * Q
-    lse2 = tl.load(LSE2p + row_base + rows, mask=offs_m < q_len, other=float("inf"))
-    delta = tl.load(DELTAp + row_base + rows, mask=offs_m < q_len, other=0.0)
-    k_base = Kp + bm * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kt
-    v_base = Vp + bm * stride_vb + hk.to(tl.int64) * stride_vh + k_start * stride_vt
-    kpm_off = bm * stride_kpm_b + k_start * stride_kpm_k
-    am_off = bm * stride_am_b + h.to(tl.int64) * stride_am_h + q_start * stride_am_q + k_start * stride_am_k
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if SPARSE:
-        lrow = (b.to(tl.int64) * H + h) * LROWS + start_m // LAYOUT_BQ
-        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, PIDXp + lrow * LSLOTS, tl.load(PCNTp + lrow), offs_m,
-                        offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale,
-                        softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off, WIN_LEFT,
-                        WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM,
-                        DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK, True)
-        dq = _dq_listed(dq, q, do, lse2, delta, k_base, v_base, FIDXp + lrow * LSLOTS, tl.load(FCNTp + lrow), offs_m,
-                        offs_d, offs_dv, stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale,
-                        softcap, KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off, WIN_LEFT,
-                        WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_KPM, HAS_AM,
-                        DROPOUT, PRECISION, BLOCK_N, LAYOUT_BK, False)
+    offs_d = tl.arange(0, F.block_d)
+    q = load_tile(head_view(Q, bm, h, q_start), offs_m, offs_d, cx.q_len, F.d)
+    do = load_tile(head_view(DO, bm, h, q_start), offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
+    row = (bm * H + h) * T_Q + q_start
+    lse2, delta = _row_stats((LSE2 + row, DELTA + row), offs_m, cx.q_len)
+    kv = (head_view(K, bm, h // GROUP, k_start), head_view(V, bm, h // GROUP, k_start))
+    dq = tl.zeros([BLOCK_M, F.block_d], tl.float32)
+    if F.sparse:
+        n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_masked, masked, offs_m, cx, F, BLOCK_N, True)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_full, full, offs_m, cx, F, BLOCK_N, False)
     else:
-        lo, hi = _key_range(start_m, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT, HAS_WINDOW)
-        f_lo, f_hi = _full_range(start_m, lo, hi, q_len, k_len, BLOCK_M, BLOCK_N, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                                 HAS_WINDOW, HAS_KPM or HAS_AM)
-        # masked window edge
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, lo, f_lo, offs_m, offs_d, offs_dv,
-                           stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                           WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                           HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
-        # unmasked interior
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, offs_m, offs_d, offs_dv,
-                           stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                           WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                           HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, False)
-        # masked diagonal / ragged end
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, f_hi, hi, offs_m, offs_d, offs_dv,
-                           stride_kt, stride_kd, stride_vt, stride_vd, q_len, k_len, qk_scale, softcap,
-                           KPMp, stride_kpm_k, kpm_off, AMp, stride_am_q, stride_am_k, am_off,
-                           WIN_LEFT, WIN_RIGHT, DROPOUT_P, seed, bh, D, DV, CAUSAL, HAS_WINDOW, SOFTCAP,
-                           HAS_KPM, HAS_AM, DROPOUT, PRECISION, BLOCK_N, True)
-    dq = dq * (qk_scale / LOG2E)
-    tl.store(DQp + bm * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(DQp.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
+        lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
+        # masked window edge, unmasked interior, masked diagonal / ragged end
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N, True)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_lo, f_hi, None, offs_m, cx, F, BLOCK_N, False)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N, True)
+    store_tile(head_view(DQ, bm, h, q_start), offs_m, offs_d, dq * (cx.qk_scale / LOG2E), cx.q_len, F.d)
 
 
+@triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_decode_kernel(
-    Qp, Kp, Vp, OPARTp, LSEPARTp, KPMp, AMp,
-    stride_qb, stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_kpm_b, stride_kpm_k,
-    stride_am_b, stride_am_h, stride_am_q, stride_am_k,
-    Q, K, HKV, GROUP, D: tl.constexpr, DV: tl.constexpr, SPLIT_LEN,
-    qk_scale, softcap, WIN_LEFT, WIN_RIGHT,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q, K, V, OPART, LSEPART, KPM, AM, T_Q, T_K, HKV, GROUP, SPLIT_LEN, S,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F: tl.constexpr,
 ):
-    # Split-KV for few queries: one program takes SPLIT_LEN keys of one k/v head and all GROUP * Q
-    # query rows that read it (row r = query head g * Q + query i), so K/V are read once per split and
+    # Split-KV for few queries: one program takes SPLIT_LEN keys of one k/v head and all GROUP * T_Q
+    # query rows that read it (row r = query head g * T_Q + query i), so K/V are read once per split and
     # a single query row still spreads over the whole GPU. Partial results are merged by their lse.
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
     hk = bhk % HKV
     offs_r = tl.arange(0, BLOCK_M)
-    g = offs_r // Q
-    i = offs_r % Q
-    h = hk * GROUP + g
-    row_ok = offs_r < GROUP * Q
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Qp + b * stride_qb + h[:, None].to(tl.int64) * stride_qh + i[:, None].to(tl.int64) * stride_qt
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    qp = i + (K - Q)
+    h = hk * GROUP + offs_r // T_Q
+    i = offs_r % T_Q
+    offs_d = tl.arange(0, F.block_d)
+    offs_dv = tl.arange(0, F.block_dv)
+    q_ptr, q_b, q_t, q_h, q_d = Q
+    q = tl.load(q_ptr + b * q_b + h[:, None].to(tl.int64) * q_h + i[:, None].to(tl.int64) * q_t
+                + offs_d[None, :] * q_d, mask=(offs_r[:, None] < GROUP * T_Q) & (offs_d[None, :] < F.d), other=0.0)
+    # the dense mask's rows are (head, query) pairs here: its context starts at the batch row only
+    cx = make_ctx(KPM, AM, S, b, hk * 0, 0, 0, T_Q, T_K, 0, F)
+    am_rows = i.to(tl.int64)
+    if F.am:
+        am_rows = h.to(tl.int64) * AM[2] + i.to(tl.int64) * AM[3]
+    qp = i + (T_K - T_Q)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    k_base = Kp + b * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = Vp + b * stride_vb + hk.to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_M, F.block_dv], tl.float32)
+    k_view = head_view(K, b, hk, 0)
+    v_view = head_view(V, b, hk, 0)
     lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, K)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, ((K - Q - WIN_LEFT) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(lo + SPLIT_LEN, T_K)  # the band always ends at the last key: the last query sees it
+    if F.window:
+        band_lo = key_span(T_K - T_Q, T_K, cx, F)[0]
+        lo = tl.maximum(lo, (band_lo // BLOCK_N) * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, D] @ [D, BN] -> [BM, BN]
-        if SOFTCAP:
-            s = _tanh(s * (qk_scale / LOG2E) / softcap) * (softcap * LOG2E)
-        else:
-            s = s * qk_scale
-        ok = row_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= qp[:, None])
-        if HAS_WINDOW:
-            ok = ok & (offs_n[None, :] >= qp[:, None] - WIN_LEFT) & (offs_n[None, :] <= qp[:, None] + WIN_RIGHT)
-        if HAS_KPM:
-            pad = tl.load(KPMp + b * stride_kpm_b + offs_n.to(tl.int64) * stride_kpm_k, mask=n_ok, other=0)
-            ok = ok & (pad != 0)[None, :]
-        if HAS_AM:
-            am = tl.load(AMp + b * stride_am_b + h[:, None].to(tl.int64) * stride_am_h
-                         + i[:, None].to(tl.int64) * stride_am_q + offs_n[None, :].to(tl.int64) * stride_am_k,
-                         mask=row_ok[:, None] & n_ok[None, :], other=0)
-            ok = ok & (am != 0)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # [BM,BN]@[BN,DV]
-        m_i = m_new
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        k = load_tile(k_view, offs_n, offs_d, hi, F.d)
+        s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
+        s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
+        p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, True)
+        v = load_tile(v_view, offs_n, offs_dv, hi, F.dv)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(l_i > 0, (m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E, float("-inf"))
     # partials: (B * HKV, SPLITS, BLOCK_M, DV) and (B * HKV, SPLITS, BLOCK_M), contiguous
-    nsplit = tl.num_programs(0)
-    part = (bhk.to(tl.int64) * nsplit + split) * BLOCK_M
-    tl.store(OPARTp + (part + offs_r[:, None]) * DV + offs_dv[None, :], out, mask=offs_dv[None, :] < DV)
-    tl.store(LSEPARTp + part + offs_r, lse)
+    part = (bhk.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M
+    tl.store(OPART + (part + offs_r[:, None]) * DV + offs_dv[None, :], out, mask=offs_dv[None, :] < DV)
+    tl.store(LSEPART + part + offs_r, natural_lse(m_i, l_i))
 
 
+@triton.heuristics(dict(HAS_SINKS=lambda args: args["SINKS"] is not None))
 @triton.jit
 def flash_decode_combine_kernel(
-    OPARTp, LSEPARTp, SINKp, Op, LSEp,
-    stride_ob, stride_ot, stride_oh, stride_od,
-    Q, H, HKV, GROUP, SPLITS, ROWS: tl.constexpr, DV: tl.constexpr,
-    HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    OPART, LSEPART, SINKS, O, LSE, T_Q, H, HKV, GROUP, SPLITS, ROWS: tl.constexpr, DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """Merge the split-KV partials of one query row by their lse; apply the sink; write out and lse."""
     pid = tl.program_id(0)
-    bhk = pid // (GROUP * Q)
-    r = pid % (GROUP * Q)
+    bhk = pid // (GROUP * T_Q)
+    r = pid % (GROUP * T_Q)
     b = (bhk // HKV).to(tl.int64)
-    h = (bhk % HKV) * GROUP + r // Q
-    i = r % Q
+    h = (bhk % HKV) * GROUP + r // T_Q
+    i = r % T_Q
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     part = (bhk.to(tl.int64) * SPLITS + offs_s) * ROWS + r
-    lse_s = tl.load(LSEPARTp + part, mask=offs_s < SPLITS, other=float("-inf"))
+    lse_s = tl.load(LSEPART + part, mask=offs_s < SPLITS, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_safe)
     tot = tl.sum(w, 0)
-    o = tl.load(OPARTp + part[:, None] * DV + offs_dv[None, :],
+    o = tl.load(OPART + part[:, None] * DV + offs_dv[None, :],
                 mask=(offs_s[:, None] < SPLITS) & (offs_dv[None, :] < DV), other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
     lse = tl.where(tot > 0, m_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
     if HAS_SINKS:
         # the sink joins the denominator: scale by sum / (sum + e^sink)
-        out = out / (1.0 + tl.exp(tl.load(SINKp + h).to(tl.float32) - lse))
-    tl.store(Op + b * stride_ob + i.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh + offs_dv * stride_od,
-             out.to(Op.dtype.element_ty), mask=offs_dv < DV)
-    tl.store(LSEp + (b * H + h) * Q + i, lse)
+        out = out / (1.0 + tl.exp(tl.load(SINKS + h).to(tl.float32) - lse))
+    o_view = head_view(O, b, h, i.to(tl.int64))
+    tl.store(o_view.ptr + offs_dv * o_view.col, out.to(o_view.ptr.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(LSE + (b * H + h) * T_Q + i, lse)

@@ -1,7 +1,8 @@
 """Launch wrappers of the block-sparse flash kernels, registered as PyTorch ops.
 
-The block-sparse path runs the dense kernels of ``flash_kernels`` with ``SPARSE=True``: each query
-block visits only the key blocks its layout lists (``hf_ahfa.block_layout.BlockLayout.resolve``),
+The block-sparse path runs the dense kernels of ``flash_kernels`` with a ``LISTS`` argument (which
+turns on ``F.sparse``): each query block visits only the key blocks its layout lists
+(``hf_ahfa.block_layout.BlockLayout.resolve``),
 first those that need the element mask (causal diagonal, window edges, padding), then the "full" ones
 without any mask arithmetic. The backward's dk/dv kernel walks the transposed lists (per key block, the
 query blocks that listed it). All exact-path semantics (GQA, causal, window, softcap, sinks, padding,
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_ahfa.kernels.flash import run_bwd, run_fwd
+from hf_ahfa.kernels.flash import fake_bwd, fake_fwd, register_autograd, run_bwd, run_fwd
 
 
 @torch.library.custom_op("hf_ahfa::sparse_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -33,10 +34,7 @@ def sparse_fwd(
                    lists=(count, index, full_count, full_index), blocks=(block_q, block_k))
 
 
-@sparse_fwd.register_fake
-def _(q, k, v, *args):
-    B, Q, H, _ = q.shape
-    return q.new_empty(B, Q, H, v.shape[3]), q.new_empty(B, H, Q, dtype=torch.float32)
+sparse_fwd.register_fake(fake_fwd)
 
 
 @torch.library.custom_op("hf_ahfa::sparse_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -57,33 +55,13 @@ def sparse_bwd(
                    blocks=(block_q, block_k))
 
 
-@sparse_bwd.register_fake
-def _(grad_out, q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(q.shape[2], dtype=torch.float32)
+sparse_bwd.register_fake(fake_bwd)
 
 
-_FWD_ARGS = [a.name for a in sparse_fwd._opoverload._schema.arguments]  # bind autograd inputs by name
-
-
-def _setup_context(ctx, inputs, output):
-    args = dict(zip(_FWD_ARGS, inputs))
-    tensors = ("q", "k", "v", "sinks", "key_padding_mask", "attn_mask", "cu_seqlens_q", "cu_seqlens_k",
-               "count", "index", "full_count", "full_index", "t_count", "t_index", "t_full_count", "t_full_index")
-    ctx.save_for_backward(*output, *(args[n] for n in tensors))
-    ctx.tensor_names = tensors
-    ctx.args = {n: a for n, a in args.items() if n not in tensors}
-
-
-def _backward(ctx, grad_out, grad_lse):
-    out, lse, *saved = ctx.saved_tensors
-    args = dict(zip(ctx.tensor_names, saved), **ctx.args)
+def _needs_transposed_lists(args):
     if args["t_count"] is None:
         raise RuntimeError("hf_ahfa.sparse_fwd was called without the transposed lists (t_count, ...) that its "
                            "backward needs; build them with BlockLayout.resolve(..., backward=True)")
-    dq, dk, dv, dsinks = sparse_bwd(grad_out, out=out, lse=lse, **args)
-    sinks = args["sinks"]
-    grads = {"q": dq, "k": dk, "v": dv, "sinks": None if sinks is None else dsinks.to(sinks.dtype)}
-    return tuple(grads.get(n) for n in _FWD_ARGS)
 
 
-sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(sparse_fwd, sparse_bwd, check=_needs_transposed_lists)

@@ -4,8 +4,8 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|sweep|all
-# (tests: GPU tests, CUDA suites, whole-model speed; sweep: the interleaved kernel sweeps)
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|model|sweep
+# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks; model: whole-model speed; sweep: the interleaved kernel sweeps)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -21,18 +21,37 @@ mkdir -p /tmp/before-src && tar xf .stage-before/before.tar -C /tmp/before-src &
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:-all}
-if [ "$STAGE" != sweep ]; then
-after timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_gpu.py ${FUZZ:-} 2>&1 | tee "$R/gpu-tests.log" | tail -8
-after timeout ${SUITES_S:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py tests/test_router.py tests/test_reliability.py tests/test_compile.py tests/test_adaptive.py 2>&1 | tee "$R/suites-cuda.log" | tail -4
-# whole model (issue 11): ahfa as routed and on its own kernels against sdpa
-after timeout ${MODEL_S:-150} python3 scripts/model_prefill_speed.py --out-dir "$R" 2>&1 | tail -12
-fi
+STAGE=${1:?tests, model or sweep}
+if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
+# pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
+# configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary
+AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider \
+  -n ${WORKERS:-14} --tb=short -rfE --durations=8 -m gpu tests/test_gpu.py ${FUZZ:-} 2>&1 \
+  | grep -v -i benchmark > "$R/gpu-tests.log"
+grep -E "^(FAILED|ERROR) |passed|failed" "$R/gpu-tests.log" | tail -25
 [ "$STAGE" = tests ] && exit 0
+fi
+if [ "$STAGE" = diag ]; then
+# the CUDA runs of the CPU suites on both trees side by side, and a short GPU fuzz, with tracebacks
+SUITES=(tests/test_kernels.py tests/test_router.py tests/test_reliability.py tests/test_compile.py tests/test_adaptive.py)
+PYT=(python3 -m pytest -q -p no:cacheprovider --tb=short -rfE)
+after timeout -s INT -k 15 ${DIAG_S:-200} "${PYT[@]}" -n 6 "${SUITES[@]}" > "$R/suites-after.log" 2>&1 &
+before timeout -s INT -k 15 ${DIAG_S:-200} "${PYT[@]}" -n 6 "${SUITES[@]}" > "$R/suites-before.log" 2>&1 &
+AHFA_FUZZ_GPU_CONFIGS=${FUZZ_N:-48} after timeout -s INT -k 15 ${DIAG_S:-200} "${PYT[@]}" -n 4 -m gpu \
+  tests/test_fuzz.py > "$R/fuzz-after.log" 2>&1 &
+wait
+for f in "$R"/suites-*.log "$R"/fuzz-after.log; do echo "== $f"; grep -E "^(FAILED|ERROR) |passed|failed" "$f" | tail -25; done
+exit 0
+fi
+if [ "$STAGE" = model ]; then
+# whole model (issue 11): ahfa as routed and on its own kernels against sdpa
+after timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" 2>&1 | tail -14
+exit 0
+fi
 # kernels: the sweep before and after, twice, interleaved; after also with ahfa-auto (the router's choice)
 SWEEP=(-m hf_ahfa.eval.cli speed --seq-lens 8192,32768 --head-dims 128 --masks causal --modes fwd fwd+bwd
        --decode-lens 8192,32768,131072 --out-dir "$R")
-for i in 1 2; do
+for i in $(seq 1 ${ROUNDS:-2}); do
   before timeout ${SWEEP_S:-100} python3 "${SWEEP[@]}" --providers ahfa sdpa sdpa-cudnn --name "arch-before-$i" 2>&1 | tail -14
   after timeout ${SWEEP_S:-100} python3 "${SWEEP[@]}" --providers ahfa ahfa-auto sdpa sdpa-cudnn --name "arch-after-$i" 2>&1 | tail -16
 done

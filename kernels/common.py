@@ -1,0 +1,204 @@
+"""Triton helpers shared by every kernel family (flash forward and backward, split-KV decode, estimator).
+
+The visibility rule of ``hf_ahfa.masks`` lives here once at element level (``visible``) and once at
+block level (``key_span``). Two bundles keep the helpers' parameter lists short:
+
+* ``Flags``: the compile-time switches of a launch, one ``tl.constexpr`` namedtuple that the kernels'
+  ``@triton.heuristics(dict(F=flags))`` derives from their arguments (a feature is on when its tensor
+  argument is not ``None``), so every ``if F.x:`` is resolved when the kernel is compiled;
+* ``Ctx``: the runtime values one program needs to score and mask a tile, built once per program.
+
+Tensors travel as tuples ``(tensor, *strides)``; a ``View`` is such a tensor narrowed to the rows of one
+(batch, head): base pointer, row stride, column stride.
+"""
+
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_ahfa.kernels.configs import interpreting
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
+                            "d dv block_d block_dv layout_bq layout_bk")
+# the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window
+Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed", defaults=(0.0, 0))
+Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh")
+View = namedtuple("View", "ptr row col")
+
+
+def block_size(n: int) -> int:
+    """The tile width covering a head dim of ``n``."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def precision(dtype) -> str:
+    """``tl.dot`` input precision: exact for float32 inputs, tf32 otherwise (where it applies at all)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tensor_arg(t):
+    """A tensor as the kernels take it: ``(tensor, *strides)``."""
+    return (t, *t.stride())
+
+
+def mask_args(key_padding_mask, attn_mask):
+    """Kernel arguments ``KPM, AM`` of the bool masks: uint8 views (no copy) with their strides, ``None``
+    when absent. Size-1 dims of the dense mask broadcast with stride 0."""
+    kpm = None if key_padding_mask is None else tensor_arg(key_padding_mask.view(torch.uint8))
+    am = None
+    if attn_mask is not None:
+        am = (attn_mask.view(torch.uint8), *(0 if attn_mask.shape[i] == 1 else attn_mask.stride(i) for i in range(4)))
+    return kpm, am
+
+
+def flags(args: dict) -> Flags:
+    """``Flags`` of a launch from its arguments (used as ``@triton.heuristics(dict(F=flags))``)."""
+    get = args.get
+    d, dv = args["D"], get("DV", args["D"])
+    f = Flags(
+        causal=args["CAUSAL"], window=args["S"].win_left >= 0, softcap=args["S"].softcap > 0,
+        kpm=get("KPM") is not None, am=get("AM") is not None, sinks=get("SINKS") is not None,
+        varlen=get("CU") is not None, dropout=args["S"].dropout_p > 0, sparse=get("LISTS") is not None,
+        precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
+        layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1),
+    )
+    if interpreting():
+        return f  # plain values, as the interpreter passes every constexpr
+    # compiled, each field a tl.constexpr like any constexpr argument: triton 3.6 hands an attribute of a
+    # constexpr namedtuple on as a plain Python value and fails on one inside a tuple argument of a jit
+    # function (``tl.zeros([BLOCK_N, F.block_d], ...)``: "'int' object has no attribute 'type'")
+    return Flags(*(tl.constexpr(x) for x in f))
+
+
+@triton.jit
+def head_view(T, b, h, start):
+    """Rows ``start ..`` of batch row ``b``, head ``h`` of ``T = (tensor, stride_b, stride_t, stride_h, stride_d)``."""
+    ptr, sb, st, sh, sd = T
+    return View(ptr + b * sb + h.to(tl.int64) * sh + start * st, st, sd)
+
+
+@triton.jit
+def tile_ptrs(view, rows, cols):
+    """[R] rows x [C] columns -> [R, C] pointers (row offsets in int64)."""
+    return view.ptr + rows[:, None].to(tl.int64) * view.row + cols[None, :] * view.col
+
+
+@triton.jit
+def load_tile(view, rows, cols, n_rows, n_cols):
+    """The [R, C] tile at ``rows`` x ``cols``, zero outside ``n_rows`` x ``n_cols``."""
+    return tl.load(tile_ptrs(view, rows, cols), mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def store_tile(view, rows, cols, x, n_rows, n_cols):
+    tl.store(tile_ptrs(view, rows, cols), x.to(view.ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, F: tl.constexpr):
+    """``Ctx`` of one (batch row, q head, sequence): the masks' pointers moved to its first (query, key)."""
+    kpm = 0  # placeholders when off (never read): triton 3.6 cannot return a tuple holding None
+    kpm_k = 0
+    am = 0
+    am_q = 0
+    am_k = 0
+    if F.kpm:
+        kpm, kpm_b, kpm_k = KPM
+        kpm = kpm + b * kpm_b + k_start * kpm_k
+    if F.am:
+        am, am_b, am_h, am_q, am_k = AM
+        am = am + b * am_b + h.to(tl.int64) * am_h + q_start * am_q + k_start * am_k
+    return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, am, am_q, am_k, S.dropout_p,
+               S.seed, bh)
+
+
+@triton.jit
+def _tanh(x):
+    # no tanh in triton.language that also runs under TRITON_INTERPRET. 2 * sigmoid(2x) - 1 cancels for small x
+    # (a large softcap): an odd series below |x| = 0.2 (next term < 6e-8 relative), (1 - e) / (1 + e) with
+    # e = exp(-2|x|) above (no overflow, at most ~2 ulp lost)
+    a = tl.abs(x)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    return tl.where(a < 0.2, series, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def logits(q, k, cx, F: tl.constexpr):
+    """Scores of a tile in the log2 domain (scale, softcap) and the raw tanh for the softcap gradient.
+
+    q: [R, D], k: [N, D] -> [R, N].
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=F.precision)  # [R, D] @ [D, N] -> [R, N]
+    t = s
+    if F.softcap:
+        t = _tanh(s * (cx.qk_scale / LOG2E) / cx.softcap)
+        s = t * (cx.softcap * LOG2E)
+    else:
+        s = s * cx.qk_scale
+    return s, t
+
+
+@triton.jit
+def visible(qp, kp, rows, n_rows, n_keys, am_rows, cx, F: tl.constexpr):
+    """Which (query, key) pairs of a tile may attend: the one element-level rule of every kernel.
+
+    qp: [R, 1] query positions (bottom-right aligned: query ``i`` sits at ``i + k_len - q_len``), rows: [R]
+    row numbers of which the first ``n_rows`` exist, am_rows: [R] int64 row offsets into the dense mask;
+    kp: [N] key positions (also the key-padding / dense-mask columns), of which those below ``n_keys``
+    exist -> [R, N] bool.
+    """
+    inside = (rows[:, None] < n_rows) & (kp[None, :] < n_keys)
+    ok = inside
+    if F.causal:
+        ok = ok & (kp[None, :] <= qp)
+    if F.window:
+        ok = ok & (kp[None, :] >= qp - cx.win_left) & (kp[None, :] <= qp + cx.win_right)
+    if F.kpm:
+        pad = tl.load(cx.kpm + kp.to(tl.int64) * cx.kpm_k, mask=kp < n_keys, other=0)
+        ok = ok & (pad != 0)[None, :]
+    if F.am:
+        am = tl.load(cx.am + am_rows[:, None] + kp[None, :].to(tl.int64) * cx.am_k, mask=inside, other=0)
+        ok = ok & (am != 0)
+    return ok
+
+
+@triton.jit
+def key_span(first, end, cx, F: tl.constexpr):
+    """Keys ``[lo, hi)`` that query positions ``[first, end)`` may see: the causal / window band."""
+    lo = 0
+    hi = cx.k_len
+    if F.causal:
+        hi = tl.minimum(hi, end)
+    if F.window:
+        lo = tl.maximum(0, first - cx.win_left)
+        if not F.causal:
+            hi = tl.minimum(hi, end + cx.win_right)
+    return lo, tl.maximum(hi, 0)
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i, MASKED: tl.constexpr):
+    """One online-softmax step over log2 scores s: [R, N] -> (p, rescale of the old sums, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # a fully visible tile gives every row a finite max
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def natural_lse(m_i, l_i):
+    """Natural-log ``lse`` of rows with log2 max ``m_i`` and sum ``l_i`` (``-inf`` where a row sees nothing)."""
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return tl.where(l_i > 0, (m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0))) / LOG2E, float("-inf"))
