@@ -4,6 +4,8 @@ Tiled over query and key blocks with an online softmax, so inference memory is O
 O(T^2), and tiles that no query can see are skipped (causal, window, packed sequences). Scores,
 softmax and accumulation run in float32 (float64 for float64 inputs). Autograd differentiates through
 the tiles, so training memory is that of eager attention; the Triton kernels recompute instead.
+A NaN or inf in the key or value at a position a query cannot see never reaches that query's output or
+gradients; a query that sees one gets NaN.
 
 All tensors use the public layout: ``q (B, Q, Hq, D)``, ``k (B, K, Hkv, D)``, ``v (B, K, Hkv, Dv)``.
 """
@@ -32,6 +34,14 @@ def _scores(qt, kt, scale, softcap):
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     return s
+
+
+def _finite_keys(kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Key and value tiles ``[.., C, D]`` with the rows of non-finite keys or values zeroed, and those rows
+    ``[.., C]``: a query that cannot see such a key gets probability 0 there, but 0 * NaN would still be NaN
+    in ``p @ v`` (and in ``dS @ k`` of the backward)."""
+    bad = ~(torch.isfinite(kt).all(-1) & torch.isfinite(vt).all(-1))
+    return kt.masked_fill(bad[..., None], 0.0), vt.masked_fill(bad[..., None], 0.0), bad
 
 
 def _dropout(p: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -80,17 +90,21 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             if not torch.compiler.is_compiling() and not (last and not computed) and not bool(ok.any()):
                 continue
             computed = True
-            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap)
-            s = s.masked_fill(~_grouped(ok, Hkv), float("-inf"))
+            kt, vt, bad = _finite_keys(kg[..., cols, :].to(ct), vg[..., cols, :].to(ct))
+            okg = _grouped(ok, Hkv)
+            s = _scores(qt, kt, call.scale, call.softcap).masked_fill(~okg, float("-inf"))
+            # a query that sees a non-finite key or value gets NaN (as without _finite_keys)
+            s = s.masked_fill(okg & bad[..., None, :], float("nan"))
             # the running max only shifts the exponent: no gradient needs to flow through it
             m_new = torch.maximum(m, s.amax(-1)).detach()
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
-            p = torch.exp(s - m_safe[..., None])
+            # masked: a NaN row (it sees a non-finite key) keeps p = 0, and so no gradient, at keys it cannot see
+            p = torch.exp(s - m_safe[..., None]).masked_fill(~okg, 0.0)
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(-1)
             if call.dropout_p > 0:
                 p = _dropout(p, call.dropout_p)
-            acc = acc * alpha[..., None] + p @ vg[..., cols, :].to(ct)  # [.., R, C] @ [.., C, Dv]
+            acc = acc * alpha[..., None] + p @ vt  # [.., R, C] @ [.., C, Dv]
             m = m_new
         m_safe = torch.where(m == float("-inf"), 0.0, m)
         den = l if sink is None else l + torch.exp(sink - m_safe)
@@ -118,10 +132,13 @@ def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         layout, slice(None), slice(None), causal=call.causal, window=call.window,
         key_padding_mask=call.key_padding_mask, attn_mask=call.attn_mask,
     )
-    s = _scores(qg, kg, call.scale, call.softcap).masked_fill(~_grouped(ok, Hkv), float("-inf"))
+    kg, vg, bad = _finite_keys(kg, vg)
+    okg = _grouped(ok, Hkv)
+    s = _scores(qg, kg, call.scale, call.softcap).masked_fill(~okg, float("-inf"))
+    s = s.masked_fill(okg & bad[..., None, :], float("nan"))
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(m == float("-inf"), 0.0, m)
-    p = torch.exp(s - m)
+    p = torch.exp(s - m).masked_fill(~okg, 0.0)
     den = p.sum(-1, keepdim=True)
     if call.sinks is not None:
         den = den + torch.exp(call.sinks.to(ct).view(1, Hkv, -1, 1, 1) - m)

@@ -98,3 +98,53 @@ def test_softcap_accurate_at_every_magnitude(softcap, oracle):
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     for g, w in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
         _close(g, w, 2e-5)
+
+
+# ------------------------------------------------------------------------------ non-finite unseen keys
+
+# (call kwargs, Q, K, key positions to poison, query rows that see one of them); batch 0, every head
+UNSEEN = {
+    "causal": (dict(causal=True), 40, 40, [30], range(30, 40)),
+    "window": (dict(window=(4, 4)), 40, 40, [20], range(16, 25)),
+    "padding": (dict(key_padding_mask="pad 33:"), 40, 40, [35], range(0)),
+    "packed": (dict(cu_seqlens=torch.tensor([0, 17, 40])), 40, 40, [10], range(0, 17)),
+    "decode": (dict(causal=True), 3, 600, [599], range(2, 3)),  # split-KV decode on Triton
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(UNSEEN))
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_non_finite_unseen_keys_stay_out(backend, case, where):
+    """A NaN or inf in the key or value at a position a query cannot see (future, outside its window,
+    padded, another packed sequence) never reaches that query's output or its gradients; a query that sees
+    one gets a non-finite output (issue 10, item 3)."""
+    kw, Q, K, poison, seen = UNSEEN[case]
+    kw = dict(kw)
+    if "key_padding_mask" in kw:
+        kpm = torch.ones(1, K, dtype=torch.bool)
+        kpm[:, 33:] = False
+        kw["key_padding_mask"] = kpm
+    clean = _qkv(1, Q, K, 4, 2, 16, seed=7)
+    bad = [t.detach().clone() for t in clean]
+    bad[1 if where == "k" else 2][0, poison[0], :, 3] = float("nan")
+    bad[1 if where == "k" else 2][0, poison[0], 1, 5] = float("inf")
+    unseen = [i for i in range(Q) if i not in seen]
+    g = torch.randn(1, len(unseen), 4, 16, generator=torch.Generator().manual_seed(8))
+    grads = {}
+    for name, ts in (("clean", clean), ("bad", bad)):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        out = hf_ahfa.attention(*ts, backend=backend, **kw)
+        (out[:, unseen] * g).sum().backward()  # the loss of the rows that see no poisoned key
+        grads[name] = out.detach(), [t.grad for t in ts]
+    (out_c, (dq_c, dk_c, dv_c)), (out_b, (dq_b, dk_b, dv_b)) = grads["clean"], grads["bad"]
+    _close(out_b[:, unseen], out_c[:, unseen])
+    _close(dq_b[:, unseen], dq_c[:, unseen])
+    if len(seen):
+        # every head of it: NaN sits in k/v head 0, inf in head 1 (the whole row, or as IEEE products spread it)
+        assert not torch.isfinite(out_b[:, list(seen)]).all(-1).any(), "a query that sees one stays finite"
+    else:  # nothing sees it: every other key's gradient is clean too (the NaN rows above, with a zero
+        # incoming gradient, still pass NaN to the keys they see, as any autograd does: 0 / NaN)
+        others = [j for j in range(K) if j not in poison]
+        _close(dk_b[:, others], dk_c[:, others])
+        _close(dv_b[:, others], dv_c[:, others])
