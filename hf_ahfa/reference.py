@@ -37,7 +37,7 @@ def _scores(qt, kt, scale, softcap):
 
 
 def _finite_keys(kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Key and value tiles ``[.., C, D]`` with the rows of non-finite keys or values zeroed, and those rows
+    """Keys and values ``[.., C, D]`` with the rows of non-finite keys or values zeroed, and those rows
     ``[.., C]``: a query that cannot see such a key gets probability 0 there, but 0 * NaN would still be NaN
     in ``p @ v`` (and in ``dS @ k`` of the backward)."""
     bad = ~(torch.isfinite(kt).all(-1) & torch.isfinite(vt).all(-1))
@@ -63,6 +63,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     qg = q.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1))  # (B, Hkv, G, Q, D), a view
     kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hkv, 1, K, D)
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)
+    kg, vg, bad = _finite_keys(kg, vg)  # once, not per row block
     sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
 
     if Q == 0:  # an empty output still in q, k and v's graph, so that backward gives (empty and zero) gradients
@@ -90,11 +91,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             if not torch.compiler.is_compiling() and not (last and not computed) and not bool(ok.any()):
                 continue
             computed = True
-            kt, vt, bad = _finite_keys(kg[..., cols, :].to(ct), vg[..., cols, :].to(ct))
             okg = _grouped(ok, Hkv)
-            s = _scores(qt, kt, call.scale, call.softcap).masked_fill(~okg, float("-inf"))
+            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap).masked_fill(~okg, float("-inf"))
             # a query that sees a non-finite key or value gets NaN (as without _finite_keys)
-            s = s.masked_fill(okg & bad[..., None, :], float("nan"))
+            s = s.masked_fill(okg & bad[..., None, cols], float("nan"))
             # the running max only shifts the exponent: no gradient needs to flow through it
             m_new = torch.maximum(m, s.amax(-1)).detach()
             m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
@@ -104,7 +104,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             l = l * alpha + p.sum(-1)
             if call.dropout_p > 0:
                 p = _dropout(p, call.dropout_p)
-            acc = acc * alpha[..., None] + p @ vt  # [.., R, C] @ [.., C, Dv]
+            acc = acc * alpha[..., None] + p @ vg[..., cols, :].to(ct)  # [.., R, C] @ [.., C, Dv]
             m = m_new
         m_safe = torch.where(m == float("-inf"), 0.0, m)
         den = l if sink is None else l + torch.exp(sink - m_safe)
