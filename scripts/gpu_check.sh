@@ -4,8 +4,9 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|model|sweep
-# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks; model: whole-model speed; sweep: the interleaved kernel sweeps)
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|model|sweep|cost
+# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks; model: whole-model speed;
+#  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -21,7 +22,7 @@ mkdir -p /tmp/before-src && tar xf .stage-before/before.tar -C /tmp/before-src &
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, model or sweep}
+STAGE=${1:?tests, tests+sweep, diag, model, sweep or cost}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary
@@ -41,6 +42,23 @@ AHFA_FUZZ_GPU_CONFIGS=${FUZZ_N:-48} after timeout -s INT -k 15 ${DIAG_S:-200} "$
   tests/test_fuzz.py > "$R/fuzz-after.log" 2>&1 &
 wait
 for f in "$R"/suites-*.log "$R"/fuzz-after.log; do echo "== $f"; grep -E "^(FAILED|ERROR) |passed|failed" "$f" | tail -25; done
+exit 0
+fi
+if [ "$STAGE" = cost ]; then
+# per-feature kernel cost: one tree per .stage-before/*.tar (named by the tar) and the current tree ("after");
+# a first pass of all trees at once compiles (its timings are discarded), then ROUNDS interleaved passes
+TREES=()
+for t in .stage-before/*.tar; do
+  n=$(basename "$t" .tar); [ "$n" = before ] && continue
+  mkdir -p "/tmp/src-$n" && tar xf "$t" -C "/tmp/src-$n" && layout "/tmp/$n" "/tmp/src-$n" && TREES+=("$n")
+done
+TREES+=(after)
+for n in "${TREES[@]}"; do PYTHONPATH=/tmp/$n timeout ${COST_S:-240} python3 scripts/kernel_cost.py --label "$n" --jsonl /tmp/warm.jsonl > "$R/warm-$n.log" 2>&1 & done
+wait
+for i in $(seq 1 ${ROUNDS:-2}); do
+  for n in "${TREES[@]}"; do PYTHONPATH=/tmp/$n timeout ${COST_S:-240} python3 scripts/kernel_cost.py --label "$n" --jsonl "$R/cost.jsonl"; done
+done
+after python3 scripts/kernel_cost.py --report "$R/cost.jsonl" --trees "$(IFS=,; echo "${TREES[*]}")" --out-dir "$R" --name kernel-cost
 exit 0
 fi
 if [ "$STAGE" = model ]; then

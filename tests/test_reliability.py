@@ -119,13 +119,37 @@ def test_non_finite_unseen_keys_stay_out(backend, case, where):
     """A NaN or inf in the key or value at a position a query cannot see (future, outside its window,
     padded, another packed sequence) never reaches that query's output or its gradients; a query that sees
     one gets a non-finite output (issue 10, item 3)."""
-    kw, Q, K, poison, seen = UNSEEN[case]
-    clean = _qkv(1, Q, K, 4, 2, 16, seed=7)
+    _check_unseen(*UNSEEN[case], where=where, backend=backend, D=16, device="cpu", dtype=torch.float32)
+
+
+# the same on CUDA in bfloat16 at real tile shapes (64/128-row tiles; the poisoned key shares its tile with
+# rows that see it and rows that do not), and over a long cache for the split-KV decode kernel
+UNSEEN_GPU = {
+    "causal": (dict(causal=True), 300, 300, [200], range(200, 300)),
+    "window": (dict(window=(40, 40)), 300, 300, [150], range(110, 191)),
+    "padding": (dict(key_padding_mask=torch.arange(300)[None] < 250), 300, 300, [270], range(0)),
+    "packed": (dict(cu_seqlens=torch.tensor([0, 130, 300])), 300, 300, [100], range(0, 130)),
+    "decode": (dict(causal=True), 3, 9000, [8999], range(2, 3)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(UNSEEN_GPU))
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_non_finite_unseen_keys_stay_out_on_gpu(case, where, D):
+    kw, *rest = UNSEEN_GPU[case]
+    kw = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+    _check_unseen(kw, *rest, where=where, backend="triton", D=D, device="cuda", dtype=torch.bfloat16)
+
+
+def _check_unseen(kw, Q, K, poison, seen, *, where, backend, D, device, dtype):
+    clean = [t.to(device, dtype) for t in _qkv(1, Q, K, 4, 2, D, seed=7)]
     bad = [t.detach().clone() for t in clean]
     bad[1 if where == "k" else 2][0, poison[0], :, 3] = float("nan")
     bad[1 if where == "k" else 2][0, poison[0], 1, 5] = float("inf")
     unseen = [i for i in range(Q) if i not in seen]
-    g = torch.randn(1, len(unseen), 4, 16, generator=torch.Generator().manual_seed(8))
+    g = torch.randn(1, len(unseen), 4, D, generator=torch.Generator().manual_seed(8)).to(device, dtype)
     grads = {}
     for name, ts in (("clean", clean), ("bad", bad)):
         ts = [t.detach().clone().requires_grad_(True) for t in ts]
@@ -133,13 +157,14 @@ def test_non_finite_unseen_keys_stay_out(backend, case, where):
         (out[:, unseen] * g).sum().backward()  # the loss of the rows that see no poisoned key
         grads[name] = out.detach(), [t.grad for t in ts]
     (out_c, (dq_c, dk_c, dv_c)), (out_b, (dq_b, dk_b, dv_b)) = grads["clean"], grads["bad"]
-    _close(out_b[:, unseen], out_c[:, unseen])
-    _close(dq_b[:, unseen], dq_c[:, unseen])
+    # the same arithmetic on the same finite numbers: equal, not merely close
+    _close(out_b[:, unseen], out_c[:, unseen], 0)
+    _close(dq_b[:, unseen], dq_c[:, unseen], 0)
     if len(seen):
         # every head of it: NaN sits in k/v head 0, inf in head 1 (the whole row, or as IEEE products spread it)
         assert not torch.isfinite(out_b[:, list(seen)]).all(-1).any(), "a query that sees one stays finite"
     else:  # nothing sees it: every other key's gradient is clean too (the NaN rows above, with a zero
         # incoming gradient, still pass NaN to the keys they see, as any autograd does: 0 / NaN)
         others = [j for j in range(K) if j not in poison]
-        _close(dk_b[:, others], dk_c[:, others])
-        _close(dv_b[:, others], dv_c[:, others])
+        _close(dk_b[:, others], dk_c[:, others], 0)
+        _close(dv_b[:, others], dv_c[:, others], 0)
