@@ -1,6 +1,6 @@
 """Launch configurations of the flash kernels: one table per kernel family, keyed by architecture
 and head-dim bucket. Each entry is a short candidate list ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``;
-the first is the default, the rest are tried once per shape by ``tuning.pick``.
+the first is the default, the rest are tried once per shape by ``tuning.launch_tuned``.
 """
 
 from __future__ import annotations
@@ -60,14 +60,8 @@ def arch(device: torch.device) -> str:
     raise RuntimeError(f"hf_ahfa kernels need compute capability 8.0 or newer, got {major}.x on {device}")
 
 
-# AHFA_AUTOTUNE=0: every launch takes its table's first (default) configuration, untimed: a quarter of the
-# compiles on a cold cache (GPU test runs) and launch choices that do not depend on timing noise.
-_AUTOTUNE = os.environ.get("AHFA_AUTOTUNE", "1") != "0"
-
-
 def candidates(table: dict[str, dict[int, list[Config]]], device: torch.device, head_dim: int) -> list[Config]:
     if interpreting():
         return [INTERPRETER]
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    cands = table[arch(device)][bucket]
-    return cands if _AUTOTUNE else cands[:1]
+    return table[arch(device)][bucket]

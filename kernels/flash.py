@@ -19,7 +19,7 @@ from hf_ahfa.kernels.flash_kernels import (
     flash_decode_kernel,
     flash_fwd_kernel,
 )
-from hf_ahfa.kernels.tuning import pick
+from hf_ahfa.kernels.tuning import launch_tuned
 
 LOG2E = 1.4426950408889634
 
@@ -68,6 +68,14 @@ def _constexprs(c, causal, blocks):
                 LAYOUT_BK=blocks[1])
 
 
+def _tuning_key(kind, q, c, causal, scores, *optional):
+    """What a launch configuration's fit and speed depend on: dtype, head dims, GQA group, lengths, and the
+    kernel's compile-time variant (score features, which optional inputs are compiled in)."""
+    return (kind, q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], c["precision"], causal, c["max_q"] > 1024,
+            c["max_k"] > 1024, scores.softcap > 0, scores.win_left >= 0, scores.dropout_p > 0,
+            *(x is not None for x in optional))
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two that divides ``n``, at most ``cap``."""
     return min(n & -n, cap)
@@ -108,9 +116,9 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     cands = configs.candidates(configs.FWD, q.device, c["D"])
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
-    key = ("fwd" if lists is None else f"sparse_fwd{blocks}", q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], causal,
-           c["max_q"] > 1024, c["max_k"] > 1024)
-    launch(pick(key, cands, launch))
+    key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, args[-1], sinks,
+                      key_padding_mask, attn_mask, cu_seqlens_q)
+    launch_tuned(key, cands, launch)
     return out, lse
 
 
@@ -173,10 +181,10 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     dkdv_cands = dq_cands = cands
     if rows is not None:
         dkdv_cands, dq_cands = _sparse_candidates(cands, *blocks), _sparse_candidates(cands, *blocks, swap=True)
-    key = ("bwd" if rows is None else f"sparse_bwd{blocks}", q.dtype, c["D"], c["DV"], G, causal,
-           c["max_q"] > 1024, c["max_k"] > 1024)
-    launch_dkdv(pick(key + ("dkdv",), dkdv_cands, launch_dkdv))
-    launch_dq(pick(key + ("dq",), dq_cands, launch_dq))
+    key = _tuning_key("bwd" if rows is None else f"sparse_bwd{blocks}", q, c, causal, scores, sinks,
+                      key_padding_mask, attn_mask, cu_seqlens_q)
+    launch_tuned(key + ("dkdv",), dkdv_cands, launch_dkdv)
+    launch_tuned(key + ("dq",), dq_cands, launch_dq)
     if sinks is None:
         dsinks = torch.zeros(c["H"], dtype=torch.float32, device=q.device)
     else:

@@ -1,10 +1,16 @@
-"""Pick a launch configuration once per shape key by timing the short candidate list of ``configs``."""
+"""Launch a kernel with the configuration chosen once per shape key: the fastest of the short candidate list
+of ``configs`` (timed), or with ``AHFA_AUTOTUNE=0`` the first that fits (untimed)."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from hf_ahfa.kernels.configs import Config
+
+# AHFA_AUTOTUNE=0: each table's first configuration that fits, untimed: a quarter of the compiles on a cold
+# cache (GPU test runs) and launch choices that do not depend on timing noise.
+_AUTOTUNE = os.environ.get("AHFA_AUTOTUNE", "1") != "0"
 
 _chosen: dict[tuple, Config] = {}
 
@@ -14,25 +20,42 @@ def chosen() -> dict[str, Config]:
     return {"/".join(map(str, key)): cfg for key, cfg in _chosen.items()}
 
 
-def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None]) -> Config:
-    """The fastest of ``candidates`` for ``key`` (cached); a single candidate is returned untimed.
+def _does_not_fit(err: Exception) -> bool:
+    # resource limits surface as various compiler errors, raised before the kernel runs
+    return "out of resource" in str(err).lower() or "shared memory" in str(err).lower()
 
-    ``launch(cfg)`` must be safe to repeat (the kernels write their outputs, never accumulate into them).
-    A candidate that fails to compile (e.g. too much shared memory) is skipped.
+
+def launch_tuned(key: tuple, candidates: list[Config], launch: Callable[[Config], None]) -> None:
+    """``launch`` with the configuration chosen for ``key`` (chosen on the first call, then cached).
+
+    ``key`` must name everything that changes what a configuration needs (dtype, head dims, the kernel's
+    compile-time variant), so that a choice never meets a launch it does not fit. ``launch(cfg)`` must be
+    safe to repeat (the kernels write their outputs, never accumulate into them). Candidates that do not fit
+    the GPU (shared memory, registers) are skipped.
     """
-    if len(candidates) == 1:
-        return candidates[0]
-    if key not in _chosen:
+    if key in _chosen:
+        return launch(_chosen[key])
+    if _AUTOTUNE and len(candidates) > 1:
         from triton.testing import do_bench
 
         times = {}
         for cfg in candidates:
             try:
                 times[cfg] = do_bench(lambda: launch(cfg), warmup=5, rep=20)
-            except Exception as err:  # noqa: BLE001 - resource limits surface as various compiler errors
-                if "out of resource" not in str(err).lower() and "shared memory" not in str(err).lower():
+            except Exception as err:  # noqa: BLE001
+                if not _does_not_fit(err):
                     raise
-        if not times:
-            raise RuntimeError(f"hf_ahfa: no launch configuration of {candidates} fits this GPU for {key}")
-        _chosen[key] = min(times, key=times.get)
-    return _chosen[key]
+        if times:
+            _chosen[key] = min(times, key=times.get)
+            return launch(_chosen[key])
+    else:
+        for cfg in candidates:
+            try:
+                launch(cfg)
+            except Exception as err:  # noqa: BLE001
+                if not _does_not_fit(err):
+                    raise
+                continue
+            _chosen[key] = cfg
+            return
+    raise RuntimeError(f"hf_ahfa: no launch configuration of {candidates} fits this GPU for {key}")

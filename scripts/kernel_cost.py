@@ -3,8 +3,8 @@ the cases a change touches, in whichever hf_ahfa tree is on PYTHONPATH; run it o
 ``--report`` compares the trees (median of the rounds, ratio to the first tree named).
 
 Cases: causal (masked diagonal tiles), a 1024-token window (masked tiles at both edges), key padding (a
-quarter of each row's keys padded: masked tail tiles), softcap 50 (tanh on every score), full attention (no masked tile but the last), and decode (4 queries
-over a long cache: the split-KV kernel). bf16, 32 heads (GQA 32/8), head dim 128, 32K tokens per batch.
+quarter of each row's keys padded: masked tail tiles), softcap 50 (tanh on every score), full attention (no
+masked tile but the last), and decode (4 queries over a long cache: the split-KV kernel). bf16, 32 heads (GQA 32/8), head dim 128, 32K tokens per batch.
 
     python scripts/kernel_cost.py --label after --jsonl OUT/cost.jsonl      # once per tree and round
     python scripts/kernel_cost.py --report OUT/cost.jsonl --trees before,after --out-dir OUT --name cost

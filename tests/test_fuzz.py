@@ -780,7 +780,7 @@ def test_documented_errors_name_the_argument():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-GPU_SHARDS = 8  # configuration i runs in shard i % GPU_SHARDS: with pytest-xdist the compiles spread over cores
+GPU_SHARDS = 16  # configuration i runs in shard i % GPU_SHARDS: with pytest-xdist the compiles spread over cores
 
 
 @pytest.mark.gpu

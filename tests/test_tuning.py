@@ -1,0 +1,64 @@
+"""The launch-configuration choice (``kernels/tuning.py``): a configuration that does not fit the GPU is
+skipped, timed or not; the choice is cached per key; other errors surface. Fake launches: no GPU needed."""
+
+from __future__ import annotations
+
+import pytest
+import triton.testing
+from triton.runtime.errors import OutOfResources
+
+from hf_ahfa.kernels import tuning
+
+BIG, MID, SMALL = (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)
+
+
+class FakeKernel:
+    """Launches that fail like Triton's for configurations needing more than ``limit`` units of memory."""
+
+    def __init__(self, limit, error=None):
+        self.limit, self.error, self.launched = limit, error, []
+
+    def __call__(self, cfg):
+        if self.error:
+            raise self.error
+        if cfg[0] * cfg[1] * cfg[3] > self.limit:
+            raise OutOfResources(cfg[0] * cfg[1] * cfg[3], self.limit, "shared memory")
+        self.launched.append(cfg)
+
+
+def _area(cfg):
+    return cfg[0] * cfg[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.setattr(tuning, "_chosen", {})
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_skips_what_does_not_fit_and_caches_per_key(monkeypatch, autotune):
+    monkeypatch.setattr(tuning, "_AUTOTUNE", autotune)
+    kernel = FakeKernel(limit=128 * 64 * 3)
+    # timed: a configuration's time is its tile area, so the smallest tile that fits is the fastest
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: fn() or _area(kernel.launched[-1]))
+    tuning.launch_tuned(("fwd", "mask"), [BIG, MID, SMALL], kernel)
+    want = SMALL if autotune else MID  # untimed: the first that fits
+    assert kernel.launched[-1] == want and tuning.chosen() == {"fwd/mask": want}
+    kernel.launched.clear()
+    tuning.launch_tuned(("fwd", "mask"), [BIG, MID, SMALL], kernel)  # cached: one launch, no search
+    assert kernel.launched == [want]
+    roomy = FakeKernel(limit=10**9)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: fn() or _area(roomy.launched[-1]))
+    tuning.launch_tuned(("fwd", "no mask"), [BIG, MID, SMALL], roomy)  # another key chooses again
+    assert roomy.launched[-1] == (SMALL if autotune else BIG)
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_nothing_fits_names_the_key_and_other_errors_surface(monkeypatch, autotune):
+    monkeypatch.setattr(tuning, "_AUTOTUNE", autotune)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: fn() or 1.0)
+    with pytest.raises(RuntimeError, match="no launch configuration .* fits this GPU for \\('bwd', 7\\)"):
+        tuning.launch_tuned(("bwd", 7), [BIG, MID], FakeKernel(limit=1))
+    with pytest.raises(ValueError, match="bad argument"):
+        tuning.launch_tuned(("bwd", 8), [BIG, MID], FakeKernel(limit=10**9, error=ValueError("bad argument")))
+    assert tuning.chosen() == {}
