@@ -26,7 +26,7 @@ STAGE=${1:?tests, tests+sweep, diag, model, sweep or cost}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary
-AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider \
+AHFA_AUTOTUNE=0 AHFA_FUZZ_LOG="$R/fuzz-stats.log" after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider \
   -n ${WORKERS:-16} --tb=short -rfE --durations=8 -m gpu ${GPU_FILES:-tests/test_gpu.py} ${FUZZ:-} 2>&1 \
   | grep -v -i benchmark > "$R/gpu-tests.log"
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/gpu-tests.log" | tail -25
