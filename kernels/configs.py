@@ -41,6 +41,12 @@ BWD: dict[str, dict[int, list[Config]]] = {
     },
 }
 
+# split-KV decode: (BLOCK_N, num_warps, num_stages) in the order tried; BLOCK_M is the query rows that share
+# a k/v head (GQA group x queries, up to 128), so that a wide group at head dim 256 needs the smaller tiles.
+# Every BLOCK_N divides the first, the granularity of the splits.
+DECODE: list[tuple[int, int, int]] = [(64, 4, 3), (64, 4, 2), (32, 4, 2), (32, 4, 1)]
+DECODE_INTERPRETER = [(16, 4, 1)]
+
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when this package is imported.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

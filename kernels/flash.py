@@ -256,7 +256,8 @@ def flash_decode(
     c = _common(q, k, v, None, 0, 0)
     B, Q, H, HKV, G = c["B"], c["Q"], c["H"], c["HKV"], c["H"] // c["HKV"]
     rows = max(16, triton.next_power_of_2(G * Q))
-    block_n = 16 if configs.interpreting() else 64
+    cands = configs.DECODE_INTERPRETER if configs.interpreting() else configs.DECODE
+    block_n = cands[0][0]
     # at most two programs per SM (their pipelined K/V tiles fill shared memory), so that every split
     # runs in one wave with no straggling second wave; each split a whole number of key blocks
     sms = 4 if configs.interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -265,12 +266,18 @@ def flash_decode(
     splits = triton.cdiv(c["K"], split_len)
     o_part = torch.empty(B * HKV, splits, rows, c["DV"], dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HKV, splits, rows, dtype=torch.float32, device=q.device)
-    flash_decode_kernel[(splits, B * HKV)](
-        tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
-        Q, c["K"], HKV, G, split_len, Scores(scale * LOG2E, softcap, win_left, win_right),
-        D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=block_n,
-        num_warps=4, num_stages=3,
-    )
+    scores = Scores(scale * LOG2E, softcap, win_left, win_right)
+
+    def launch(cfg):
+        bn, warps, stages = cfg
+        flash_decode_kernel[(splits, B * HKV)](
+            tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
+            Q, c["K"], HKV, G, split_len, scores, D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"],
+            BLOCK_M=rows, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        )
+
+    launch_tuned(_tuning_key("decode", q, c, causal, scores, sinks, key_padding_mask, attn_mask) + (rows,),
+                 cands, launch)
     out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
     flash_decode_combine_kernel[(B * HKV * G * Q,)](

@@ -53,6 +53,7 @@ for t in .stage-before/*.tar; do
   mkdir -p "/tmp/src-$n" && tar xf "$t" -C "/tmp/src-$n" && layout "/tmp/$n" "/tmp/src-$n" && TREES+=("$n")
 done
 TREES+=(after)
+export AHFA_AUTOTUNE=0  # the same (first fitting) launch config in every tree: the A/B is the kernel code
 for n in "${TREES[@]}"; do PYTHONPATH=/tmp/$n timeout ${COST_S:-240} python3 scripts/kernel_cost.py --label "$n" --jsonl /tmp/warm.jsonl > "$R/warm-$n.log" 2>&1 & done
 wait
 for i in $(seq 1 ${ROUNDS:-2}); do

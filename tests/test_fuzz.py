@@ -789,7 +789,7 @@ def test_gpu_fuzz(monkeypatch, shard):
     """The same drawing at real tile shapes (lengths up to 1100, head dims 64/80/128/256, GQA up to 7:1) in
     bfloat16 and float16 on CUDA against the float64 oracle; gradients for a subset; user layouts and
     adaptive policies (tau = density_limit = 1) among them. ``AHFA_FUZZ_GPU_CONFIGS`` (520) configurations
-    over all shards; each shard prints one summary line."""
+    over all shards; each shard prints one summary line. ``AHFA_FUZZ_GPU_ONLY=i,j``: only those indexes."""
     n = int(os.environ.get("AHFA_FUZZ_GPU_CONFIGS", 520))
     seed = int(os.environ.get("AHFA_FUZZ_SEED", 0 if not LONG else random.randrange(2**31)))
     stats = STATS[f"gpu shard {shard}"]
@@ -798,7 +798,10 @@ def test_gpu_fuzz(monkeypatch, shard):
     # test_visibility_matches_oracle) stands in; the oracle's arithmetic is unchanged
     monkeypatch.setitem(ORACLE["attention"].__globals__, "_visible", positional)
     mine = range(shard, n, GPU_SHARDS)
+    if os.environ.get("AHFA_FUZZ_GPU_ONLY"):  # re-run given configurations (the index a failure prints)
+        mine = [i for i in mine if str(i) in os.environ["AHFA_FUZZ_GPU_ONLY"].split(",")]
     for i in mine:
+        print(f"configuration {i}")  # shown with a failure
         d = RandomDraw(seed * 1_000_003 + i)
         what = d.choice(["dense"] * 6 + ["decode", "grad", "grad", "layout", "adaptive"])
         if what == "decode":  # few queries over a long cache: the split-KV path

@@ -90,6 +90,20 @@ def test_decode_split_kv(K):
     assert (out.float() - ref).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("D,G,Q", [(256, 7, 15), (256, 8, 16), (128, 8, 16)])
+def test_decode_wide_groups_fit(D, G, Q):
+    """A GQA group x queries of up to 128 rows at head dim 256: the first decode config does not fit the
+    shared memory, the next one that does runs (GPU fuzz configuration 110 raised OutOfResources)."""
+    torch.manual_seed(D + G)
+    q = torch.randn(3, Q, G, D, device="cuda", dtype=BF16)
+    k, v = (torch.randn(3, 792, 1, D, device="cuda", dtype=BF16) for _ in range(2))
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    assert rec[0]["route"] == "decode"
+    ref = hf_ahfa.attention(q.float(), k.float(), v.float(), causal=True, backend="reference")
+    assert (out.float() - ref).abs().max() < 2e-2
+
+
 def test_opcheck_cuda():
     from hf_ahfa.kernels.flash import flash_fwd
 
