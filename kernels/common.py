@@ -1,8 +1,7 @@
 """Triton helpers shared by every kernel family (flash forward and backward, split-KV decode, estimator).
 
 The visibility rule of ``hf_ahfa.masks`` lives here once at element level (``visible``) and once at
-block level (``key_span``); ``finite_keys`` / ``poison_seen`` keep non-finite keys and values away from the
-queries that cannot see them. Two bundles keep the helpers' parameter lists short:
+block level (``key_span``). Two bundles keep the helpers' parameter lists short:
 
 * ``Flags``: the compile-time switches of a launch, one ``tl.constexpr`` namedtuple that the kernels'
   ``@triton.heuristics(dict(F=flags))`` derives from their arguments (a feature is on when its tensor
@@ -169,25 +168,6 @@ def visible(qp, kp, rows, n_rows, n_keys, am_rows, cx, F: tl.constexpr):
         am = tl.load(cx.am + am_rows[:, None] + kp[None, :].to(tl.int64) * cx.am_k, mask=inside, other=0)
         ok = ok & (am != 0)
     return ok
-
-
-@triton.jit
-def finite_keys(k, v):
-    """Key tile [N, D] and value tile [N, DV] with the rows of non-finite keys or values zeroed, and those
-    rows ([N] bool). Masked tiles use them so that a NaN or inf at a key a query cannot see never meets that
-    query: its probability there is 0, but 0 * NaN is NaN in P @ V and dS @ K."""
-    # one sum per key instead of a test per element: NaN or inf anywhere makes it non-finite (so would a finite
-    # sum past float32's range, ~3e38: such a key counts as non-finite)
-    total = tl.sum(k.to(tl.float32), 1) + tl.sum(v.to(tl.float32), 1)
-    bad = ~(tl.abs(total) < float("inf"))  # abs(NaN) < inf is False too
-    return tl.where(bad[:, None], 0.0, k).to(k.dtype), tl.where(bad[:, None], 0.0, v).to(v.dtype), bad
-
-
-@triton.jit
-def poison_seen(s, bad):
-    """Scores [R, N] with the visible entries (not -inf) of the ``bad`` keys ([N]) set to NaN: a query that
-    sees a non-finite key or value gets NaN, as it would without ``finite_keys``."""
-    return tl.where(bad[None, :] & (s != float("-inf")), float("nan"), s)
 
 
 @triton.jit

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, finite_keys, flags, head_view, key_span, load_tile, logits, make_ctx, natural_lse, online_softmax,
-    poison_seen, store_tile, tile_ptrs, visible,
+    LOG2E, flags, head_view, key_span, load_tile, logits, make_ctx, natural_lse, online_softmax, store_tile,
+    tile_ptrs, visible,
 )
 
 
@@ -157,15 +157,11 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.const
     if not MASKED:
         n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
     k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
-    v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
-    if MASKED:
-        k, v, bad = finite_keys(k, v)
     s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
-    if MASKED:
-        s = poison_seen(s, bad)
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
+    v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
     return acc, l_i, m_i
 
@@ -242,11 +238,9 @@ def flash_fwd_kernel(
 
 
 @triton.jit
-def _probs(s, lse2, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
+def _probs(s, lse2, offs_m, offs_n, cx, F: tl.constexpr):
     """Recomputed probabilities ``p`` and their dropped-out version ``pd`` (``p`` when no dropout)."""
     p = tl.exp2(s - lse2[:, None])  # lse2 = +inf for rows that see nothing: p = 0
-    if MASKED:  # a NaN row (it saw a non-finite key) keeps p = 0 at the keys it cannot see
-        p = tl.where(s == float("-inf"), 0.0, p)
     pd = p
     if F.dropout:
         pd = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
@@ -282,7 +276,7 @@ def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, B
     do = load_tile(qdo[1], offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     lse2, delta = _row_stats(stats, offs_m, cx.q_len)
     s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
-    p, pd = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
+    p, pd = _probs(s, lse2, offs_m, offs_n, cx, F)
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=F.precision)  # [BN,BM]@[BM,DV]
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
     ds = _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F)
@@ -361,12 +355,8 @@ def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F: tl.constexpr, B
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(kv[0], offs_n, tl.arange(0, F.block_d), cx.k_len, F.d)
     v = load_tile(kv[1], offs_n, tl.arange(0, F.block_dv), cx.k_len, F.dv)
-    if MASKED:
-        k, v, bad = finite_keys(k, v)
     s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
-    if MASKED:
-        s = poison_seen(s, bad)
-    p, _ = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
+    p, _ = _probs(s, lse2, offs_m, offs_n, cx, F)
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
     ds = _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=F.precision)  # [BM,BN]@[BN,D]
@@ -460,11 +450,11 @@ def flash_decode_kernel(
         lo = tl.maximum(lo, (band_lo // BLOCK_N) * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, bad = finite_keys(load_tile(k_view, offs_n, offs_d, hi, F.d),
-                                load_tile(v_view, offs_n, offs_dv, hi, F.dv))
+        k = load_tile(k_view, offs_n, offs_d, hi, F.d)
         s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
         s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
-        p, alpha, l_i, m_i = online_softmax(poison_seen(s, bad), m_i, l_i, True)
+        p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, True)
+        v = load_tile(v_view, offs_n, offs_dv, hi, F.dv)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     # partials: (B * HKV, SPLITS, BLOCK_M, DV) and (B * HKV, SPLITS, BLOCK_M), contiguous

@@ -112,8 +112,15 @@ UNSEEN = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(UNSEEN))
+# The Triton kernels do not hold it where an unseen key shares a tile with seen ones (all but packed): cleaning
+# k/v in every masked tile cost 2-78% on the H200 (kernel-cost-h200.md) and was taken out; expected to fail
+# until a version that costs nothing measurable is in (issue 10).
+_TRITON_LEAKS = pytest.mark.xfail(strict=True, reason="Triton masked tiles pass unseen non-finite k/v on (cost)")
+UNSEEN_RUNS = [pytest.param(b, case, marks=_TRITON_LEAKS if b == "triton" and case != "packed" else ())
+               for b in BACKENDS for case in UNSEEN]
+
+
+@pytest.mark.parametrize("backend,case", UNSEEN_RUNS)
 @pytest.mark.parametrize("where", ["k", "v"])
 def test_non_finite_unseen_keys_stay_out(backend, case, where):
     """A NaN or inf in the key or value at a position a query cannot see (future, outside its window,
@@ -134,7 +141,7 @@ UNSEEN_GPU = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(UNSEEN_GPU))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_TRITON_LEAKS if c != "packed" else ()) for c in UNSEEN_GPU])
 @pytest.mark.parametrize("where", ["k", "v"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_non_finite_unseen_keys_stay_out_on_gpu(case, where, D):
