@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -95,3 +96,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+
+TINY_WORDS = [f"w{i}" for i in range(40)] + ["the", "a", "of", "and", "."]
+
+
+@pytest.fixture(scope="session")
+def tiny_text():
+    """``make(n_words, seed)``: lines of 5-15 random words of the tiny tokenizer's vocabulary."""
+
+    def make(n_words: int, seed: int) -> str:
+        rng = random.Random(seed)
+        lines = []
+        while n_words > 0:
+            k = min(n_words, rng.randint(5, 15))
+            lines.append(" ".join(rng.choice(TINY_WORDS) for _ in range(k)))
+            n_words -= k
+        return "\n".join(lines)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A folder with a random 2-layer Llama (256 positions, GQA 4/2) and a word-level tokenizer for the words
+    of ``tiny_text``: what the eval tests and the README's examples load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(TINY_WORDS)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 from collections import Counter
 from types import SimpleNamespace
@@ -17,19 +16,6 @@ import hf_ahfa  # noqa: F401  (registers "ahfa")
 from hf_ahfa.eval import cli, perplexity_data, perplexity_protocols
 from hf_ahfa.eval.perplexity_metrics import IGNORE, plan_windows, sequence_nll, text_metrics, window_nll
 
-WORDS = [f"w{i}" for i in range(40)] + ["the", "a", "of", "and", "."]
-
-
-def _text(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    lines = []
-    while n_words > 0:
-        k = min(n_words, rng.randint(5, 15))
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)))
-        n_words -= k
-    return "\n".join(lines)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
     import datasets.config
@@ -38,41 +24,22 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A folder with a random 2-layer Llama (256 positions) and a word-level tokenizer for ``WORDS``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
-def wiki_json(tmp_path):
+def wiki_json(tmp_path, tiny_text):
     """Wikipedia-summaries style: one JSON object of records keyed by title, text under "extract"."""
     path = tmp_path / "summaries.json"
-    path.write_text(json.dumps({f"Article {i}": {"title": f"Article {i}", "extract": _text(50, i)} for i in range(8)}))
+    records = {f"Article {i}": {"title": f"Article {i}", "extract": tiny_text(50, i)} for i in range(8)}
+    path.write_text(json.dumps(records))
     return path
 
 
 @pytest.fixture
-def books(tmp_path):
+def books(tmp_path, tiny_text):
     """Three books: ~400 tokens, ~100 tokens, and an empty one."""
     paths = []
     for name, n in (("long.txt", 400), ("short.txt", 100), ("empty.txt", 0)):
         paths.append(tmp_path / name)
-        paths[-1].write_text(_text(n, len(paths)))
+        paths[-1].write_text(tiny_text(n, len(paths)))
     return paths
 
 
@@ -208,9 +175,9 @@ def _count_attention_calls(monkeypatch):
     return calls
 
 
-def test_wikitext_protocol(tiny_model, wiki_json, tmp_path, monkeypatch):
+def test_wikitext_protocol(tiny_llama, wiki_json, tmp_path, monkeypatch):
     calls = _count_attention_calls(monkeypatch)
-    _run("--model", tiny_model, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 64,
+    _run("--model", tiny_llama, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 64,
          "--batch-size", 3, "--device", "cpu", "--out-dir", tmp_path, "--name", "wt")
     data = json.loads((tmp_path / "wt.json").read_text())
     md = (tmp_path / "wt.md").read_text()
@@ -225,30 +192,30 @@ def test_wikitext_protocol(tiny_model, wiki_json, tmp_path, monkeypatch):
     forwards = math.ceil(s["windows"] / 3)
     assert calls == {"ahfa": 2 * forwards, "sdpa": 2 * forwards}
     text = "\n\n".join(v["extract"] for v in json.loads(wiki_json.read_text()).values())
-    nll, count = _hf_guide_nll(tiny_model, text, 64, 64)
+    nll, count = _hf_guide_nll(tiny_llama, text, 64, 64)
     assert base["tokens"] == count == s["tokens_total"] - s["windows"]
     assert base["nll"] == pytest.approx(nll, rel=1e-5)
     assert ours["word_ppl"] == pytest.approx(math.exp(ours["nll"] / len(text.split())), rel=1e-12)
     assert ours["bits_per_byte"] == pytest.approx(ours["nll"] / len(text.encode()) / math.log(2), rel=1e-12)
 
 
-def test_wikitext_protocol_strided_from_json_lines(tiny_model, wiki_json, tmp_path):
+def test_wikitext_protocol_strided_from_json_lines(tiny_llama, wiki_json, tmp_path):
     records = list(json.loads(wiki_json.read_text()).values())
     lines = tmp_path / "docs.jsonl"
     lines.write_text("".join(json.dumps({"text": r["extract"]}) + "\n" for r in records))
-    _run("--model", tiny_model, "--data-files", lines, "--max-length", 64, "--stride", 24, "--device", "cpu",
+    _run("--model", tiny_llama, "--data-files", lines, "--max-length", 64, "--stride", 24, "--device", "cpu",
          "--out-dir", tmp_path, "--name", "strided")
     s = json.loads((tmp_path / "strided.json").read_text())["summary"]
-    nll, count = _hf_guide_nll(tiny_model, "\n\n".join(r["extract"] for r in records), 64, 24)
+    nll, count = _hf_guide_nll(tiny_llama, "\n\n".join(r["extract"] for r in records), 64, 24)
     assert s["impls"]["sdpa"]["tokens"] == count == s["tokens_total"] - 1  # every token but the first
     assert s["impls"]["sdpa"]["nll"] == pytest.approx(nll, rel=1e-5)
     assert s["impls"]["ahfa"]["nll"] == pytest.approx(nll, rel=1e-5)
 
 
-def test_long_protocol(tiny_model, books, tmp_path):
+def test_long_protocol(tiny_llama, books, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _run("--model", tiny_model, "--protocol", "long", "--data-files", *books, "--context-lengths", "64,128,512",
+    _run("--model", tiny_llama, "--protocol", "long", "--data-files", *books, "--context-lengths", "64,128,512",
          "--score-tokens", 32, "--device", "cpu", "--out-dir", tmp_path, "--name", "long")
     data = json.loads((tmp_path / "long.json").read_text())
     assert (tmp_path / "long.md").exists() and (tmp_path / "long.png").stat().st_size > 10_000
@@ -262,8 +229,8 @@ def test_long_protocol(tiny_model, books, tmp_path):
     for (book, ctx, impl), r in rows.items():
         assert r["tokens"] == 32 and r["ppl"] == pytest.approx(rows[book, ctx, "sdpa"]["ppl"], rel=1e-5)
     # independently: the last 32 tokens of the 64 tokens ending at 128
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
-    ids = AutoTokenizer.from_pretrained(tiny_model)(books[0].read_text(), return_tensors="pt").input_ids[:, 64:128]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager").eval()
+    ids = AutoTokenizer.from_pretrained(tiny_llama)(books[0].read_text(), return_tensors="pt").input_ids[:, 64:128]
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, -33:-1].double(), -1)
     expected = -logp.gather(1, ids[0, -32:, None]).sum().item()
@@ -272,8 +239,8 @@ def test_long_protocol(tiny_model, books, tmp_path):
     assert sorted(by_ctx) == [64, 128] and by_ctx[64]["books"] == 2 and data["summary"]["pass"]
 
 
-def test_resume_skips_finished_items(tiny_model, books, tmp_path, monkeypatch):
-    argv = ["--model", tiny_model, "--protocol", "long", "--data-files", *books[:2], "--context-lengths", "64,128",
+def test_resume_skips_finished_items(tiny_llama, books, tmp_path, monkeypatch):
+    argv = ["--model", tiny_llama, "--protocol", "long", "--data-files", *books[:2], "--context-lengths", "64,128",
             "--score-tokens", 16, "--device", "cpu"]
     calls = []
 
@@ -319,13 +286,13 @@ def test_resume_skips_finished_items(tiny_model, books, tmp_path, monkeypatch):
     ("score too long", ["--protocol", "long", "--data-files", "WIKI", "--text-column", "extract",
                         "--context-lengths", "64", "--score-tokens", 64], "--score-tokens 64"),
 ])
-def test_bad_input_names_the_option(case, extra, message, tiny_model, wiki_json, tmp_path, capsys):
+def test_bad_input_names_the_option(case, extra, message, tiny_llama, tiny_text, wiki_json, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n")
     book = tmp_path / "book.txt"
-    book.write_text(_text(300, 0))
+    book.write_text(tiny_text(300, 0))
     extra = [{"WIKI": wiki_json, "EMPTY": empty, "BOOK": book}.get(x, x) for x in extra]
-    _usage_error(capsys, message, "--model", tiny_model, "--device", "cpu", "--out-dir", tmp_path, *extra)
+    _usage_error(capsys, message, "--model", tiny_llama, "--device", "cpu", "--out-dir", tmp_path, *extra)
 
 
 def test_missing_model_folder(tmp_path, wiki_json, capsys):
@@ -399,7 +366,7 @@ def test_window_start_policies():
     assert document_start_token(Tok(), "none") is None
 
 
-def test_accelerate_launch_two_processes_match_one(tiny_model, books, tmp_path):
+def test_accelerate_launch_two_processes_match_one(tiny_llama, books, tmp_path):
     # several processes (torchrun, as `accelerate launch` starts them; ACCELERATE_USE_CPU for CPU ones) shard
     # the items; the main process merges them into one report
     import json
@@ -407,7 +374,7 @@ def test_accelerate_launch_two_processes_match_one(tiny_model, books, tmp_path):
     import subprocess
     import sys
 
-    common = ["--protocol", "long", "--model", str(tiny_model), "--data-files", *map(str, books),
+    common = ["--protocol", "long", "--model", str(tiny_llama), "--data-files", *map(str, books),
               "--context-lengths", "16,32", "--score-tokens", "8", "--device", "cpu", "--out-dir", str(tmp_path)]
     _run(*common, "--name", "single")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
@@ -422,11 +389,11 @@ def test_accelerate_launch_two_processes_match_one(tiny_model, books, tmp_path):
                                                                           "multi.rank1-of-2.jsonl"]
 
 
-def test_adaptive_tau_sweep_long_protocol(tiny_model, books, tmp_path, monkeypatch):
+def test_adaptive_tau_sweep_long_protocol(tiny_llama, books, tmp_path, monkeypatch):
     # ahfa adaptive (Triton kernels; the interpreter on CPU) against ahfa exact in one run: tau = 1 keeps
     # every block (same perplexity), tau = 0.3 keeps fewer (density < 1, recorded per layer)
     monkeypatch.setenv("AHFA_BACKEND", "triton")
-    _run("--model", tiny_model, "--device", "cpu", "--protocol", "long", "--data-files", books[0],
+    _run("--model", tiny_llama, "--device", "cpu", "--protocol", "long", "--data-files", books[0],
          "--context-lengths", "256", "--score-tokens", "16", "--mode", "adaptive", "--tau", "1,0.3",
          "--block-size", "32", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "sweep")
     data = json.loads((tmp_path / "sweep.json").read_text())
@@ -439,8 +406,8 @@ def test_adaptive_tau_sweep_long_protocol(tiny_model, books, tmp_path, monkeypat
     assert (tmp_path / "sweep-tau.png").stat().st_size > 0 and "Kept blocks per layer" in (tmp_path / "sweep.md").read_text()
 
 
-def test_rerun_with_other_settings_names_the_option_and_files_are_announced(tiny_model, wiki_json, tmp_path, capsys):
-    argv = ["--model", tiny_model, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 32,
+def test_rerun_with_other_settings_names_the_option_and_files_are_announced(tiny_llama, wiki_json, tmp_path, capsys):
+    argv = ["--model", tiny_llama, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 32,
             "--max-docs", 2, "--device", "cpu", "--out-dir", tmp_path, "--name", "same"]
     _run(*argv)
     out = capsys.readouterr().out
