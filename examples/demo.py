@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tqdm import tqdm  # a dependency of transformers
 
-import hf_ahfa  # noqa: F401  (registers attn_implementation="ahfa")
+import hf_ahfa  # registers attn_implementation="ahfa"
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMPLS = ("ahfa", "sdpa")
@@ -98,8 +99,9 @@ def main():
     seconds = dict.fromkeys(IMPLS, 0.0)
     max_diff, n_predicted = 0.0, 0
     with torch.inference_mode():
-        for impl in IMPLS:  # warm-up, not timed
-            forward(impl, windows[0])
+        with hf_ahfa.record() as calls:  # warm-up, not timed; which kernel ahfa chose for each attention call
+            for impl in IMPLS:
+                forward(impl, windows[0])
         for ids in tqdm(windows, desc="windows"):
             logits = {}
             for impl in IMPLS:
@@ -118,6 +120,10 @@ def main():
     print(f"{'impl':6} {'perplexity':>12} {'time (s)':>10}")
     for impl in IMPLS:
         print(f"{impl:6} {ppl[impl]:12.6f} {seconds[impl]:10.3f}")
+    routes = Counter(call["route"] for call in calls)
+    print("ahfa ran its attention calls on: " + ", ".join(f"{route} ({n})" for route, n in sorted(routes.items()))
+          + ("  [on the CPU exact calls go to PyTorch's own SDPA kernels, which compute the same thing; our"
+             " reference backend is several times slower]" if args.device == "cpu" else ""))
     print(f"max |logit ahfa - logit sdpa| = {max_diff:.1e}")
     print(f"perplexity agrees to 4 significant digits: {'yes' if agree else 'NO'} (relative difference {rel_diff:.1e})")
     return 0 if agree else 1
