@@ -66,9 +66,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     kg, vg, bad = _finite_keys(kg, vg)  # once, not per row block
     sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
 
-    if Q == 0:  # an empty output still in q, k and v's graph, so that backward gives (empty and zero) gradients
-        anchor = sum(t.sum() for t in (q, k, v) if t.requires_grad) * 0
-        return q.new_zeros(B, 0, Hq, Dv) + anchor, torch.zeros(B, Hq, 0, device=q.device)
+    if Q == 0 or K == 0:  # nothing to attend: zeros, still in the graph so that backward gives zero gradients
+        return q.new_zeros(B, Q, Hq, Dv) + _zero_in_graph(q, k, v, call.sinks), \
+            torch.full((B, Hq, Q), float("-inf"), device=q.device)
     outs, lses = [], []
     for r0 in range(0, Q, block_q):
         rows = slice(r0, min(r0 + block_q, Q))
@@ -114,6 +114,15 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     out = torch.cat(outs, dim=-2).flatten(1, 2).transpose(1, 2)  # (B, Q, Hq, Dv)
     lse = torch.cat(lses, dim=-1).flatten(1, 2).float()
     return out.to(q.dtype), lse
+
+
+def _zero_in_graph(*tensors):
+    """A zero scalar that depends on ``tensors`` (they get zero gradients), even where they hold inf or NaN."""
+    zero = torch.zeros((), device=tensors[0].device)
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            zero = zero + torch.where(torch.zeros((), dtype=torch.bool, device=t.device), t.sum().float(), 0.0)
+    return zero
 
 
 def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,

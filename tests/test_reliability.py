@@ -70,6 +70,23 @@ def test_empty_queries(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [{}, dict(causal=True), dict(sinks=True)], ids=["full", "causal", "sinks"])
+def test_no_keys_gives_zeros_and_zero_gradients(backend, kw):
+    # found by the long CPU fuzz: the reference's output had no graph, so backward raised
+    q, k, v = _qkv(2, 3, 0, 4, 2, 16, seed=4, grad=True)
+    with torch.no_grad():
+        q[0, 0, 0, 0] = float("inf")  # a non-finite query still gets zero gradients, not NaN
+    leaves = [q, k, v]
+    if kw.get("sinks"):
+        kw = dict(sinks=torch.zeros(4, requires_grad=True))
+        leaves.append(kw["sinks"])
+    out, lse = hf_ahfa.attention(q, k, v, backend=backend, return_lse=True, **kw)
+    assert out.shape == (2, 3, 4, 16) and (out == 0).all() and (lse == float("-inf")).all()
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, leaves))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows_give_zeros_and_zero_gradients(backend):
     q, k, v = _qkv(2, 5, 7, 4, 2, 16, seed=5, grad=True)
     out, lse = hf_ahfa.attention(q, k, v, key_padding_mask=torch.zeros(2, 7, dtype=torch.bool), backend=backend,
