@@ -16,7 +16,7 @@ from hf_ahfa.block_sparse import sparse_kernels, sparse_reference
 from hf_ahfa.estimate import estimate_block_mass
 from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.select import select_layout
-from hf_ahfa.router import choose_backend
+from hf_ahfa.router import choose_backend, requested_backend
 from hf_ahfa.spec import AttnCall, make_call
 
 
@@ -61,7 +61,7 @@ def estimate_layout(q, k, policy: AdaptivePolicy, *, causal: bool = False, windo
     """
     call = make_call(q, k, k, causal=causal, window=window, softcap=softcap, scale=scale,
                      key_padding_mask=key_padding_mask)
-    kernels = choose_backend(q, backend) == "triton"
+    kernels = choose_backend(q, requested_backend(backend)) == "triton"
     mass = estimate_block_mass(q, k, call, policy, kernels=kernels)
     return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
                          element_masks=call.element_masks, backward=False)[0]

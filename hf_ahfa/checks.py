@@ -47,7 +47,8 @@ def _is_int(x) -> bool:
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
+    # float and int first: the per-call path (Real is an ABC, slow to test against)
+    return type(x) in (float, int) or (isinstance(x, Real) and not isinstance(x, bool))
 
 
 def check_window(window) -> None:

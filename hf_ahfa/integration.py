@@ -16,6 +16,11 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:
+    _active_collector = None
+
 from hf_ahfa import telemetry
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import policy_of
@@ -65,9 +70,7 @@ def _weights_requested(output_attentions: bool) -> bool:
     (GPT-2, OPT, ...) consume ``output_attentions`` themselves and never pass it to the attention function."""
     if output_attentions:
         return True
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # older Transformers pass output_attentions along
+    if _active_collector is None:  # older Transformers pass output_attentions along
         return False
     collected = _active_collector.get()
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)

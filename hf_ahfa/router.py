@@ -69,9 +69,8 @@ def _triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str 
 
 
 def choose_backend(q: torch.Tensor, requested: str | None = None) -> str:
-    """Our own backend for this call: the requested one (``backend=`` or ``AHFA_BACKEND``), else Triton on CUDA
-    where it can run, else the reference. (Whether SDPA runs the call instead is ``route``'s decision.)"""
-    requested = _requested(requested)
+    """Our own backend for this call: ``requested`` (``requested_backend``'s answer), else Triton on CUDA where
+    it can run, else the reference. (Whether SDPA runs the call instead is ``route``'s decision.)"""
     if requested == "triton" and (reason := triton_unavailable_reason(q)):
         raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
     if requested in ("reference", "triton"):
@@ -85,7 +84,8 @@ def choose_backend(q: torch.Tensor, requested: str | None = None) -> str:
     return "reference"
 
 
-def _requested(requested: str | None) -> str | None:
+def requested_backend(requested: str | None) -> str | None:
+    """The backend asked for: ``backend=`` if given, else ``AHFA_BACKEND``, else None (checked)."""
     requested = requested or os.environ.get("AHFA_BACKEND") or None
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"backend (or AHFA_BACKEND) must be one of {BACKENDS}, got {requested!r}")
@@ -93,21 +93,37 @@ def _requested(requested: str | None) -> str | None:
 
 
 def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
-    """Why PyTorch's SDPA does not compute exactly this call (``None`` when it does)."""
+    """Why PyTorch's SDPA does not compute exactly this call (``None`` when it does). Checked on every call:
+    the common cases answer after a few tests."""
     Q, K = q.shape[1], k.shape[1]
-    reasons = (
-        (need_lse, "the log-sum-exp is asked for"), (call.softcap is not None, "softcap"),
-        (call.sinks is not None, "sinks"), (call.dropout_p > 0, "dropout (ahfa draws its own mask)"),
-        (call.cu_seqlens is not None, "packed sequences"), (call.window is not None, "a sliding window"),
-        (Q == 0 or K == 0, "an empty query or key sequence"),
-        (call.causal and Q > 1 and Q != K, "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"),
-        (call.causal and call.element_masks, "causal together with a mask"),
-        (call.key_padding_mask is not None and call.attn_mask is not None, "two masks"),
-        # rows that see no key are zeros on the CPU (checked in tests); not established for every CUDA backend
-        (q.is_cuda and call.element_masks, "a mask on CUDA"),
-        (q.device.type not in ("cpu", "cuda"), f"device {q.device.type}"),
-    )
-    return next((why for unfit, why in reasons if unfit), None)
+    if need_lse:
+        return "the log-sum-exp is asked for"
+    if call.softcap is not None:
+        return "softcap"
+    if call.sinks is not None:
+        return "sinks"
+    if call.dropout_p > 0:
+        return "dropout (ahfa draws its own mask)"
+    if call.cu_seqlens is not None:
+        return "packed sequences"
+    if call.window is not None:
+        return "a sliding window"
+    if Q == 0 or K == 0:
+        return "an empty query or key sequence"
+    if call.causal and Q > 1 and Q != K:
+        return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
+    masked = call.key_padding_mask is not None or call.attn_mask is not None
+    if masked and call.causal:
+        return "causal together with a mask"
+    if call.key_padding_mask is not None and call.attn_mask is not None:
+        return "two masks"
+    device = q.device.type
+    # rows that see no key are zeros on the CPU (checked in tests); not established for every CUDA backend
+    if masked and device == "cuda":
+        return "a mask on CUDA"
+    if device not in ("cpu", "cuda"):
+        return f"device {device}"
+    return None
 
 
 def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> str | None:
@@ -133,7 +149,7 @@ def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call:
 def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolicy | None,
           layout: BlockLayout | None, need_lse: bool = False) -> Route:
     """How this call runs (see the module docstring)."""
-    requested = _requested(backend)
+    requested = requested_backend(backend)
     if requested == "sdpa":
         if layout is not None or policy is not None:
             raise ValueError("backend 'sdpa' runs exact attention only: no layout or policy")

@@ -1,0 +1,65 @@
+"""Host (Python) time of one attention call: ahfa's Transformers attention function against Transformers'
+own sdpa function on tiny decode tensors (the kernel costs a few microseconds, so the difference is what
+ahfa adds per call: checks, routing, layout). CPU by default; on a GPU pass --device cuda.
+
+    python scripts/host_overhead.py [--device cpu] [--out-dir eval/results --name host-overhead-cpu]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import hf_ahfa
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--kv-lens", default="16,1024", help="cache lengths, comma-separated")
+parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 1000 calls per implementation")
+parser.add_argument("--out-dir", help="write <name>.json and <name>.md here")
+parser.add_argument("--name", default="host-overhead")
+args = parser.parse_args()
+
+impls = {"sdpa": sdpa_attention_forward, "ahfa": AttentionInterface._global_mapping["ahfa"]}
+# a decoder layer's attention module as the functions read it (SmolLM2-135M's heads: 9 query, 3 key/value)
+module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=3, training=False,
+                         config=SimpleNamespace(_attn_implementation="ahfa", sliding_window=None))
+sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+rows = []
+for K in (int(x) for x in args.kv_lens.split(",")):
+    q = torch.randn(1, 9, 1, 64, device=args.device)
+    k, v = (torch.randn(1, 3, K, 64, device=args.device) for _ in "kv")
+    times = {name: [] for name in impls}
+    for _ in range(args.rounds):
+        for name, fn in impls.items():
+            for _ in range(50):
+                fn(module, q, k, v, None, scaling=0.125, dropout=0.0)
+            sync()
+            ts = []
+            for _ in range(1000):
+                t = time.perf_counter()
+                fn(module, q, k, v, None, scaling=0.125, dropout=0.0)
+                ts.append(time.perf_counter() - t)
+            times[name].append(statistics.median(ts) * 1e6)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rows.append(dict(kv_len=K, us=times, median_us=med, ahfa_extra_us=med["ahfa"] - med["sdpa"]))
+    print(f"K={K}: sdpa {med['sdpa']:.1f} us, ahfa {med['ahfa']:.1f} us per call (+{med['ahfa'] - med['sdpa']:.1f})")
+if args.out_dir:
+    out = Path(args.out_dir)
+    meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(), machine=platform.machine(),
+                torch=torch.__version__, hf_ahfa=hf_ahfa.__file__, rounds=args.rounds,
+                note="median of 1000 calls per round, rounds interleaved; host time of the whole attention function")
+    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# Host time per attention call ({meta['device']}, torch {torch.__version__})", "", meta["note"], "",
+             "| KV length | sdpa us (rounds) | ahfa us (rounds) | ahfa extra us |", "|---|---|---|---|"]
+    lines += [f"| {r['kv_len']} | {' '.join(f'{x:.1f}' for x in r['us']['sdpa'])} | "
+              f"{' '.join(f'{x:.1f}' for x in r['us']['ahfa'])} | {r['ahfa_extra_us']:.1f} |" for r in rows]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (args.name + '.json')}, {out / (args.name + '.md')}")
