@@ -86,7 +86,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="wikitext: windows per forward pass")
     g.add_argument("--context-lengths", type=int_list, default=[2048, 8192, 16384, 32768],
                    help="long: context lengths, comma-separated")
-    g.add_argument("--score-tokens", type=int, default=512, help="long: tokens scored at the end of each context")
+    g.add_argument("--score-tokens", type=int,
+                   help="long: tokens scored at the end of each context (default: 4096, at most half the shortest "
+                        "context length); the verdict uses the 95%% paired block-bootstrap interval of the change")
     g.add_argument("--window-start", choices=["auto", "bos", "none"], default="auto",
                    help="token each window begins with: auto = BOS if the tokenizer adds it, bos = always BOS")
     g = p.add_argument_group("output")

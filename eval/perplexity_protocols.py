@@ -16,7 +16,9 @@ import torch
 
 import hf_ahfa
 from hf_ahfa.eval.perplexity_data import digest, tokenize
-from hf_ahfa.eval.perplexity_metrics import plan_windows, safe_exp, text_metrics, window_nll
+from hf_ahfa.eval.perplexity_metrics import (
+    block_sums, paired_bootstrap, plan_windows, safe_exp, text_metrics, window_nll,
+)
 from hf_ahfa.eval.runs import ResultStore, adaptive_variants, relative_change, verdict
 from hf_ahfa.eval.usage import UsageError
 
@@ -67,8 +69,9 @@ def max_positions(model) -> int | None:
 _warm: set = set()
 
 
-def timed_nll(model, variant, ids, n_scored, device, start_token=None) -> tuple[list[float], float, dict]:
-    """NLL of the scored tokens, forward seconds and, for ahfa, what its attention calls did.
+def timed_nll(model, variant, ids, n_scored, device, start_token=None, per_token=False):
+    """NLL of the scored tokens (with ``per_token``: ``(sums, per-token NLLs)``, see ``window_nll``), forward
+    seconds and, for ahfa, what its attention calls did.
 
     The first call of a variant at a shape runs once untimed (kernel autotuning, compilation).
     """
@@ -85,7 +88,7 @@ def timed_nll(model, variant, ids, n_scored, device, start_token=None) -> tuple[
         sync()
         start = time.perf_counter()
         with hf_ahfa.record() if variant.impl == "ahfa" else contextlib.nullcontext([]) as calls:
-            nll = window_nll(model, ids, n_scored)
+            nll = window_nll(model, ids, n_scored, per_token=per_token)
         sync()
     return nll, time.perf_counter() - start, attention_summary(calls)
 
@@ -209,6 +212,8 @@ def _wikitext_summary(rows, tests, base, covered, n_windows, n_tokens, threshold
 
 # --------------------------------------------------------------------------------------------------- long
 
+DEFAULT_SCORE_TOKENS = 4096
+
 
 def _context_lengths(args, model, notes: list[str]) -> list[int]:
     """The ``--context-lengths`` the model can take (the others noted), checked against ``--score-tokens``."""
@@ -220,6 +225,8 @@ def _context_lengths(args, model, notes: list[str]) -> list[int]:
         lengths = [c for c in lengths if c <= max_pos]
     if not lengths:
         raise UsageError(f"--context-lengths {args.context_lengths}: all are longer than the model allows ({max_pos})")
+    if args.score_tokens is None:  # enough tokens to resolve a fraction of a percent, half the shortest context
+        args.score_tokens = min(DEFAULT_SCORE_TOKENS, min(lengths) // 2)
     if args.score_tokens >= min(lengths):
         raise UsageError(f"--score-tokens {args.score_tokens} must be shorter than the shortest context length "
                          f"({min(lengths)}): each scored token needs context")
@@ -258,10 +265,10 @@ def run_long(args, model, tokenizer, texts, labels, config, store_path):
     def forward(variant, todo):
         ((d, c, end),) = todo
         inputs = torch.tensor(tokens[d][end - c:end], device=args.device)[None]
-        (nll,), seconds, attn = timed_nll(model, variant, inputs, [args.score_tokens], args.device,
-                                          config["window_start_token"])
+        ((nll,), (token_nll,)), seconds, attn = timed_nll(model, variant, inputs, [args.score_tokens], args.device,
+                                                          config["window_start_token"], per_token=True)
         return [dict(doc=d, title=labels[d], ctx=c, end=end, nll=nll, tokens=args.score_tokens,
-                     ppl=safe_exp(nll / args.score_tokens), seconds=seconds, **attn)]
+                     ppl=safe_exp(nll / args.score_tokens), seconds=seconds, nll_blocks=block_sums(token_nll), **attn)]
 
     key = lambda impl, item: f"{impl}/doc{item[0]:05d}/ctx{item[1]}"  # noqa: E731
     rows = _score_all(store, {v.label: v for v in (*tests, base)}, [[x] for x in items], key, forward,
@@ -269,6 +276,20 @@ def run_long(args, model, tokenizer, texts, labels, config, store_path):
     if rows is None:
         return None
     return rows, _long_summary(rows, tests, base, lengths, args.threshold), notes
+
+
+def _long_verdict(test_rows, base_rows, ppl, base_ppl, threshold) -> dict:
+    """The verdict of one context length: with the scored tokens' block NLLs (rows of this version), ahfa passes
+    when the upper end of the 95% paired-bootstrap interval of its perplexity change is within ``threshold``;
+    the point estimate decides only for rows written without them."""
+    v = verdict(ppl, base_ppl, threshold, False)
+    base = {r["doc"]: r for r in base_rows}
+    pairs = [(r, base[r["doc"]]) for r in test_rows if r["doc"] in base]
+    if pairs and all("nll_blocks" in r and "nll_blocks" in b for r, b in pairs):
+        lo, hi = paired_bootstrap([r["nll_blocks"] for r, _ in pairs], [b["nll_blocks"] for _, b in pairs],
+                                  [r["tokens"] for r, _ in pairs])
+        v["ci95"], v["pass"] = [lo, hi], hi <= threshold
+    return v
 
 
 def _long_summary(rows, tests, base, lengths, threshold) -> dict:
@@ -279,7 +300,8 @@ def _long_summary(rows, tests, base, lengths, threshold) -> dict:
         if not cell[base.label]:
             continue
         ppl = {impl: safe_exp(sum(r["nll"] for r in rs) / sum(r["tokens"] for r in rs)) for impl, rs in cell.items()}
-        verdicts = {t.label: verdict(ppl[t.label], ppl[base.label], threshold, False) for t in tests}
+        verdicts = {t.label: _long_verdict(cell[t.label], cell[base.label], ppl[t.label], ppl[base.label], threshold)
+                    for t in tests}
         by_context.append({"ctx": c, "books": len(cell[base.label]), "tokens": sum(r["tokens"] for r in cell[base.label]),
                            "ppl": ppl, "seconds": {i: sum(r["seconds"] for r in rs) for i, rs in cell.items()},
                            "density": {i: mean_density(rs) for i, rs in cell.items()},

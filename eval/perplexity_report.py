@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hf_ahfa.eval.perplexity_metrics import BOOTSTRAP_BLOCK
 from hf_ahfa.eval.report import markdown_table, or_na, provenance, write_atomic, write_json
 
 
@@ -64,12 +65,14 @@ def _context_table(summary: dict) -> str:
     for x in summary["by_context"]:
         for i in x["ppl"]:
             v = x["verdicts"].get(i)
+            ci = v.get("ci95") if v else None
             lines.append([x["ctx"], x["books"], i, f"{x['ppl'][i]:.6f}", f"{v['relative_change']:+.2e}" if v else "",
+                          f"[{ci[0]:+.2e}, {ci[1]:+.2e}]" if ci else ("n/a" if v else ""),
                           or_na(x["density"][i]), x["seconds"][i],
                           f"{x['seconds'][base] / x['seconds'][i]:.2f}x" if i != base else "",
                           ("PASS" if v["pass"] else "FAIL") if v else ""])
-    return markdown_table(["context", "books", "implementation", "ppl", f"vs {base}", "kept blocks", "forward s",
-                           f"speed-up vs {base}", "verdict"], lines)
+    return markdown_table(["context", "books", "implementation", "ppl", f"vs {base}", "95% interval", "kept blocks",
+                           "forward s", f"speed-up vs {base}", "verdict"], lines)
 
 
 def long_markdown(rows: list[dict], summary: dict, tests: list[str], score_tokens: int, threshold: float) -> list[str]:
@@ -78,15 +81,21 @@ def long_markdown(rows: list[dict], summary: dict, tests: list[str], score_token
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     ppl = {(r["doc"], r["ctx"], r["impl"]): r["ppl"] for r in rows}
     books = dict.fromkeys((r["title"], r["doc"], r["ctx"], r["end"]) for r in rows)
+    base = summary["baseline"]
     md = [f"Per book, the same {score_tokens} tokens are scored with each context length: the last ones of a "
           "context that ends at a fixed position of the book (the longest context length, or the book's end); "
-          "perplexity over all books per length. Kept blocks: share of the visible 128x128 blocks ahfa's "
+          "perplexity over all books per length. 95% interval: paired bootstrap of the perplexity change over "
+          f"blocks of {BOOTSTRAP_BLOCK} scored tokens, resampled within each book; a version passes when the "
+          "interval's upper end is within the threshold. Kept blocks: share of the visible 128x128 blocks ahfa's "
           "block-sparse calls computed (layers that ran exact not counted); forward s: whole-model forward time "
           "summed over books.", "", _context_table(summary), "",
           f"**{'PASS' if summary['pass'] else 'FAIL'}** at every context length (threshold {threshold:.2%}).",
           "", "## Per book", "",
-          markdown_table(["book", "context", "context ends at", *[f"{i} ppl" for i in impls]],
-                         [[title, c, end, *[f"{ppl[d, c, i]:.6f}" for i in impls]] for title, d, c, end in books])]
+          markdown_table(["book", "context", "context ends at", *[f"{i} ppl" for i in impls],
+                          *[f"{i} vs {base}" for i in tests]],
+                         [[title, c, end, *[f"{ppl[d, c, i]:.6f}" for i in impls],
+                           *[f"{ppl[d, c, i] / ppl[d, c, base] - 1:+.2e}" if (d, c, i) in ppl else "" for i in tests]]
+                          for title, d, c, end in books])]
     layered = [x for x in summary["by_context"] if any(x["layer_density"][t] for t in tests)]
     if layered:
         md += ["", "## Kept blocks per layer (block-sparse calls only)", "",

@@ -16,15 +16,13 @@ def main():
     p.add_argument("--model", required=True, help="hub name or local folder")
     p.add_argument("books", nargs="+", help="plain-text files, one book each")
     p.add_argument("--context-lengths", default="2048,8192,16384,32768", help="comma-separated token counts")
-    p.add_argument("--score-tokens", type=int, help="tokens scored at the end of each context (default: 512, or "
+    p.add_argument("--score-tokens", type=int, help="tokens scored at the end of each context (default: 4096, or "
                    "half the shortest context when that is shorter)")
     p.add_argument("--out-dir", default="eval/results", help="folder of the result files")
     args = p.parse_args()
-    shortest = min(int(n) for n in args.context_lengths.split(",") if n)
-    score = args.score_tokens or min(512, shortest // 2)
+    score = ["--score-tokens", str(args.score_tokens)] if args.score_tokens else []
     ahfa_eval(["perplexity", "--protocol", "long", "--model", args.model, "--data-files", *args.books,
-               "--context-lengths", args.context_lengths, "--score-tokens", str(score), "--out-dir", args.out_dir,
-               "--name", "long-context"])
+               "--context-lengths", args.context_lengths, *score, "--out-dir", args.out_dir, "--name", "long-context"])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import torch
 
 import hf_ahfa  # noqa: F401  (registers "ahfa")
 from hf_ahfa.eval import cli, perplexity_data, perplexity_protocols
-from hf_ahfa.eval.perplexity_metrics import IGNORE, plan_windows, sequence_nll, text_metrics, window_nll
+from hf_ahfa.eval.perplexity_metrics import (
+    IGNORE, block_sums, paired_bootstrap, plan_windows, sequence_nll, text_metrics, window_nll,
+)
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
@@ -237,6 +239,51 @@ def test_long_protocol(tiny_llama, books, tmp_path):
     assert rows["long.txt", 64, "ahfa"]["nll"] == pytest.approx(expected, rel=1e-5)
     by_ctx = {x["ctx"]: x for x in data["summary"]["by_context"]}
     assert sorted(by_ctx) == [64, 128] and by_ctx[64]["books"] == 2 and data["summary"]["pass"]
+    # the scored tokens' NLL in blocks of 64 (here one block of 32) add up to the row's, and the verdict's
+    # interval comes from them: ahfa and sdpa agree to rounding here
+    assert all(r["nll_blocks"] == [pytest.approx(r["nll"], rel=1e-9)] for r in rows.values())
+    lo, hi = by_ctx[64]["verdicts"]["ahfa"]["ci95"]
+    assert -1e-5 < lo <= hi < 1e-5
+    assert "95% interval" in (tmp_path / "long.md").read_text()
+
+
+def test_score_tokens_default_is_4096_or_half_the_shortest_context(tiny_llama, books, tmp_path):
+    _run("--model", tiny_llama, "--protocol", "long", "--data-files", *books, "--context-lengths", "64,128",
+         "--device", "cpu", "--out-dir", tmp_path, "--name", "long")
+    assert json.loads((tmp_path / "long.json").read_text())["config"]["score_tokens"] == 32
+    assert perplexity_protocols.DEFAULT_SCORE_TOKENS == 4096
+
+
+def test_block_sums_keep_the_last_partial_block():
+    t = torch.arange(150, dtype=torch.float64)
+    assert block_sums(t) == [float(t[:64].sum()), float(t[64:128].sum()), float(t[128:].sum())]
+
+
+def test_paired_bootstrap_interval():
+    # the same tokens: no change; a constant shift of every token's NLL: exactly that change
+    base = [[10.0] * 8, [5.0, 7.0]]
+    assert paired_bootstrap(base, base, [512, 100]) == (0.0, 0.0)
+    shifted = [[x + 64 * 0.01 for x in base[0]], [base[1][0] + 0.64, base[1][1] + 0.36]]
+    lo, hi = paired_bootstrap(shifted, base, [512, 100])
+    assert lo == pytest.approx(math.expm1(0.01)) and hi == pytest.approx(math.expm1(0.01))
+    # noisy per-token differences with a known mean: the 95% interval covers it in about 95% of draws and
+    # narrows as the scored tokens grow
+    gen = torch.Generator().manual_seed(0)
+    widths, covered = {}, 0
+    for n_tokens in (1024, 16384):
+        for trial in range(100 if n_tokens == 1024 else 20):
+            books_test, books_base = [], []
+            for _ in range(4):
+                base_tok = torch.rand(n_tokens, generator=gen, dtype=torch.float64) * 6
+                diff = 0.004 + 0.3 * torch.randn(n_tokens, generator=gen, dtype=torch.float64)
+                books_base.append(block_sums(base_tok))
+                books_test.append(block_sums(base_tok + diff))
+            lo, hi = paired_bootstrap(books_test, books_base, [n_tokens] * 4, rounds=1000, seed=trial)
+            covered += n_tokens == 1024 and lo <= math.expm1(0.004) <= hi
+            widths.setdefault(n_tokens, []).append(hi - lo)
+    assert 85 <= covered <= 100
+    ratio = sum(widths[1024]) / len(widths[1024]) / (sum(widths[16384]) / len(widths[16384]))
+    assert 3 < ratio < 5.5  # 1/sqrt(tokens): 4x narrower for 16x the tokens
 
 
 def test_resume_skips_finished_items(tiny_llama, books, tmp_path, monkeypatch):
@@ -244,11 +291,11 @@ def test_resume_skips_finished_items(tiny_llama, books, tmp_path, monkeypatch):
             "--score-tokens", 16, "--device", "cpu"]
     calls = []
 
-    def interrupted(*args):
+    def interrupted(*args, **kw):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(args)
-        return window_nll(*args)
+        return window_nll(*args, **kw)
 
     monkeypatch.setattr(perplexity_protocols, "window_nll", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -257,7 +304,7 @@ def test_resume_skips_finished_items(tiny_llama, books, tmp_path, monkeypatch):
     assert not (tmp_path / "a" / "perplexity-long.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(perplexity_protocols, "window_nll", lambda *args: calls.append(args) or window_nll(*args))
+    monkeypatch.setattr(perplexity_protocols, "window_nll", lambda *args, **kw: calls.append(args) or window_nll(*args, **kw))
     _run(*argv, "--out-dir", tmp_path / "a")
     assert len(calls) == 6 - 3  # (long: 64, 128; short: 64) x (ahfa, sdpa), 3 done before
     _run(*argv, "--out-dir", tmp_path / "b")  # uninterrupted
@@ -334,9 +381,10 @@ def test_windows_start_with_the_document_start_token():
 
     seen = []
 
-    def fake_window_nll(model, ids, n_scored):
+    def fake_window_nll(model, ids, n_scored, per_token=False):
         seen.append(ids.clone())
-        return [0.0] * ids.shape[0]
+        sums = [0.0] * ids.shape[0]
+        return (sums, [torch.zeros(n, dtype=torch.float64) for n in n_scored]) if per_token else sums
 
     protocols = perplexity_protocols
     orig, protocols.window_nll = protocols.window_nll, fake_window_nll
