@@ -122,7 +122,7 @@ def _check_args(args) -> None:
         raise UsageError("pass either --dataset or --data-files, not both")
 
 
-def _load_model(args, dtype):
+def load_compared_model(args, dtype):
     """The model (on ``--attn``, with ``--baseline`` checked to load too) and its tokenizer."""
     model, tokenizer = load_causal_lm(args.model, args.attn, dtype, args.device, args.gguf_file)
     for impl, option in ((args.baseline, "--baseline"), (args.attn, "--attn")):
@@ -141,7 +141,7 @@ def run(args) -> dict[str, Path]:
     args.device = process_device(args.device)
     texts, labels, source = load_documents(args)
     dtype = resolve_dtype(args.dtype, args.device)
-    model, tokenizer = _load_model(args, dtype)
+    model, tokenizer = load_compared_model(args, dtype)
     # The adaptive knobs are part of the configuration only where they change the numbers.
     tests, base = variants(args)
     attention = {"mode": args.mode, "variants": [dict(v.policy) | {"label": v.label} for v in (*tests, base)]}
