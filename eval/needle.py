@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import hf_ahfa
-from hf_ahfa.eval.perplexity import MODES, load_compared_model
+from hf_ahfa.eval.perplexity import add_mode_arguments, add_model_arguments, load_compared_model
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention, variants
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import ResultStore, process_device, resolve_dtype
@@ -34,20 +34,12 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "needle", "passkey retrieval at depths of long contexts, ahfa vs a baseline", __doc__)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="hub name or local folder")
-    g.add_argument("--gguf-file", help="GGUF file name inside --model (weights are de-quantized)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+    add_model_arguments(p)
     g = p.add_argument_group("attention")
     g.add_argument("--attn", default="ahfa", choices=["ahfa"], help="implementation under test")
     g.add_argument("--baseline", default="ahfa", choices=["ahfa", "sdpa", "eager"],
                    help="implementation to compare with; ahfa = ahfa exact")
-    g.add_argument("--mode", default="adaptive", choices=MODES, help="ahfa mode of the implementation under test")
-    g.add_argument("--tau", type=float_list, help="adaptive/auto: attention-mass target(s), comma-separated")
-    g.add_argument("--min-sparse-len", type=int, help="auto mode: inputs shorter than this run exact")
-    g.add_argument("--block-size", type=int, help="adaptive/auto: block edge in tokens (default: the policy's)")
+    add_mode_arguments(g, default="adaptive")
     g = p.add_argument_group("task")
     g.add_argument("--data-files", nargs="+", type=Path, required=True, help="plain-text books the filler comes from")
     g.add_argument("--context-lengths", type=int_list, default=[8192, 16384, 32768],

@@ -53,23 +53,12 @@ def add_parser(subparsers) -> None:
                     "context)", __doc__)
     p.add_argument("--protocol", choices=["wikitext", "long"], default="wikitext",
                    help="wikitext: windows over the joined documents; long: per book, contexts ending at one token")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="hub name or local folder")
-    g.add_argument("--gguf-file", help="GGUF file name inside --model (weights are de-quantized)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+    add_model_arguments(p)
     g = p.add_argument_group("attention")
     g.add_argument("--attn", default="ahfa", choices=["ahfa", *BASELINES], help="implementation under test")
     g.add_argument("--baseline", default="sdpa", choices=["ahfa", *BASELINES],
                    help="implementation to compare with; ahfa = ahfa exact (with --mode adaptive/auto)")
-    g.add_argument("--mode", default="exact", choices=MODES,
-                   help="ahfa mode (hf_ahfa.AdaptivePolicy): exact, adaptive (block-sparse prefill), auto")
-    g.add_argument("--tau", type=float_list, help="adaptive/auto: attention-mass target(s) per query block, "
-                   "comma-separated for a sweep (default: the policy's)")
-    g.add_argument("--min-sparse-len", type=int, help="auto mode: inputs shorter than this run exact "
-                   "(default: the policy's)")
-    g.add_argument("--block-size", type=int, help="adaptive/auto: block edge in tokens (default: the policy's)")
+    add_mode_arguments(g, default="exact")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="hub dataset (default: wikitext, or pg19 for --protocol long)")
     g.add_argument("--dataset-config", help="hub dataset configuration (default: the alias's, e.g. wikitext-2-raw-v1)")
@@ -97,6 +86,27 @@ def add_parser(subparsers) -> None:
     g.add_argument("--threshold", type=float, default=0.01,
                    help="largest relative perplexity increase of ahfa over the baseline that passes")
     p.set_defaults(run=run)
+
+
+def add_model_arguments(p) -> None:
+    """The model options that perplexity and needle share: --model, --gguf-file, --device, --dtype."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="hub name or local folder")
+    g.add_argument("--gguf-file", help="GGUF file name inside --model (weights are de-quantized)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+
+
+def add_mode_arguments(g, default: str) -> None:
+    """ahfa's mode and adaptive knobs (what ``perplexity_protocols.variants`` reads)."""
+    g.add_argument("--mode", default=default, choices=MODES,
+                   help="ahfa mode (hf_ahfa.AdaptivePolicy): exact, adaptive (block-sparse prefill), auto")
+    g.add_argument("--tau", type=float_list, help="adaptive/auto: attention-mass target(s) per query block, "
+                   "comma-separated for a sweep (default: the policy's)")
+    g.add_argument("--min-sparse-len", type=int, help="auto mode: inputs shorter than this run exact "
+                   "(default: the policy's)")
+    g.add_argument("--block-size", type=int, help="adaptive/auto: block edge in tokens (default: the policy's)")
 
 
 def _check_args(args) -> None:
