@@ -9,6 +9,8 @@ Estimators, each giving a mass per (query block, key block) that the library's o
   (queries ``i = r mod S`` against keys ``j = S-1-r mod S``), softmax per sampled row, summed per block;
 * ``vertical-slash``: MInference/FlexPrefill-style, the last query block's attention split into a per-key
   (vertical) and a per-offset (slash) profile, spread back over every block;
+* ``rows-gqa``: ``rows`` averaged over the query heads that share a key/value head, one selection per group
+  (GQA-aware: one layout per KV head, fewer K/V loads);
 * ``oracle``: the true block mass itself (the fewest blocks that reach tau: the floor of the kept share).
 
 Reported per method and tau: kept share of the causal blocks, captured true mass per (head, query block): mean
@@ -46,7 +48,7 @@ parser.add_argument("--name", default="estimator-study")
 args = parser.parse_args()
 taus = [float(t) for t in args.taus.split(",")]
 bs, S, T = args.block_size, args.stride, args.tokens
-METHODS = ("oracle", "rows", "antidiagonal", "vertical-slash")
+METHODS = ("oracle", "rows", "rows-gqa", "antidiagonal", "vertical-slash")
 policy = hf_ahfa.AdaptivePolicy(mode="adaptive", block_size=bs, stride=S, density_limit=1.0)
 band = band_of_shape(T, T, bs, bs, True, None, "cpu")[0]  # (1, 1, NQ, NK) blocks the causal band touches
 anchors = anchor_blocks_of_shape(T, T, policy, True, "cpu")
@@ -108,7 +110,7 @@ def masses(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, torch.Te
 def cost(method: str) -> float:
     """Dot products of the estimator over those of the full causal Q K^T."""
     full = T * (T + 1) / 2
-    return {"oracle": 1.0, "rows": full / S / full, "antidiagonal": full / S / full,
+    return {"oracle": 1.0, "rows": full / S / full, "rows-gqa": full / S / full, "antidiagonal": full / S / full,
             "vertical-slash": bs * T / full}[method]
 
 
@@ -122,6 +124,8 @@ def recording(module, query, key, value, attention_mask, **kw):
     B, H, _, D = query.shape
     k = key.repeat_interleave(H // key.shape[1], 1)
     m = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
+    group = H // key.shape[1]
+    m["rows-gqa"] = m["rows"].unflatten(0, (-1, group)).mean(1).repeat_interleave(group, 0)
     true = m["oracle"][None]
     for method, est in m.items():
         for tau in taus:
