@@ -155,11 +155,11 @@ def _report(rows, tests, base, config, paths) -> dict[str, Path]:
     for c in lengths:
         for impl in impls:
             cell = [r for r in rows if r["impl"] == impl and r["ctx"] == c]
-            agree = [by[impl, c, d, t]["correct"] == by[base, c, d, t]["correct"]
-                     for (i, cc, d, t) in by if i == impl and cc == c and (base, c, d, t) in by] if impl != base else []
+            twins = [(r, by.get((base, c, r["depth"], r["trial"]))) for r in cell] if impl != base else []
+            agree = [r["correct"] == b["correct"] for r, b in twins if b is not None]
             table.append(dict(impl=impl, ctx=c, accuracy=_accuracy(cell), n=len(cell),
                               per_depth={f"{d:g}": _accuracy([r for r in cell if r["depth"] == d]) for d in depths},
-                              agree_with_baseline=_accuracy([{"correct": a} for a in agree]) if agree else None))
+                              agree_with_baseline=sum(agree) / len(agree) if agree else None))
     summary = {"by_context": table, "baseline": base}
     write_json(paths["json"], provenance(), rows, config=config, summary=summary)
     md = [f"# Pass-key retrieval: {', '.join(tests)} against {base}", "",

@@ -63,12 +63,11 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     qg = q.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1))  # (B, Hkv, G, Q, D), a view
     kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hkv, 1, K, D)
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)
-    kg, vg, bad = _finite_keys(kg, vg)  # once, not per row block
-    sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
-
     if Q == 0 or K == 0:  # nothing to attend: zeros, still in the graph so that backward gives zero gradients
         return q.new_zeros(B, Q, Hq, Dv) + _zero_in_graph(q, k, v, call.sinks), \
             torch.full((B, Hq, Q), float("-inf"), device=q.device)
+    kg, vg, bad = _finite_keys(kg, vg)  # once, not per row block
+    sink = None if call.sinks is None else call.sinks.to(ct).view(1, Hkv, -1, 1)
     outs, lses = [], []
     for r0 in range(0, Q, block_q):
         rows = slice(r0, min(r0 + block_q, Q))

@@ -112,7 +112,7 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
         return "an empty query or key sequence"
     if call.causal and Q > 1 and Q != K:
         return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
-    masked = call.key_padding_mask is not None or call.attn_mask is not None
+    masked = call.element_masks
     if masked and call.causal:
         return "causal together with a mask"
     if call.key_padding_mask is not None and call.attn_mask is not None:

@@ -100,11 +100,11 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(c["B"], c["Q"], c["H"], c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(c["B"], c["H"], c["Q"], dtype=torch.float32, device=q.device)
+    scores = Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed)
     args = (
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), lse, sinks,
         *mask_args(key_padding_mask, attn_mask), _packed(cu_seqlens_q, cu_seqlens_k), _lists(lists),
-        c["Q"], c["K"], c["H"], c["H"] // c["HKV"],
-        Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed),
+        c["Q"], c["K"], c["H"], c["H"] // c["HKV"], scores,
     )
     consts = _constexprs(c, causal, blocks)
 
@@ -116,7 +116,7 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     cands = configs.candidates(configs.FWD, q.device, c["D"])
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
-    key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, args[-1], sinks,
+    key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, sinks,
                       key_padding_mask, attn_mask, cu_seqlens_q)
     launch_tuned(key, cands, launch)
     return out, lse
@@ -267,13 +267,14 @@ def flash_decode(
     o_part = torch.empty(B * HKV, splits, rows, c["DV"], dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HKV, splits, rows, dtype=torch.float32, device=q.device)
     scores = Scores(scale * LOG2E, softcap, win_left, win_right)
+    args = (tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
+            Q, c["K"], HKV, G, split_len, scores)
 
     def launch(cfg):
         bn, warps, stages = cfg
         flash_decode_kernel[(splits, B * HKV)](
-            tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
-            Q, c["K"], HKV, G, split_len, scores, D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"],
-            BLOCK_M=rows, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            *args, D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
         )
 
     launch_tuned(_tuning_key("decode", q, c, causal, scores, sinks, key_padding_mask, attn_mask) + (rows,),
