@@ -61,27 +61,48 @@ def _timed(fn, device, repeat: int = 3) -> tuple[float, int | None]:
 
 
 def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, progress=True, policies=None,
-            tokens=None) -> list[dict]:
+            tokens=None, rounds=1) -> list[dict]:
     """One row per (implementation, length): prefill seconds and peak memory, decode tokens/s, and the
     time of one forward+backward step on ``L`` tokens (``train``).
 
     ``impls`` are labels: Transformers implementations, or keys of ``policies`` mapping a label to
     ``(implementation, ahfa policy fields)`` (e.g. ahfa in adaptive mode). ``tokens``: real token ids to
-    take the first ``L`` of (random ids otherwise: attention sparsity then means little).
+    take the first ``L`` of (random ids otherwise: attention sparsity then means little). ``rounds``: the
+    implementations are measured that many times in alternating order (A B, B A, ...), so that drift (clocks,
+    caches, the machine's load) does not favour whichever runs first; each time is the median over rounds,
+    the single rounds kept in ``<metric>_runs``.
     """
     device = next(model.parameters()).device
     vocab = vocab or model.config.get_text_config().vocab_size
     policies = policies or {}
-    rows = []
-    jobs = [(impl, L) for L in seq_lens for impl in impls]
+    inputs = {L: (torch.tensor(tokens[:L], device=device)[None] if tokens is not None
+                  else torch.randint(0, vocab, (1, L), device=device)) for L in seq_lens}
+    runs: dict[tuple[str, int], list[dict]] = {(label, L): [] for L in seq_lens for label in impls}
+    jobs = [(label, L) for r in range(rounds) for L in seq_lens for label in (impls if r % 2 == 0 else impls[::-1])]
     for label, L in tqdm(jobs, desc="model speed", disable=not progress):
         impl, fields = policies.get(label, (label, None))
         model.set_attn_implementation(impl)
-        ids = (torch.tensor(tokens[:L], device=device)[None] if tokens is not None
-               else torch.randint(0, vocab, (1, L), device=device))
-        row = {"impl": label, "seq_len": L, **predict(model.config, L, model.dtype.itemsize, impl)}
+        row = {}
         with hf_ahfa.override(**fields) if fields else contextlib.nullcontext():
-            _measure_one(model, ids, row, device, decode_tokens, train)
+            _measure_one(model, inputs[L], row, device, decode_tokens, train)
+        runs[label, L].append(row)
+    rows = []
+    for (label, L), done in runs.items():
+        impl = policies.get(label, (label, None))[0]
+        row = {"impl": label, "seq_len": L, **predict(model.config, L, model.dtype.itemsize, impl)}
+        for key in ("prefill_s", "decode_tokens_per_s", "train_step_s"):
+            values = [r[key] for r in done if key in r]
+            if values:
+                row[key] = sorted(values)[(len(values) - 1) // 2]  # the lower median: a real run's value
+                if rounds > 1:
+                    row[f"{key}_runs"] = values
+        for key in ("prefill_peak_bytes", "train_peak_bytes"):
+            if any(key in r for r in done):
+                values = [r[key] for r in done if r[key] is not None]  # None off CUDA
+                row[key] = max(values) if values else None
+        errors = [r["error"] for r in done if "error" in r]
+        if errors:
+            row["error"] = errors[0]
         rows.append(row)
     return rows
 

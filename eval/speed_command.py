@@ -51,6 +51,9 @@ def add_parser(subparsers) -> None:
     whole.add_argument("--baseline", default="sdpa", help="implementation to compare with (sdpa, eager, ...)")
     whole.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode measurement")
     whole.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    whole.add_argument("--rounds", type=int, default=2,
+                       help="measure every implementation this many times in alternating order (A B, B A, ...) and "
+                            "report the median, so that drift does not favour whichever runs first")
     whole.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     whole.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: bfloat16 on CUDA, float32 elsewhere")
@@ -139,7 +142,7 @@ def _model_speed(args) -> dict[str, Path]:
         raise UsageError(f"--seq-lens {too_long} plus --decode-tokens exceed the model's "
                          f"max_position_embeddings ({max_pos})")
     rows = measure(model, [*variants, args.baseline], args.seq_lens, args.decode_tokens, train=not args.no_train,
-                   policies=variants, tokens=tokens)
+                   policies=variants, tokens=tokens, rounds=args.rounds)
     paths = write_model_speed_report(rows, config, args.out_dir, args.name)
     print(paths["md"].read_text())
     return paths

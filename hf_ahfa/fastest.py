@@ -6,6 +6,7 @@ so the choice changes speed, never results. ``chosen()`` lists the decisions (fo
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -29,15 +30,18 @@ def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: st
     return _chosen[key]
 
 
-def _median_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 7) -> float:
+def _median_ms(fn: Callable[[], object], warmup: int = 2, batches: int = 5, calls: int = 5) -> float:
+    """Milliseconds per call of ``fn`` as an eager model sees it: wall time of ``calls`` back-to-back calls up to
+    the GPU's end, median over ``batches``. Host time counts: a kernel that is quick on the GPU but slow to
+    launch loses where the GPU work is tiny (decode), and the GPU time decides where it is not."""
     for _ in range(warmup):  # the first run of a Triton kernel compiles and tunes it
         fn()
+    torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    return sorted(times)[batches // 2]

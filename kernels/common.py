@@ -1,7 +1,8 @@
 """Triton helpers shared by every kernel family (flash forward and backward, split-KV decode, estimator).
 
 The visibility rule of ``hf_ahfa.masks`` lives here once at element level (``visible``) and once at
-block level (``key_span``). Two bundles keep the helpers' parameter lists short:
+block level (``key_span``); ``finite_values`` / ``poison_seen`` keep a NaN or inf in an unseen value away
+from the queries of a masked tile (decode always, flash forward/backward with ``NAN_GUARD``). Two bundles keep the helpers' parameter lists short:
 
 * ``Flags``: the compile-time switches of a launch, one ``tl.constexpr`` namedtuple that the kernels'
   ``@triton.heuristics(dict(F=flags))`` derives from their arguments (a feature is on when its tensor
@@ -12,6 +13,7 @@ Tensors travel as tuples ``(tensor, *strides)``; a ``View`` is such a tensor nar
 (batch, head): base pointer, row stride, column stride.
 """
 
+import os
 from collections import namedtuple
 
 import torch
@@ -23,7 +25,12 @@ from hf_ahfa.kernels.configs import interpreting
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk")
+                            "d dv block_d block_dv layout_bq layout_bk guard")
+
+# AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
+# of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140% even where
+# no tile is masked (kernel-cost-h200.md; register pressure of the masked loops). The decode kernel always does it.
+NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed", defaults=(0.0, 0))
 Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh")
@@ -64,7 +71,7 @@ def flags(args: dict) -> Flags:
         kpm=get("KPM") is not None, am=get("AM") is not None, sinks=get("SINKS") is not None,
         varlen=get("CU") is not None, dropout=args["S"].dropout_p > 0, sparse=get("LISTS") is not None,
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
-        layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1),
+        layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD,
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr
@@ -168,6 +175,24 @@ def visible(qp, kp, rows, n_rows, n_keys, am_rows, cx, F: tl.constexpr):
         am = tl.load(cx.am + am_rows[:, None] + kp[None, :].to(tl.int64) * cx.am_k, mask=inside, other=0)
         ok = ok & (am != 0)
     return ok
+
+
+@triton.jit
+def finite_values(x):
+    """A key or value tile with its non-finite elements zeroed, and which rows ([N] bool) held one.
+
+    In a masked tile a query's probability at a key it cannot see is 0, but 0 * NaN is still NaN in P @ V and
+    dS @ K: the zeroed tile keeps it out. Elementwise, after the load, so the loads keep their order."""
+    bad = ~(tl.abs(x) < float("inf"))  # NaN fails the comparison too
+    return tl.where(bad, 0.0, x).to(x.dtype), tl.max(bad.to(tl.int32), 1) > 0
+
+
+@triton.jit
+def poison_seen(acc, s, bad):
+    """``acc`` [R, DV] with NaN rows where the row sees (score not -inf in ``s`` [R, N]) a key whose value
+    was non-finite (``bad`` [N]): what it would have got without ``finite_values``."""
+    seen = tl.max((bad[None, :] & (s != float("-inf"))).to(tl.int32), 1) > 0
+    return tl.where(seen[:, None], float("nan"), acc)
 
 
 @triton.jit

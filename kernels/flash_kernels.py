@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, flags, head_view, key_span, load_tile, logits, make_ctx, natural_lse, online_softmax, store_tile,
-    tile_ptrs, visible,
+    LOG2E, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx, natural_lse, online_softmax,
+    poison_seen, store_tile, tile_ptrs, visible,
 )
 
 
@@ -162,7 +162,12 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.const
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
     v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
+    guard: tl.constexpr = MASKED and F.guard
+    if guard:  # a non-finite key needs nothing: its scores are masked where unseen
+        v, bad = finite_values(v)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
+    if guard:
+        acc = poison_seen(acc, s, bad)
     return acc, l_i, m_i
 
 
@@ -238,9 +243,11 @@ def flash_fwd_kernel(
 
 
 @triton.jit
-def _probs(s, lse2, offs_m, offs_n, cx, F: tl.constexpr):
+def _probs(s, lse2, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
     """Recomputed probabilities ``p`` and their dropped-out version ``pd`` (``p`` when no dropout)."""
     p = tl.exp2(s - lse2[:, None])  # lse2 = +inf for rows that see nothing: p = 0
+    if MASKED and F.guard:  # a NaN row (it saw a non-finite value) keeps p = 0 at the keys it cannot see
+        p = tl.where(s == float("-inf"), 0.0, p)
     pd = p
     if F.dropout:
         pd = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
@@ -248,12 +255,14 @@ def _probs(s, lse2, offs_m, offs_n, cx, F: tl.constexpr):
 
 
 @triton.jit
-def _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F: tl.constexpr):
+def _dscores(p, dpd, delta, s, t, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
     """Gradient w.r.t. the raw scores q.k (before scale and softcap). dpd = dO @ V^T: [BM, BN]."""
     dp = dpd
     if F.dropout:
         dp = tl.where(_dropout_keep(cx, offs_m, offs_n), dpd / (1.0 - cx.dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
+    if MASKED and F.guard:  # 0 * NaN where an unseen value is non-finite (dpd = dO @ V^T)
+        ds = tl.where(s == float("-inf"), 0.0, ds)
     if F.softcap:
         ds = ds * (1.0 - t * t)
     return ds
@@ -276,10 +285,10 @@ def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, B
     do = load_tile(qdo[1], offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     lse2, delta = _row_stats(stats, offs_m, cx.q_len)
     s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
-    p, pd = _probs(s, lse2, offs_m, offs_n, cx, F)
+    p, pd = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=F.precision)  # [BN,BM]@[BM,DV]
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
-    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F)
+    ds = _dscores(p, dpd, delta, s, t, offs_m, offs_n, cx, F, MASKED)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=F.precision)  # [BN,BM]@[BM,D]
     return dk, dv
 
@@ -356,9 +365,11 @@ def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F: tl.constexpr, B
     k = load_tile(kv[0], offs_n, tl.arange(0, F.block_d), cx.k_len, F.d)
     v = load_tile(kv[1], offs_n, tl.arange(0, F.block_dv), cx.k_len, F.dv)
     s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
-    p, _ = _probs(s, lse2, offs_m, offs_n, cx, F)
+    p, _ = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
-    ds = _dscores(p, dpd, delta, t, offs_m, offs_n, cx, F)
+    ds = _dscores(p, dpd, delta, s, t, offs_m, offs_n, cx, F, MASKED)
+    if MASKED and F.guard:  # ds = 0 at an unseen key, but 0 * NaN in dS @ K
+        k = finite_values(k)[0]
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=F.precision)  # [BM,BN]@[BN,D]
 
 
@@ -454,8 +465,8 @@ def flash_decode_kernel(
         s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
         s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
         p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, True)
-        v = load_tile(v_view, offs_n, offs_dv, hi, F.dv)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
+        v, bad = finite_values(load_tile(v_view, offs_n, offs_dv, hi, F.dv))
+        acc = poison_seen(acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision), s, bad)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     # partials: (B * HKV, SPLITS, BLOCK_M, DV) and (B * HKV, SPLITS, BLOCK_M), contiguous
     part = (bhk.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M

@@ -7,6 +7,7 @@ ahfa adds per call: checks, routing, layout). CPU by default; on a GPU pass --de
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -28,6 +29,8 @@ parser.add_argument("--name", default="host-overhead")
 args = parser.parse_args()
 
 impls = {"sdpa": sdpa_attention_forward, "ahfa": AttentionInterface._global_mapping["ahfa"]}
+if args.device.startswith("cuda"):  # on a GPU also ahfa held to its own kernels (the split-KV Triton decode)
+    impls["ahfa-own-kernels"] = impls["ahfa"]
 # a decoder layer's attention module as the functions read it (SmolLM2-135M's heads: 9 query, 3 key/value)
 module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=3, training=False,
                          config=SimpleNamespace(_attn_implementation="ahfa", sliding_window=None))
@@ -39,6 +42,9 @@ for K in (int(x) for x in args.kv_lens.split(",")):
     times = {name: [] for name in impls}
     for _ in range(args.rounds):
         for name, fn in impls.items():
+            os.environ.pop("AHFA_BACKEND", None)
+            if name == "ahfa-own-kernels":
+                os.environ["AHFA_BACKEND"] = "triton"
             for _ in range(50):
                 fn(module, q, k, v, None, scaling=0.125, dropout=0.0)
             sync()
@@ -49,8 +55,9 @@ for K in (int(x) for x in args.kv_lens.split(",")):
                 ts.append(time.perf_counter() - t)
             times[name].append(statistics.median(ts) * 1e6)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    os.environ.pop("AHFA_BACKEND", None)
     rows.append(dict(kv_len=K, us=times, median_us=med, ahfa_extra_us=med["ahfa"] - med["sdpa"]))
-    print(f"K={K}: sdpa {med['sdpa']:.1f} us, ahfa {med['ahfa']:.1f} us per call (+{med['ahfa'] - med['sdpa']:.1f})")
+    print(f"K={K}: " + ", ".join(f"{name} {us:.1f} us" for name, us in med.items()) + " per call")
 if args.out_dir:
     out = Path(args.out_dir)
     meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(), machine=platform.machine(),
@@ -58,8 +65,9 @@ if args.out_dir:
                 note="median of 1000 calls per round, rounds interleaved; host time of the whole attention function")
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Host time per attention call ({meta['device']}, torch {torch.__version__})", "", meta["note"], "",
-             "| KV length | sdpa us (rounds) | ahfa us (rounds) | ahfa extra us |", "|---|---|---|---|"]
-    lines += [f"| {r['kv_len']} | {' '.join(f'{x:.1f}' for x in r['us']['sdpa'])} | "
-              f"{' '.join(f'{x:.1f}' for x in r['us']['ahfa'])} | {r['ahfa_extra_us']:.1f} |" for r in rows]
+             "| KV length | " + " | ".join(f"{name} us (rounds)" for name in impls) + " | ahfa extra us |",
+             "|---|" + "---|" * (len(impls) + 1)]
+    lines += [f"| {r['kv_len']} | " + " | ".join(" ".join(f"{x:.1f}" for x in r["us"][name]) for name in impls)
+              + f" | {r['ahfa_extra_us']:.1f} |" for r in rows]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / (args.name + '.json')}, {out / (args.name + '.md')}")

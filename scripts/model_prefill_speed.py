@@ -3,7 +3,8 @@ GQA 14/2, head dim 64, as the model of issue 11) with ahfa against sdpa in one r
 (the router's choice) and ahfa on its own Triton kernels (AHFA_BACKEND=triton). Random weights and tokens:
 speed only, nothing about quality.
 
-    python scripts/model_prefill_speed.py --out-dir OUT [--seq-lens 8192,32768] [--name model-speed-qwen2-0.5b]
+    python scripts/model_prefill_speed.py --out-dir OUT [--seq-lens 8192,32768] [--train-lens 2048,8192]
+        [--name model-speed-qwen2-0.5b]
 """
 
 import argparse
@@ -19,24 +20,32 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out-dir", required=True)
 parser.add_argument("--seq-lens", default="8192,32768")
 parser.add_argument("--decode-tokens", type=int, default=32)
+parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per implementation (median reported)")
+parser.add_argument("--train-lens", default="", help="lengths of a timed training step (forward+backward), e.g. 2048,8192")
 parser.add_argument("--name", default="model-speed-qwen2-0.5b")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
+train_lens = [int(x) for x in args.train_lens.split(",") if x]
 
 config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                               num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
-                              max_position_embeddings=max(seq_lens) + args.decode_tokens + 8)
+                              max_position_embeddings=max(seq_lens + train_lens) + args.decode_tokens + 8)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
 rows = []
 for backend in (None, "triton"):  # the router's choice, then our own kernels only
     if backend:
         os.environ["AHFA_BACKEND"] = backend
-    for row in measure(model, ["ahfa", "sdpa"], seq_lens, args.decode_tokens, train=False):
-        if row["impl"] == "ahfa":
-            row["impl"] = "ahfa" if backend is None else "ahfa-own-kernels"
-        if backend is None or row["impl"] != "sdpa":
-            rows.append(row)
+    # prefill and decode; then a training step (its prefill column re-measured in train mode: the step's row)
+    jobs = [(seq_lens, args.decode_tokens, False)] + ([(train_lens, 0, True)] if train_lens else [])
+    for lens, decode, train in jobs:
+        model.train(train)
+        for row in measure(model, ["ahfa", "sdpa"], lens, decode, train=train, rounds=args.rounds):
+            if row["impl"] == "ahfa":
+                row["impl"] = "ahfa" if backend is None else "ahfa-own-kernels"
+            if backend is None or row["impl"] != "sdpa":
+                rows.append(row)
+    model.eval()
     os.environ.pop("AHFA_BACKEND", None)
 rows.sort(key=lambda r: (r["seq_len"], r["impl"] == "sdpa"))  # the baseline last per length (the report's rule)
 write_model_speed_report(rows, {"model": "qwen2-0.5b-layout random weights", "dtype": "bfloat16",

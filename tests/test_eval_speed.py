@@ -79,6 +79,26 @@ def test_model_speed_end_to_end_cpu(tmp_path):
     assert all(line.split(" | ")[3] == "n/a" for line in md.splitlines() if line.startswith(("| ahfa ", "| sdpa ")))
 
 
+def test_model_speed_rounds_alternate_and_take_the_median(monkeypatch):
+    from hf_ahfa.eval import model_speed
+
+    model = _tiny_gemma3()
+    order = []
+    times = iter([5.0, 1.0, 2.0, 6.0, 9.0, 3.0])  # in the order measured: ahfa 5, 6, 9 / sdpa 1, 2, 3
+
+    def fake(model, ids, row, device, decode_tokens, train):
+        order.append(model.config._attn_implementation)
+        row["prefill_s"] = next(times)
+
+    monkeypatch.setattr(model_speed, "_measure_one", fake)
+    rows = model_speed.measure(model, ["ahfa", "sdpa"], [16], progress=False, rounds=3)
+    assert order == ["ahfa", "sdpa", "sdpa", "ahfa", "ahfa", "sdpa"]  # A B, B A, A B
+    by = {r["impl"]: r for r in rows}
+    assert [r["impl"] for r in rows] == ["ahfa", "sdpa"]
+    assert by["ahfa"]["prefill_s_runs"] == [5.0, 6.0, 9.0] and by["ahfa"]["prefill_s"] == 6.0
+    assert by["sdpa"]["prefill_s_runs"] == [1.0, 2.0, 3.0] and by["sdpa"]["prefill_s"] == 2.0
+
+
 def _tiny_gemma3():
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -819,8 +819,8 @@ def test_gpu_fuzz(monkeypatch, shard):
     # test_visibility_matches_oracle) stands in; the oracle's arithmetic is unchanged
     monkeypatch.setitem(ORACLE["attention"].__globals__, "_visible", positional)
     mine = range(shard, n, GPU_SHARDS)
-    if os.environ.get("AHFA_FUZZ_GPU_ONLY"):  # re-run given configurations (the index a failure prints)
-        mine = [i for i in mine if str(i) in os.environ["AHFA_FUZZ_GPU_ONLY"].split(",")]
+    if os.environ.get("AHFA_FUZZ_GPU_ONLY"):  # re-run given configurations (the index a failure prints),
+        mine = [int(i) for i in os.environ["AHFA_FUZZ_GPU_ONLY"].split(",")][shard::GPU_SHARDS]  # spread over shards
     for i in mine:
         print(f"configuration {i}")  # shown with a failure
         d = RandomDraw(seed * 1_000_003 + i)

@@ -129,21 +129,46 @@ UNSEEN = {
 }
 
 
-# The Triton kernels do not hold it where an unseen key shares a tile with seen ones (all but packed): cleaning
-# k/v in every masked tile cost 2-78% on the H200 (kernel-cost-h200.md) and was taken out; expected to fail
-# until a version that costs nothing measurable is in (issue 10).
-_TRITON_LEAKS = pytest.mark.xfail(strict=True, reason="Triton masked tiles pass unseen non-finite k/v on (cost)")
-UNSEEN_RUNS = [pytest.param(b, case, marks=_TRITON_LEAKS if b == "triton" and case != "packed" else ())
-               for b in BACKENDS for case in UNSEEN]
+# Triton without AHFA_NAN_GUARD: where an unseen key shares a masked tile with rows that see it, its NaN reaches
+# them (0 * NaN in P @ V), as in SDPA; the guard costs 10-140% (kernel-cost-h200.md). Packed sequences never
+# share a tile. (With gradients the decode case runs the flash kernels; the decode kernel, which always
+# guards, has its own test below.)
+_UNGUARDED_LEAKS = pytest.mark.xfail(strict=True, reason="unguarded Triton masked tiles pass unseen NaN on")
+UNSEEN_RUNS = [pytest.param(b, guard, case, marks=_UNGUARDED_LEAKS if guard is False and case != "packed" else ())
+               for b, guard in (("reference", None), ("triton", True), ("triton", False)) for case in UNSEEN]
 
 
-@pytest.mark.parametrize("backend,case", UNSEEN_RUNS)
+@pytest.fixture
+def nan_guard(monkeypatch):
+    """Sets the Triton kernels' NaN guard (``AHFA_NAN_GUARD``) for one test."""
+    from hf_ahfa.kernels import common
+
+    return lambda on: monkeypatch.setattr(common, "NAN_GUARD", on)
+
+
+@pytest.mark.parametrize("backend,guard,case", UNSEEN_RUNS)
 @pytest.mark.parametrize("where", ["k", "v"])
-def test_non_finite_unseen_keys_stay_out(backend, case, where):
+def test_non_finite_unseen_keys_stay_out(backend, guard, case, where, nan_guard):
     """A NaN or inf in the key or value at a position a query cannot see (future, outside its window,
     padded, another packed sequence) never reaches that query's output or its gradients; a query that sees
     one gets a non-finite output (issue 10, item 3)."""
+    nan_guard(bool(guard))
     _check_unseen(*UNSEEN[case], where=where, backend=backend, D=16, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_decode_kernel_keeps_unseen_non_finite_out(where, nan_guard):
+    """The split-KV decode kernel guards without AHFA_NAN_GUARD: a NaN at the newest key reaches only the
+    query that sees it."""
+    nan_guard(False)
+    clean = _qkv(1, 3, 600, 4, 2, 16, seed=7)
+    bad = [t.clone() for t in clean]
+    bad[1 if where == "k" else 2][0, 599, :, 3] = float("nan")
+    with hf_ahfa.record() as rec:
+        out_c, out_b = (hf_ahfa.attention(*ts, causal=True, backend="triton") for ts in (clean, bad))
+    assert {r["route"] for r in rec} == {"decode"}
+    _close(out_b[:, :2], out_c[:, :2], 0)
+    assert not torch.isfinite(out_b[:, 2]).all(-1).any()
 
 
 # the same on CUDA in bfloat16 at real tile shapes (64/128-row tiles; the poisoned key shares its tile with
@@ -158,10 +183,11 @@ UNSEEN_GPU = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_TRITON_LEAKS if c != "packed" else ()) for c in UNSEEN_GPU])
+@pytest.mark.parametrize("case", UNSEEN_GPU)
 @pytest.mark.parametrize("where", ["k", "v"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_non_finite_unseen_keys_stay_out_on_gpu(case, where, D):
+def test_non_finite_unseen_keys_stay_out_on_gpu(case, where, D, nan_guard):
+    nan_guard(True)
     kw, *rest = UNSEEN_GPU[case]
     kw = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
     _check_unseen(kw, *rest, where=where, backend="triton", D=D, device="cuda", dtype=torch.bfloat16)
