@@ -25,6 +25,7 @@ from hf_ahfa import telemetry
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import policy_of
 from hf_ahfa.reference import reference_attention_probs
+from hf_ahfa.router import plain_key, run_plain
 from hf_ahfa.router import run as run_call
 from hf_ahfa.spec import make_call
 
@@ -102,18 +103,29 @@ def ahfa_attention_forward(
         )
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    Q, K = query.shape[-2], key.shape[-2]
+    if attention_mask is None and sliding_window is None:  # (set by ahfa_mask's callers or on the module)
+        sliding_window = getattr(module, "sliding_window", None)
+    want_weights = _weights_requested(output_attentions)
+    policy = policy_of(getattr(module, "config", None))
+    plain = None
+    if (attention_mask is None and sliding_window is None and softcap is None and s_aux is None and not dropout
+            and cu_seq_lens_q is None and not want_weights and not (is_causal and 1 < Q < K)
+            and not torch.compiler.is_compiling()):
+        # the common call: once routed to SDPA, the same kind of call skips validation and routing
+        out = run_plain(query, key, value, is_causal and Q > 1, scaling, policy)
+        if out is not None:
+            return out.contiguous(), None
+        plain = plain_key(query, key, value, is_causal and Q > 1, scaling, policy)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    Q, K = q.shape[1], k.shape[1]
     if attention_mask is not None:
         # The mask is the truth about positions (static caches, left padding, windows): apply it alone.
         causal, window, mask = False, None, _bool_mask(attention_mask)
     else:
         # A skipped mask means (as in Transformers' sdpa path): a single query sees every key; otherwise
         # causal is aligned top-left, which matters only for a static cache whose tail is still empty.
-        if sliding_window is None:  # (set by ahfa_mask's callers as an argument or on the module)
-            sliding_window = getattr(module, "sliding_window", None)
         causal, window, mask = is_causal and Q > 1, sliding_window, None
-        if causal and k.shape[1] > Q:
+        if causal and K > Q:
             k, v = k[:, :Q], v[:, :Q]
     cu_seqlens = None if cu_seq_lens_q is None else (cu_seq_lens_q, cu_seq_lens_k)
     max_lengths = (kwargs.get("max_length_q"), kwargs.get("max_length_k"))
@@ -121,16 +133,15 @@ def ahfa_attention_forward(
     call = make_call(q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
                      scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens,
                      max_seqlens=None if None in max_lengths else max_lengths, check_values=False)
-    if _weights_requested(output_attentions):
+    if want_weights:
         layout = make_layout(Q, k.shape[1], q.device, *(call.cu_seqlens or (None, None)))
         out, weights = reference_attention_probs(q, k, v, layout, call)
         # keys cut off above (the empty static-cache tail) get weight 0, as in eager attention
         return out.contiguous(), torch.nn.functional.pad(weights, (0, K - weights.shape[-1]))
-    policy = policy_of(getattr(module, "config", None))
     if telemetry.recording():
         with telemetry.layer_tag(getattr(module, "layer_idx", None)):
-            return run_call(q, k, v, call, policy=policy)[0].contiguous(), None
-    return run_call(q, k, v, call, policy=policy)[0].contiguous(), None
+            return run_call(q, k, v, call, policy=policy, remember=plain)[0].contiguous(), None
+    return run_call(q, k, v, call, policy=policy, remember=plain)[0].contiguous(), None
 
 
 # Model types whose own attention code a module in ``hf_ahfa.patches`` routes through ahfa.

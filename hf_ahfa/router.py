@@ -199,11 +199,52 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# Plain calls (no mask, softcap, sinks, window, dropout or packing; no layout, lse or forced backend) that
+# route() sent to SDPA, remembered by everything that decision and make_call's checks read, so that a model's
+# repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths enter as route() reads
+# them: Q exactly, K by its power of two and the thresholds it tests.
+_plain_sdpa: set[tuple] = set()
+
+
+def plain_key(query, key, value, causal: bool, scale, policy) -> tuple:
+    """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors."""
+    shape_q, shape_k, shape_v = (_bthd(t) for t in (query, key, value))
+    K = shape_k[1]
+    q, k, v = query, key, value
+    return (policy, causal, scale, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, tuple(shape_q),
+            shape_k[0], shape_k[2], shape_k[3], _pow2_ceil(K), K == 0, K >= DECODE_MIN_K, K == shape_q[1],
+            shape_v[0], shape_v[1] == K, shape_v[2], shape_v[3], len(shape_k), len(shape_v),
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def _bthd(t: torch.Tensor) -> tuple:
+    s = t.shape
+    return (s[0], s[2], s[1], s[3]) if len(s) == 4 else tuple(s)
+
+
+def run_plain(query, key, value, causal: bool, scale, policy) -> torch.Tensor | None:
+    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) run straight through SDPA where ``run``
+    already routed the same kind of call there: ``out (B, Q, Hq, Dv)``, else ``None`` (the caller takes the
+    full path, which validates, routes and remembers). Not while recording or with AHFA_BACKEND."""
+    if telemetry.recording() or os.environ.get("AHFA_BACKEND"):
+        return None
+    if plain_key(query, key, value, causal, scale, policy) not in _plain_sdpa:
+        return None
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and query.shape[2] > 1, scale=scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
 def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: AdaptivePolicy | None = None,
-        layout: BlockLayout | None = None, need_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layout: BlockLayout | None = None, need_lse: bool = False,
+        remember: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q) or None)``; ``lse`` is
-    ``None`` only where ``need_lse`` was False and the call ran through SDPA."""
+    ``None`` only where ``need_lse`` was False and the call ran through SDPA. ``remember``: the ``plain_key``
+    of a plain call, kept for ``run_plain`` if the call goes to SDPA."""
     r = route(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=need_lse)
+    if remember is not None and r.path == "sdpa" and backend is None and layout is None and not need_lse:
+        _plain_sdpa.add(remember)
     if r.path == "adaptive":  # notes its own entry, with the kept blocks
         from hf_ahfa.adaptive import adaptive_attention
 

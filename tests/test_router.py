@@ -115,3 +115,48 @@ def test_routing_leaves_torch_sdpa_settings_alone():
     hf_ahfa.attention(q, k, v, causal=True)
     assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
             torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()) == flags
+
+
+def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkeypatch):
+    """Transformers' common call (no mask, softcap, sinks, window, dropout, packing) routed to SDPA once runs
+    straight through SDPA afterwards, with the same result bits; a decode step whose cache grew stays on the
+    memo within its power of two; any change the route reads (dtype, grad, backend, recording) takes the
+    full path again."""
+    from types import SimpleNamespace
+
+    from hf_ahfa import integration, router
+
+    monkeypatch.setattr(router, "_plain_sdpa", set())
+    made = []
+    real_make_call = integration.make_call
+    monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
+    module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
+    fn = integration.ahfa_attention_forward
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+
+    def kv(K):
+        return [torch.randn(1, 2, K, 16, generator=g) for _ in "kv"]
+
+    k, v = kv(20)
+    first = fn(module, q, k, v, None, scaling=0.25)[0]
+    assert len(made) == 1 and len(router._plain_sdpa) == 1
+    again = fn(module, q, k, v, None, scaling=0.25)[0]
+    assert len(made) == 1 and torch.equal(first, again)  # the memo: no make_call, same bits
+    fn(module, q, *kv(29), None, scaling=0.25)  # 29 keys: the same power of two as 20
+    assert len(made) == 1
+    fn(module, q, *kv(40), None, scaling=0.25)  # the next power of two: routed afresh
+    assert len(made) == 2
+    for change in (dict(q=q.double(), kv=[t.double() for t in (k, v)]), dict(scaling=0.5)):
+        fn(module, change.get("q", q), *change.get("kv", (k, v)), None, scaling=change.get("scaling", 0.25))
+    assert len(made) == 4
+    monkeypatch.setenv("AHFA_BACKEND", "reference")
+    fn(module, q, k, v, None, scaling=0.25)
+    monkeypatch.delenv("AHFA_BACKEND")
+    with hf_ahfa.record() as rec:
+        fn(module, q, k, v, None, scaling=0.25)
+    assert len(made) == 6 and rec[0]["route"] == "sdpa"
+    # a mask, softcap or window never takes the memo
+    fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
+    fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
+    assert len(made) == 8

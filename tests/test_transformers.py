@@ -234,9 +234,15 @@ def enable_checkpointing(model) -> None:
 
 @pytest.fixture
 def ahfa_calls(monkeypatch):
-    """Counts the attention calls that really ran through hf_ahfa (both the fast and the weights path)."""
+    """Counts the attention calls that really ran through hf_ahfa (the router, the memo of plain calls that it
+    sent to SDPA before, and the weights path)."""
     calls = {"attention": 0, "probs": 0, "dropout": 0}
-    run_call, probs = integration.run_call, integration.reference_attention_probs
+    run_call, run_plain, probs = integration.run_call, integration.run_plain, integration.reference_attention_probs
+
+    def counting_plain(*args, **kwargs):
+        out = run_plain(*args, **kwargs)
+        calls["attention"] += out is not None
+        return out
 
     def counting_run(q, k, v, call, **kwargs):
         calls["attention"] += 1
@@ -248,6 +254,7 @@ def ahfa_calls(monkeypatch):
         return probs(*args, **kwargs)
 
     monkeypatch.setattr(integration, "run_call", counting_run)
+    monkeypatch.setattr(integration, "run_plain", counting_plain)
     monkeypatch.setattr(integration, "reference_attention_probs", counting_probs)
     return calls
 
