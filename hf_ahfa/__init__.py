@@ -10,9 +10,10 @@ from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.integration import NAME, register
 from hf_ahfa.policy import AdaptivePolicy, configure, override
 from hf_ahfa.telemetry import record
+from hf_ahfa import nn  # MultiheadAttention for models outside Transformers (imports nothing new)
 
 __version__ = "0.1.0"
 __all__ = ["attention", "estimate_layout", "AdaptivePolicy", "configure", "override", "record", "BlockLayout", "register", "NAME",
-           "__version__"]
+           "nn", "__version__"]
 
 register()
