@@ -47,7 +47,11 @@ def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool)
         telemetry.note(q_len=Q, k_len=K, path="sparse", route="adaptive", backend="triton" if kernels else "reference",
                        reason=None, density=head.mean().item(),
                        head_density=head.tolist(), dense_heads=int(dense.sum()))
-    return (sparse_kernels if kernels else sparse_reference)(q, k, v, layout, call)
+    if not kernels:
+        return sparse_reference(q, k, v, layout, call)
+    # tile skipping is a forward-only approximation: never under a gradient or dropout
+    inference = not call.needs_grad(q, k, v) and call.dropout_p == 0
+    return sparse_kernels(q, k, v, layout, call, skip_mass=policy.skip_mass if inference else 0.0)
 
 
 def estimate_layout(q, k, policy: AdaptivePolicy, *, causal: bool = False, window=None, softcap=None, scale=None,

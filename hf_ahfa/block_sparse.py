@@ -20,9 +20,10 @@ def layout_band(call: AttnCall, block_q: int, block_k: int, q_len: int, k_len: i
                        call.causal, call.window)
 
 
-def sparse_kernels(q, k, v, layout: BlockLayout, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_kernels(q, k, v, layout: BlockLayout, call: AttnCall, skip_mass: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through ``hf_ahfa::sparse_fwd``; ``layout`` already resolved for this call
-    (``BlockLayout.resolve``), with transposed lists when a gradient is needed."""
+    (``BlockLayout.resolve``), with transposed lists when a gradient is needed. ``skip_mass``: the kernel's
+    error-bounded tile skipping (inference only, see ``sparse_fwd``)."""
     from hf_ahfa.kernels.sparse import sparse_fwd
 
     cu_q, cu_k = call.cu_seqlens or (None, None)
@@ -32,7 +33,7 @@ def sparse_kernels(q, k, v, layout: BlockLayout, call: AttnCall) -> tuple[torch.
         a["win_left"], a["win_right"], a["softcap"], call.dropout_p, call.dropout_seed(), a["scale"],
         count=layout.kv_count, index=layout.kv_index, full_count=layout.full_count, full_index=layout.full_index,
         t_count=layout.q_count, t_index=layout.q_index, t_full_count=layout.full_q_count,
-        t_full_index=layout.full_q_index, block_q=layout.block_q, block_k=layout.block_k,
+        t_full_index=layout.full_q_index, block_q=layout.block_q, block_k=layout.block_k, skip_mass=skip_mass,
     )
 
 

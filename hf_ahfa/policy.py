@@ -40,6 +40,11 @@ class AdaptivePolicy:
         density_limit: a head whose selection keeps more than this share of its visible blocks runs
             all of them (the estimate says the head is dense: skipping buys little and risks quality).
         min_length: ``auto`` switches to block-sparse from this many query rows.
+        skip_mass: inference on the Triton kernels only: inside the kept blocks, skip the P @ V product of
+            tiles far below each row's running maximum while every row of the tile has left out at most this
+            share of its attention mass (an upper bound, counted against the mass seen so far); the output
+            is exact attention over the keys kept, off by at most ``2 * skip_mass * max|v|``. 0 (default):
+            every kept block is computed. Ignored where a gradient is needed.
     """
 
     mode: str = "auto"
@@ -50,6 +55,7 @@ class AdaptivePolicy:
     local_blocks: int = 2
     density_limit: float = 0.8
     min_length: int = 16384
+    skip_mass: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -67,6 +73,8 @@ class AdaptivePolicy:
             raise ValueError(f"density_limit must be in (0, 1], got {self.density_limit}")
         if self.min_length < 1:
             raise ValueError(f"min_length must be >= 1, got {self.min_length}")
+        if not 0.0 <= self.skip_mass < 1.0:
+            raise ValueError(f"skip_mass must be in [0, 1), got {self.skip_mass}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,15 +25,17 @@ from hf_ahfa.kernels.configs import interpreting
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk guard")
+                            "d dv block_d block_dv layout_bq layout_bk guard skip")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
 # of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140% even where
 # no tile is masked (kernel-cost-h200.md; register pressure of the masked loops). The decode kernel always does it.
 NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
-# the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window
-Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed", defaults=(0.0, 0))
-Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh")
+# the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
+# forward may drop the P @ V product of tiles holding at most that share of each row's mass (``skip_step``)
+Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
+Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh "
+                        "skip")
 View = namedtuple("View", "ptr row col")
 
 
@@ -71,7 +73,7 @@ def flags(args: dict) -> Flags:
         kpm=get("KPM") is not None, am=get("AM") is not None, sinks=get("SINKS") is not None,
         varlen=get("CU") is not None, dropout=args["S"].dropout_p > 0, sparse=get("LISTS") is not None,
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
-        layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD,
+        layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr
@@ -121,7 +123,7 @@ def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, F: tl.constex
         am, am_b, am_h, am_q, am_k = AM
         am = am + b * am_b + h.to(tl.int64) * am_h + q_start * am_q + k_start * am_k
     return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, am, am_q, am_k, S.dropout_p,
-               S.seed, bh)
+               S.seed, bh, S.skip)
 
 
 @triton.jit

@@ -72,7 +72,7 @@ def _tuning_key(kind, q, c, causal, scores, *optional):
     """What a launch configuration's fit and speed depend on: dtype, head dims, GQA group, lengths, and the
     kernel's compile-time variant (score features, which optional inputs are compiled in)."""
     return (kind, q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], c["precision"], causal, c["max_q"] > 1024,
-            c["max_k"] > 1024, scores.softcap > 0, scores.win_left >= 0, scores.dropout_p > 0,
+            c["max_k"] > 1024, scores.softcap > 0, scores.win_left >= 0, scores.dropout_p > 0, scores.skip > 0,
             *(x is not None for x in optional))
 
 
@@ -96,11 +96,11 @@ def _sparse_candidates(cands, block_q, block_k, swap=False):
 
 
 def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1)):
+            causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1), skip_mass=0.0):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(c["B"], c["Q"], c["H"], c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(c["B"], c["H"], c["Q"], dtype=torch.float32, device=q.device)
-    scores = Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed)
+    scores = Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed, skip_mass)
     args = (
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), lse, sinks,
         *mask_args(key_padding_mask, attn_mask), _packed(cu_seqlens_q, cu_seqlens_k), _lists(lists),

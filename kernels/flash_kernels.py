@@ -149,9 +149,11 @@ def _dropout_keep(cx, offs_m, offs_n):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr):
-    """Online-softmax update of one query block with the key tile at ``start_n``."""
+def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax update of one query block with the key tile at ``start_n``. With ``F.skip``: the tile's
+    P @ V is skipped, and its mass left out of the denominator, when every row's ``dropped`` share (an upper
+    bound of the mass left out so far) plus this tile's stays within ``cx.skip``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < cx.k_len
     if not MASKED:
@@ -161,19 +163,30 @@ def _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.const
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
-    v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
-    guard: tl.constexpr = MASKED and F.guard
-    if guard:  # a non-finite key needs nothing: its scores are masked where unseen
-        v, bad = finite_values(v)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
-    if guard:
-        acc = poison_seen(acc, s, bad)
-    return acc, l_i, m_i
+    skipped = False
+    if F.skip:
+        # l_i already holds this tile and only grows: tile / l_i bounds the tile's share of the row's final mass
+        tile = tl.sum(p, 1)
+        share = tl.where(l_i > 0, tile / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        skipped = tl.max(dropped + share, 0) <= cx.skip
+        if skipped:
+            dropped += share
+            l_i -= tile
+            acc = acc * alpha[:, None]
+    if not skipped:
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
+        guard: tl.constexpr = MASKED and F.guard
+        if guard:  # a non-finite key needs nothing: its scores are masked where unseen
+            v, bad = finite_values(v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
+        if guard:
+            acc = poison_seen(acc, s, bad)
+    return acc, l_i, m_i, dropped
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, kv, start, end, index, offs_m, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax of one query block over key tiles ``[start, end)``; with ``F.sparse`` over the
     ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks."""
     k_view, v_view = kv
@@ -183,18 +196,20 @@ def _fwd_blocks(acc, l_i, m_i, q, kv, start, end, index, offs_m, cx, F: tl.const
         for j in range(0, end * (F.layout_bk // BLOCK_N)):
             start_n = _listed_start(index, j, F.layout_bk, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, tile_ptrs(k_view, offs_n, offs_d),
-                                      tile_ptrs(v_view, offs_n, offs_dv), start_n, offs_m, cx, F, BLOCK_N, MASKED)
+            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, tile_ptrs(k_view, offs_n, offs_d),
+                                               tile_ptrs(v_view, offs_n, offs_dv), start_n, offs_m, cx, F, BLOCK_N,
+                                               MASKED)
     else:
         # pointers advance by one block per step instead of being recomputed in 64-bit per element
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ptrs = tile_ptrs(k_view, offs_n, offs_d)
         v_ptrs = tile_ptrs(v_view, offs_n, offs_dv)
         for start_n in range(start, end, BLOCK_N):
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F, BLOCK_N, MASKED)
+            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F,
+                                               BLOCK_N, MASKED)
             k_ptrs += BLOCK_N * k_view.row
             v_ptrs += BLOCK_N * v_view.row
-    return acc, l_i, m_i
+    return acc, l_i, m_i, dropped
 
 
 @triton.heuristics(dict(F=flags))
@@ -221,16 +236,22 @@ def flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, F.block_dv], tl.float32)
+    dropped = tl.zeros([BLOCK_M], tl.float32)  # F.skip: each row's bound of the mass left out
     if F.sparse:
         n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, 0, n_masked, masked, offs_m, cx, F, BLOCK_N, True)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, 0, n_full, full, offs_m, cx, F, BLOCK_N, False)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_masked, masked, offs_m, cx, F,
+                                             BLOCK_N, True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_full, full, offs_m, cx, F,
+                                             BLOCK_N, False)
     else:
         lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N, True)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, f_lo, f_hi, None, offs_m, cx, F, BLOCK_N, False)
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N, True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N,
+                                             True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_lo, f_hi, None, offs_m, cx, F,
+                                             BLOCK_N, False)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N,
+                                             True)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i

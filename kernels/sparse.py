@@ -24,14 +24,24 @@ def sparse_fwd(
     causal: bool, win_left: int, win_right: int, softcap: float, dropout_p: float, seed: int, scale: float,
     count: torch.Tensor, index: torch.Tensor, full_count: torch.Tensor, full_index: torch.Tensor,
     t_count: torch.Tensor | None, t_index: torch.Tensor | None, t_full_count: torch.Tensor | None,
-    t_full_index: torch.Tensor | None, block_q: int, block_k: int,
+    t_full_index: torch.Tensor | None, block_q: int, block_k: int, skip_mass: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward, same contract as ``flash_fwd``. ``count/index`` ``(B, H, NQ[, NK])`` int32:
     the masked key blocks per query block, ``full_count/full_index`` the unmasked ones; ``t_*`` the
-    transposed lists ``(B, H, NK[, NQ])`` that the backward needs (``None`` for inference only)."""
+    transposed lists ``(B, H, NK[, NQ])`` that the backward needs (``None`` for inference only).
+
+    ``skip_mass`` in ``[0, 1)`` (inference only: no backward, no dropout): within the listed blocks, the P @ V
+    product of a kernel tile is skipped, and its mass left out of the softmax, while every row of the query
+    tile has left out at most that share of its mass (an upper bound: each skipped tile counted against the
+    denominator seen so far). The output is then exact attention over the kept keys: off by at most
+    ``2 * skip_mass * max|v|`` per element. 0 computes every listed tile."""
+    if skip_mass and (t_count is not None or dropout_p > 0):
+        raise ValueError("skip_mass > 0 is for inference: no transposed lists (backward) and no dropout")
+    if not 0.0 <= skip_mass < 1.0:
+        raise ValueError(f"skip_mass must be in [0, 1), got {skip_mass}")
     return run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                    max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
-                   lists=(count, index, full_count, full_index), blocks=(block_q, block_k))
+                   lists=(count, index, full_count, full_index), blocks=(block_q, block_k), skip_mass=skip_mass)
 
 
 sparse_fwd.register_fake(fake_fwd)

@@ -229,3 +229,57 @@ def test_estimate_layout_is_what_the_adaptive_path_keeps():
     assert rec[0]["density"] == pytest.approx(layout.density(allowed=causal))
     full = hf_ahfa.estimate_layout(q, k, _policy(tau=1.0), causal=True, backend="reference")
     assert torch.equal(full.to_dense(), causal.expand(1, 4, 6, 6))
+
+
+def _faint_first_block(Q, D, block, seed):
+    """Causal q/k/v where the first key block holds a faint share of every later query's attention (its keys
+    point away from the queries) and the other blocks hold the rest."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, Q, 2, D, generator=g).abs() + 1.0
+    k = torch.randn(1, Q, 2, D, generator=g) * 0.3
+    k[:, :block] = -q[:, :block].mean()  # scaled scores near -13 against about +-0.6 for the other keys
+    v = torch.randn(1, Q, 2, D, generator=g)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+@pytest.mark.parametrize("skip_mass", [0.0, 1e-9, 0.01])
+def test_tile_skipping_is_exact_attention_over_the_kept_keys(skip_mass, monkeypatch):
+    """Error-bounded skipping inside the kept blocks (issue 12, item 4): with every block kept (tau = 1), a
+    faint first key block is skipped for the later query rows where its share of their mass is within the
+    bound, and the result is exact attention over the other keys; 0 (or a bound below the share) computes
+    every tile; the left-out share is within the bound and the output within 2 * skip_mass * max|v|."""
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    block = 16 if DEVICE == "cpu" else 128  # the kernels' tile under the interpreter / on a GPU
+    Q, D = 4 * block, 16
+    q, k, v = _faint_first_block(Q, D, block, seed=3)
+    policy = _policy(tau=1.0, density_limit=1.0, block_size=block, stride=8, skip_mass=skip_mass)
+    out = hf_ahfa.attention(q, k, v, causal=True, policy=policy)
+    exact, lse = hf_ahfa.attention(q, k, v, causal=True, backend="reference", return_lse=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
+    share = (scores[..., :block].exp().sum(-1) / lse.double().exp())[:, :, block:]  # faint block's share
+    assert share.max() < 0.01  # the construction: faint, but not nothing
+    if skip_mass < share.min():
+        torch.testing.assert_close(out, exact, atol=2e-5, rtol=2e-5)
+        return
+    keep = torch.ones(1, 1, Q, Q, dtype=torch.bool, device=DEVICE).tril()
+    keep[..., block:, :block] = False  # what skipping leaves out: the faint block, for rows past it
+    kept = hf_ahfa.attention(q, k, v, attn_mask=keep, backend="reference")
+    torch.testing.assert_close(out, kept, atol=2e-5, rtol=2e-5)
+    assert share.max() <= skip_mass
+    assert (out - exact).abs().max() <= 2 * skip_mass * v.abs().max()
+    assert (out - exact).abs().max() > 1e-6  # it did skip
+
+
+def test_tile_skipping_is_for_inference_only():
+    from hf_ahfa.kernels.sparse import sparse_fwd
+
+    with pytest.raises(ValueError, match="skip_mass must be in"):
+        hf_ahfa.AdaptivePolicy(skip_mass=1.0)
+    q = torch.randn(1, 32, 1, 16)
+    one = torch.ones(1, 1, 2, dtype=torch.int32)
+    lists = dict(count=one, index=torch.zeros(1, 1, 2, 2, dtype=torch.int32), full_count=0 * one,
+                 full_index=torch.zeros(1, 1, 2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="skip_mass > 0 is for inference"):
+        sparse_fwd(q, q, q, None, None, None, None, None, 32, 32, True, -1, -1, 0.0, 0.1, 0, 0.25, **lists,
+                   t_count=None, t_index=None, t_full_count=None, t_full_index=None, block_q=16, block_k=16,
+                   skip_mass=0.01)
