@@ -20,7 +20,8 @@ def layout_band(call: AttnCall, block_q: int, block_k: int, q_len: int, k_len: i
                        call.causal, call.window)
 
 
-def sparse_kernels(q, k, v, layout: BlockLayout, call: AttnCall, skip_mass: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_kernels(q, k, v, layout: BlockLayout, call: AttnCall,
+                   skip_mass: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through ``hf_ahfa::sparse_fwd``; ``layout`` already resolved for this call
     (``BlockLayout.resolve``), with transposed lists when a gradient is needed. ``skip_mass``: the kernel's
     error-bounded tile skipping (inference only, see ``sparse_fwd``)."""

@@ -2,7 +2,8 @@
 
 The visibility rule of ``hf_ahfa.masks`` lives here once at element level (``visible``) and once at
 block level (``key_span``); ``finite_values`` / ``poison_seen`` keep a NaN or inf in an unseen value away
-from the queries of a masked tile (decode always, flash forward/backward with ``NAN_GUARD``). Two bundles keep the helpers' parameter lists short:
+from the queries of a masked tile (decode always, flash forward/backward with ``NAN_GUARD``). Two bundles
+keep the helpers' parameter lists short:
 
 * ``Flags``: the compile-time switches of a launch, one ``tl.constexpr`` namedtuple that the kernels'
   ``@triton.heuristics(dict(F=flags))`` derives from their arguments (a feature is on when its tensor
@@ -28,11 +29,11 @@ Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout s
                             "d dv block_d block_dv layout_bq layout_bk guard skip")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
-# of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140% even where
-# no tile is masked (kernel-cost-h200.md; register pressure of the masked loops). The decode kernel always does it.
+# of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140%, 15% even
+# where no tile is masked (eval/results/kernel-cost-nan-v2-h200.md). The decode kernel always does it.
 NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
-# forward may drop the P @ V product of tiles holding at most that share of each row's mass (``skip_step``)
+# forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
 Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh "
                         "skip")
