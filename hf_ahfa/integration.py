@@ -113,10 +113,10 @@ def ahfa_attention_forward(
             and cu_seq_lens_q is None and not want_weights and not (is_causal and 1 < Q < K)
             and not torch.compiler.is_compiling()):
         # the common call: once routed to SDPA, the same kind of call skips validation and routing
-        out = run_plain(query, key, value, is_causal and Q > 1, scaling, policy)
+        plain = plain_key(query, key, value, is_causal and Q > 1, scaling, policy)
+        out = run_plain(query, key, value, is_causal and Q > 1, scaling, plain)
         if out is not None:
             return out.contiguous(), None
-        plain = plain_key(query, key, value, is_causal and Q > 1, scaling, policy)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if attention_mask is not None:
         # The mask is the truth about positions (static caches, left padding, windows): apply it alone.

@@ -208,27 +208,19 @@ _plain_sdpa: set[tuple] = set()
 
 def plain_key(query, key, value, causal: bool, scale, policy) -> tuple:
     """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors."""
-    shape_q, shape_k, shape_v = (_bthd(t) for t in (query, key, value))
-    K = shape_k[1]
-    q, k, v = query, key, value
-    return (policy, causal, scale, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, tuple(shape_q),
-            shape_k[0], shape_k[2], shape_k[3], _pow2_ceil(K), K == 0, K >= DECODE_MIN_K, K == shape_q[1],
-            shape_v[0], shape_v[1] == K, shape_v[2], shape_v[3], len(shape_k), len(shape_v),
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    K = key.shape[-2]
+    return (policy, causal, scale, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
+            query.shape, key.shape[:-2], key.shape[-1:], value.shape[:-2], value.shape[-1:], value.shape[-2] == K,
+            _pow2_ceil(K), K == 0, K >= DECODE_MIN_K, K == query.shape[-2],
+            torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
 
 
-def _bthd(t: torch.Tensor) -> tuple:
-    s = t.shape
-    return (s[0], s[2], s[1], s[3]) if len(s) == 4 else tuple(s)
-
-
-def run_plain(query, key, value, causal: bool, scale, policy) -> torch.Tensor | None:
-    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) run straight through SDPA where ``run``
-    already routed the same kind of call there: ``out (B, Q, Hq, Dv)``, else ``None`` (the caller takes the
-    full path, which validates, routes and remembers). Not while recording or with AHFA_BACKEND."""
-    if telemetry.recording() or os.environ.get("AHFA_BACKEND"):
-        return None
-    if plain_key(query, key, value, causal, scale, policy) not in _plain_sdpa:
+def run_plain(query, key, value, causal: bool, scale, memo: tuple) -> torch.Tensor | None:
+    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) whose ``plain_key`` is ``memo``, run
+    straight through SDPA where ``run`` already routed the same kind of call there: ``out (B, Q, Hq, Dv)``, else
+    ``None`` (the caller takes the full path, which validates, routes and remembers). Not while recording or
+    with AHFA_BACKEND."""
+    if memo not in _plain_sdpa or telemetry.recording() or os.environ.get("AHFA_BACKEND"):
         return None
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
     out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and query.shape[2] > 1, scale=scale,

@@ -163,6 +163,7 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F:
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
+    acc = acc * alpha[:, None]
     skipped = False
     if F.skip:
         # l_i already holds this tile and only grows: tile / l_i bounds the tile's share of the row's final mass
@@ -172,13 +173,12 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F:
         if skipped:
             dropped += share
             l_i -= tile
-            acc = acc * alpha[:, None]
     if not skipped:
         v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
         guard: tl.constexpr = MASKED and F.guard
         if guard:  # a non-finite key needs nothing: its scores are masked where unseen
             v, bad = finite_values(v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
+        acc += tl.dot(p.to(v.dtype), v, input_precision=F.precision)  # [BM,BN]@[BN,DV]
         if guard:
             acc = poison_seen(acc, s, bad)
     return acc, l_i, m_i, dropped
