@@ -6,6 +6,7 @@ same model in the same run, with the complexity analyzer's predictions beside th
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
         for key in ("prefill_s", "decode_tokens_per_s", "train_step_s"):
             values = [r[key] for r in done if key in r]
             if values:
-                row[key] = sorted(values)[(len(values) - 1) // 2]  # the lower median: a real run's value
+                row[key] = statistics.median(values)  # of two rounds their mean: the same rule for times and rates
                 if rounds > 1:
                     row[f"{key}_runs"] = values
         for key in ("prefill_peak_bytes", "train_peak_bytes"):

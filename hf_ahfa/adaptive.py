@@ -20,32 +20,59 @@ from hf_ahfa.router import choose_backend, requested_backend
 from hf_ahfa.spec import AttnCall, make_call
 
 
-def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool):
-    """Block-sparse attention under ``policy``: ``(out, lse)``. Nothing here waits for the GPU (unless
-    ``record()`` is active)."""
+def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool,
+                       break_even: float | None = None):
+    """Block-sparse attention under ``policy``: ``(out, lse)``, or ``None`` where ``break_even`` is given and
+    the selection keeps at least that share of the visible blocks (exact attention is then as fast: the
+    caller runs it). Without ``break_even`` nothing here waits for the GPU (unless ``record()`` is active);
+    with it, one wait for the kept share."""
     if kernels and call.dropout_p == 0 and not telemetry.recording() and graphs.graphable((q, k, v, call.sinks)):
         # the call's masks and sinks travel as graph inputs; the rest of the spec is part of the key
         static = call.replace(sinks=None, key_padding_mask=None)
-
-        def run(q_, k_, v_, sinks_, kpm_):
-            return _adaptive(q_, k_, v_, static.replace(sinks=sinks_, key_padding_mask=kpm_), policy, kernels=True)
-
         key = (policy, static.causal, static.window, static.scale, static.softcap)
-        return graphs.replay(run, (q, k, v, call.sinks, call.key_padding_mask), key)
-    return _adaptive(q, k, v, call, policy, kernels=kernels)
+        if break_even is None:
+            def run(q_, k_, v_, sinks_, kpm_):
+                return _adaptive(q_, k_, v_, static.replace(sinks=sinks_, key_padding_mask=kpm_), policy, kernels=True)
+
+            return graphs.replay(run, (q, k, v, call.sinks, call.key_padding_mask), key)
+
+        def select(q_, k_, kpm_):  # the estimator and the selection, a layout's tensors and the kept share
+            layout, share, _, _ = _select(q_, k_, static.replace(key_padding_mask=kpm_), policy, backward=False)
+            return (share, *(getattr(layout, f) for f in _LISTS))
+
+        share, *lists = graphs.replay(select, (q, k, call.key_padding_mask), key + ("select",))
+        if share.item() >= break_even:
+            return None
+        bs = policy.block_size
+        layout = BlockLayout(**dict(zip(_LISTS, lists)), block_q=bs, block_k=bs, q_len=q.shape[1], k_len=k.shape[1])
+        return sparse_kernels(q, k, v, layout, call, skip_mass=policy.skip_mass)
+    return _adaptive(q, k, v, call, policy, kernels=kernels, break_even=break_even)
 
 
-def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool):
-    Q, K = q.shape[1], k.shape[1]
+_LISTS = ("kv_count", "kv_index", "full_count", "full_index")  # an inference layout's tensors (no transposes)
+
+
+def _select(q, k, call: AttnCall, policy: AdaptivePolicy, *, backward: bool, kernels: bool = True):
+    """The kept blocks as a kernel-ready ``BlockLayout``, their share of the visible blocks (a 0-dim tensor),
+    the fallen-back heads and the visible blocks (``select_layout``)."""
     mass = estimate_block_mass(q, k, call, policy, kernels=kernels)
-    layout, dense, touched = select_layout(mass, Q, K, policy, causal=call.causal, window=call.window,
-                                           element_masks=call.element_masks,
-                                           backward=kernels and call.needs_grad(q, k, v))
+    layout, dense, touched = select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal,
+                                           window=call.window, element_masks=call.element_masks, backward=backward)
+    kept = layout.kv_count.sum() + (0 if layout.full_count is None else layout.full_count.sum())
+    share = kept / (touched.sum() * layout.kv_count.shape[0] * layout.kv_count.shape[1]).clamp_min(1)
+    return layout, share, dense, touched
+
+
+def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool, break_even: float | None = None):
+    layout, share, dense, touched = _select(q, k, call, policy, backward=kernels and call.needs_grad(q, k, v),
+                                            kernels=kernels)
+    if break_even is not None and share.item() >= break_even:
+        return None
     if telemetry.recording():
         visible = touched.expand(*layout.shape).sum((2, 3)).clamp_min(1)
         head = ((layout.kv_count.sum(-1) + layout.full_count.sum(-1)) / visible).mean(0)
-        telemetry.note(q_len=Q, k_len=K, path="sparse", route="adaptive", backend="triton" if kernels else "reference",
-                       reason=None, density=head.mean().item(),
+        telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="sparse", route="adaptive",
+                       backend="triton" if kernels else "reference", reason=None, density=head.mean().item(),
                        head_density=head.tolist(), dense_heads=int(dense.sum()))
     if not kernels:
         return sparse_reference(q, k, v, layout, call)

@@ -11,23 +11,30 @@ from typing import Callable
 
 import torch
 
-_chosen: dict[tuple, str] = {}
+_times: dict[tuple, dict[str, float]] = {}
 
 
 def chosen() -> dict[str, str]:
     """The decisions so far, by shape key."""
-    return {"/".join(map(str, key)): name for key, name in _chosen.items()}
+    return {"/".join(map(str, key)): min(times, key=times.get) for key, times in _times.items()}
 
 
 def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: str) -> str:
     """The name of the fastest candidate for ``key`` (cached). While torch.compile traces or a CUDA graph is
     captured nothing can be timed: then the cached choice, else ``default``."""
-    if key in _chosen:
-        return _chosen[key]
+    times = timings(key, candidates)
+    return default if times is None else min(times, key=times.get)
+
+
+def timings(key: tuple, candidates: dict[str, Callable[[], object]]) -> dict[str, float] | None:
+    """Milliseconds per call of each candidate for ``key`` (timed on the first ask, cached); ``None`` where
+    nothing was timed yet and nothing can be (torch.compile tracing, CUDA graph capture)."""
+    if key in _times:
+        return _times[key]
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return default
-    _chosen[key] = min(candidates, key=lambda name: _median_ms(candidates[name]))
-    return _chosen[key]
+        return None
+    _times[key] = {name: _median_ms(fn) for name, fn in candidates.items()}
+    return _times[key]
 
 
 def _median_ms(fn: Callable[[], object], warmup: int = 2, batches: int = 5, calls: int = 5) -> float:

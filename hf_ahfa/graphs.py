@@ -23,7 +23,7 @@ def graphable(tensors) -> bool:
 
 def replay(fn, tensors, key):
     """``fn(*tensors)`` through a CUDA graph captured for ``key`` (which must also describe the tensors'
-    shapes, strides and dtypes, and everything else ``fn`` depends on); ``None`` entries pass through."""
+    shapes, strides and dtypes, and everything else ``fn`` depends on); ``None`` entries, in and out, pass through."""
     inputs = [t for t in tensors if t is not None]
     key = (tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs), tuple(t is None for t in tensors), key)
     entry = _graphs.pop(key, None)
@@ -51,4 +51,4 @@ def replay(fn, tensors, key):
     for dst, src in zip(static, inputs):
         dst.copy_(src)
     graph.replay()
-    return tuple(o.clone() for o in outputs)
+    return tuple(None if o is None else o.clone() for o in outputs)

@@ -28,8 +28,11 @@ class AdaptivePolicy:
 
     Attributes:
         mode: ``"exact"`` always dense; ``"adaptive"`` block-sparse for every prefill of at least two
-            blocks; ``"auto"`` block-sparse only from ``min_length`` query rows on (where it pays),
-            exact below. Decode steps (few queries) always run exact.
+            blocks; ``"auto"`` block-sparse only where it pays: from ``min_length`` query rows on, on the
+            Triton kernels, and only where the selection keeps less than the break-even share of the
+            visible blocks (the fastest exact kernel's time over our dense kernel's, timed once per shape;
+            one wait for the GPU per call to read the share), exact otherwise. Decode steps (few
+            queries) always run exact.
         tau: per query block and head, keep the fewest key blocks whose estimated attention mass
             reaches ``tau`` (``1.0`` keeps every visible block: exact results through the sparse kernel).
         block_size: query and key block edge in tokens (a multiple of the kernels' tiles: 128 on GPUs).

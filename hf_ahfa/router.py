@@ -4,7 +4,8 @@
         -> make_call (hf_ahfa.spec: validate, normalise)
         -> route(): backend (reference | triton | sdpa), then the path:
              "layout"    a BlockLayout was given            -> block-sparse kernels / masked reference
-             "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse
+             "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse (mode "auto":
+                         exact, routed again, where the kept share is at or above exact_speed_ratio)
              "sdpa"      PyTorch's SDPA computes exactly this call and is faster (CPU: always; CUDA: timed
                          once per shape against our kernel, see hf_ahfa.fastest)
              "decode"    few queries over many keys          -> split-KV Triton kernel
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_ahfa import telemetry
-from hf_ahfa.fastest import fastest
+from hf_ahfa.fastest import fastest, timings
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import AdaptivePolicy
@@ -162,6 +163,8 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
     reason = None
     if policy is not None:
         reason = exact_reason(policy, q, k, call)
+        if reason is None and policy.mode == "auto" and own != "triton":
+            reason = "auto without the Triton kernels (the masked reference is never faster than exact)"
         if reason is None:
             return Route("adaptive", own)
     if own == "reference":
@@ -181,10 +184,26 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
 
 def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
     """``"sdpa"`` or ``path``: whichever ran this call's shape faster (timed once per shape key)."""
+    return fastest(*_exact_candidates(q, k, v, call, path), default=path)
+
+
+def exact_speed_ratio(q, k, v, call: AttnCall, backend: str | None) -> float:
+    """Time of the fastest exact kernel for this call over the time of our own dense kernel (<= 1): the
+    share of the blocks below which the block-sparse kernel (about that share of our dense kernel's time)
+    beats exact attention. 1.0 where SDPA cannot compute the call, our kernels are forced, or nothing can be
+    timed now."""
+    if requested_backend(backend) is not None or not q.is_cuda or sdpa_unfit_reason(q, k, call, False):
+        return 1.0
+    times = timings(*_exact_candidates(q, k, v, call, "flash"))
+    return 1.0 if times is None else min(times.values()) / times["flash"]
+
+
+def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
+    """The shape key and the two timed candidates (SDPA, our ``path``) of an exact call."""
     grad = call.needs_grad(q, k, v)
     # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
-           q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad)
+           q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad, path)
 
     def timed(fn):
         if not grad:
@@ -192,7 +211,7 @@ def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         return lambda: fn(*leaves, call)[0].sum().backward()
 
-    return fastest(key, {"sdpa": timed(_sdpa), path: timed(_OWN[path])}, default=path)
+    return key, {"sdpa": timed(_sdpa), path: timed(_OWN[path])}
 
 
 def _pow2_ceil(n: int) -> int:
@@ -240,7 +259,15 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
     if r.path == "adaptive":  # notes its own entry, with the kept blocks
         from hf_ahfa.adaptive import adaptive_attention
 
-        return adaptive_attention(q, k, v, call, policy, kernels=r.backend == "triton")
+        kernels = r.backend == "triton"
+        # auto: the selection runs only where it is faster than exact attention (the kept share is read on the
+        # host, one wait for the GPU per call); adaptive: always, as asked
+        break_even = exact_speed_ratio(q, k, v, call, backend) if policy.mode == "auto" and kernels else None
+        if (done := adaptive_attention(q, k, v, call, policy, kernels=kernels, break_even=break_even)) is not None:
+            return done
+        r = route(q, k, v, call, backend=backend, policy=None, layout=None, need_lse=need_lse)
+        r = r._replace(reason=f"auto: the selection keeps at least {break_even:.0%} of the blocks, where exact "
+                              "attention is as fast")
     telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="sparse" if r.path == "layout" else "exact",
                    route=r.path, backend=r.backend, reason=r.reason)
     if r.path == "layout":

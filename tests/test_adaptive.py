@@ -146,6 +146,43 @@ def test_exact_reasons_and_all_dense_heads():
     assert (out - hf_ahfa.attention(q, k, v, causal=True, backend="triton")).abs().max() < 2e-6
 
 
+def test_auto_runs_block_sparse_only_below_the_break_even(monkeypatch):
+    """mode="auto" runs the selection block-sparse only where it keeps less than the break-even share of the
+    visible blocks (the fastest exact kernel's time over our dense kernel's, timed once per shape on a GPU;
+    1.0 here); at or above it the call runs exact through the router, the reason recorded. Without the
+    Triton kernels auto runs exact (the masked reference is never faster)."""
+    import dataclasses
+
+    from hf_ahfa import router
+
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    q, k, v = _qk(1, 128, 128, 2, 1, 16, seed=5)
+    auto = _policy(mode="auto", min_length=32, tau=0.3, density_limit=1.0)
+    with hf_ahfa.record() as rec:
+        sparse = hf_ahfa.attention(q, k, v, causal=True, policy=dataclasses.replace(auto, mode="adaptive"))
+    share = rec[0]["density"]
+    assert 0 < share < 1
+    exact = hf_ahfa.attention(q, k, v, causal=True)
+    for ratio, route in ((1.0, "adaptive"), (share + 1e-3, "adaptive"), (share - 1e-3, "flash"), (0.0, "flash")):
+        monkeypatch.setattr(router, "exact_speed_ratio", lambda *a, r=ratio: r)
+        with hf_ahfa.record() as rec:
+            out = hf_ahfa.attention(q, k, v, causal=True, policy=auto)
+        assert [r["route"] for r in rec] == [route]
+        if route == "adaptive":
+            assert torch.equal(out, sparse)
+        else:
+            assert rec[0]["reason"].startswith("auto: the selection keeps at least") and torch.equal(out, exact)
+    monkeypatch.undo()
+    # every block kept (every head over density_limit): exact, with the real break-even (1.0 off a GPU)
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=_policy(mode="auto", min_length=32,
+                                                                                        density_limit=0.5))
+    assert rec[0]["route"] == "flash" and torch.equal(out, hf_ahfa.attention(q, k, v, causal=True, backend="triton"))
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, backend="reference", policy=auto)
+    assert rec[0]["route"] == "reference" and "without the Triton kernels" in rec[0]["reason"]
+
+
 def test_policy_validation_names_the_field():
     for kw, field in [({"mode": "fast"}, "mode"), ({"tau": 0.0}, "tau"), ({"block_size": 100}, "block_size"),
                       ({"stride": 48}, "stride"), ({"density_limit": 2}, "density_limit"), ({"local_blocks": 0}, "local")]:

@@ -97,6 +97,9 @@ def test_model_speed_rounds_alternate_and_take_the_median(monkeypatch):
     assert [r["impl"] for r in rows] == ["ahfa", "sdpa"]
     assert by["ahfa"]["prefill_s_runs"] == [5.0, 6.0, 9.0] and by["ahfa"]["prefill_s"] == 6.0
     assert by["sdpa"]["prefill_s_runs"] == [1.0, 2.0, 3.0] and by["sdpa"]["prefill_s"] == 2.0
+    times = iter([5.0, 1.0, 2.0, 6.0])  # two rounds: the mean of the two, for times and rates alike
+    by = {r["impl"]: r for r in model_speed.measure(model, ["ahfa", "sdpa"], [16], progress=False, rounds=2)}
+    assert by["ahfa"]["prefill_s"] == 5.5 and by["sdpa"]["prefill_s"] == 1.5
 
 
 def _tiny_gemma3():

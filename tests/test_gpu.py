@@ -260,6 +260,33 @@ def test_adaptive_cuda_graph_replay_matches_eager():
     assert not torch.equal(outs[True, 0], outs[True, 1])
 
 
+def test_auto_mode_graphed_selection_and_break_even(monkeypatch):
+    """mode="auto" on the GPU: the estimator and selection replay a graph, the kept share is read on the host;
+    below the break-even the result is the adaptive mode's (same selection, eager or graphed), at or above it
+    exact attention as routed. The measured break-even is the fastest exact time over our dense kernel's."""
+    from hf_ahfa import graphs, router
+    from hf_ahfa.spec import make_call
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4096, 8, 64, device="cuda", dtype=BF16) * 2
+    k, v = (torch.randn(1, 4096, 2, 64, device="cuda", dtype=BF16) for _ in range(2))
+    call = make_call(q, k, v, causal=True)
+    ratio = router.exact_speed_ratio(q, k, v, call, None)
+    print(f"break-even share at 4K, GQA 8/2, D 64: {ratio:.3f}")
+    assert 0 < ratio <= 1
+    auto = hf_ahfa.AdaptivePolicy(mode="auto", tau=0.9, min_length=1024)
+    sparse = hf_ahfa.attention(q, k, v, causal=True, policy=hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.9))
+    exact = hf_ahfa.attention(q, k, v, causal=True)
+    for enabled in (False, True):
+        graphs.ENABLED = enabled
+        try:
+            for r, want in ((1.01, sparse), (0.0, exact)):
+                monkeypatch.setattr(router, "exact_speed_ratio", lambda *a, r=r: r)
+                assert torch.equal(hf_ahfa.attention(q, k, v, causal=True, policy=auto), want)
+        finally:
+            graphs.ENABLED = True
+
+
 @pytest.mark.parametrize("Q,K,Hkv,grad", [(4096, 4096, 32, False), (4096, 4096, 8, True), (1, 32768, 8, False)])
 def test_routed_calls_match_own_kernels(Q, K, Hkv, grad):
     """The router's choice (SDPA where it computes the call exactly and was timed faster) gives our kernels'

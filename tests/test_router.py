@@ -99,7 +99,7 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
     timings = {"a": 2.0, "b": 1.0}
     timed = []
     monkeypatch.setattr(fastest, "_median_ms", lambda fn: (timed.append(fn()), timings[fn()])[1])
-    monkeypatch.setattr(fastest, "_chosen", {})
+    monkeypatch.setattr(fastest, "_times", {})
     candidates = {"a": lambda: "a", "b": lambda: "b"}
     assert fastest.fastest(("k",), candidates, default="a") == "b"
     timings["b"] = 3.0
