@@ -151,27 +151,36 @@ def _gib(n_bytes: int | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**30
 
 
-def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str) -> dict:
-    """JSON rows, a Markdown table with ahfa / baseline ratios, and a PNG of prefill time and memory."""
-    meta = provenance()
+def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str, meta: dict | None = None) -> dict:
+    """JSON rows, a Markdown table with ahfa / baseline ratios (each row against the baseline's row of the same
+    length and mode: prefill-and-decode or training), and a PNG of prefill time and memory. ``meta``: the
+    provenance of a committed run being re-rendered (default: this machine now)."""
+    meta = meta or provenance()
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], meta, rows, config=config)
     base = list(dict.fromkeys(r["impl"] for r in rows))[-1]
-    by = {(r["impl"], r["seq_len"]): r for r in rows}
+    by = {(r["impl"], r["seq_len"], "train_step_s" in r): r for r in rows}
     lines = []
     for r in rows:
-        b = by.get((base, r["seq_len"]), {})
-        ratio = lambda k: b[k] / r[k] if r.get(k) and b.get(k) else None  # noqa: E731  (>1: ahfa faster)
+        b = by.get((base, r["seq_len"], "train_step_s" in r), {})
+
+        def speedup(k, rate=False):  # > 1: faster than the baseline
+            if r["impl"] == base or not (r.get(k) and b.get(k)):
+                return None
+            return r[k] / b[k] if rate else b[k] / r[k]
+
         peak = or_na(_gib(r.get("prefill_peak_bytes"))) if "prefill_s" in r else None  # "n/a": not tracked (CPU)
         lines.append([r["impl"], r["seq_len"], r.get("prefill_s"), peak, r.get("decode_tokens_per_s"),
                       r.get("train_step_s"), r["attn_flops"] / 1e12, r["attn_extra_memory"] / 2**30,
-                      ratio("prefill_s") if r["impl"] != base else None, r.get("error")])
+                      speedup("prefill_s"), speedup("decode_tokens_per_s", rate=True), speedup("train_step_s"),
+                      r.get("error")])
     md = [f"# Whole-model speed and memory: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
           f"torch {meta['torch']}, transformers {meta['transformers']}, commit {meta['commit'][:12]}, {meta['date']}, "
           f"dtype {config['dtype']}, batch 1. Predicted columns come from the complexity analyzer "
-          f"(`hf_ahfa.eval.model_speed.predict`).", "",
+          f"(`hf_ahfa.eval.model_speed.predict`). Rows with a train step ran in training mode (their prefill too).", "",
           markdown_table(["impl", "tokens", "prefill s", "prefill peak GiB", "decode tok/s", "train step s",
-                          "pred. attn TFLOP", "pred. extra GiB", f"prefill speed-up vs {base}", "error"], lines)]
+                          "pred. attn TFLOP", "pred. extra GiB", f"prefill vs {base}", f"decode vs {base}",
+                          f"train step vs {base}", "error"], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     _plot(rows, config["model"], paths["png"])
     return paths

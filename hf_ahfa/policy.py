@@ -6,9 +6,12 @@ Set it in one of two places (both documented in the README):
   model's config (``config.ahfa``), which ``save_pretrained`` writes and ``from_pretrained`` reads back;
 * per call: ``with hf_ahfa.override(mode="exact"): model(...)`` wins over the model's setting.
 
-Without either, ``AdaptivePolicy()``'s defaults apply. They come from the measurements in
+Without either, ``AdaptivePolicy()``'s defaults apply: mode ``exact`` (sparsity is opt-in: on a 0.5B model
+it had not seen, tau 0.99 changed perplexity by +1.9% at 32K, issue 12, and where the selection keeps most
+blocks the estimator alone cost a dense model 14% at 32K on an H200,
+``eval/results/model-speed-qwen2-0.5b-auto-h200.md``). The other defaults come from the measurements in
 ``eval/results/`` (H100, SmolLM2-135M and Gemma-3-270m on four novels): ``tau = 0.99`` is the lowest
-target that kept perplexity within 0.5% of exact at every length measured (0.98 lost up to 1.1% on
+target that kept perplexity within 0.5% of exact at every length measured there (0.98 lost up to 1.1% on
 Gemma-3 at 32K); ``auto`` starts at 16K tokens, where block-sparse attention at that tau became faster
 than exact on SmolLM2 (1.30x at 16K, 0.66x at 8K); on Gemma-3's head-dim-256 global layers it stayed
 slower (0.76-0.95x) up to 32K.
@@ -50,7 +53,7 @@ class AdaptivePolicy:
             every kept block is computed. Ignored where a gradient is needed.
     """
 
-    mode: str = "auto"
+    mode: str = "exact"
     tau: float = 0.99
     block_size: int = 128
     stride: int = 16
