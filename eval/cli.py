@@ -1,7 +1,8 @@
 """ahfa-eval: measure ahfa against baseline attention implementations; results under eval/results/.
 
 Commands: speed (kernels, a whole model, or a model's attention calls), perplexity (WikiText-style and
-long-context), needle (pass-key retrieval in long contexts), glue (fine-tuning). Each writes JSON (config,
+long-context), needle (pass-key retrieval in long contexts), glue (fine-tuning), calibrate (per-layer adaptive
+settings within a perplexity budget). Each writes JSON (config,
 versions, GPU, commit, per-item numbers) and a Markdown summary, and ends with a line naming the files it
 wrote; perplexity, needle and glue show progress and resume after an interruption. Errors in the input end
 the command with one line and exit status 2.
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from hf_ahfa.eval import glue, needle, perplexity, speed_command
+from hf_ahfa.eval import calibrate, glue, needle, perplexity, speed_command
 from hf_ahfa.eval.usage import HelpFormatter, UsageError
 
-COMMANDS = (speed_command, perplexity, needle, glue)  # each: add_parser(subparsers), which sets run(args) -> files
+COMMANDS = (speed_command, perplexity, needle, glue, calibrate)  # each: add_parser(subparsers), which sets run(args) -> files
 
 
 def main(argv: list[str] | None = None) -> None:

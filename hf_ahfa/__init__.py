@@ -7,6 +7,7 @@ do not route attention through Transformers' AttentionInterface (see ``hf_ahfa.p
 from hf_ahfa.adaptive import estimate_layout
 from hf_ahfa.api import attention
 from hf_ahfa.block_layout import BlockLayout
+from hf_ahfa.calibrate import Calibration, calibrate
 from hf_ahfa.integration import NAME, register
 from hf_ahfa.policy import AdaptivePolicy, configure, override
 from hf_ahfa.telemetry import record
@@ -14,6 +15,6 @@ from hf_ahfa import nn  # MultiheadAttention for models outside Transformers (im
 
 __version__ = "0.1.0"
 __all__ = ["attention", "estimate_layout", "AdaptivePolicy", "configure", "override", "record", "BlockLayout", "register", "NAME",
-           "nn", "__version__"]
+           "calibrate", "Calibration", "nn", "__version__"]
 
 register()

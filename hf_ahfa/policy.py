@@ -51,6 +51,8 @@ class AdaptivePolicy:
             share of its attention mass (an upper bound, counted against the mass seen so far); the output
             is exact attention over the keys kept, off by at most ``2 * skip_mass * max|v|``. 0 (default):
             every kept block is computed. Ignored where a gradient is needed.
+        layers: per-layer settings that win over ``mode`` and ``tau`` for those layers: ``(layer index,
+            mode, tau)`` triples (``hf_ahfa.calibrate`` writes them); layers not listed use the fields above.
     """
 
     mode: str = "exact"
@@ -62,6 +64,7 @@ class AdaptivePolicy:
     density_limit: float = 0.8
     min_length: int = 16384
     skip_mass: float = 0.0
+    layers: tuple[tuple[int, str, float], ...] = ()
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -81,6 +84,24 @@ class AdaptivePolicy:
             raise ValueError(f"min_length must be >= 1, got {self.min_length}")
         if not 0.0 <= self.skip_mass < 1.0:
             raise ValueError(f"skip_mass must be in [0, 1), got {self.skip_mass}")
+        try:  # JSON (config.ahfa) gives lists: kept as tuples, so that the policy stays hashable
+            layers = tuple((int(i), str(m), float(t)) for i, m, t in self.layers)
+        except (TypeError, ValueError):
+            raise ValueError(f"layers must be (layer index, mode, tau) triples, got {self.layers!r}") from None
+        for i, m, t in layers:
+            if i < 0 or m not in MODES or not 0.0 < t <= 1.0:
+                raise ValueError(f"layers entry ({i}, {m!r}, {t}): needs an index >= 0, a mode in {MODES} "
+                                 f"and tau in (0, 1]")
+        if len({i for i, _, _ in layers}) != len(layers):
+            raise ValueError(f"layers lists a layer index twice: {layers}")
+        object.__setattr__(self, "layers", layers)
+
+    def for_layer(self, index: int | None) -> AdaptivePolicy:
+        """The policy of layer ``index``: its ``layers`` entry's mode and tau, else this policy."""
+        for i, mode, tau in self.layers:
+            if i == index:
+                return replace(self, mode=mode, tau=tau, layers=())
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
