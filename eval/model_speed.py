@@ -6,6 +6,7 @@ same model in the same run, with the complexity analyzer's predictions beside th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -131,15 +132,17 @@ def _decode_seconds(model, ids, n: int, device, repeat: int = 3) -> float:
     """Median seconds of ``n`` greedy one-token steps on the cache of a prefill of ``ids``, after one warm-up;
     the prefills are not timed (a generate() time minus a separately timed prefill is mostly the prefill's noise
     on a CPU)."""
+    # Transformers 5.25 renamed the forward's past_key_values to cache (the old name warns, to go in 5.40)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     times = []
     for _ in range(repeat + 1):
         out = model(ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out[name], out.logits[:, -1:].argmax(-1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(n):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **{name: cache})
             token = out.logits[:, -1:].argmax(-1)
         if device.type == "cuda":
             torch.cuda.synchronize()
