@@ -13,10 +13,14 @@ key blocks and ``diag(i) = (i * block + k_len - q_len) // block``, a tile ``(i, 
 
 A call's own rules still apply on top (``causal=True`` drops the tiles above the diagonal, a window the
 tiles outside it). Use with ``hf_ahfa.attention(q, k, v, causal=True, layout=union(local(q_len, k_len,
-block=64, width=2, heads=H), global_blocks(q_len, k_len, block=64, n=1, heads=H)))``.
+block=64, width=2, heads=H), global_blocks(q_len, k_len, block=64, n=1, heads=H)))``, or per model as a
+policy: ``hf_ahfa.configure(model, mode="pattern", pattern="local:width=2+global_blocks:n=1", block_size=64)``
+(``parse`` reads the spec: factories joined by ``+``, each ``name:param=int,...``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -97,3 +101,36 @@ def union(*layouts: BlockLayout) -> BlockLayout:
                              f"{(first.block_q, first.block_k, first.q_len, first.k_len, first.shape)}")
     keep = torch.stack([x.to_dense() for x in layouts]).any(0)
     return BlockLayout.from_dense(keep, first.block_q, first.block_k, first.q_len, first.k_len)
+
+
+_FACTORIES = {"local": (local, {"width"}), "strided": (strided, {"stride"}), "global_blocks": (global_blocks, {"n"}),
+              "random_blocks": (random_blocks, {"n", "seed"})}
+
+
+def parse(spec: str) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """``"local:width=2+global_blocks:n=1"`` as ``(("local", (("width", 2),)), ("global_blocks", (("n", 1),)))``;
+    a ValueError names the part it cannot read."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"pattern must be a non-empty spec such as 'local:width=2+global_blocks:n=1', got {spec!r}")
+    parts = []
+    for part in spec.split("+"):
+        name, _, args = part.strip().partition(":")
+        if name not in _FACTORIES:
+            raise ValueError(f"pattern part {part!r}: unknown pattern {name!r}; known: {sorted(_FACTORIES)}")
+        params = []
+        for arg in filter(None, (a.strip() for a in args.split(","))):
+            key, eq, value = arg.partition("=")
+            if not eq or key not in _FACTORIES[name][1] or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"pattern part {part!r}: {arg!r} is not one of {sorted(_FACTORIES[name][1])} "
+                                 f"set to an int")
+            params.append((key, int(value)))
+        parts.append((name, tuple(params)))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=32)
+def from_spec(spec: str, q_len: int, k_len: int, block: int, batch: int, heads: int, device) -> BlockLayout:
+    """The layout of a ``parse``-able spec for one call shape (cached: built once per shape)."""
+    layouts = [_FACTORIES[name][0](q_len, k_len, block=block, batch=batch, heads=heads, device=device, **dict(params))
+               for name, params in parse(spec)]
+    return union(*layouts) if len(layouts) > 1 else layouts[0]

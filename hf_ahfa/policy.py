@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, fields, replace
 
-MODES = ("exact", "adaptive", "auto")
+MODES = ("exact", "adaptive", "auto", "pattern")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class AdaptivePolicy:
             Triton kernels, and only where the selection keeps less than the break-even share of the
             visible blocks (the fastest exact kernel's time over our dense kernel's, timed once per shape;
             one wait for the GPU per call to read the share), exact otherwise. Decode steps (few
-            queries) always run exact.
+            queries) always run exact. ``"pattern"``: the fixed sparse ``pattern`` below, for every call.
         tau: per query block and head, keep the fewest key blocks whose estimated attention mass
             reaches ``tau`` (``1.0`` keeps every visible block: exact results through the sparse kernel).
         block_size: query and key block edge in tokens (a multiple of the kernels' tiles: 128 on GPUs).
@@ -51,6 +51,10 @@ class AdaptivePolicy:
             share of its attention mass (an upper bound, counted against the mass seen so far); the output
             is exact attention over the keys kept, off by at most ``2 * skip_mass * max|v|``. 0 (default):
             every kept block is computed. Ignored where a gradient is needed.
+        pattern: a fixed sparse pattern of ``hf_ahfa.patterns`` in blocks of ``block_size``, used where the
+            mode is ``"pattern"``: factories joined by ``+``, e.g. ``"local:width=2+global_blocks:n=1"``. It
+            is the model's attention, not an approximation: every call runs it (prefill and decode),
+            block-sparse; packed sequences and dense masks (padded batches) are refused.
         layers: per-layer settings that win over ``mode`` and ``tau`` for those layers: ``(layer index,
             mode, tau)`` triples (``hf_ahfa.calibrate`` writes them); layers not listed use the fields above.
     """
@@ -64,6 +68,7 @@ class AdaptivePolicy:
     density_limit: float = 0.8
     min_length: int = 16384
     skip_mass: float = 0.0
+    pattern: str = ""
     layers: tuple[tuple[int, str, float], ...] = ()
 
     def __post_init__(self):
@@ -95,6 +100,10 @@ class AdaptivePolicy:
         if len({i for i, _, _ in layers}) != len(layers):
             raise ValueError(f"layers lists a layer index twice: {layers}")
         object.__setattr__(self, "layers", layers)
+        if self.pattern or "pattern" in (self.mode, *(m for _, m, _ in layers)):
+            from hf_ahfa.patterns import parse
+
+            parse(self.pattern)  # raises naming the part
 
     def for_layer(self, index: int | None) -> AdaptivePolicy:
         """The policy of layer ``index``: its ``layers`` entry's mode and tau, else this policy."""

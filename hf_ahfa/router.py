@@ -4,6 +4,7 @@
         -> make_call (hf_ahfa.spec: validate, normalise)
         -> route(): backend (reference | triton | sdpa), then the path:
              "layout"    a BlockLayout was given            -> block-sparse kernels / masked reference
+             "layout"    also a policy's mode="pattern" (its layout built per call shape, hf_ahfa.patterns)
              "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse (mode "auto":
                          exact, routed again, where the kept share is at or above exact_speed_ratio)
              "sdpa"      PyTorch's SDPA computes exactly this call and is faster (CPU: always; CUDA: timed
@@ -253,6 +254,8 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
     """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q) or None)``; ``lse`` is
     ``None`` only where ``need_lse`` was False and the call ran through SDPA. ``remember``: the ``plain_key``
     of a plain call, kept for ``run_plain`` if the call goes to SDPA."""
+    if policy is not None and policy.mode == "pattern" and layout is None:
+        layout, policy = pattern_layout(q, call, policy), None
     r = route(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=need_lse)
     if remember is not None and r.path == "sdpa" and backend is None and layout is None and not need_lse:
         _plain_sdpa.add(remember)
@@ -273,6 +276,16 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
     if r.path == "layout":
         return _run_layout(q, k, v, call, layout, kernels=r.backend == "triton")
     return (_sdpa if r.path == "sdpa" else _OWN[r.path])(q, k, v, call)
+
+
+def pattern_layout(q, call: AttnCall, policy: AdaptivePolicy) -> BlockLayout:
+    """The layout of ``policy.pattern`` for this call (``mode="pattern"``)."""
+    from hf_ahfa.patterns import from_spec
+
+    if call.cu_seqlens is not None or call.attn_mask is not None:
+        raise ValueError("mode='pattern' runs on unpacked calls without a dense attention mask (padded batches "
+                         "and packed sequences are not supported with a pattern)")
+    return from_spec(policy.pattern, call.max_q, call.max_k, policy.block_size, q.shape[0], q.shape[2], q.device)
 
 
 def _reference(q, k, v, call: AttnCall):

@@ -86,3 +86,68 @@ def test_attention_under_a_pattern_equals_the_oracle(backend, q_len, k_len, caus
                                gout.double())
     for a, w in zip(got, want):
         torch.testing.assert_close(a.double(), w, atol=5e-5, rtol=5e-5)
+
+
+SPEC = "local:width=1+global_blocks:n=1+random_blocks:n=1,seed=3"
+
+
+def test_a_policy_pattern_is_the_layout_it_names():
+    """mode="pattern" builds the layout of its spec for each call shape: the same result as passing that
+    layout, on both backends, prefill and a decode-like call (one query over many keys)."""
+    H, Hkv, D, b = 4, 2, 16, 16
+    policy = hf_ahfa.AdaptivePolicy(mode="pattern", pattern=SPEC, block_size=b)
+    for q_len, k_len in ((64, 64), (1, 80)):
+        g = torch.Generator().manual_seed(q_len)
+        q = torch.randn(1, q_len, H, D, generator=g)
+        k, v = (torch.randn(1, k_len, Hkv, D, generator=g) for _ in "kv")
+        layout = patterns.union(patterns.local(q_len, k_len, block=b, width=1, heads=H),
+                                patterns.global_blocks(q_len, k_len, block=b, n=1, heads=H),
+                                patterns.random_blocks(q_len, k_len, block=b, n=1, seed=3, heads=H))
+        assert torch.equal(patterns.from_spec(SPEC, q_len, k_len, b, 1, H, None).to_dense(), layout.to_dense())
+        for backend in ("reference", "triton"):
+            with hf_ahfa.record() as rec:
+                got = hf_ahfa.attention(q, k, v, causal=True, policy=policy, backend=backend)
+            assert [r["route"] for r in rec] == ["layout"]
+            torch.testing.assert_close(got, hf_ahfa.attention(q, k, v, causal=True, layout=layout, backend=backend),
+                                       atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("", "non-empty spec"),
+    ("window:width=2", "unknown pattern 'window'"),
+    ("local:width=two", "'width=two' is not one of"),
+    ("local:size=2", "'size=2' is not one of"),
+])
+def test_a_bad_pattern_spec_names_its_part(spec, message):
+    with pytest.raises(ValueError, match=message):
+        hf_ahfa.AdaptivePolicy(mode="pattern", pattern=spec)
+
+
+def test_a_model_runs_its_pattern_in_every_layer_and_keeps_it(tmp_path):
+    """Per model: configure(mode="pattern") runs every layer (prefill and generate's decode steps) through the
+    layout; saved with the model; a padded batch (dense mask) is refused with a clear error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_ahfa.policy import policy_of
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                  max_position_embeddings=256, attn_implementation="ahfa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(ids).logits
+        hf_ahfa.configure(model, mode="pattern", pattern="local:width=1", block_size=16)
+        with hf_ahfa.record() as rec:
+            local = model(ids).logits
+            model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert {r["route"] for r in rec} == {"layout"} and len(rec) == 2 * 4
+        # a query more than a block past its key block's neighbours sees less than all of its past
+        assert (local[0, :32] - exact[0, :32]).abs().max() < 1e-5 and (local[0, 48:] - exact[0, 48:]).abs().max() > 1e-4
+        model.save_pretrained(tmp_path)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="ahfa").eval()
+        assert policy_of(loaded.config).pattern == "local:width=1"
+        torch.testing.assert_close(loaded(ids).logits, local)
+        with pytest.raises(ValueError, match="mode='pattern' runs on unpacked calls without a dense attention mask"):
+            loaded(ids, attention_mask=torch.cat([torch.zeros(1, 4), torch.ones(1, 76)], 1).long())
