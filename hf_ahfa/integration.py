@@ -21,7 +21,7 @@ try:
 except ImportError:
     _active_collector = None
 
-from hf_ahfa import telemetry
+from hf_ahfa import patches, telemetry
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import policy_of
 from hf_ahfa.reference import reference_attention_probs
@@ -146,15 +146,10 @@ def ahfa_attention_forward(
     return run_call(q, k, v, call, policy=policy, remember=plain)[0].contiguous(), None
 
 
-# Model types whose own attention code a module in ``hf_ahfa.patches`` routes through ahfa.
-PATCHED_MODEL_TYPES: set[str] = set()
-
-
 def _guard_unreachable_models(get_correct_attn_implementation):
-    """Make ``attn_implementation="ahfa"`` raise for models that bypass the AttentionInterface.
-
-    Such a model would otherwise load and silently run its own attention.
-    """
+    """Make ``attn_implementation="ahfa"`` apply the patch of a model that bypasses the AttentionInterface
+    (``hf_ahfa.patches``), or raise where there is none: such a model would otherwise load and silently run
+    its own attention."""
 
     @functools.wraps(get_correct_attn_implementation)
     def guarded(self, requested_attention, *args, **kwargs):
@@ -162,7 +157,7 @@ def _guard_unreachable_models(get_correct_attn_implementation):
         if (
             requested_attention == NAME
             and not getattr(self, "_supports_attention_backend", False)
-            and model_type not in PATCHED_MODEL_TYPES
+            and not patches.apply(model_type)
         ):
             raise ValueError(
                 f'attn_implementation="{NAME}" is not supported for model type {model_type!r} '

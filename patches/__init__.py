@@ -1,7 +1,30 @@
 """Patches for models that Transformers' AttentionInterface cannot reach (``hf_ahfa.patches``).
 
-Models such as bloom, mpt, gptj, falcon or codegen compute attention in their own code. Until a patch
-module here reroutes one of them (and adds its model type to
-``hf_ahfa.integration.PATCHED_MODEL_TYPES``), asking such a model for ``attn_implementation="ahfa"``
-raises a ValueError naming the model type instead of silently running another attention.
+Models such as bloom, mpt, falcon or gpt_neo compute attention in their own code. A patch module here
+reroutes one model type through ``hf_ahfa``: it names ``MODEL_TYPE`` and has ``apply()`` and ``revert()``.
+``PATCHES`` maps model types to them (as Liger-Kernel keys its patches by model type); asking a model for
+``attn_implementation="ahfa"`` applies its patch, and a model type without one raises a ValueError naming it
+instead of silently running another attention.
 """
+
+from __future__ import annotations
+
+import importlib
+
+PATCHES = {"gpt_neo": "hf_ahfa.patches.gpt_neo"}  # model type -> patch module (imported when first needed)
+
+
+def apply(model_type: str) -> bool:
+    """Apply the patch of ``model_type``; False when there is none."""
+    if model_type not in PATCHES:
+        return False
+    importlib.import_module(PATCHES[model_type]).apply()
+    return True
+
+
+def revert(model_type: str) -> None:
+    """Take the patch of ``model_type`` out of Transformers (models already built keep their modules; the
+    next load with ``attn_implementation="ahfa"`` applies it again)."""
+    if model_type not in PATCHES:
+        raise ValueError(f"no hf_ahfa patch for model type {model_type!r}; patched types: {sorted(PATCHES)}")
+    importlib.import_module(PATCHES[model_type]).revert()

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 import hf_ahfa
-from hf_ahfa import integration
+from hf_ahfa import integration, patches
 
 VOCAB = 128
 SLIDING_WINDOW = 8  # every padded sequence below is longer than this
@@ -697,13 +697,15 @@ def _bypasses_interface(model_type) -> bool:
 
 def test_some_listed_model_still_bypasses_the_interface():
     # the guard below must be exercised on a real model of the installed release, not only by name
-    assert any(_bypasses_interface(m) for m in OWN_ATTENTION_CONFIGS), "no listed model bypasses the interface"
+    assert any(_bypasses_interface(m) and m not in patches.PATCHES for m in OWN_ATTENTION_CONFIGS), \
+        "no listed unpatched model bypasses the interface"
 
 
 @pytest.mark.parametrize("model_type", sorted(OWN_ATTENTION_CONFIGS))
 def test_models_with_own_attention_raise_or_run_exactly(model_type, tmp_path, ahfa_calls):
-    """A model that bypasses the interface must refuse ahfa; one that moved to it must run ahfa exactly."""
-    if _bypasses_interface(model_type):
+    """A model that bypasses the interface without a patch in hf_ahfa.patches must refuse ahfa; one that moved
+    to the interface, or has a patch, must run ahfa exactly."""
+    if _bypasses_interface(model_type) and model_type not in patches.PATCHES:
         _assert_refuses_ahfa(model_type, tmp_path)
     else:
         _assert_runs_ahfa_like_eager(model_type, ahfa_calls)
