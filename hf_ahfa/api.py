@@ -24,6 +24,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
     policy: AdaptivePolicy | None = None,
@@ -55,6 +56,10 @@ def attention(
         cu_seqlens: packed variable-length batch (``B == 1``): int tensor ``(N + 1,)`` of sequence
             offsets shared by q and k, or a ``(cu_seqlens_q, cu_seqlens_k)`` pair; rules above apply
             inside each sequence, never across.
+        alibi_slopes: ALiBi, as flash-attn's ``alibi_slopes``: ``(Hq,)`` or ``(B, Hq)`` (``B`` = sequences
+            with ``cu_seqlens``) slopes; ``-slope * |p - j|`` is added to the score of query position ``p``
+            (``i + K - Q``) and key ``j`` after the softcap. Exact path and block-sparse layouts; an adaptive
+            policy runs exact with it (no estimator for ALiBi yet).
         return_lse: also return the log-sum-exp ``(B, Hq, Q)`` float32 of the visible scores (sinks
             excluded; no gradient).
         backend: ``"reference"`` or ``"triton"`` (our own code only), ``"sdpa"`` (PyTorch's kernels; raises
@@ -73,7 +78,8 @@ def attention(
         gets zeros and ``lse = -inf``.
     """
     call = make_call(q, k, v, causal=causal, window=window, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
-                     scale=scale, key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu_seqlens)
+                     scale=scale, key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu_seqlens,
+                     alibi_slopes=alibi_slopes)
     checks.check_policy(policy)
     if layout is not None:
         checks.check_layout(layout, q, call, policy)

@@ -35,6 +35,7 @@ def sparse_kernels(q, k, v, layout: BlockLayout, call: AttnCall,
         count=layout.kv_count, index=layout.kv_index, full_count=layout.full_count, full_index=layout.full_index,
         t_count=layout.q_count, t_index=layout.q_index, t_full_count=layout.full_q_count,
         t_full_index=layout.full_q_index, block_q=layout.block_q, block_k=layout.block_k, skip_mass=skip_mass,
+        alibi=call.alibi,
     )
 
 

@@ -93,6 +93,21 @@ def check_sinks(sinks, q, check_values: bool = True) -> None:
         raise ValueError("sinks contains NaN")
 
 
+def check_alibi(slopes, q, cu) -> None:
+    """ALiBi slopes: a floating ``(Hq,)`` or ``(B, Hq)`` tensor on q's device (``B``: the sequences when packed)."""
+    if slopes is None:
+        return
+    Hq = q.shape[2]
+    rows = q.shape[0] if cu is None else cu[0].numel() - 1
+    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point() \
+            or tuple(slopes.shape) not in ((Hq,), (rows, Hq)):
+        got = tuple(slopes.shape) if isinstance(slopes, torch.Tensor) else type(slopes).__name__
+        raise ValueError(f"alibi_slopes must be a floating tensor of shape (num_q_heads,) = ({Hq},) or "
+                         f"(batch, num_q_heads) = ({rows}, {Hq}), got {got}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {slopes.device}")
+
+
 def check_masks(key_padding_mask, attn_mask, q, k) -> None:
     B, Q, Hq, _ = q.shape
     K = k.shape[1]

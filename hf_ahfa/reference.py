@@ -36,6 +36,22 @@ def _scores(qt, kt, scale, softcap):
     return s
 
 
+def _alibi(call: AttnCall, layout: Layout, rows, cols, hkv: int, dtype) -> torch.Tensor | int:
+    """``-slope * |query position - key position|`` for the rows and columns, grouped as the scores
+    ``(B|1, Hkv, G, R, C)`` (positions are in-sequence: packed sequences index the slopes by sequence); 0
+    without ALiBi."""
+    if call.alibi is None:
+        return 0
+    dist = (layout.q_pos[rows, None] - layout.k_pos[None, cols]).abs().to(dtype)  # (R, C)
+    slopes = call.alibi.to(dtype)
+    if slopes.dim() == 1:
+        return -slopes.view(1, hkv, -1, 1, 1) * dist
+    if call.cu_seqlens is None:  # (B, Hq): one row of slopes per batch row
+        return -slopes.view(slopes.shape[0], hkv, -1, 1, 1) * dist
+    # packed: the slopes of each query row's sequence
+    return -slopes[layout.q_seq[rows]].T.reshape(1, hkv, -1, dist.shape[0], 1) * dist
+
+
 def _finite_keys(kt: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values ``[.., C, D]`` with the rows of non-finite keys or values zeroed, and those rows
     ``[.., C]``: a query that cannot see such a key gets probability 0 there, but 0 * NaN would still be NaN
@@ -91,7 +107,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
                 continue
             computed = True
             okg = _grouped(ok, Hkv)
-            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap).masked_fill(~okg, float("-inf"))
+            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap) + _alibi(call, layout, rows, cols, Hkv, ct)
+            s = s.masked_fill(~okg, float("-inf"))
             # a query that sees a non-finite key or value gets NaN (as without _finite_keys)
             s = s.masked_fill(okg & bad[..., None, cols], float("nan"))
             # the running max only shifts the exponent: no gradient needs to flow through it
@@ -142,8 +159,8 @@ def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     )
     kg, vg, bad = _finite_keys(kg, vg)
     okg = _grouped(ok, Hkv)
-    s = _scores(qg, kg, call.scale, call.softcap).masked_fill(~okg, float("-inf"))
-    s = s.masked_fill(okg & bad[..., None, :], float("nan"))
+    s = _scores(qg, kg, call.scale, call.softcap) + _alibi(call, layout, slice(None), slice(None), Hkv, ct)
+    s = s.masked_fill(~okg, float("-inf")).masked_fill(okg & bad[..., None, :], float("nan"))
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(m == float("-inf"), 0.0, m)
     p = torch.exp(s - m).masked_fill(~okg, 0.0)

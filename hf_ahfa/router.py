@@ -104,6 +104,8 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
         return "softcap"
     if call.sinks is not None:
         return "sinks"
+    if call.alibi is not None:
+        return "ALiBi slopes"
     if call.dropout_p > 0:
         return "dropout (ahfa draws its own mask)"
     if call.cu_seqlens is not None:
@@ -145,6 +147,8 @@ def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call:
         return "dense attention mask"
     if call.cu_seqlens is not None:
         return "packed sequences (no estimator for them yet)"
+    if call.alibi is not None:
+        return "ALiBi (no estimator for it yet)"
     return None
 
 
@@ -300,7 +304,7 @@ def _decode(q, k, v, call: AttnCall):
 
     a = call.kernel_args()
     return flash_decode(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, a["causal"], a["win_left"],
-                        a["win_right"], a["softcap"], a["scale"])
+                        a["win_right"], a["softcap"], a["scale"], call.alibi)
 
 
 def _flash(q, k, v, call: AttnCall):
@@ -310,7 +314,7 @@ def _flash(q, k, v, call: AttnCall):
     cu_q, cu_k = call.cu_seqlens or (None, None)
     return flash_fwd(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, cu_q, cu_k, call.max_q, call.max_k,
                      a["causal"], a["win_left"], a["win_right"], a["softcap"], call.dropout_p, call.dropout_seed(),
-                     a["scale"])
+                     a["scale"], call.alibi)
 
 
 _OWN = {"reference": _reference, "decode": _decode, "flash": _flash}

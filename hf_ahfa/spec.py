@@ -32,6 +32,8 @@ class AttnCall:
         attn_mask: ``(B|1, Hq|1, Q, K)`` bool, or ``None``.
         cu_seqlens: ``(cu_q, cu_k)`` int64 contiguous offsets of a packed batch, or ``None``.
         max_q, max_k: the longest query / key sequence (the whole lengths when not packed).
+        alibi: ``(Hq,)`` or ``(B, Hq)`` float32 contiguous ALiBi slopes (``B``: sequences when packed), or
+            ``None``: ``-slope * |i + K - Q - j|`` is added to the score of query ``i`` and key ``j``.
     """
 
     causal: bool
@@ -45,6 +47,7 @@ class AttnCall:
     cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None
     max_q: int
     max_k: int
+    alibi: torch.Tensor | None = None
 
     @property
     def element_masks(self) -> bool:
@@ -71,7 +74,7 @@ class AttnCall:
 
 
 def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, dropout_p=0.0, scale=None,
-              key_padding_mask=None, attn_mask=None, cu_seqlens=None, max_seqlens=None,
+              key_padding_mask=None, attn_mask=None, cu_seqlens=None, max_seqlens=None, alibi_slopes=None,
               check_values=True) -> AttnCall:
     """Validate the arguments of ``hf_ahfa.attention`` (errors name the argument) and normalise them.
 
@@ -86,6 +89,7 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
     checks.check_sinks(sinks, q, check_values)
     checks.check_masks(key_padding_mask, attn_mask, q, k)
     cu = checks.check_cu_seqlens(cu_seqlens, q, k)
+    checks.check_alibi(alibi_slopes, q, cu)
     max_q, max_k = q.shape[1], k.shape[1]
     if cu is not None:
         if max_seqlens is None or check_values:
@@ -105,4 +109,5 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
         softcap=None if softcap is None else float(softcap), sinks=None if sinks is None else sinks.contiguous(),
         dropout_p=float(dropout_p),
         key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu, max_q=max_q, max_k=max_k,
+        alibi=None if alibi_slopes is None else alibi_slopes.float().contiguous(),
     )

@@ -26,7 +26,7 @@ from hf_ahfa.kernels.configs import interpreting
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk guard skip")
+                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
 # of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140%, 15% even
@@ -36,7 +36,7 @@ NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
 Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh "
-                        "skip")
+                        "skip slope")
 View = namedtuple("View", "ptr row col")
 
 
@@ -75,6 +75,7 @@ def flags(args: dict) -> Flags:
         varlen=get("CU") is not None, dropout=args["S"].dropout_p > 0, sparse=get("LISTS") is not None,
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
+        alibi=get("ALIBI") is not None,
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr
@@ -110,8 +111,9 @@ def store_tile(view, rows, cols, x, n_rows, n_cols):
 
 
 @triton.jit
-def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, F: tl.constexpr):
-    """``Ctx`` of one (batch row, q head, sequence): the masks' pointers moved to its first (query, key)."""
+def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, slope, F: tl.constexpr):
+    """``Ctx`` of one (batch row, q head, sequence): the masks' pointers moved to its first (query, key);
+    ``slope``: the head's ALiBi slope (``alibi_slope``)."""
     kpm = 0  # placeholders when off (never read): triton 3.6 cannot return a tuple holding None
     kpm_k = 0
     am = 0
@@ -124,7 +126,24 @@ def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, F: tl.constex
         am, am_b, am_h, am_q, am_k = AM
         am = am + b * am_b + h.to(tl.int64) * am_h + q_start * am_q + k_start * am_k
     return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, am, am_q, am_k, S.dropout_p,
-               S.seed, bh, S.skip)
+               S.seed, bh, S.skip, slope)
+
+
+@triton.jit
+def alibi_slope(ALIBI, b, h, F: tl.constexpr):
+    """The ALiBi slope of sequence ``b``, q head ``h`` (``ALIBI = (slopes, stride_b)``; 0 when off)."""
+    slope = 0.0
+    if F.alibi:
+        ptr, stride_b = ALIBI
+        slope = tl.load(ptr + b * stride_b + h).to(tl.float32)
+    return slope
+
+
+@triton.jit
+def alibi_bias(s, qpos, offs_n, slope):
+    """Scores ``s`` (log2 domain) minus ``slope * |query position - key position|``: ALiBi, as flash-attn
+    defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``."""
+    return s - (slope * LOG2E) * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
 
 
 @triton.jit

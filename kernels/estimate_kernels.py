@@ -37,7 +37,7 @@ def estimate_mass_kernel(
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    cx = make_ctx(KPM, None, S, b, h, 0, 0, T_Q, T_K, bh, F)
+    cx = make_ctx(KPM, None, S, b, h, 0, 0, T_Q, T_K, bh, 0.0, F)
     start_n = kb * BLOCK_N
     first = _sampled_pos(pid_r * BLOCK_R, T_Q, T_K, STRIDE)
     last = _sampled_pos(tl.minimum(pid_r * BLOCK_R + BLOCK_R, NR) - 1, T_Q, T_K, STRIDE)

@@ -37,6 +37,13 @@ def check_supported(q: torch.Tensor) -> None:
     configs.arch(q.device)  # raises below sm80
 
 
+def _alibi(slopes):
+    """Kernel argument ``ALIBI``: ``(slopes, stride_b)`` of ``(Hq,)`` or ``(B, Hq)`` float32 slopes, or None."""
+    if slopes is None:
+        return None
+    return (slopes, 0 if slopes.dim() == 1 else slopes.stride(0))
+
+
 def _packed(cu_seqlens_q, cu_seqlens_k):
     """Kernel argument ``CU`` of packed sequences."""
     return None if cu_seqlens_q is None else (cu_seqlens_q, cu_seqlens_k)
@@ -96,14 +103,15 @@ def _sparse_candidates(cands, block_q, block_k, swap=False):
 
 
 def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1), skip_mass=0.0):
+            causal, win_left, win_right, softcap, dropout_p, seed, scale, lists=None, blocks=(1, 1), skip_mass=0.0,
+            alibi=None):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out = torch.empty(c["B"], c["Q"], c["H"], c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(c["B"], c["H"], c["Q"], dtype=torch.float32, device=q.device)
     scores = Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed, skip_mass)
     args = (
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), lse, sinks,
-        *mask_args(key_padding_mask, attn_mask), _packed(cu_seqlens_q, cu_seqlens_k), _lists(lists),
+        *mask_args(key_padding_mask, attn_mask), _alibi(alibi), _packed(cu_seqlens_q, cu_seqlens_k), _lists(lists),
         c["Q"], c["K"], c["H"], c["H"] // c["HKV"], scores,
     )
     consts = _constexprs(c, causal, blocks)
@@ -117,7 +125,7 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
     key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, sinks,
-                      key_padding_mask, attn_mask, cu_seqlens_q)
+                      key_padding_mask, attn_mask, cu_seqlens_q, alibi)
     launch_tuned(key, cands, launch)
     return out, lse
 
@@ -128,11 +136,13 @@ def flash_fwd(
     sinks: torch.Tensor | None, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     causal: bool, win_left: int, win_right: int, softcap: float, dropout_p: float, seed: int, scale: float,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``out (B, Q, H, DV)`` in q's dtype and ``lse (B, H, Q)``. ``win_left < 0``: no window;
-    ``softcap <= 0``: none; packed sequences when ``cu_seqlens_q`` is given (then ``B == 1``)."""
+    ``softcap <= 0``: none; packed sequences when ``cu_seqlens_q`` is given (then ``B == 1``); ``alibi``:
+    ``(H,)`` or ``(B, H)`` float32 slopes (``B`` = sequences when packed)."""
     return run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale)
+                   max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale, alibi=alibi)
 
 
 def fake_fwd(q, k, v, *args):
@@ -146,7 +156,7 @@ flash_fwd.register_fake(fake_fwd)
 
 def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
-            rows=None, cols=None, blocks=(1, 1)):
+            rows=None, cols=None, blocks=(1, 1), alibi=None):
     c = _common(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     # the softmax denominator includes the sink; a row that sees nothing gets +inf so that p = 0
     full = lse if sinks is None else torch.logaddexp(lse, sinks.float()[None, :, None])
@@ -156,7 +166,7 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     inputs = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(grad_out), lse2, delta)
-    masks = (*mask_args(key_padding_mask, attn_mask), _packed(cu_seqlens_q, cu_seqlens_k))
+    masks = (*mask_args(key_padding_mask, attn_mask), _alibi(alibi), _packed(cu_seqlens_q, cu_seqlens_k))
     scores = Scores(scale * LOG2E, softcap, win_left, win_right, dropout_p, seed)
     consts = _constexprs(c, causal, blocks)
     G = c["H"] // c["HKV"]
@@ -182,7 +192,7 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     if rows is not None:
         dkdv_cands, dq_cands = _sparse_candidates(cands, *blocks), _sparse_candidates(cands, *blocks, swap=True)
     key = _tuning_key("bwd" if rows is None else f"sparse_bwd{blocks}", q, c, causal, scores, sinks,
-                      key_padding_mask, attn_mask, cu_seqlens_q)
+                      key_padding_mask, attn_mask, cu_seqlens_q, alibi)
     launch_tuned(key + ("dkdv",), dkdv_cands, launch_dkdv)
     launch_tuned(key + ("dq",), dq_cands, launch_dq)
     if sinks is None:
@@ -199,11 +209,12 @@ def flash_bwd(
     lse: torch.Tensor, sinks: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
     attn_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, causal: bool, win_left: int, win_right: int, softcap: float,
-    dropout_p: float, seed: int, scale: float,
+    dropout_p: float, seed: int, scale: float, alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``dq, dk, dv`` and ``dsinks (H,)`` (zeros when there are no sinks)."""
     return run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
-                max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale)
+                   max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
+                   alibi=alibi)
 
 
 def fake_bwd(grad_out, q, k, v, *args):
@@ -250,7 +261,7 @@ register_autograd(flash_fwd, flash_bwd)
 def flash_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    causal: bool, win_left: int, win_right: int, softcap: float, scale: float,
+    causal: bool, win_left: int, win_right: int, softcap: float, scale: float, alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV forward for few queries (inference only): same contract as ``flash_fwd``."""
     c = _common(q, k, v, None, 0, 0)
@@ -268,7 +279,7 @@ def flash_decode(
     lse_part = torch.empty(B * HKV, splits, rows, dtype=torch.float32, device=q.device)
     scores = Scores(scale * LOG2E, softcap, win_left, win_right)
     args = (tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
-            Q, c["K"], HKV, G, split_len, scores)
+            _alibi(alibi), Q, c["K"], HKV, G, split_len, scores)
 
     def launch(cfg):
         bn, warps, stages = cfg
@@ -277,7 +288,7 @@ def flash_decode(
             num_warps=warps, num_stages=stages,
         )
 
-    launch_tuned(_tuning_key("decode", q, c, causal, scores, sinks, key_padding_mask, attn_mask) + (rows,),
+    launch_tuned(_tuning_key("decode", q, c, causal, scores, sinks, key_padding_mask, attn_mask, alibi) + (rows,),
                  cands, launch)
     out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)

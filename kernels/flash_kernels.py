@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx, natural_lse, online_softmax,
-    poison_seen, store_tile, tile_ptrs, visible,
+    LOG2E, alibi_bias, alibi_slope, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx,
+    natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
 )
 
 
@@ -46,7 +46,7 @@ def _batch_row(b, F: tl.constexpr):
 
 
 @triton.jit
-def _query_program(KPM, AM, CU, S, T_Q, T_K, H, F: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_program(KPM, AM, ALIBI, CU, S, T_Q, T_K, H, F: tl.constexpr, BLOCK_M: tl.constexpr):
     """(ctx, sequence, q head, batch row, q start, k start, query block) of a program of a query-block grid."""
     bh = tl.program_id(1)
     b = bh // H
@@ -57,7 +57,8 @@ def _query_program(KPM, AM, CU, S, T_Q, T_K, H, F: tl.constexpr, BLOCK_M: tl.con
         # the last query blocks see the most keys: start them first so the tail of the grid is short
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bm = _batch_row(b, F)
-    return make_ctx(KPM, AM, S, bm, h, q_start, k_start, q_len, k_len, bh, F), b, h, bm, q_start, k_start, start_m
+    cx = make_ctx(KPM, AM, S, bm, h, q_start, k_start, q_len, k_len, bh, alibi_slope(ALIBI, b, h, F), F)
+    return cx, b, h, bm, q_start, k_start, start_m
 
 
 @triton.jit
@@ -134,6 +135,8 @@ def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
     """Log2-domain scores of a query tile against a key tile (and the tanh for the softcap gradient);
     invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built."""
     s, t = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
+    if F.alibi:
+        s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
     if MASKED:
         ok = visible(offs_m[:, None] + (cx.k_len - cx.q_len), offs_n, offs_m, cx.q_len, cx.k_len,
                      offs_m.to(tl.int64) * cx.am_q, cx, F)
@@ -215,7 +218,7 @@ def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F:
 @triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_fwd_kernel(
-    Q, K, V, O, LSE, SINKS, KPM, AM, CU, LISTS, T_Q, T_K, H, GROUP, S,
+    Q, K, V, O, LSE, SINKS, KPM, AM, ALIBI, CU, LISTS, T_Q, T_K, H, GROUP, S,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     F: tl.constexpr,
@@ -224,7 +227,7 @@ def flash_fwd_kernel(
     # KPM (tensor, stride_b, stride_k), AM (tensor, 4 strides), CU (cu_seqlens_q, cu_seqlens_k) and LISTS
     # (see _lists) are None when absent. LISTS: per query block the key blocks of a block-sparse layout
     # (hf_ahfa.block_layout), first those that need the element mask, then those that do not.
-    cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, CU, S, T_Q, T_K, H, F, BLOCK_M)
+    cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, ALIBI, CU, S, T_Q, T_K, H, F, BLOCK_M)
     if start_m >= cx.q_len:
         return
 
@@ -332,7 +335,7 @@ def _dkdv_blocks(dk, dv, k, v, qdo, stats, start, end, index, offs_n, cx, F: tl.
 @triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV_, KPM, AM, CU, LISTS, T_Q, T_K, H, HKV, GROUP, S,
+    Q, K, V, DO, LSE2, DELTA, DK, DV_, KPM, AM, ALIBI, CU, LISTS, T_Q, T_K, H, HKV, GROUP, S,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     F: tl.constexpr,
@@ -357,11 +360,11 @@ def flash_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, F.block_d], tl.float32)
     dv = tl.zeros([BLOCK_N, F.block_dv], tl.float32)
     # the band of this key block is the same for every q head of the group
-    cx = make_ctx(KPM, AM, S, bm, hk, q_start, k_start, q_len, k_len, 0, F)
+    cx = make_ctx(KPM, AM, S, bm, hk, q_start, k_start, q_len, k_len, 0, 0.0, F)
     lo, f_lo, f_hi, hi = _query_blocks(start_n, cx, F, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        cx = make_ctx(KPM, AM, S, bm, h, q_start, k_start, q_len, k_len, b * H + h, F)
+        cx = make_ctx(KPM, AM, S, bm, h, q_start, k_start, q_len, k_len, b * H + h, alibi_slope(ALIBI, b, h, F), F)
         qdo = (head_view(Q, bm, h, q_start), head_view(DO, bm, h, q_start))
         row = (bm * H + h) * T_Q + q_start
         stats = (LSE2 + row, DELTA + row)
@@ -412,12 +415,12 @@ def _dq_blocks(dq, q, do, lse2, delta, kv, start, end, index, offs_m, cx, F: tl.
 @triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ, KPM, AM, CU, LISTS, T_Q, T_K, H, GROUP, S,
+    Q, K, V, DO, LSE2, DELTA, DQ, KPM, AM, ALIBI, CU, LISTS, T_Q, T_K, H, GROUP, S,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     F: tl.constexpr,
 ):
-    cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, CU, S, T_Q, T_K, H, F, BLOCK_M)
+    cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, ALIBI, CU, S, T_Q, T_K, H, F, BLOCK_M)
     if start_m >= cx.q_len:
         return
 
@@ -445,7 +448,7 @@ def flash_bwd_dq_kernel(
 @triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_decode_kernel(
-    Q, K, V, OPART, LSEPART, KPM, AM, T_Q, T_K, HKV, GROUP, SPLIT_LEN, S,
+    Q, K, V, OPART, LSEPART, KPM, AM, ALIBI, T_Q, T_K, HKV, GROUP, SPLIT_LEN, S,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F: tl.constexpr,
 ):
@@ -465,7 +468,10 @@ def flash_decode_kernel(
     q = tl.load(q_ptr + b * q_b + h[:, None].to(tl.int64) * q_h + i[:, None].to(tl.int64) * q_t
                 + offs_d[None, :] * q_d, mask=(offs_r[:, None] < GROUP * T_Q) & (offs_d[None, :] < F.d), other=0.0)
     # the dense mask's rows are (head, query) pairs here: its context starts at the batch row only
-    cx = make_ctx(KPM, AM, S, b, hk * 0, 0, 0, T_Q, T_K, 0, F)
+    cx = make_ctx(KPM, AM, S, b, hk * 0, 0, 0, T_Q, T_K, 0, 0.0, F)
+    slope = 0.0  # ALiBi: one slope per row (the rows are (head, query) pairs)
+    if F.alibi:
+        slope = tl.load(ALIBI[0] + b * ALIBI[1] + h, mask=offs_r < GROUP * T_Q, other=0.0).to(tl.float32)
     am_rows = i.to(tl.int64)
     if F.am:
         am_rows = h.to(tl.int64) * AM[2] + i.to(tl.int64) * AM[3]
@@ -484,6 +490,8 @@ def flash_decode_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_view, offs_n, offs_d, hi, F.d)
         s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
+        if F.alibi:
+            s = alibi_bias(s, qp, offs_n, slope[:, None])
         s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
         p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, True)
         v, bad = finite_values(load_tile(v_view, offs_n, offs_dv, hi, F.dv))

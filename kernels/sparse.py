@@ -25,6 +25,7 @@ def sparse_fwd(
     count: torch.Tensor, index: torch.Tensor, full_count: torch.Tensor, full_index: torch.Tensor,
     t_count: torch.Tensor | None, t_index: torch.Tensor | None, t_full_count: torch.Tensor | None,
     t_full_index: torch.Tensor | None, block_q: int, block_k: int, skip_mass: float = 0.0,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward, same contract as ``flash_fwd``. ``count/index`` ``(B, H, NQ[, NK])`` int32:
     the masked key blocks per query block, ``full_count/full_index`` the unmasked ones; ``t_*`` the
@@ -41,7 +42,8 @@ def sparse_fwd(
         raise ValueError(f"skip_mass must be in [0, 1), got {skip_mass}")
     return run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                    max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
-                   lists=(count, index, full_count, full_index), blocks=(block_q, block_k), skip_mass=skip_mass)
+                   lists=(count, index, full_count, full_index), blocks=(block_q, block_k), skip_mass=skip_mass,
+                   alibi=alibi)
 
 
 sparse_fwd.register_fake(fake_fwd)
@@ -56,13 +58,13 @@ def sparse_bwd(
     dropout_p: float, seed: int, scale: float,
     count: torch.Tensor, index: torch.Tensor, full_count: torch.Tensor, full_index: torch.Tensor,
     t_count: torch.Tensor, t_index: torch.Tensor, t_full_count: torch.Tensor, t_full_index: torch.Tensor,
-    block_q: int, block_k: int,
+    block_q: int, block_k: int, alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-sparse backward: ``dq, dk, dv, dsinks`` of the block-sparse forward."""
     return run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
                    max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
                    rows=(count, index, full_count, full_index), cols=(t_count, t_index, t_full_count, t_full_index),
-                   blocks=(block_q, block_k))
+                   blocks=(block_q, block_k), alibi=alibi)
 
 
 sparse_bwd.register_fake(fake_bwd)

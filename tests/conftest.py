@@ -37,7 +37,7 @@ def _visible(Q: int, K: int, causal: bool, window) -> torch.Tensor:
 
 def oracle_attention(
     q, k, v, *, causal=False, window=None, softcap=None, sinks=None, scale=None,
-    key_padding_mask=None, attn_mask=None, cu_seqlens=None,
+    key_padding_mask=None, attn_mask=None, cu_seqlens=None, alibi_slopes=None,
 ):
     """Naive float64 softmax attention in the public layout. Returns ``(out (B,Q,Hq,Dv), lse (B,Hq,Q))``.
 
@@ -53,6 +53,7 @@ def oracle_attention(
                 sinks=sinks, scale=scale,
                 key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, c:d],
                 attn_mask=None if attn_mask is None else attn_mask[:, :, a:b, c:d],
+                alibi_slopes=None if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[s:s + 1],
             )
             outs.append(o)
             lses.append(l)
@@ -66,6 +67,10 @@ def oracle_attention(
     s = qd @ kd.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(D))
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:  # -slope * |query position (bottom-right) - key position|
+        for i in range(Q):
+            for j in range(K):
+                s[:, :, i, j] -= alibi_slopes.double().view(-1, Hq)[:, :] * abs(i + K - Q - j)
     ok = _visible(Q, K, causal, window).to(q.device)[None, None]
     if key_padding_mask is not None:
         ok = ok & key_padding_mask[:, None, None, :]

@@ -1,0 +1,110 @@
+"""ALiBi (``alibi_slopes``, issue 14 item 1) against the float64 oracle: forward and gradients of the reference and
+the Triton kernels (interpreter on the CPU), bottom-right alignment, GQA, windows, softcap, per-batch slopes,
+packed sequences, the split-KV decode kernel, block-sparse layouts, routing and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_ahfa
+from hf_ahfa import patterns
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qkv(B, Q, K, Hq, Hkv, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=g).to(DEVICE).requires_grad_()
+            for T, H in ((Q, Hq), (K, Hkv), (K, Hkv))]
+
+
+def _slopes(Hq, batch=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (Hq,) if batch is None else (batch, Hq)
+    return (torch.rand(shape, generator=g) * 0.5 + 0.05).to(DEVICE)
+
+
+def _check(got, want, leaves, tol=2e-5):
+    torch.testing.assert_close(got.double(), want.detach(), atol=tol, rtol=tol)
+    gout = torch.randn(got.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    grads = torch.autograd.grad(got, leaves, gout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    return grads, ref_leaves, gout
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kw", [
+    dict(causal=True), dict(causal=True, Q=24), dict(causal=False), dict(causal=True, window=9),
+    dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True),
+])
+def test_alibi_matches_the_oracle(backend, kw, oracle):
+    kw = dict(kw)
+    Q, batch_slopes = kw.pop("Q", 40), kw.pop("batch_slopes", False)
+    B, K, Hq, Hkv, D = 2, 40, 4, 2, 16
+    q, k, v = _qkv(B, Q, K, Hq, Hkv, D, seed=Q)
+    slopes = _slopes(Hq, B if batch_slopes else None)
+    out = hf_ahfa.attention(q, k, v, alibi_slopes=slopes, backend=backend, **kw)
+    want, _ = oracle(*(t.detach().double() for t in (q, k, v)), alibi_slopes=slopes, **kw)
+    grads, leaves, gout = _check(out, want, (q, k, v))
+    want_grads = torch.autograd.grad(oracle(*leaves, alibi_slopes=slopes, **kw)[0], leaves, gout.double())
+    for got, w in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), w, atol=5e-5, rtol=5e-5)
+    # the bias is really there: without it the result differs
+    assert (hf_ahfa.attention(q, k, v, backend=backend, **kw) - out).abs().max() > 1e-3
+
+
+def test_alibi_packed_sequences_take_slopes_per_sequence(oracle):
+    q, k, v = _qkv(1, 30, 30, 4, 2, 16, seed=2)
+    cu = torch.tensor([0, 11, 30], device=DEVICE)
+    slopes = _slopes(4, batch=2)
+    for backend in ("reference", "triton"):
+        out = hf_ahfa.attention(q, k, v, causal=True, cu_seqlens=cu, alibi_slopes=slopes, backend=backend)
+        want, _ = oracle(*(t.detach().double() for t in (q, k, v)), causal=True, cu_seqlens=cu.cpu(),
+                         alibi_slopes=slopes)
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_alibi_on_the_split_kv_decode_kernel(oracle):
+    q, k, v = _qkv(2, 3, 600, 4, 2, 16, seed=3)  # few queries over at least DECODE_MIN_K keys
+    slopes = _slopes(4, batch=2)
+    with torch.no_grad(), hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+    assert rec[0]["route"] == "decode"
+    want, _ = oracle(*(t.detach().double() for t in (q, k, v)), causal=True, alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_alibi_under_a_block_sparse_layout(oracle):
+    q, k, v = _qkv(1, 64, 64, 4, 2, 16, seed=4)
+    layout = patterns.union(patterns.local(64, 64, block=16, width=1, heads=4, device=DEVICE),
+                            patterns.global_blocks(64, 64, block=16, n=1, heads=4, device=DEVICE))
+    slopes = _slopes(4)
+    for backend in ("reference", "triton"):
+        out = hf_ahfa.attention(q, k, v, causal=True, layout=layout, alibi_slopes=slopes, backend=backend)
+        want, _ = oracle(*(t.detach().double() for t in (q, k, v)), causal=True, alibi_slopes=slopes,
+                         attn_mask=layout.to_token_mask())
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_alibi_routes_to_our_kernels_and_an_adaptive_policy_runs_exact():
+    q, k, v = _qkv(1, 64, 64, 4, 2, 16, seed=5)
+    slopes = _slopes(4)
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, alibi_slopes=slopes)
+        hf_ahfa.attention(q, k, v, causal=True, alibi_slopes=slopes,
+                          policy=hf_ahfa.AdaptivePolicy(mode="adaptive", block_size=16, stride=8))
+    assert rec[0]["route"] != "sdpa" and "ALiBi" in rec[1]["reason"]
+    with pytest.raises(ValueError, match="SDPA does not compute this call exactly: ALiBi slopes"):
+        hf_ahfa.attention(q, k, v, alibi_slopes=slopes, backend="sdpa")
+
+
+@pytest.mark.parametrize("slopes,match", [
+    (torch.ones(3), r"alibi_slopes must be a floating tensor of shape \(num_q_heads,\) = \(4,\)"),
+    (torch.ones(2, 4), r"\(batch, num_q_heads\) = \(1, 4\)"),
+    (torch.ones(4, dtype=torch.long), "alibi_slopes must be a floating tensor"),
+])
+def test_bad_alibi_slopes_name_the_argument(slopes, match):
+    q, k, v = _qkv(1, 8, 8, 4, 2, 16, seed=6)
+    with pytest.raises(ValueError, match=match):
+        hf_ahfa.attention(q, k, v, alibi_slopes=slopes.to(DEVICE))
