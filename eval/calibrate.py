@@ -29,11 +29,14 @@ def add_parser(subparsers) -> None:
     p = add_command(subparsers, "calibrate", "per-layer adaptive settings within a perplexity budget", __doc__)
     add_model_arguments(p)
     g = p.add_argument_group("calibration")
-    g.add_argument("--data-files", nargs="+", type=Path, required=True, help="plain-text books the samples come from")
+    g.add_argument("--data-files", nargs="+", type=Path, required=True,
+                   help="plain-text books the samples come from")
     g.add_argument("--context-length", type=int, default=4096, help="tokens per sample (the lengths you will run)")
     g.add_argument("--samples", type=int, default=4, help="sample windows, evenly spaced over the books")
-    g.add_argument("--budget", type=float, default=0.005, help="allowed perplexity change of the whole model (0.005: 0.5%%)")
-    g.add_argument("--taus", type=float_list, default=[0.9, 0.95, 0.98, 0.99], help="candidate taus, comma-separated")
+    g.add_argument("--budget", type=float, default=0.005,
+                   help="allowed perplexity change of the whole model, either way (0.005: 0.5%%)")
+    g.add_argument("--taus", type=float_list, default=[0.9, 0.95, 0.98, 0.99],
+                   help="candidate taus, comma-separated")
     g.add_argument("--mode", default="auto", choices=["auto", "adaptive"],
                    help="mode written for the calibrated layers (auto: block-sparse only where it pays)")
     g.add_argument("--block-size", type=int, help="block edge in tokens (default: the policy's)")

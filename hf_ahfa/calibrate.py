@@ -1,9 +1,10 @@
 """Per-layer calibration of the adaptive mode against a perplexity budget on sample text.
 
 ``calibrate(model, samples, budget=0.005)`` measures, one layer at a time (every other layer exact), the
-perplexity change of each candidate ``tau`` on the samples (either way: a drop counts as a change too), gives each layer the lowest ``tau`` within its
-share of the budget (``budget / layers``; a layer none of them fits stays exact), then checks all layers
-together and raises the ``tau`` of the layer that cost most until the whole model is within the budget.
+perplexity change of each candidate ``tau`` on the samples (either way: a drop counts as a change too),
+gives each layer the lowest ``tau`` within its share of the budget (``budget / layers``; a layer none of
+them fits stays exact), then checks all layers together and raises the ``tau`` of the layer that cost
+most until the whole model is within the budget.
 The result is stored as the model's policy (``config.ahfa``, saved with ``save_pretrained``).
 
 Cost: ``1 + layers x len(taus)`` forward passes over the samples at most, plus the combined checks. With

@@ -107,8 +107,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
                 continue
             computed = True
             okg = _grouped(ok, Hkv)
-            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap) + _alibi(call, layout, rows, cols, Hkv, ct)
-            s = s.masked_fill(~okg, float("-inf"))
+            s = _scores(qt, kg[..., cols, :].to(ct), call.scale, call.softcap)
+            s = (s + _alibi(call, layout, rows, cols, Hkv, ct)).masked_fill(~okg, float("-inf"))
             # a query that sees a non-finite key or value gets NaN (as without _finite_keys)
             s = s.masked_fill(okg & bad[..., None, cols], float("nan"))
             # the running max only shifts the exponent: no gradient needs to flow through it

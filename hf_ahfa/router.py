@@ -195,8 +195,7 @@ def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
 def exact_speed_ratio(q, k, v, call: AttnCall, backend: str | None) -> float:
     """Time of the fastest exact kernel for this call over the time of our own dense kernel (<= 1): the
     share of the blocks below which the block-sparse kernel (about that share of our dense kernel's time)
-    beats exact attention. 1.0 where SDPA cannot compute the call, our kernels are forced, or nothing can be
-    timed now."""
+    beats exact attention. 1.0 where SDPA cannot compute the call or our kernels are forced."""
     if requested_backend(backend) is not None or not q.is_cuda or sdpa_unfit_reason(q, k, call, False):
         return 1.0
     times = timings(*_exact_candidates(q, k, v, call, "flash"))
@@ -208,7 +207,8 @@ def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
     grad = call.needs_grad(q, k, v)
     # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
-           q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad, path)
+           q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad,
+           path)
 
     def timed(fn):
         if not grad:
@@ -268,8 +268,11 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
 
         kernels = r.backend == "triton"
         # auto: the selection runs only where it is faster than exact attention (the kept share is read on the
-        # host, one wait for the GPU per call); adaptive: always, as asked
-        break_even = exact_speed_ratio(q, k, v, call, backend) if policy.mode == "auto" and kernels else None
+        # host, one wait for the GPU per call; not while torch.compile traces or a CUDA graph is captured, where
+        # nothing can be read: it runs as selected); adaptive: always, as asked
+        reads = not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+        auto = policy.mode == "auto" and kernels and reads
+        break_even = exact_speed_ratio(q, k, v, call, backend) if auto else None
         if (done := adaptive_attention(q, k, v, call, policy, kernels=kernels, break_even=break_even)) is not None:
             return done
         r = route(q, k, v, call, backend=backend, policy=None, layout=None, need_lse=need_lse)
