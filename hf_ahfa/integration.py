@@ -92,9 +92,12 @@ def ahfa_attention_forward(
     output_attentions: bool = False,
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Transformers attention function. Returns ``(out (B, Q, Hq, Dv) contiguous, weights or None)``."""
+    """Transformers attention function. Returns ``(out (B, Q, Hq, Dv) contiguous, weights or None)``.
+    ``alibi_slopes``: not from Transformers (whose ALiBi models compute attention in their own code), for the
+    patches of ``hf_ahfa.patches`` that route such a model here."""
     unsupported = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None}
     if unsupported:
         raise TypeError(
@@ -112,7 +115,7 @@ def ahfa_attention_forward(
         policy = policy.for_layer(getattr(module, "layer_idx", None))
     plain = None
     if (attention_mask is None and sliding_window is None and softcap is None and s_aux is None and not dropout
-            and cu_seq_lens_q is None and not want_weights and not (is_causal and 1 < Q < K)
+            and cu_seq_lens_q is None and alibi_slopes is None and not want_weights and not (is_causal and 1 < Q < K)
             and not torch.compiler.is_compiling()):
         # the common call: once routed to SDPA, the same kind of call skips validation and routing
         plain = plain_key(query, key, value, is_causal and Q > 1, scaling, policy)
@@ -133,7 +136,7 @@ def ahfa_attention_forward(
     max_lengths = (kwargs.get("max_length_q"), kwargs.get("max_length_k"))
     # the tensors come from Transformers and the model's weights: no value checks (they would wait for the GPU)
     call = make_call(q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
-                     scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens,
+                     scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes,
                      max_seqlens=None if None in max_lengths else max_lengths, check_values=False)
     if want_weights:
         layout = make_layout(Q, k.shape[1], q.device, *(call.cu_seqlens or (None, None)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = {"gpt_neo": "hf_ahfa.patches.gpt_neo"}  # model type -> patch module (imported when first needed)
+PATCHES = {"bloom": "hf_ahfa.patches.bloom", "gpt_neo": "hf_ahfa.patches.gpt_neo"}  # model type -> patch module (imported when first needed)
 
 
 def apply(model_type: str) -> bool:

@@ -1,7 +1,7 @@
-"""Model types patched through ``hf_ahfa.patches`` (issue 14, item 2): GPT-Neo's alternating global / local
-attention against its eager code on tiny random models (float32, CPU): logits of padded and unpadded batches,
-generate with the model's cache, a training step's gradients; the patch is applied by from_pretrained and
-reversible."""
+"""Model types patched through ``hf_ahfa.patches`` (issue 14, item 2): GPT-Neo (alternating global / local
+layers) and Bloom (ALiBi) against their eager code on tiny random models (float32, CPU): logits of padded and
+unpadded batches on every backend, generate with the model's cache, a training step's gradients; the patches
+are applied by from_pretrained and reversible."""
 
 from __future__ import annotations
 
@@ -9,22 +9,30 @@ import copy
 
 import pytest
 import torch
-from transformers import GPTNeoConfig, GPTNeoForCausalLM
+from transformers import BloomConfig, BloomForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
 
 import hf_ahfa
 from hf_ahfa import patches
 
-BACKENDS = [None, "reference", "triton"]  # routed (CPU: PyTorch's SDPA), our reference, Triton (interpreter)
+BACKENDS = [None, "reference", "triton"]  # routed, our reference, Triton (interpreter)
+FAMILIES = ["gpt_neo", "bloom"]
 
 
-def _models(window=4, dropout=0.0):
-    cfg = GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                       attention_types=[[["global", "local"], 1]], window_size=window, max_position_embeddings=64,
-                       bos_token_id=0, eos_token_id=0, attention_dropout=dropout, resid_dropout=0.0,
-                       embed_dropout=0.0)
+def _config(family, window=4, dropout=0.0):
+    if family == "gpt_neo":
+        return GPTNeoForCausalLM, GPTNeoConfig(
+            vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, window_size=window,
+            attention_types=[[["global", "local"], 1]], max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+            attention_dropout=dropout, resid_dropout=0.0, embed_dropout=0.0)
+    return BloomForCausalLM, BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                         attention_dropout=dropout, bos_token_id=0, eos_token_id=0)
+
+
+def _models(family, **kw):
+    cls, cfg = _config(family, **kw)
     torch.manual_seed(0)  # separate configs: a shared one would carry the last attn_implementation to both
-    eager = GPTNeoForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="eager")
-    ahfa = GPTNeoForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="ahfa")
+    eager = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    ahfa = cls._from_config(copy.deepcopy(cfg), attn_implementation="ahfa")
     ahfa.load_state_dict(eager.state_dict())
     return eager, ahfa
 
@@ -39,13 +47,13 @@ def _batch(padded, side="left"):
     return ids, mask
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_gpt_neo_logits_equal_eager(backend, padded, monkeypatch):
+def test_logits_equal_eager(family, backend, padded, monkeypatch):
     if backend:
         monkeypatch.setenv("AHFA_BACKEND", backend)
-    eager, ahfa = (m.eval() for m in _models())
-    assert type(ahfa.transformer.h[1].attn.attention).__name__ == "GPTNeoAhfaAttention"
+    eager, ahfa = (m.eval() for m in _models(family))
     ids, mask = _batch(padded)
     with torch.no_grad(), hf_ahfa.record() as rec:
         got = ahfa(ids, attention_mask=mask).logits
@@ -53,21 +61,35 @@ def test_gpt_neo_logits_equal_eager(backend, padded, monkeypatch):
     assert len(rec) == 2  # both layers ran through ahfa
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
-    # the local layer's window matters at this length: a model without it differs
-    _, wide = _models(window=64)
+
+
+def test_the_patched_semantics_matter(monkeypatch):
+    """GPT-Neo's local window and Bloom's ALiBi change these models' outputs: equal logits test them."""
+    from hf_ahfa.patches import bloom
+
+    ids, mask = _batch(padded=True)
+    real = mask.bool()
     with torch.no_grad():
-        assert (wide.eval()(ids, attention_mask=mask).logits[real] - want[real]).abs().max() > 1e-4
+        want = _models("gpt_neo")[0].eval()(ids, attention_mask=mask).logits
+        wide = _models("gpt_neo", window=64)[0].eval()(ids, attention_mask=mask).logits
+        assert (wide[real] - want[real]).abs().max() > 1e-4
+        eager, ahfa = (m.eval() for m in _models("bloom"))
+        monkeypatch.setattr(bloom, "alibi_slopes", lambda n, device=None: torch.zeros(n, device=device))
+        flat = ahfa(ids, attention_mask=mask).logits
+        assert (flat[real] - eager(ids, attention_mask=mask).logits[real]).abs().max() > 1e-4
 
 
-def test_gpt_neo_generate_equals_eager():
-    eager, ahfa = (m.eval() for m in _models())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_eager(family):
+    eager, ahfa = (m.eval() for m in _models(family))
     ids, mask = _batch(padded=True)
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(ahfa.generate(ids, **kw), eager.generate(ids, **kw))
 
 
-def test_gpt_neo_training_step_gradients_equal_eager():
-    eager, ahfa = (m.train() for m in _models())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_gradients_equal_eager(family):
+    eager, ahfa = (m.train() for m in _models(family))
     ids, mask = _batch(padded=True, side="right")
     grads = []
     for model in (eager, ahfa):
@@ -79,15 +101,22 @@ def test_gpt_neo_training_step_gradients_equal_eager():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_gpt_neo_patch_is_reversible_and_refuses_weights():
-    from transformers.models.gpt_neo import modeling_gpt_neo
+def test_bloom_slopes_are_the_papers():
+    from hf_ahfa.patches.bloom import alibi_slopes
 
-    _, ahfa = _models()
+    assert torch.equal(alibi_slopes(4), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8]))
+    # 6 heads: the 4-head slopes, then the odd ones of the 8-head sequence
+    assert torch.allclose(alibi_slopes(6), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patches_are_reversible_and_refuse_weights(family):
+    eager, ahfa = _models(family)
     with pytest.raises(ValueError, match="does not return attention weights"):
         ahfa(_batch(False)[0], output_attentions=True)
-    patches.revert("gpt_neo")
-    assert "ahfa" not in modeling_gpt_neo.GPT_NEO_ATTENTION_CLASSES
-    _, again = _models()  # loading with "ahfa" applies it again
-    assert type(again.transformer.h[0].attn.attention).__name__ == "GPTNeoAhfaAttention"
-    with pytest.raises(ValueError, match="no hf_ahfa patch for model type 'bloom'"):
-        patches.revert("bloom")
+    eager(_batch(False)[0], output_attentions=True)  # an eager model built while patched keeps its own path
+    patches.revert(family)
+    _, again = _models(family)  # loading with "ahfa" applies it again
+    assert any("Ahfa" in type(m).__name__ for m in again.modules())
+    with pytest.raises(ValueError, match="no hf_ahfa patch for model type 'mpt'"):
+        patches.revert("mpt")
