@@ -68,9 +68,8 @@ def oracle_attention(
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:  # -slope * |query position (bottom-right) - key position|
-        for i in range(Q):
-            for j in range(K):
-                s[:, :, i, j] -= alibi_slopes.double().view(-1, Hq)[:, :] * abs(i + K - Q - j)
+        distance = (torch.arange(Q)[:, None] + (K - Q) - torch.arange(K)[None, :]).abs().double().to(q.device)
+        s = s - alibi_slopes.double().view(-1, Hq, 1, 1) * distance
     ok = _visible(Q, K, causal, window).to(q.device)[None, None]
     if key_padding_mask is not None:
         ok = ok & key_padding_mask[:, None, None, :]
