@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
 
 
-def _eager_bf16(q, k, v, causal=False, window=None, softcap=None, sinks=None, **_):
+def _eager_bf16(q, k, v, causal=False, window=None, softcap=None, sinks=None, alibi_slopes=None, **_):
     """PyTorch attention in bf16: the precision a user gets without ahfa (expands GQA, builds the mask)."""
     from hf_ahfa.masks import make_layout, normalize_window, visible
 
@@ -25,6 +25,9 @@ def _eager_bf16(q, k, v, causal=False, window=None, softcap=None, sinks=None, **
     s = (qt @ kt.transpose(-1, -2)).float() * D**-0.5
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        pos = torch.arange(Q, device=q.device)[:, None] + (K - Q)
+        s = s - alibi_slopes.view(1, H, 1, 1) * (pos - torch.arange(K, device=q.device)[None, :]).abs()
     ok = visible(make_layout(Q, K, q.device), slice(None), slice(None), causal=causal,
                  window=normalize_window(window, causal))
     s = s.masked_fill(~ok, float("-inf"))
@@ -40,6 +43,8 @@ CASES = [
     dict(causal=True, window=512),
     dict(causal=True, softcap=30.0),
     dict(causal=True, sinks=True),
+    dict(causal=True, alibi=True),
+    dict(causal=False, alibi=True),
 ]
 
 
@@ -53,6 +58,8 @@ def test_bf16_forward_backward_real_sizes(kw, D):
     kw = dict(kw)
     if kw.pop("sinks", False):
         kw["sinks"] = torch.randn(H, device="cuda")
+    if kw.pop("alibi", False):  # the ALiBi paper's slopes for 16 heads
+        kw["alibi_slopes"] = 2.0 ** (-0.5 * torch.arange(1, H + 1, device="cuda"))
     gout = torch.randn(B, T, H, D, device="cuda", dtype=BF16)
 
     def run(fn, dtype):
@@ -87,6 +94,18 @@ def test_decode_split_kv(K):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), enable_gqa=True
     ).transpose(1, 2)
+    assert (out.float() - ref).abs().max() < 1e-2
+
+
+def test_decode_split_kv_alibi():
+    torch.manual_seed(1)
+    q = torch.randn(4, 2, 32, 128, device="cuda", dtype=BF16)
+    k, v = (torch.randn(4, 8192, 8, 128, device="cuda", dtype=BF16) for _ in range(2))
+    slopes = torch.rand(4, 32, device="cuda") * 0.05
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+    assert rec[0]["route"] == "decode"
+    ref = hf_ahfa.attention(*(t.float() for t in (q, k, v)), causal=True, alibi_slopes=slopes, backend="reference")
     assert (out.float() - ref).abs().max() < 1e-2
 
 
