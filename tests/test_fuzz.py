@@ -226,6 +226,14 @@ def draw_call(d, shapes, *, packed=None, mask=True, min_q=0):
         c["am_b"] = d.choice([1, c["B"]])
         c["am_h"] = d.choice([1, c["Hq"]])
         c["am_kind"] = d.choice(["contig", "strided", "expanded", "permuted"])
+    # ALiBi from its own generator (seeded by the call's seed): the draws above, and so every configuration
+    # index printed by an earlier failure, stay what they were before ALiBi was fuzzed
+    rng = random.Random(c["seed"] * 7 + 1)
+    c["alibi"] = None
+    if rng.random() < 0.25:
+        rows = len(c["q_lens"]) if c["packed"] else c["B"]
+        c["alibi_per_row"] = rng.random() < 0.5
+        c["alibi"] = [[rng.uniform(0.0, 0.5) for _ in range(c["Hq"])] for _ in range(rows if c["alibi_per_row"] else 1)]
     return c
 
 
@@ -351,7 +359,28 @@ def call_kwargs(c, views):
               sinks=views.get("sinks"), key_padding_mask=views.get("kpm"), attn_mask=views.get("attn_mask"))
     if c["packed"]:
         kw["cu_seqlens"] = (views["cu_q"], views["cu_k"]) if c["cu_pair"] else views["cu_q"]
+    if c.get("alibi") is not None:
+        slopes = torch.tensor(c["alibi"], dtype=torch.float32, device=views["q"].device)
+        kw["alibi_slopes"] = slopes if c["alibi_per_row"] else slopes[0]
     return kw
+
+
+def _alibi_bias(c, device, dtype):
+    """``-slope * |query position - key position|`` as ``(B|1, Hq, Q, K)``, per sequence when packed."""
+    slopes = torch.tensor(c["alibi"], dtype=dtype, device=device)  # (rows or 1, Hq)
+
+    def bias(ql, kl, row):
+        dist = (torch.arange(ql, device=device)[:, None] + (kl - ql) - torch.arange(kl, device=device)[None, :]).abs()
+        return -row[..., None, None] * dist.to(dtype)
+
+    if not c["packed"]:
+        return bias(c["Q"], c["K"], slopes)
+    out = torch.zeros(1, c["Hq"], c["Q"], c["K"], dtype=dtype, device=device)
+    a = b = 0
+    for i, (ql, kl) in enumerate(zip(c["q_lens"], c["k_lens"] if c["cu_pair"] else c["q_lens"])):
+        out[0, :, a:a + ql, b:b + kl] = bias(ql, kl, slopes[i if c["alibi_per_row"] else 0])
+        a, b = a + ql, b + kl
+    return out
 
 
 def views_of(recipes, dtype, device="cpu", grad=False, sinks_dtype=None):
@@ -423,6 +452,8 @@ def _emulate(views, ok, c, dtype):
     s = qd @ kd.transpose(-1, -2) * scale
     if c["softcap"] is not None:
         s = c["softcap"] * torch.tanh(s / c["softcap"])
+    if c.get("alibi") is not None:
+        s = s + _alibi_bias(c, s.device, ct)
     s = s.masked_fill(~ok, -INF)
     m = s.amax(-1, keepdim=True).detach() if s.shape[-1] else s.new_zeros(*s.shape[:-1], 1)
     m = torch.where(m.isfinite(), m, 0.0)
@@ -608,6 +639,8 @@ def run_example(d, c, recipes, runs, *, grad=False, layout=None, layout_tokens=N
 def categories(c, stats):
     """Count what an example covers."""
     stats["examples"] += 1
+    if c.get("alibi") is not None:
+        stats["alibi per row" if c["alibi_per_row"] else "alibi"] += 1
     if c["Q"] == 0 or c["K"] == 0:
         stats["empty Q or K"] += 1
     if c["Q"] == 1 or c["K"] == 1:
