@@ -160,7 +160,7 @@ def _guard_unreachable_models(get_correct_attn_implementation):
         if (
             requested_attention == NAME
             and not getattr(self, "_supports_attention_backend", False)
-            and not patches.apply(model_type)
+            and not patches.apply(model_type, self.config)
         ):
             raise ValueError(
                 f'attn_implementation="{NAME}" is not supported for model type {model_type!r} '

@@ -1,7 +1,8 @@
 """Patches for models that Transformers' AttentionInterface cannot reach (``hf_ahfa.patches``).
 
 Models such as bloom, mpt, falcon or gpt_neo compute attention in their own code. A patch module here
-reroutes one model type through ``hf_ahfa``: it names ``MODEL_TYPE`` and has ``apply()`` and ``revert()``.
+reroutes one model type through ``hf_ahfa``: it names ``MODEL_TYPE`` and has ``apply(config)`` (False where
+the installed release needs something it does not do) and ``revert()``.
 ``PATCHES`` maps model types to them (as Liger-Kernel keys its patches by model type); asking a model for
 ``attn_implementation="ahfa"`` applies its patch, and a model type without one raises a ValueError naming it
 instead of silently running another attention.
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import importlib
 
-PATCHES = {"bloom": "hf_ahfa.patches.bloom", "gpt_neo": "hf_ahfa.patches.gpt_neo"}  # model type -> patch module (imported when first needed)
+PATCHES = {  # model type -> patch module (imported when first needed)
+    "bloom": "hf_ahfa.patches.bloom", "falcon": "hf_ahfa.patches.falcon", "gpt_neo": "hf_ahfa.patches.gpt_neo",
+}
 
 
-def apply(model_type: str) -> bool:
-    """Apply the patch of ``model_type``; False when there is none."""
+def apply(model_type: str, config=None) -> bool:
+    """Apply the patch of ``model_type`` for a model with ``config``; False when there is none for it on this
+    Transformers release. A patch may raise a ValueError for a configuration it cannot run."""
     if model_type not in PATCHES:
         return False
-    importlib.import_module(PATCHES[model_type]).apply()
-    return True
+    return importlib.import_module(PATCHES[model_type]).apply(config) is not False
 
 
 def revert(model_type: str) -> None:

@@ -71,7 +71,7 @@ def _attention_class(base):
     return BloomAhfaAttention
 
 
-def apply() -> None:
+def apply(config=None) -> None:
     """Make Bloom models built with ``attn_implementation="ahfa"`` compute attention with ``hf_ahfa``."""
     module = _module()
     if "BloomAttention" not in _ORIGINAL:

@@ -55,7 +55,7 @@ def _attention_class():
     return GPTNeoAhfaAttention
 
 
-def apply() -> None:
+def apply(config=None) -> None:
     """Make ``attn_implementation="ahfa"`` build GPT-Neo's attention with ``hf_ahfa`` (idempotent)."""
     classes = _module().GPT_NEO_ATTENTION_CLASSES
     if "ahfa" not in classes:

@@ -1,5 +1,6 @@
 """Model types patched through ``hf_ahfa.patches`` (issue 14, item 2): GPT-Neo (alternating global / local
-layers) and Bloom (ALiBi) against their eager code on tiny random models (float32, CPU): logits of padded and
+layers), Bloom (ALiBi) and Falcon (rotary variants, where the release routes it through the interface) against
+their eager code on tiny random models (float32, CPU): logits of padded and
 unpadded batches on every backend, generate with the model's cache, a training step's gradients; the patches
 are applied by from_pretrained and reversible."""
 
@@ -9,7 +10,8 @@ import copy
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+from transformers import (BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, GPTNeoConfig,
+                          GPTNeoForCausalLM)
 
 import hf_ahfa
 from hf_ahfa import patches
@@ -120,3 +122,34 @@ def test_patches_are_reversible_and_refuse_weights(family):
     assert any("Ahfa" in type(m).__name__ for m in again.modules())
     with pytest.raises(ValueError, match="no hf_ahfa patch for model type 'mpt'"):
         patches.revert("mpt")
+
+
+FALCON_LAYOUTS = [dict(new_decoder_architecture=False, multi_query=True), dict(new_decoder_architecture=True,
+                  num_kv_heads=2), dict(new_decoder_architecture=False, multi_query=False)]
+
+
+@pytest.mark.parametrize("layout", FALCON_LAYOUTS, ids=["multi-query", "new-decoder-gqa", "multi-head"])
+def test_falcon_runs_like_eager_where_the_release_allows_and_refuses_otherwise(layout):
+    """Falcon's rotary variants: equal to eager (padded logits, generate) on releases whose Falcon calls the
+    AttentionInterface; on earlier ones (its own attention code) loading with ahfa raises naming it; ALiBi
+    Falcon (a float bias in the mask) raises at load on every release."""
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=False,
+                       bos_token_id=0, eos_token_id=0, **layout)
+    with pytest.raises(ValueError, match="falcon|Falcon"):
+        FalconForCausalLM._from_config(FalconConfig(**{**cfg.to_dict(), "alibi": True}), attn_implementation="ahfa")
+    if not patches.apply("falcon", cfg):
+        with pytest.raises(ValueError, match="'falcon'"):
+            FalconForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="ahfa")
+        return
+    torch.manual_seed(0)
+    eager = FalconForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    ahfa = FalconForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="ahfa").eval()
+    ahfa.load_state_dict(eager.state_dict())
+    ids, mask = _batch(padded=True)
+    with torch.no_grad(), hf_ahfa.record() as rec:
+        got = ahfa(ids, attention_mask=mask).logits
+    assert len(rec) == 2
+    real = mask.bool()
+    torch.testing.assert_close(got[real], eager(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-5)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ahfa.generate(ids, **kw), eager.generate(ids, **kw))
