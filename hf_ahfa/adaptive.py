@@ -37,8 +37,8 @@ def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kerne
             return graphs.replay(run, (q, k, v, call.sinks, call.key_padding_mask), key)
 
         def select(q_, k_, kpm_):  # the estimator and the selection, a layout's tensors and the kept share
-            layout, share, _, _ = _select(q_, k_, static.replace(key_padding_mask=kpm_), policy, backward=False)
-            return (share, *(getattr(layout, f) for f in _LISTS))
+            layout, _, touched = _select(q_, k_, static.replace(key_padding_mask=kpm_), policy, backward=False)
+            return (_kept_share(layout, touched), *(getattr(layout, f) for f in _LISTS))
 
         share, *lists = graphs.replay(select, (q, k, call.key_padding_mask), key + ("select",))
         if share.item() >= break_even:
@@ -53,20 +53,22 @@ _LISTS = ("kv_count", "kv_index", "full_count", "full_index")  # an inference la
 
 
 def _select(q, k, call: AttnCall, policy: AdaptivePolicy, *, backward: bool, kernels: bool = True):
-    """The kept blocks as a kernel-ready ``BlockLayout``, their share of the visible blocks (a 0-dim tensor),
-    the fallen-back heads and the visible blocks (``select_layout``)."""
+    """``select_layout`` of the estimated mass: the kernel-ready layout, the fallen-back heads, the visible
+    blocks."""
     mass = estimate_block_mass(q, k, call, policy, kernels=kernels)
-    layout, dense, touched = select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal,
-                                           window=call.window, element_masks=call.element_masks, backward=backward)
+    return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
+                         element_masks=call.element_masks, backward=backward)
+
+
+def _kept_share(layout: BlockLayout, touched: torch.Tensor) -> torch.Tensor:
+    """The layout's blocks over the visible blocks of every (batch row, head): a 0-dim tensor."""
     kept = layout.kv_count.sum() + (0 if layout.full_count is None else layout.full_count.sum())
-    share = kept / (touched.sum() * layout.kv_count.shape[0] * layout.kv_count.shape[1]).clamp_min(1)
-    return layout, share, dense, touched
+    return kept / (touched.sum() * layout.kv_count.shape[0] * layout.kv_count.shape[1]).clamp_min(1)
 
 
 def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool, break_even: float | None = None):
-    layout, share, dense, touched = _select(q, k, call, policy, backward=kernels and call.needs_grad(q, k, v),
-                                            kernels=kernels)
-    if break_even is not None and share.item() >= break_even:
+    layout, dense, touched = _select(q, k, call, policy, backward=kernels and call.needs_grad(q, k, v), kernels=kernels)
+    if break_even is not None and _kept_share(layout, touched).item() >= break_even:
         return None
     if telemetry.recording():
         visible = touched.expand(*layout.shape).sum((2, 3)).clamp_min(1)

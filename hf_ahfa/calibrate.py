@@ -9,9 +9,8 @@ The result is stored as the model's policy (``config.ahfa``, saved with ``save_p
 
 Cost: ``1 + layers x len(taus)`` forward passes over the samples at most, plus the combined checks. With
 ``mode="auto"`` (the default) a calibrated layer runs block-sparse from ``min_length`` tokens on, where the
-kernels make it pay; calibrate on samples of the lengths you will run. The
-samples must be long enough for the block-sparse path (at least two blocks of ``block_size`` tokens; the
-lengths you will run). Perplexity on the sample is what is bounded; whether the settings generalise to
+kernels make it pay. Calibrate on samples of the lengths you will run (at least two blocks of
+``block_size`` tokens: the block-sparse path). Perplexity on the samples is what is bounded; whether the settings generalise to
 other text is for ``ahfa-eval perplexity`` on held-out text to show.
 """
 
@@ -70,15 +69,16 @@ def calibrate(model, samples, *, budget: float = 0.005, taus=(0.9, 0.95, 0.98, 0
 
     bar = tqdm(desc="calibrate (forward passes)", disable=not progress)
 
-    def change(layers) -> float:  # relative perplexity change against exact with these per-layer entries
+    def nll(layers) -> float:  # every layer exact but those of these per-layer entries
         with override(mode="exact", layers=tuple(layers)):
-            nll = _mean_nll(model, samples)
+            value = _mean_nll(model, samples)
         bar.update()
-        return math.exp(nll - base) - 1.0
+        return value
 
-    with override(mode="exact", layers=()):
-        base = _mean_nll(model, samples)
-    bar.update()
+    def change(layers) -> float:  # relative perplexity change against exact
+        return math.exp(nll(layers) - base) - 1.0
+
+    base = nll(())
     result = Calibration(layers=(), base_nll=base)
     share = budget / len(indices)
     chosen: dict[int, int] = {}  # layer -> index into taus

@@ -31,10 +31,16 @@ def timings(key: tuple, candidates: dict[str, Callable[[], object]]) -> dict[str
     nothing was timed yet and nothing can be (torch.compile tracing, CUDA graph capture)."""
     if key in _times:
         return _times[key]
-    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not host_may_wait():
         return None
     _times[key] = {name: _median_ms(fn) for name, fn in candidates.items()}
     return _times[key]
+
+
+def host_may_wait() -> bool:
+    """False while torch.compile traces or a CUDA graph is captured: then nothing may be timed or read back."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (torch.compiler.is_compiling() or capturing)
 
 
 def _median_ms(fn: Callable[[], object], warmup: int = 2, batches: int = 5, calls: int = 5) -> float:

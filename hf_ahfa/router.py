@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_ahfa import telemetry
-from hf_ahfa.fastest import fastest, timings
+from hf_ahfa.fastest import fastest, host_may_wait, timings
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import AdaptivePolicy
@@ -270,8 +270,7 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
         # auto: the selection runs only where it is faster than exact attention (the kept share is read on the
         # host, one wait for the GPU per call; not while torch.compile traces or a CUDA graph is captured, where
         # nothing can be read: it runs as selected); adaptive: always, as asked
-        reads = not torch.compiler.is_compiling() and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
-        auto = policy.mode == "auto" and kernels and reads
+        auto = policy.mode == "auto" and kernels and host_may_wait()
         break_even = exact_speed_ratio(q, k, v, call, backend) if auto else None
         if (done := adaptive_attention(q, k, v, call, policy, kernels=kernels, break_even=break_even)) is not None:
             return done
