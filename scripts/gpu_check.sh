@@ -5,7 +5,7 @@
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
 #   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|model|sweep|cost
-# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks; model: whole-model speed;
+# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
@@ -18,7 +18,9 @@ layout() {  # $1: destination, $2: a source tree with hf_ahfa/ kernels/ patches/
   mkdir -p "$1" && cp -r "$2/hf_ahfa" "$1/" && for s in kernels patches eval; do cp -r "$2/$s" "$1/hf_ahfa/$s"; done
 }
 layout /tmp/after .
-mkdir -p /tmp/before-src && tar xf .stage-before/before.tar -C /tmp/before-src && layout /tmp/before /tmp/before-src
+if [ -f .stage-before/before.tar ]; then  # only the sweep and diag stages compare against it
+  mkdir -p /tmp/before-src && tar xf .stage-before/before.tar -C /tmp/before-src && layout /tmp/before /tmp/before-src
+fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
@@ -64,7 +66,7 @@ exit 0
 fi
 if [ "$STAGE" = model ]; then
 # whole model (issue 11): ahfa as routed and on its own kernels against sdpa
-after timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" 2>&1 | tail -14
+after timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" ${MODEL_ARGS:-} 2>&1 | tail -30
 exit 0
 fi
 # kernels: the sweep before and after, twice, interleaved; after also with ahfa-auto (the router's choice)

@@ -23,6 +23,7 @@ import hf_ahfa
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--kv-lens", default="16,1024", help="cache lengths, comma-separated")
+parser.add_argument("--q-len", type=int, default=1, help="queries per call (1: decode; K: a prefill of K tokens)")
 parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 1000 calls per implementation")
 parser.add_argument("--out-dir", help="write <name>.json and <name>.md here")
 parser.add_argument("--name", default="host-overhead")
@@ -37,7 +38,7 @@ module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=3, tr
 sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 rows = []
 for K in (int(x) for x in args.kv_lens.split(",")):
-    q = torch.randn(1, 9, 1, 64, device=args.device)
+    q = torch.randn(1, 9, min(args.q_len, K), 64, device=args.device)
     k, v = (torch.randn(1, 3, K, 64, device=args.device) for _ in "kv")
     times = {name: [] for name in impls}
     for _ in range(args.rounds):
