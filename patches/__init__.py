@@ -14,6 +14,7 @@ import importlib
 
 PATCHES = {  # model type -> patch module (imported when first needed)
     "bloom": "hf_ahfa.patches.bloom", "falcon": "hf_ahfa.patches.falcon", "gpt_neo": "hf_ahfa.patches.gpt_neo",
+    "mpt": "hf_ahfa.patches.mpt",
 }
 
 

@@ -184,6 +184,42 @@ def test_model_family_logits_bf16(family):
     assert err <= 2 * yard + 1e-2, f"{family}: ahfa bf16 logit error {err:.3e} vs eager bf16 {yard:.3e}"
 
 
+PATCHED = {  # hf_ahfa.patches families (issue 14): their own attention code rerouted through ahfa
+    "gpt_neo": dict(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=512, window_size=128,
+                    attention_types=[[["global", "local"], 2]], max_position_embeddings=4096, bos_token_id=0,
+                    eos_token_id=0),
+    "bloom": dict(hidden_size=256, n_layer=4, n_head=8),
+    "mpt": dict(d_model=256, n_layers=4, n_heads=8, expansion_ratio=2, max_seq_len=4096),
+}
+
+
+@pytest.mark.parametrize("family", list(PATCHED))
+def test_patched_family_logits_bf16_on_our_kernels(family):
+    """The patched families on the GPU kernels (ALiBi, GPT-Neo's local layers) within twice eager-bf16's
+    logit error against eager float32, left-padded batch of 700 tokens."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, vocab_size=512, **PATCHED[family])
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").to("cuda").eval()
+    ahfa = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="ahfa").to("cuda", BF16).eval()
+    ahfa.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 512, (2, 700), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=mask).logits
+        base = eager.to(BF16)(ids, attention_mask=mask).logits.float()
+        with hf_ahfa.record() as rec:
+            ours = ahfa(ids, attention_mask=mask).logits.float()
+    assert len(rec) == 4 and all(r["backend"] == "triton" for r in rec if family != "gpt_neo"), rec
+    keep = mask.bool()
+    err, yard = (ours - ref)[keep].abs().max().item(), (base - ref)[keep].abs().max().item()
+    assert err <= 2 * yard + 1e-2, f"{family}: ahfa bf16 logit error {err:.3e} vs eager bf16 {yard:.3e}"
+
+
 def test_compiled_static_cache_generate():
     model = _tiny("llama")
     model.set_attn_implementation("sdpa")

@@ -1,5 +1,5 @@
 """Model types patched through ``hf_ahfa.patches`` (issue 14, item 2): GPT-Neo (alternating global / local
-layers), Bloom (ALiBi) and Falcon (rotary variants, where the release routes it through the interface) against
+layers), Bloom and MPT (ALiBi) and Falcon (rotary variants, where the release routes it through the interface) against
 their eager code on tiny random models (float32, CPU): logits of padded and
 unpadded batches on every backend, generate with the model's cache, a training step's gradients; the patches
 are applied by from_pretrained and reversible."""
@@ -11,13 +11,13 @@ import copy
 import pytest
 import torch
 from transformers import (BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, GPTNeoConfig,
-                          GPTNeoForCausalLM)
+                          GPTNeoForCausalLM, MptConfig, MptForCausalLM)
 
 import hf_ahfa
 from hf_ahfa import patches
 
 BACKENDS = [None, "reference", "triton"]  # routed, our reference, Triton (interpreter)
-FAMILIES = ["gpt_neo", "bloom"]
+FAMILIES = ["gpt_neo", "bloom", "mpt"]
 
 
 def _config(family, window=4, dropout=0.0):
@@ -26,6 +26,10 @@ def _config(family, window=4, dropout=0.0):
             vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, window_size=window,
             attention_types=[[["global", "local"], 1]], max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
             attention_dropout=dropout, resid_dropout=0.0, embed_dropout=0.0)
+    if family == "mpt":  # 6 heads: MPT's slopes for a head count that is not a power of two; clipped q/k/v
+        # (no dropout: Transformers types its attn_pdrop as int)
+        return MptForCausalLM, MptConfig(vocab_size=64, d_model=48, n_layers=2, n_heads=6, expansion_ratio=2,
+                                         max_seq_len=64, attn_config={"clip_qkv": 0.5})
     return BloomForCausalLM, BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
                                          attention_dropout=dropout, bos_token_id=0, eos_token_id=0)
 
@@ -79,6 +83,29 @@ def test_the_patched_semantics_matter(monkeypatch):
         monkeypatch.setattr(bloom, "alibi_slopes", lambda n, device=None: torch.zeros(n, device=device))
         flat = ahfa(ids, attention_mask=mask).logits
         assert (flat[real] - eager(ids, attention_mask=mask).logits[real]).abs().max() > 1e-4
+        eager = _models("mpt")[0].eval()
+        want = eager(ids, attention_mask=mask).logits
+        monkeypatch.setattr(type(eager.transformer), "build_mpt_alibi_tensor", lambda self, n, L, device=None:
+                            torch.zeros(n, 1, L, device=device))
+        assert (eager(ids, attention_mask=mask).logits[real] - want[real]).abs().max() > 1e-4
+
+
+def test_mpt_runs_unpadded_calls_without_a_mask(monkeypatch):
+    """MPT's model makes a bool tensor of its mask; where ahfa needs none (no padding), the patch's marker
+    reaches the attention as no mask (causal from the flag, no dense Q x K mask), padded calls keep theirs."""
+    from hf_ahfa import integration
+
+    seen = []
+    forward = integration.ahfa_attention_forward
+    monkeypatch.setattr(integration, "ahfa_attention_forward",
+                        lambda module, q, k, v, mask, **kw: seen.append(mask) or forward(module, q, k, v, mask, **kw))
+    _, ahfa = _models("mpt")
+    for padded in (False, True):
+        ids, mask = _batch(padded)
+        with torch.no_grad():
+            ahfa.eval()(ids, attention_mask=mask)
+    assert seen[0] is None and seen[1] is None
+    assert seen[2].dtype == torch.bool and seen[2].shape == (2, 1, 20, 20)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -120,8 +147,8 @@ def test_patches_are_reversible_and_refuse_weights(family):
     patches.revert(family)
     _, again = _models(family)  # loading with "ahfa" applies it again
     assert any("Ahfa" in type(m).__name__ for m in again.modules())
-    with pytest.raises(ValueError, match="no hf_ahfa patch for model type 'mpt'"):
-        patches.revert("mpt")
+    with pytest.raises(ValueError, match="no hf_ahfa patch for model type 'opt'"):
+        patches.revert("opt")
 
 
 FALCON_LAYOUTS = [dict(new_decoder_architecture=False, multi_query=True), dict(new_decoder_architecture=True,
