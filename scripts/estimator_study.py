@@ -13,11 +13,14 @@ Estimators, each giving a mass per (query block, key block) that the library's o
   (GQA-aware: one layout per KV head, fewer K/V loads);
 * ``oracle``: the true block mass itself (the fewest blocks that reach tau: the floor of the kept share).
 
+Layers with a sliding window are skipped (the adaptive mode leaves their band as it is): for Gemma-3 the study
+covers its global layers only.
+
 Reported per method and tau: kept share of the causal blocks, captured true mass per (head, query block): mean
 and the worst 1% and 5%; and the estimator's dot products as a share of the full causal ``Q K^T``.
 
     python scripts/estimator_study.py --model PATH --books a.txt b.txt --tokens 4096 --out-dir eval/results \\
-        --name estimator-study-smollm2
+        --name estimator-study-smollm2 [--gguf-file NAME.gguf]
 """
 
 from __future__ import annotations
@@ -28,16 +31,18 @@ import platform
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_ahfa
+from hf_ahfa.eval.runs import load_causal_lm
 from hf_ahfa.estimate import estimate_block_mass
 from hf_ahfa.select import anchor_blocks_of_shape, band_of_shape, select_blocks
 from hf_ahfa.spec import make_call
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", required=True)
+parser.add_argument("--model", required=True, help="a model folder (or a folder holding --gguf-file)")
+parser.add_argument("--gguf-file", help="GGUF weights in --model's folder (de-quantized to float32)")
 parser.add_argument("--books", nargs="+", required=True, help="plain-text files; one prefill per book")
 parser.add_argument("--tokens", type=int, default=4096, help="prefill length (from each book's start)")
 parser.add_argument("--block-size", type=int, default=64)
@@ -114,13 +119,16 @@ def cost(method: str) -> float:
             "vertical-slash": bs * T / full}[method]
 
 
-tokenizer = AutoTokenizer.from_pretrained(args.model)
-model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32).eval()
+model, tokenizer = load_causal_lm(args.model, "sdpa", torch.float32, "cpu", args.gguf_file)
+studied = set()  # layers with global attention
 captured = {(m, t): [] for m in METHODS for t in taus}
 kept = {(m, t): [0, 0] for m in METHODS for t in taus}
 
 
 def recording(module, query, key, value, attention_mask, **kw):
+    if kw.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    studied.add(module.layer_idx)
     B, H, _, D = query.shape
     k = key.repeat_interleave(H // key.shape[1], 1)
     m = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
@@ -154,7 +162,9 @@ for method in METHODS:
         rows.append(dict(method=method, tau=tau, kept_share=kept[method, tau][0] / kept[method, tau][1],
                          captured_mean=float(c.mean()), captured_worst_5pct=float(c.quantile(0.05)),
                          captured_worst_1pct=float(c.quantile(0.01)), estimator_cost=cost(method)))
-lines = [f"# Estimator study: {Path(args.model).name}, {len(args.books)} books x {T} tokens, blocks of {bs}",
+model_name = Path(args.gguf_file or args.model).name
+lines = [f"# Estimator study: {model_name}, {len(args.books)} books x {T} tokens, blocks of {bs}, "
+         f"{len(studied)} global layers of {model.config.get_text_config().num_hidden_layers}",
          "", "Captured = true attention mass of the kept blocks per (layer, head, query block); kept share of the "
          "causal blocks; estimator cost = its dot products / those of the full causal QK^T. Selection: "
          "hf_ahfa's top-p per query block (anchors kept, no dense fallback).", "",
@@ -164,8 +174,9 @@ lines += [f"| {r['method']} | {r['tau']} | {r['kept_share']:.3f} | {r['captured_
           f"{r['captured_worst_5pct']:.4f} | {r['captured_worst_1pct']:.4f} | {r['estimator_cost']:.3f} |" for r in rows]
 print("\n".join(lines))
 if args.out_dir:
-    meta = dict(model=args.model, books=[Path(b).name for b in args.books], tokens=T, block_size=bs, stride=S,
-                torch=torch.__version__, machine=platform.machine(), layers=model.config.num_hidden_layers)
+    meta = dict(model=args.model, gguf_file=args.gguf_file, books=[Path(b).name for b in args.books], tokens=T,
+                block_size=bs, stride=S, torch=torch.__version__, machine=platform.machine(),
+                layers=model.config.get_text_config().num_hidden_layers, layers_studied=sorted(studied))
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out_dir / (args.name + '.json')}, {args.out_dir / (args.name + '.md')}")

@@ -5,7 +5,8 @@
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
 #   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|model|sweep|cost
-# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
+# (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
+#  model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1

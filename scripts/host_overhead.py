@@ -62,10 +62,11 @@ for K in (int(x) for x in args.kv_lens.split(",")):
 if args.out_dir:
     out = Path(args.out_dir)
     meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(), machine=platform.machine(),
-                torch=torch.__version__, hf_ahfa=hf_ahfa.__file__, rounds=args.rounds,
+                torch=torch.__version__, hf_ahfa=hf_ahfa.__file__, rounds=args.rounds, q_len=args.q_len,
                 note="median of 1000 calls per round, rounds interleaved; host time of the whole attention function")
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# Host time per attention call ({meta['device']}, torch {torch.__version__})", "", meta["note"], "",
+    title = f"# Host time per attention call ({meta['device']}, torch {torch.__version__}, {args.q_len} queries)"
+    lines = [title, "", meta["note"], "",
              "| KV length | " + " | ".join(f"{name} us (rounds)" for name in impls) + " | ahfa extra us |",
              "|---|" + "---|" * (len(impls) + 1)]
     lines += [f"| {r['kv_len']} | " + " | ".join(" ".join(f"{x:.1f}" for x in r["us"][name]) for name in impls)
