@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, fields, replace
 
+import torch
+
 MODES = ("exact", "adaptive", "auto", "pattern")
 
 
@@ -107,10 +109,17 @@ class AdaptivePolicy:
 
     def for_layer(self, index: int | None) -> AdaptivePolicy:
         """The policy of layer ``index``: its ``layers`` entry's mode and tau, else this policy."""
-        for i, mode, tau in self.layers:
-            if i == index:
-                return replace(self, mode=mode, tau=tau, layers=())
-        return self
+        if torch.compiler.is_compiling():  # traced once per graph: no cache to trace
+            for i, mode, tau in self.layers:
+                if i == index:
+                    return replace(self, mode=mode, tau=tau, layers=())
+            return self
+        # every attention call of a calibrated model asks: the per-layer policies are built once per policy
+        by_layer = self.__dict__.get("_by_layer")
+        if by_layer is None:
+            by_layer = {i: replace(self, mode=mode, tau=tau, layers=()) for i, mode, tau in self.layers}
+            object.__setattr__(self, "_by_layer", by_layer)
+        return by_layer.get(index, self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +139,8 @@ _DEFAULT = AdaptivePolicy()
 # A plain module global, not a ContextVar: torch.compile traces reading it (and guards on it, so a model compiled
 # inside ``override`` recompiles outside it); a ContextVar would break ``fullgraph=True``. Process-wide.
 _override: dict | None = None
+# policy_of's reuse: id(config.ahfa) -> (a copy of it, the override then, the policy built from both)
+_built: dict[int, tuple[dict, dict | None, AdaptivePolicy]] = {}
 
 
 def configure(model, **fields_) -> AdaptivePolicy:
@@ -162,8 +173,20 @@ def override(**fields_):
 def policy_of(config) -> AdaptivePolicy:
     """The policy in force for a layer whose config is ``config`` (``None`` when it has none)."""
     stored = getattr(config, "ahfa", None) if config is not None else None
-    values = {**(stored or {}), **(_override or {})}
-    return AdaptivePolicy.from_dict(values) if values else _DEFAULT
+    if not stored and not _override:
+        return _DEFAULT
+    if torch.compiler.is_compiling():
+        return AdaptivePolicy.from_dict({**(stored or {}), **(_override or {})})
+    # Every attention call asks; building the policy costs ~8 us on a CPU. Reused while the stored dict (the
+    # same object, equal to the copy taken) and the override are unchanged: edits in place are seen.
+    hit = _built.get(id(stored))
+    if hit is not None and hit[1] is _override and hit[0] == stored:
+        return hit[2]
+    policy = AdaptivePolicy.from_dict({**(stored or {}), **(_override or {})})
+    if len(_built) >= 64:  # ids of configs gone; a handful are live at a time
+        _built.clear()
+    _built[id(stored)] = (dict(stored or {}), _override, policy)
+    return policy
 
 
 def _configs_of(model) -> list:

@@ -227,6 +227,33 @@ def test_configure_persists_with_save_pretrained_and_override_wins(tmp_path, mon
         assert (again - exact).abs().max() < 1e-4 and (sparse - exact).abs().max() > 1e-4
 
 
+def test_policy_of_reuses_the_policy_and_sees_every_change():
+    """Every attention call asks for its policy: the same object comes back while nothing changed, and a
+    configure, an edit of config.ahfa in place, an override, or a new stored dict give the new policy."""
+    from types import SimpleNamespace
+
+    from hf_ahfa.policy import policy_of
+
+    config = SimpleNamespace(ahfa=hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.95).to_dict())
+    first = policy_of(config)
+    assert policy_of(config) is first and first.tau == 0.95
+    config.ahfa["tau"] = 0.9  # edited in place
+    assert policy_of(config).tau == 0.9
+    with hf_ahfa.override(mode="exact"):
+        assert policy_of(config).mode == "exact"
+        with hf_ahfa.override(tau=0.8):
+            assert (policy_of(config).mode, policy_of(config).tau) == ("exact", 0.8)
+    assert policy_of(config) == hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.9)
+    hf_ahfa.configure(config, block_size=64)  # a new dict
+    assert policy_of(config).block_size == 64 and policy_of(config).tau == 0.9
+    config.ahfa = {}
+    assert policy_of(config) is policy_of(None) == hf_ahfa.AdaptivePolicy()
+    layered = hf_ahfa.AdaptivePolicy(mode="adaptive", layers=((0, "exact", 0.99), (2, "adaptive", 0.9)))
+    assert layered.for_layer(2) is layered.for_layer(2)
+    assert (layered.for_layer(2).mode, layered.for_layer(2).tau, layered.for_layer(2).layers) == ("adaptive", 0.9, ())
+    assert layered.for_layer(0).mode == "exact" and layered.for_layer(1) is layered
+
+
 def test_generate_decodes_exact_after_sparse_prefill(monkeypatch):
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     model = _tiny_llama()
