@@ -683,6 +683,10 @@ OWN_ATTENTION_CONFIGS = {
     "codegen": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, n_ctx=64),
     "gpt_neo": dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
                     window_size=8, max_position_embeddings=64),
+    # no patch for these two (own attention code in 5.17 and 5.25): the guard's refusal stays exercised
+    "openai-gpt": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox_japanese": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2,
+                              max_position_embeddings=64),
 }
 
 
