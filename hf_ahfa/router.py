@@ -302,21 +302,25 @@ def _reference(q, k, v, call: AttnCall):
 
 
 def _decode(q, k, v, call: AttnCall):
-    from hf_ahfa.kernels.flash import flash_decode
+    from hf_ahfa.kernels.flash import flash_decode, run_decode
 
     a = call.kernel_args()
-    return flash_decode(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, a["causal"], a["win_left"],
-                        a["win_right"], a["softcap"], a["scale"], call.alibi)
+    # the op is what torch.compile must see; an eager call (never a gradient here) skips its dispatch
+    fn = flash_decode if torch.compiler.is_compiling() else run_decode
+    return fn(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, a["causal"], a["win_left"],
+              a["win_right"], a["softcap"], a["scale"], alibi=call.alibi)
 
 
 def _flash(q, k, v, call: AttnCall):
-    from hf_ahfa.kernels.flash import flash_fwd
+    from hf_ahfa.kernels.flash import flash_fwd, run_fwd
 
     a = call.kernel_args()
     cu_q, cu_k = call.cu_seqlens or (None, None)
-    return flash_fwd(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, cu_q, cu_k, call.max_q, call.max_k,
-                     a["causal"], a["win_left"], a["win_right"], a["softcap"], call.dropout_p, call.dropout_seed(),
-                     a["scale"], call.alibi)
+    # the op (autograd, torch.compile) where a gradient or a trace needs it; plain inference calls skip its dispatch
+    fn = flash_fwd if torch.compiler.is_compiling() or call.needs_grad(q, k, v) else run_fwd
+    return fn(q, k, v, call.sinks, call.key_padding_mask, call.attn_mask, cu_q, cu_k, call.max_q, call.max_k,
+              a["causal"], a["win_left"], a["win_right"], a["softcap"], call.dropout_p, call.dropout_seed(),
+              a["scale"], alibi=call.alibi)
 
 
 _OWN = {"reference": _reference, "decode": _decode, "flash": _flash}

@@ -40,9 +40,19 @@ Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm
 View = namedtuple("View", "ptr row col")
 
 
+# Host-side integer helpers for launch shapes. Not triton.cdiv / triton.next_power_of_2: in recent Triton
+# releases those are constexpr functions whose host call costs ~10 us each, several per launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def block_size(n: int) -> int:
     """The tile width covering a head dim of ``n``."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def precision(dtype) -> str:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from hf_ahfa.kernels import configs
 from hf_ahfa.kernels.estimate_kernels import estimate_mass_kernel
-from hf_ahfa.kernels.common import Scores, mask_args, precision, tensor_arg
+from hf_ahfa.kernels.common import Scores, cdiv, mask_args, precision, tensor_arg
 from hf_ahfa.kernels.flash import LOG2E
 
 
@@ -24,11 +23,11 @@ def estimate_mass(
     """
     B, NR, H, D = qs.shape
     K, HKV = k.shape[1], k.shape[2]
-    nkb = triton.cdiv(K, block_k)
+    nkb = cdiv(K, block_k)
     tile_max = torch.full((B, H, NR, nkb), float("-inf"), dtype=torch.float32, device=qs.device)
     tile_sum = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
     block_r = 16 if configs.interpreting() else 64
-    estimate_mass_kernel[(triton.cdiv(NR, block_r), nkb, B * H)](
+    estimate_mass_kernel[(cdiv(NR, block_r), nkb, B * H)](
         tensor_arg(qs), tensor_arg(k), mask_args(key_padding_mask, None)[0], tile_max, tile_sum,
         NR, q_len, K, H, H // HKV, nkb, stride, Scores(scale * LOG2E, softcap, win_left, win_right),
         D=D, CAUSAL=causal, PRECISION=precision(qs.dtype), BLOCK_R=block_r,

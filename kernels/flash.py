@@ -1,17 +1,18 @@
 """Launch wrappers of the dense flash kernels, and their registration as PyTorch ops.
 
-``torch.ops.hf_ahfa.flash_fwd`` / ``flash_bwd`` are custom ops with fake (meta) implementations and
-autograd, so ``torch.compile`` and activation checkpointing see one opaque op. All tensors use the
+``torch.ops.hf_ahfa.flash_fwd`` / ``flash_bwd`` / ``flash_decode`` are custom ops with fake (meta)
+implementations and autograd, so ``torch.compile`` and activation checkpointing see one opaque op; each wraps
+a plain ``run_*`` function, which eager calls without a gradient take directly (the router: the op dispatch
+costs tens of microseconds of host time per call). All tensors use the
 public layout ``(B, T, H, D)``; ``lse`` is ``(B, H, T)`` float32, natural log, sinks excluded.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 
 from hf_ahfa.kernels import configs
-from hf_ahfa.kernels.common import Scores, block_size, mask_args, precision, tensor_arg
+from hf_ahfa.kernels.common import Scores, block_size, cdiv, mask_args, next_power_of_2, precision, tensor_arg
 from hf_ahfa.kernels.flash_kernels import (
     flash_bwd_dkdv_kernel,
     flash_bwd_dq_kernel,
@@ -118,7 +119,7 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        grid = (triton.cdiv(c["max_q"], bm), c["nseq"] * c["H"])
+        grid = (cdiv(c["max_q"], bm), c["nseq"] * c["H"])
         flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     cands = configs.candidates(configs.FWD, q.device, c["D"])
@@ -173,7 +174,7 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
-        grid = (triton.cdiv(c["max_k"], bn), c["nseq"] * c["HKV"])
+        grid = (cdiv(c["max_k"], bn), c["nseq"] * c["HKV"])
         flash_bwd_dkdv_kernel[grid](
             *inputs, tensor_arg(dk), tensor_arg(dv), *masks, _lists(cols), c["Q"], c["K"], c["H"], c["HKV"], G, scores,
             **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
@@ -181,7 +182,7 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
 
     def launch_dq(cfg):
         bn, bm, warps, stages = cfg  # the dq kernel holds queries: the table's roles swap
-        grid = (triton.cdiv(c["max_q"], bm), c["nseq"] * c["H"])
+        grid = (cdiv(c["max_q"], bm), c["nseq"] * c["H"])
         flash_bwd_dq_kernel[grid](
             *inputs, tensor_arg(dq), *masks, _lists(rows), c["Q"], c["K"], c["H"], G, scores,
             **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
@@ -257,24 +258,18 @@ def register_autograd(fwd, bwd, check=None):
 register_autograd(flash_fwd, flash_bwd)
 
 
-@torch.library.custom_op("hf_ahfa::flash_decode", mutates_args=(), device_types=("cuda", "cpu"))
-def flash_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    causal: bool, win_left: int, win_right: int, softcap: float, scale: float, alibi: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV forward for few queries (inference only): same contract as ``flash_fwd``."""
+def run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, win_right, softcap, scale, alibi=None):
     c = _common(q, k, v, None, 0, 0)
     B, Q, H, HKV, G = c["B"], c["Q"], c["H"], c["HKV"], c["H"] // c["HKV"]
-    rows = max(16, triton.next_power_of_2(G * Q))
+    rows = max(16, next_power_of_2(G * Q))
     cands = configs.DECODE_INTERPRETER if configs.interpreting() else configs.DECODE
     block_n = cands[0][0]
     # at most two programs per SM (their pipelined K/V tiles fill shared memory), so that every split
     # runs in one wave with no straggling second wave; each split a whole number of key blocks
     sms = 4 if configs.interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = max(1, min((2 * sms) // (B * HKV), triton.cdiv(c["K"], 4 * block_n)))
-    split_len = triton.cdiv(triton.cdiv(c["K"], splits), block_n) * block_n
-    splits = triton.cdiv(c["K"], split_len)
+    splits = max(1, min((2 * sms) // (B * HKV), cdiv(c["K"], 4 * block_n)))
+    split_len = cdiv(cdiv(c["K"], splits), block_n) * block_n
+    splits = cdiv(c["K"], split_len)
     o_part = torch.empty(B * HKV, splits, rows, c["DV"], dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HKV, splits, rows, dtype=torch.float32, device=q.device)
     scores = Scores(scale * LOG2E, softcap, win_left, win_right)
@@ -294,10 +289,20 @@ def flash_decode(
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
     flash_decode_combine_kernel[(B * HKV * G * Q,)](
         o_part, lse_part, sinks, tensor_arg(out), lse, Q, H, HKV, G, splits, ROWS=rows, DV=c["DV"],
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=block_size(c["DV"]),
+        BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_DV=block_size(c["DV"]),
         num_warps=1,
     )
     return out, lse
+
+
+@torch.library.custom_op("hf_ahfa::flash_decode", mutates_args=(), device_types=("cuda", "cpu"))
+def flash_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+    causal: bool, win_left: int, win_right: int, softcap: float, scale: float, alibi: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV forward for few queries (inference only): same contract as ``flash_fwd``."""
+    return run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, win_right, softcap, scale, alibi)
 
 
 flash_decode.register_fake(fake_fwd)

@@ -40,6 +40,24 @@ def test_exact_routes(backend, Q, K, grad, want, oracle):
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("Q,K,grad,op", [(3, DECODE_MIN_K, False, "flash_decode"), (40, 40, False, "flash_fwd"),
+                                        (40, 40, True, "flash_fwd")])
+def test_custom_ops_only_where_autograd_needs_them(monkeypatch, Q, K, grad, op):
+    """Eager inference calls run the kernels' launch functions without the custom op's dispatch (host time per
+    call); a call that needs a gradient goes through the op and its autograd."""
+    import hf_ahfa.kernels.flash as flash
+
+    used = []
+    real = getattr(flash, op)
+    monkeypatch.setattr(flash, op, lambda *a, **kw: used.append(op) or real(*a, **kw))
+    q, k, v = _qkv(Q, K, seed=5, requires_grad=grad)
+    out = hf_ahfa.attention(q, k, v, causal=True, backend="triton")
+    assert used == ([op] if grad else [])
+    if grad:
+        out.sum().backward()
+        assert q.grad is not None and k.grad is not None
+
+
 def test_adaptive_and_layout_routes():
     q, k, v = _qkv(64, 64, seed=3)
     policy = hf_ahfa.AdaptivePolicy(mode="adaptive", block_size=16, stride=8, tau=1.0, density_limit=1.0)
