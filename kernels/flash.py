@@ -1,10 +1,10 @@
 """Launch wrappers of the dense flash kernels, and their registration as PyTorch ops.
 
 ``torch.ops.hf_ahfa.flash_fwd`` / ``flash_bwd`` / ``flash_decode`` are custom ops with fake (meta)
-implementations and autograd, so ``torch.compile`` and activation checkpointing see one opaque op; each wraps
-a plain ``run_*`` function, which eager calls without a gradient take directly (the router: the op dispatch
-costs tens of microseconds of host time per call). All tensors use the
-public layout ``(B, T, H, D)``; ``lse`` is ``(B, H, T)`` float32, natural log, sinks excluded.
+implementations and autograd, so ``torch.compile`` and activation checkpointing see one opaque op. Each wraps a
+plain ``run_*`` function, which the router calls directly for eager calls without a gradient (the op's
+dispatch costs tens of microseconds of host time per call). All tensors use the public layout ``(B, T, H, D)``;
+``lse`` is ``(B, H, T)`` float32, natural log, sinks excluded.
 """
 
 from __future__ import annotations
