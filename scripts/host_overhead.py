@@ -6,9 +6,12 @@ ahfa adds per call: checks, routing, layout). CPU by default; on a GPU pass --de
 """
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +30,8 @@ parser.add_argument("--q-len", type=int, default=1, help="queries per call (1: d
 parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 1000 calls per implementation")
 parser.add_argument("--out-dir", help="write <name>.json and <name>.md here")
 parser.add_argument("--name", default="host-overhead")
+parser.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also write <name>-profile.txt: cProfile of N routed ahfa calls per KV length (by own time)")
 args = parser.parse_args()
 
 impls = {"sdpa": sdpa_attention_forward, "ahfa": AttentionInterface._global_mapping["ahfa"]}
@@ -36,7 +41,7 @@ if args.device.startswith("cuda"):  # on a GPU also ahfa held to its own kernels
 module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=3, training=False,
                          config=SimpleNamespace(_attn_implementation="ahfa", sliding_window=None))
 sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-rows = []
+rows, profiles = [], []
 for K in (int(x) for x in args.kv_lens.split(",")):
     q = torch.randn(1, 9, min(args.q_len, K), 64, device=args.device)
     k, v = (torch.randn(1, 3, K, 64, device=args.device) for _ in "kv")
@@ -57,6 +62,15 @@ for K in (int(x) for x in args.kv_lens.split(",")):
             times[name].append(statistics.median(ts) * 1e6)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     os.environ.pop("AHFA_BACKEND", None)
+    if args.profile:  # where the routed call's host time goes (functions by own time)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.profile):
+            impls["ahfa"](module, q, k, v, None, scaling=0.125, dropout=0.0)
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        profiles.append(f"## KV length {K}, {args.profile} routed ahfa calls\n{text.getvalue()}")
     rows.append(dict(kv_len=K, us=times, median_us=med, ahfa_extra_us=med["ahfa"] - med["sdpa"]))
     print(f"K={K}: " + ", ".join(f"{name} {us:.1f} us" for name, us in med.items()) + " per call")
 if args.out_dir:
@@ -72,4 +86,6 @@ if args.out_dir:
     lines += [f"| {r['kv_len']} | " + " | ".join(" ".join(f"{x:.1f}" for x in r["us"][name]) for name in impls)
               + f" | {r['ahfa_extra_us']:.1f} |" for r in rows]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    if profiles:
+        (out / f"{args.name}-profile.txt").write_text("\n".join(profiles))
     print(f"wrote {out / (args.name + '.json')}, {out / (args.name + '.md')}")
