@@ -4,9 +4,9 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|model|sweep|cost
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
-#  model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
+#  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
@@ -25,7 +25,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, model, sweep or cost}
+STAGE=${1:?tests, tests+sweep, diag, host, model, sweep or cost}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary
@@ -63,6 +63,15 @@ for i in $(seq 1 ${ROUNDS:-2}); do
   for n in "${TREES[@]}"; do PYTHONPATH=/tmp/$n timeout ${COST_S:-240} python3 scripts/kernel_cost.py --label "$n" --jsonl "$R/cost.jsonl"; done
 done
 after python3 scripts/kernel_cost.py --report "$R/cost.jsonl" --trees "$(IFS=,; echo "${TREES[*]}")" --out-dir "$R" --name kernel-cost
+exit 0
+fi
+if [ "$STAGE" = host ]; then
+# host time per attention call (issue 11): decode (1 query) with a profile of the routed call, and 16 queries
+export AHFA_AUTOTUNE=0
+after python3 scripts/host_overhead.py --device cuda --kv-lens 16,1024,8192 --q-len 1 --profile 3000 --out-dir "$R" \
+  --name host-overhead-decode-h200 2>&1 | tail -5
+after python3 scripts/host_overhead.py --device cuda --kv-lens 64,1024 --q-len 16 --out-dir "$R" \
+  --name host-overhead-q16-h200 2>&1 | tail -4
 exit 0
 fi
 if [ "$STAGE" = model ]; then
