@@ -6,24 +6,35 @@ so the choice changes speed, never results. ``chosen()`` lists the decisions (fo
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
 import torch
 
 _times: dict[tuple, dict[str, float]] = {}
+_decided: dict[tuple, str] = {}
 
 
 def chosen() -> dict[str, str]:
     """The decisions so far, by shape key."""
-    return {"/".join(map(str, key)): min(times, key=times.get) for key, times in _times.items()}
+    return {"/".join(map(str, key)): name for key, name in _decided.items()}
 
 
-def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: str) -> str:
-    """The name of the fastest candidate for ``key`` (cached). While torch.compile traces or a CUDA graph is
+def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: str, incumbent: str | None = None,
+            margin: float = 0.0) -> str:
+    """The name of the fastest candidate for ``key`` (cached). ``incumbent`` (a candidate) keeps the call unless
+    another was timed more than ``margin`` (a fraction) faster. While torch.compile traces or a CUDA graph is
     captured nothing can be timed: then the cached choice, else ``default``."""
     times = timings(key, candidates)
-    return default if times is None else min(times, key=times.get)
+    if times is None:
+        return default
+    if key not in _decided:
+        best = min(times, key=times.get)
+        if incumbent is not None and times[best] > (1.0 - margin) * times[incumbent]:
+            best = incumbent
+        _decided[key] = best
+    return _decided[key]
 
 
 def timings(key: tuple, candidates: dict[str, Callable[[], object]]) -> dict[str, float] | None:
@@ -33,7 +44,7 @@ def timings(key: tuple, candidates: dict[str, Callable[[], object]]) -> dict[str
         return _times[key]
     if not host_may_wait():
         return None
-    _times[key] = {name: _median_ms(fn) for name, fn in candidates.items()}
+    _times[key] = _median_ms(candidates)
     return _times[key]
 
 
@@ -43,18 +54,30 @@ def host_may_wait() -> bool:
     return not (torch.compiler.is_compiling() or capturing)
 
 
-def _median_ms(fn: Callable[[], object], warmup: int = 2, batches: int = 5, calls: int = 5) -> float:
-    """Milliseconds per call of ``fn`` as an eager model sees it: wall time of ``calls`` back-to-back calls up to
-    the GPU's end, median over ``batches``. Host time counts: a kernel that is quick on the GPU but slow to
-    launch loses where the GPU work is tiny (decode), and the GPU time decides where it is not."""
-    for _ in range(warmup):  # the first run of a Triton kernel compiles and tunes it
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(calls):
+def _median_ms(candidates: dict[str, Callable[[], object]], warmup: int = 2, batches: int = 5,
+               batch_ms: float = 2.0) -> dict[str, float]:
+    """Milliseconds per call of each candidate as an eager model sees it: wall time of back-to-back calls up to
+    the GPU's end, median over ``batches``, the candidates taking turns batch by batch (so that the host's
+    drift does not favour one). Host time counts: a kernel that is quick on the GPU but slow to launch loses
+    where the GPU work is tiny (decode), and the GPU time decides where it is not. Each batch lasts about
+    ``batch_ms`` (3 to 20 calls)."""
+    for fn in candidates.values():
+        for _ in range(warmup):  # the first run of a Triton kernel compiles and tunes it
             fn()
+    torch.cuda.synchronize()
+    single = []
+    for fn in candidates.values():
+        start = time.perf_counter()
+        fn()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3 / calls)
-    return sorted(times)[batches // 2]
+        single.append((time.perf_counter() - start) * 1e3)
+    calls = max(3, min(20, math.ceil(batch_ms / max(max(single), 1e-3))))
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(batches):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1e3 / calls)
+    return {name: sorted(ts)[batches // 2] for name, ts in times.items()}

@@ -125,7 +125,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         S = key.shape[1]
         H, D = self.num_heads, self.head_dim
         kpm = _key_padding_visible(key_padding_mask, N, S, batched, query.device)
-        mask = _attn_mask_visible(attn_mask, N, H, L, S, batched, query.device)
+        # torch: a causal hint replaces attn_mask where there is no key_padding_mask and no weights are asked
+        # for; then the mask's shape is checked but its values are not read (L * S elements, a third of the
+        # attention's own time at 16K tokens)
+        hinted = is_causal and key_padding_mask is None and not need_weights
+        mask = _attn_mask_visible(attn_mask, N, H, L, S, batched, query.device, read=not hinted)
         if kpm is not None and mask is not None and key_padding_mask.dtype != attn_mask.dtype:
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type "
                           "for both instead.", stacklevel=2)
@@ -271,21 +275,24 @@ def _key_padding_visible(mask, N, S, batched, device):
     return _visible_from(mask, "key_padding_mask").to(device).reshape(N, S)
 
 
-def _attn_mask_visible(mask, N, H, L, S, batched, device):
+def _attn_mask_visible(mask, N, H, L, S, batched, device, read=True):
+    """``attn_mask`` as hf_ahfa's bool visibility mask (errors name the argument); ``read=False``: its type and
+    shape are checked, ``None`` is returned."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     shape = tuple(mask.shape)
-    if shape == (L, S):
-        ok = _visible_from(mask, "attn_mask")[None, None]
-    elif shape == (N * H, L, S):
-        ok = _visible_from(mask, "attn_mask").view(N, H, L, S)
-    else:
+    if shape not in ((L, S), (N * H, L, S)):
         three = f"({N} * {H}, {L}, {S})" if batched else f"({H}, {L}, {S})"
         raise ValueError(f"attn_mask must have shape ({L}, {S}) (query length, key length) or {three} "
                          f"(batch * num_heads, ...), got {shape}")
-    return ok.to(device)
+    if not read:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"attn_mask must be a bool or floating-point tensor, got {mask.dtype}")
+        return None
+    ok = _visible_from(mask, "attn_mask")
+    return (ok[None, None] if shape == (L, S) else ok.view(N, H, L, S)).to(device)
 
 
 def replace_attention(module: torch.nn.Module) -> int:

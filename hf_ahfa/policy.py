@@ -109,16 +109,14 @@ class AdaptivePolicy:
 
     def for_layer(self, index: int | None) -> AdaptivePolicy:
         """The policy of layer ``index``: its ``layers`` entry's mode and tau, else this policy."""
-        if torch.compiler.is_compiling():  # traced once per graph: no cache to trace
-            for i, mode, tau in self.layers:
-                if i == index:
-                    return replace(self, mode=mode, tau=tau, layers=())
-            return self
         # every attention call of a calibrated model asks: the per-layer policies are built once per policy
-        by_layer = self.__dict__.get("_by_layer")
+        # (not while torch.compile traces, which runs this once per graph and cannot trace the cache)
+        compiling = torch.compiler.is_compiling()
+        by_layer = None if compiling else self.__dict__.get("_by_layer")
         if by_layer is None:
             by_layer = {i: replace(self, mode=mode, tau=tau, layers=()) for i, mode, tau in self.layers}
-            object.__setattr__(self, "_by_layer", by_layer)
+            if not compiling:
+                object.__setattr__(self, "_by_layer", by_layer)
         return by_layer.get(index, self)
 
     def to_dict(self) -> dict:

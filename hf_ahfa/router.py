@@ -40,6 +40,10 @@ BACKENDS = ("reference", "triton", "sdpa")
 # Split-KV pays when few query rows face many keys; training needs the backward of the dense path.
 DECODE_MAX_Q = 16
 DECODE_MIN_K = 512
+# Our kernels replace SDPA on an exact call only where they were timed this much faster: a smaller lead is within
+# the timing noise of a busy host (decode calls take ~0.1-0.2 ms of host time each on the H200 machine), and
+# would make ahfa slower as often as faster.
+SDPA_MARGIN = 0.05
 
 logger = logging.getLogger("hf_ahfa")
 _said: set[str] = set()
@@ -189,7 +193,7 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
 
 def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
     """``"sdpa"`` or ``path``: whichever ran this call's shape faster (timed once per shape key)."""
-    return fastest(*_exact_candidates(q, k, v, call, path), default=path)
+    return fastest(*_exact_candidates(q, k, v, call, path), default=path, incumbent="sdpa", margin=SDPA_MARGIN)
 
 
 def exact_speed_ratio(q, k, v, call: AttnCall, backend: str | None) -> float:

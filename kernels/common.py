@@ -35,8 +35,8 @@ NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
-Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k am am_q am_k dropout_p seed bh "
-                        "skip slope")
+Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k kpm_lo kpm_hi am am_q am_k "
+                        "dropout_p seed bh skip slope")
 View = namedtuple("View", "ptr row col")
 
 
@@ -67,12 +67,27 @@ def tensor_arg(t):
 
 def mask_args(key_padding_mask, attn_mask):
     """Kernel arguments ``KPM, AM`` of the bool masks: uint8 views (no copy) with their strides, ``None``
-    when absent. Size-1 dims of the dense mask broadcast with stride 0."""
-    kpm = None if key_padding_mask is None else tensor_arg(key_padding_mask.view(torch.uint8))
+    when absent; ``KPM`` also holds each batch row's span of visible keys (``visible_span``), outside which
+    the kernels skip whole key blocks. Size-1 dims of the dense mask broadcast with stride 0."""
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = (*tensor_arg(key_padding_mask.view(torch.uint8)), visible_span(key_padding_mask))
     am = None
     if attn_mask is not None:
         am = (attn_mask.view(torch.uint8), *(0 if attn_mask.shape[i] == 1 else attn_mask.stride(i) for i in range(4)))
     return kpm, am
+
+
+def visible_span(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` int32: per batch row of a ``(B, K)`` bool mask (True = visible) the first visible key and the
+    last plus one; ``(K, 0)`` where none is. Computed on the device: no wait for it."""
+    B, K = key_padding_mask.shape
+    if K == 0:
+        return torch.zeros(B, 2, dtype=torch.int32, device=key_padding_mask.device)
+    idx = torch.arange(K, dtype=torch.int32, device=key_padding_mask.device)
+    lo = torch.where(key_padding_mask, idx, K).amin(1)
+    hi = torch.where(key_padding_mask, idx + 1, 0).amax(1)
+    return torch.stack((lo, hi), 1).to(torch.int32)
 
 
 def flags(args: dict) -> Flags:
@@ -91,8 +106,15 @@ def flags(args: dict) -> Flags:
         return f  # plain values, as the interpreter passes every constexpr
     # compiled, each field a tl.constexpr like any constexpr argument: triton 3.6 hands an attribute of a
     # constexpr namedtuple on as a plain Python value and fails on one inside a tuple argument of a jit
-    # function (``tl.zeros([BLOCK_N, F.block_d], ...)``: "'int' object has no attribute 'type'")
-    return Flags(*(tl.constexpr(x) for x in f))
+    # function (``tl.zeros([BLOCK_N, F.block_d], ...)``: "'int' object has no attribute 'type'"). Made once per
+    # distinct value: wrapping 19 fields on every launch was a visible share of a decode call's host time.
+    wrapped = _WRAPPED_FLAGS.get(f)
+    if wrapped is None:
+        wrapped = _WRAPPED_FLAGS[f] = Flags(*(tl.constexpr(x) for x in f))
+    return wrapped
+
+
+_WRAPPED_FLAGS: dict[Flags, Flags] = {}
 
 
 @triton.jit
@@ -126,17 +148,22 @@ def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, slope, F: tl.
     ``slope``: the head's ALiBi slope (``alibi_slope``)."""
     kpm = 0  # placeholders when off (never read): triton 3.6 cannot return a tuple holding None
     kpm_k = 0
+    kpm_lo = 0
+    kpm_hi = k_len
     am = 0
     am_q = 0
     am_k = 0
     if F.kpm:
-        kpm, kpm_b, kpm_k = KPM
+        kpm, kpm_b, kpm_k, span = KPM
         kpm = kpm + b * kpm_b + k_start * kpm_k
+        # the batch row's visible keys, relative to this sequence's first key
+        kpm_lo = tl.maximum(tl.load(span + 2 * b) - k_start, 0)
+        kpm_hi = tl.minimum(tl.load(span + 2 * b + 1) - k_start, k_len)
     if F.am:
         am, am_b, am_h, am_q, am_k = AM
         am = am + b * am_b + h.to(tl.int64) * am_h + q_start * am_q + k_start * am_k
-    return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, am, am_q, am_k, S.dropout_p,
-               S.seed, bh, S.skip, slope)
+    return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, kpm_lo, kpm_hi, am, am_q,
+               am_k, S.dropout_p, S.seed, bh, S.skip, slope)
 
 
 @triton.jit
@@ -150,10 +177,20 @@ def alibi_slope(ALIBI, b, h, F: tl.constexpr):
 
 
 @triton.jit
-def alibi_bias(s, qpos, offs_n, slope):
-    """Scores ``s`` (log2 domain) minus ``slope * |query position - key position|``: ALiBi, as flash-attn
-    defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``."""
-    return s - (slope * LOG2E) * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+def alibi_bias(s, qpos, start_n, slope, BELOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores ``s`` (log2 domain) of the key tile at ``start_n`` minus ``slope * |query position - key
+    position|``: ALiBi, as flash-attn defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or
+    ``[BM, 1]``. ``BELOW``: every visible key lies at or before its query (causal), so no ``abs``.
+
+    Costs two or three float operations per score: the row and column terms are scaled once per tile,
+    relative to the tile's first key, so they stay small (exact to ~1e-5 in the exponent) wherever the
+    bias leaves a probability that is not negligible; an int difference per score would need a slow
+    int-to-float conversion each."""
+    c = slope * LOG2E
+    d = c * (qpos - start_n).to(tl.float32)[:, None] - c * tl.arange(0, BLOCK_N).to(tl.float32)[None, :]
+    if BELOW:
+        return s - d
+    return s - tl.abs(d)
 
 
 @triton.jit

@@ -54,6 +54,17 @@ def test_alibi_matches_the_oracle(backend, kw, oracle):
     assert (hf_ahfa.attention(q, k, v, backend=backend, **kw) - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_far_from_the_diagonal_with_small_slopes(causal, oracle):
+    # slopes as small as a many-headed model's last heads: key tiles hundreds of positions away still carry mass,
+    # so the bias must stay exact where its row and column terms are large
+    q, k, v = _qkv(1, 300, 333, 2, 1, 16, seed=7)
+    slopes = torch.tensor([2.0**-8, 2.0**-5], device=DEVICE)
+    out = hf_ahfa.attention(q, k, v, alibi_slopes=slopes, causal=causal, backend="triton")
+    want, _ = oracle(*(t.detach().double() for t in (q, k, v)), alibi_slopes=slopes, causal=causal)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_alibi_packed_sequences_take_slopes_per_sequence(oracle):
     q, k, v = _qkv(1, 30, 30, 4, 2, 16, seed=2)
     cu = torch.tensor([0, 11, 30], device=DEVICE)

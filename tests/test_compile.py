@@ -49,3 +49,17 @@ def test_compiled_static_cache_generate():
     got = model.generate(ids, compile_config=compile_config, **kw)
     assert torch.equal(got, want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "generate did not compile the decode step"
+
+
+def test_per_layer_policy_under_fullgraph_compile():
+    policy = hf_ahfa.AdaptivePolicy(mode="exact", layers=((1, "adaptive", 0.9),))
+
+    @torch.compile(fullgraph=True, backend="eager")  # the policy's branch is traced: no code generation needed
+    def scaled(x, layer):
+        p = policy.for_layer(layer)
+        return x * p.tau if p.mode == "adaptive" else x
+
+    assert torch.allclose(scaled(torch.ones(2), 1), torch.full((2,), 0.9))
+    assert torch.equal(scaled(torch.ones(2), 0), torch.ones(2))
+    assert "_by_layer" not in policy.__dict__  # tracing built no cache
+    assert policy.for_layer(1).tau == 0.9 and "_by_layer" in policy.__dict__

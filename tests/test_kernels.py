@@ -113,6 +113,27 @@ def test_key_padding_and_fully_masked_rows(poison):
     assert (out[0, :9] == 0).all() and (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_skips_blocks_outside_the_visible_span(poison, causal):
+    # right padding, left padding, a gap inside the span, nothing visible; the keys of whole blocks outside each
+    # row's span hold NaN: a kernel that skips those blocks never reads them (a masked tile would still turn
+    # 0 * NaN into NaN in P @ V), so the result is finite and equals the reference on clean inputs
+    q, k, v = _qkv(4, 70, 400, 2, 1, 16, seed=11)
+    kpm = torch.zeros(4, 400, dtype=torch.bool, device=DEVICE)
+    kpm[0, :100] = True
+    kpm[1, 300:] = True
+    kpm[2, 140:260] = kpm[2, 290:330] = True
+    from hf_ahfa.kernels.common import visible_span
+
+    assert visible_span(kpm).tolist() == [[0, 100], [300, 400], [140, 330], [400, 0]]
+    want = _both(q, k, v, causal=causal, key_padding_mask=kpm)[1]
+    k, v = k.detach().clone(), v.detach().clone()
+    for row, keys in ((0, slice(256, None)), (1, slice(0, 128)), (2, slice(0, 128)), (3, slice(None))):
+        k[row, keys], v[row, keys] = float("nan"), float("nan")
+    got = _both(q, k, v, causal=causal, key_padding_mask=kpm)[0]
+    _check((got, want))
+
+
 def test_dense_bool_mask_broadcast_heads(poison):
     q, k, v = _qkv(2, 20, 33, 4, 2, 16, seed=8)
     am = torch.rand(2, 1, 20, 33, generator=torch.Generator().manual_seed(2)).to(DEVICE) > 0.4

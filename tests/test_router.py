@@ -116,14 +116,26 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
 
     timings = {"a": 2.0, "b": 1.0}
     timed = []
-    monkeypatch.setattr(fastest, "_median_ms", lambda fn: (timed.append(fn()), timings[fn()])[1])
+
+    def median_ms(candidates):
+        timed.extend(fn() for fn in candidates.values())
+        return {name: timings[name] for name in candidates}
+
+    monkeypatch.setattr(fastest, "_median_ms", median_ms)
     monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
     candidates = {"a": lambda: "a", "b": lambda: "b"}
     assert fastest.fastest(("k",), candidates, default="a") == "b"
     timings["b"] = 3.0
     assert fastest.fastest(("k",), candidates, default="a") == "b" and len(timed) == 2  # cached
+    assert fastest.chosen() == {"k": "b"}
+    # the incumbent keeps the call unless another is faster by more than the margin
+    timings.update(a=1.0, b=0.96)
+    assert fastest.fastest(("near",), candidates, default="b", incumbent="a", margin=0.05) == "a"
+    timings.update(b=0.94)
+    assert fastest.fastest(("far",), candidates, default="a", incumbent="a", margin=0.05) == "b"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert fastest.fastest(("other",), candidates, default="a") == "a" and len(timed) == 2
+    assert fastest.fastest(("other",), candidates, default="a") == "a" and len(timed) == 6
 
 
 def test_routing_leaves_torch_sdpa_settings_alone():
