@@ -1,0 +1,105 @@
+"""Each backward launch configuration of the flash kernels pinned in turn, in one process each (a CUDA error
+ends its process's context), on one or more source trees: does the fwd+bwd call crash, give non-finite or
+wrong gradients (against the float32 reference on the first batch row)? Finds a launch configuration that
+fails with one GPU / Triton version, and whether a code change brought it.
+
+    python scripts/bwd_config_check.py --trees after=/tmp/after,before=/tmp/before --out-dir OUT \
+        [--head-dims 64,128] [--alibi] [--seq-len 4096 --batch 8 --heads 16]
+
+Each tree is a folder to put on PYTHONPATH (the package laid out as installed).
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--trees", help="name=path,... (the parent run)")
+parser.add_argument("--out-dir")
+parser.add_argument("--name", default="bwd-config-check")
+parser.add_argument("--head-dims", default="64,128")
+parser.add_argument("--alibi", action="store_true", help="with ALiBi slopes (Bloom's)")
+parser.add_argument("--seq-len", type=int, default=4096)
+parser.add_argument("--batch", type=int, default=8)
+parser.add_argument("--heads", type=int, default=16)
+parser.add_argument("--parallel", type=int, default=8)
+parser.add_argument("--one", help="(child) BLOCK_M,BLOCK_N,warps,stages:head_dim:causal")
+args = parser.parse_args()
+
+
+def child() -> None:
+    os.environ["AHFA_AUTOTUNE"] = "0"
+    import torch
+
+    import hf_ahfa
+    from hf_ahfa.kernels import configs
+
+    cfg_text, D, causal = args.one.split(":")
+    D, causal = int(D), causal == "1"
+    configs.BWD["sm90"][64 if D <= 64 else 128][:] = [tuple(int(x) for x in cfg_text.split(","))]
+    torch.manual_seed(0)
+    B, T, H = args.batch, args.seq_len, args.heads
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda") if args.alibi else None
+    out = hf_ahfa.attention(q, k, v, causal=causal, backend="triton", alibi_slopes=slopes)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.cuda.synchronize()
+    leaves = [t[:1].detach().float().requires_grad_() for t in (q, k, v)]
+    ref = hf_ahfa.attention(*leaves, causal=causal, backend="reference", alibi_slopes=slopes)
+    want = torch.autograd.grad(ref, leaves, g[:1].float())
+    errs = {f"d{n}": ((a[:1].float() - b).abs().max() / b.abs().max()).item() for n, a, b in zip("qkv", grads, want)}
+    finite = all(bool(a.isfinite().all()) for a in grads)
+    status = "ok" if finite and max(errs.values()) < 0.05 else ("non-finite" if not finite else "wrong")
+    print(json.dumps(dict(status=status, errors=errs)))
+
+
+def run_one(tree: str, path: str, cfg, D: int, causal: bool) -> dict:
+    spec = f"{','.join(map(str, cfg))}:{D}:{int(causal)}"
+    cmd = [sys.executable, __file__, "--one", spec, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
+           "--heads", str(args.heads)] + (["--alibi"] if args.alibi else [])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONSAFEPATH="1")
+    row = dict(tree=tree, config=list(cfg), head_dim=D, causal=causal, alibi=args.alibi)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return dict(row, status="timeout")
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode or not lines:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return dict(row, status="crash", error=last[:200])
+    return dict(row, **json.loads(lines[-1]))
+
+
+def parent() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs of the current tree: the list
+    trees = dict(t.split("=", 1) for t in args.trees.split(","))
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("configs", Path(__file__).resolve().parent.parent / "kernels" / "configs.py")
+    configs = module_from_spec(spec)
+    spec.loader.exec_module(configs)
+    jobs = [(name, path, cfg, D, causal) for name, path in trees.items() for D in map(int, args.head_dims.split(","))
+            for cfg in configs.BWD["sm90"][64 if D <= 64 else 128] for causal in (True, False)]
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(lambda job: run_one(*job), jobs))
+    for r in rows:
+        print(r, flush=True)
+    if args.out_dir:
+        out = Path(args.out_dir)
+        (out / f"{args.name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+        lines = [f"# Backward launch configurations pinned one at a time ({'ALiBi, ' if args.alibi else ''}bf16, "
+                 f"B={args.batch}, T={args.seq_len}, H={args.heads})", "",
+                 "| tree | head dim | causal | config (BLOCK_M, BLOCK_N, warps, stages) | status | max rel. error |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['tree']} | {r['head_dim']} | {r['causal']} | {tuple(r['config'])} | {r['status']} | "
+                  f"{max(r['errors'].values()) if 'errors' in r else r.get('error', '')} |" for r in rows]
+        (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    child() if args.one else parent()
