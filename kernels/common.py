@@ -177,20 +177,10 @@ def alibi_slope(ALIBI, b, h, F: tl.constexpr):
 
 
 @triton.jit
-def alibi_bias(s, qpos, start_n, slope, BELOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores ``s`` (log2 domain) of the key tile at ``start_n`` minus ``slope * |query position - key
-    position|``: ALiBi, as flash-attn defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or
-    ``[BM, 1]``. ``BELOW``: every visible key lies at or before its query (causal), so no ``abs``.
-
-    Costs two or three float operations per score: the row and column terms are scaled once per tile,
-    relative to the tile's first key, so they stay small (exact to ~1e-5 in the exponent) wherever the
-    bias leaves a probability that is not negligible; an int difference per score would need a slow
-    int-to-float conversion each."""
-    c = slope * LOG2E
-    d = c * (qpos - start_n).to(tl.float32)[:, None] - c * tl.arange(0, BLOCK_N).to(tl.float32)[None, :]
-    if BELOW:
-        return s - d
-    return s - tl.abs(d)
+def alibi_bias(s, qpos, offs_n, slope):
+    """Scores ``s`` (log2 domain) minus ``slope * |query position - key position|``: ALiBi, as flash-attn
+    defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``."""
+    return s - (slope * LOG2E) * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
 
 
 @triton.jit

@@ -40,7 +40,7 @@ def child() -> None:
 
     cfg_text, D, causal = args.one.split(":")
     D, causal = int(D), causal == "1"
-    configs.BWD["sm90"][64 if D <= 64 else 128][:] = [tuple(int(x) for x in cfg_text.split(","))]
+    configs.BWD["sm90"][configs.bucket(D)][:] = [tuple(int(x) for x in cfg_text.split(","))]
     torch.manual_seed(0)
     B, T, H = args.batch, args.seq_len, args.heads
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
@@ -76,7 +76,6 @@ def run_one(tree: str, path: str, cfg, D: int, causal: bool) -> dict:
 
 
 def parent() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # configs of the current tree: the list
     trees = dict(t.split("=", 1) for t in args.trees.split(","))
     from importlib.util import module_from_spec, spec_from_file_location
 
@@ -84,7 +83,7 @@ def parent() -> None:
     configs = module_from_spec(spec)
     spec.loader.exec_module(configs)
     jobs = [(name, path, cfg, D, causal) for name, path in trees.items() for D in map(int, args.head_dims.split(","))
-            for cfg in configs.BWD["sm90"][64 if D <= 64 else 128] for causal in (True, False)]
+            for cfg in configs.BWD["sm90"][configs.bucket(D)] for causal in (True, False)]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda job: run_one(*job), jobs))
     for r in rows:
