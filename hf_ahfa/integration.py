@@ -5,7 +5,8 @@ Transformers calls ``ahfa_attention_forward(module, query, key, value, attention
 mask function registered under the same name: Transformers' own ``sdpa_mask`` (a boolean ``(B, 1, Q, K)``
 mask, True = visible, that encodes causality, windows, padding, packed sequences and static-cache slots
 in true cache positions, or ``None`` when the call is plainly causal/bidirectional), except that a
-sliding-window layer of a plain call also gets ``None`` (see ``ahfa_mask``).
+sliding-window layer of a plain call also gets ``None``, and a padded prefill on a GPU the padding vector alone
+(see ``ahfa_mask``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask, sdpa_mask
 
 try:
     from transformers.utils.output_capturing import _active_collector
@@ -40,17 +41,42 @@ _IGNORED_KWARGS = frozenset(
 )
 
 
-def ahfa_mask(*args, **kwargs):
-    """``sdpa_mask``, but ``None`` for a sliding-window layer whenever a full-attention layer of the same
-    call would get ``None`` (no padding, every cached key valid).
+# Devices whose padded prefills get the padding vector instead of the dense mask: where the router runs our
+# kernels on masked calls. On the CPU masked calls go to torch's SDPA, which takes the dense mask.
+COMPACT_MASK_DEVICES = frozenset({"cuda"})
 
-    The attention function then applies the window from the ``sliding_window`` argument, which every
-    sliding-window model passes (flash-attention needs it too), and the kernels skip the blocks outside
-    the window instead of reading a dense ``Q x K`` mask: at 32K tokens that mask is 1 GiB per layer.
+
+def ahfa_mask(*args, **kwargs):
+    """``sdpa_mask``, except for two kinds of call whose dense ``(B, 1, Q, K)`` mask the kernels need not read
+    (at 32K tokens it is 1 GiB per layer, and it hides the causal structure from the kernels):
+
+    * ``None`` for a sliding-window layer whenever a full-attention layer of the same call would get
+      ``None`` (no padding, every cached key valid). The attention function applies the window from the
+      ``sliding_window`` argument, which every sliding-window model passes (flash-attention needs it too).
+    * On a GPU, a prefill (``Q == K > 1``) whose mask would be ``None`` but for padding: the padding vector
+      alone, ``(B, 1, 1, K)`` bool (True = a real token). The attention function reads it as a key-padding
+      mask on top of the layer's causality and window; the kernels skip the causal upper triangle and the
+      padded key blocks. Query rows at padded positions then see no key and give 0 (the dense mask makes them
+      attend to every key); no real position's output changes.
     """
     if kwargs.get("local_size") is not None and sdpa_mask(*args, **{**kwargs, "local_size": None}) is None:
         return None
+    if (padding := _padding_vector(args, kwargs)) is not None:
+        return padding
     return sdpa_mask(*args, **kwargs)
+
+
+def _padding_vector(args, kwargs) -> torch.Tensor | None:
+    """``ahfa_mask``'s compact mask, or ``None`` where the dense mask is needed."""
+    padding, q_len, kv_len = kwargs.get("attention_mask"), kwargs.get("q_length"), kwargs.get("kv_length")
+    if args or padding is None or not isinstance(q_len, int) or q_len != kv_len or q_len < 2:
+        return None
+    if torch.device(kwargs.get("device", "cpu")).type not in COMPACT_MASK_DEVICES:
+        return None
+    if sdpa_mask(**{**kwargs, "attention_mask": None, "local_size": None}) is not None:
+        return None  # more than padding departs from the plain pattern (packed sequences, mask overlays, ...)
+    offset = kwargs.get("kv_offset", 0)
+    return prepare_padding_mask(padding, kv_len, offset)[:, offset:offset + kv_len].bool()[:, None, None, :]
 
 
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +133,10 @@ def ahfa_attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     Q, K = query.shape[-2], key.shape[-2]
-    if attention_mask is None and sliding_window is None:  # (set by ahfa_mask's callers or on the module)
+    # ahfa_mask's padding vector of a prefill (a dense mask of Q > 1 queries has Q rows)
+    padded = (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+              and attention_mask.shape[1] == attention_mask.shape[2] == 1 and Q == K > 1)
+    if (attention_mask is None or padded) and sliding_window is None:  # (set by ahfa_mask's callers or the module)
         sliding_window = getattr(module, "sliding_window", None)
     want_weights = _weights_requested(output_attentions)
     policy = policy_of(getattr(module, "config", None))
@@ -123,7 +152,8 @@ def ahfa_attention_forward(
         if out is not None:
             return out.contiguous(), None
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if attention_mask is not None:
+    padding = attention_mask[:, 0, 0] if padded else None
+    if attention_mask is not None and not padded:
         # The mask is the truth about positions (static caches, left padding, windows): apply it alone.
         causal, window, mask = False, None, _bool_mask(attention_mask)
     else:
@@ -136,7 +166,8 @@ def ahfa_attention_forward(
     max_lengths = (kwargs.get("max_length_q"), kwargs.get("max_length_k"))
     # the tensors come from Transformers and the model's weights: no value checks (they would wait for the GPU)
     call = make_call(q, k, v, causal=causal, window=window, softcap=softcap, sinks=s_aux, dropout_p=dropout,
-                     scale=scaling, attn_mask=mask, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes,
+                     scale=scaling, attn_mask=mask, key_padding_mask=padding, cu_seqlens=cu_seqlens,
+                     alibi_slopes=alibi_slopes,
                      max_seqlens=None if None in max_lengths else max_lengths, check_values=False)
     if want_weights:
         layout = make_layout(Q, k.shape[1], q.device, *(call.cu_seqlens or (None, None)))

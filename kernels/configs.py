@@ -33,7 +33,7 @@ FWD: dict[str, dict[int, list[Config]]] = {
 # eval/results/gpu-fuzz-504-h200.log); (32, 128, 4, 2) at head dim 64 and (32, 128, 8, 2) at head dim 128
 # (relative dk error 0.01-0.65 against 0.004 for the others, with and without ALiBi; one misaligned-address
 # crash: eval/results/bwd-config-check-*-h200.md). The autotuner could pick them: every entry here is checked
-# pinned by the GPU test test_every_backward_launch_config_is_right.
+# pinned by the GPU test test_every_launch_config_is_right.
 BWD: dict[str, dict[int, list[Config]]] = {
     "sm90": {
         64: [(64, 128, 8, 3), (64, 64, 4, 2)],

@@ -39,16 +39,20 @@ def _attention_class():
             from hf_ahfa.integration import _bool_mask, ahfa_attention_forward
 
             window = self.config.window_size if self.attention_type == "local" else None
-            if attention_mask is not None and window is not None:
+            Q, K = query.shape[-2], key.shape[-2]
+            # ahfa_mask's padding vector of a padded prefill (one row for Q == K > 1 queries) leaves the window
+            # and causality to the attention; a dense mask holds causality and padding
+            vector = attention_mask is not None and attention_mask.shape[-2] == 1 and Q == K > 1
+            dense = attention_mask is not None and not vector
+            if dense and window is not None:
                 # Transformers' mask holds causality and padding; the window is this layer's own rule
-                Q, K = query.shape[-2], key.shape[-2]
                 pos = torch.arange(Q, device=query.device)[:, None] + (K - Q)
                 near = pos - torch.arange(K, device=query.device)[None, :] < window
                 attention_mask = _bool_mask(attention_mask) & near
             out, _ = ahfa_attention_forward(
                 self, query, key, value, attention_mask, scaling=1.0,
                 dropout=self.attn_dropout.p if self.training else 0.0,
-                sliding_window=window if attention_mask is None else None,
+                sliding_window=None if dense else window,
             )
             return out.transpose(1, 2), None
 

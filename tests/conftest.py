@@ -142,3 +142,20 @@ def tiny_llama(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def padding_vectors(monkeypatch):
+    """ahfa_mask's padding vectors for padded prefills on this CPU too (by default on GPUs only); records, per
+    attention call, whether it got a key-padding mask and whether a dense mask."""
+    from hf_ahfa import integration
+
+    monkeypatch.setattr(integration, "COMPACT_MASK_DEVICES", frozenset({"cuda", "cpu"}))
+    seen, make_call = [], integration.make_call
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["key_padding_mask"] is not None, kwargs["attn_mask"] is not None))
+        return make_call(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "make_call", recording)
+    return seen

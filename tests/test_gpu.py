@@ -361,22 +361,26 @@ def test_routed_calls_match_own_kernels(Q, K, Hkv, grad):
             assert (a.float() - b.float()).abs().max() / b.float().abs().max() < 2e-2
 
 
-def _backward_configs():
+def _launch_configs():
     from hf_ahfa.kernels import configs
 
-    table = configs.BWD[configs.arch(torch.device("cuda"))] if torch.cuda.is_available() else {}
-    return [(D, cfg) for D in (64, 128, 256) for cfg in table.get(configs.bucket(D), [])]
+    if not torch.cuda.is_available():
+        return []
+    arch = configs.arch(torch.device("cuda"))
+    return [(name, D, cfg) for name in ("FWD", "BWD") for D in (64, 128, 256)
+            for cfg in getattr(configs, name)[arch][configs.bucket(D)]]
 
 
 @pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("D,cfg", _backward_configs())
-def test_every_backward_launch_config_is_right(monkeypatch, D, cfg, causal, alibi):
-    # the autotuner may pick any entry of the table: each one pinned in turn must give right gradients (triton 3.6
-    # compiled some to wrong dk on the H200; the fuzz runs the first entry only). Shapes of the run that found it.
+@pytest.mark.parametrize("table,D,cfg", _launch_configs())
+def test_every_launch_config_is_right(monkeypatch, table, D, cfg, causal, alibi):
+    # the autotuner may pick any entry of a table: each one pinned in turn must give the right output and gradients
+    # (triton 3.6 compiled some backward entries to wrong dk on the H200; the fuzz runs the first entry only).
+    # The shapes of the run that found it (scripts/launch_config_check.py).
     from hf_ahfa.kernels import configs, tuning
 
-    monkeypatch.setitem(configs.BWD[configs.arch(torch.device("cuda"))], configs.bucket(D), [cfg])
+    monkeypatch.setitem(getattr(configs, table)[configs.arch(torch.device("cuda"))], configs.bucket(D), [cfg])
     monkeypatch.setattr(tuning, "_chosen", {})
     g = torch.Generator(device="cuda").manual_seed(D)
     B, T, H = 4, 4096, 16
@@ -387,10 +391,10 @@ def test_every_backward_launch_config_is_right(monkeypatch, D, cfg, causal, alib
     grads = torch.autograd.grad(out, (q, k, v), gout)
     leaves = [t[:1].detach().float().requires_grad_() for t in (q, k, v)]  # the first batch row in float32
     ref = hf_ahfa.attention(*leaves, causal=causal, backend="reference", alibi_slopes=slopes)
-    want = torch.autograd.grad(ref, leaves, gout[:1].float())
-    for name, got, w in zip(("dq", "dk", "dv"), grads, want):
+    want = (ref, *torch.autograd.grad(ref, leaves, gout[:1].float()))
+    for name, got, w in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
         err = ((got[:1].float() - w).abs().max() / w.abs().max()).item()
-        assert err < 0.01, f"{name}: relative error {err:.3g} with launch config {cfg}"  # right ones: ~0.004
+        assert err < 0.01, f"{name}: relative error {err:.3g} with {table} launch config {cfg}"  # right: ~0.004
 
 
 def test_exact_decode_goes_to_sdpa_untimed(monkeypatch):

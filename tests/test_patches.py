@@ -69,6 +69,21 @@ def test_logits_equal_eager(family, backend, padded, monkeypatch):
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_vector_logits_equal_eager(family, backend, side, padding_vectors, monkeypatch):
+    # a padded prefill with ahfa_mask's padding vector (GPUs' default) instead of the dense mask
+    monkeypatch.setenv("AHFA_BACKEND", backend)
+    eager, ahfa = (m.eval() for m in _models(family))
+    ids, mask = _batch(True, side)
+    with torch.no_grad():
+        got = ahfa(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], eager(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-5)
+    assert padding_vectors == [(True, False)] * 2, padding_vectors
+
+
 def test_the_patched_semantics_matter(monkeypatch):
     """GPT-Neo's local window and Bloom's ALiBi change these models' outputs: equal logits test them."""
     from hf_ahfa.patches import bloom

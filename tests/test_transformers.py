@@ -280,6 +280,10 @@ def test_registered():
 def test_decoder_logits_match(family, ref, padding, backend, ahfa_calls, monkeypatch):
     if backend != "auto":
         monkeypatch.setenv("AHFA_BACKEND", backend)
+    _decoder_logits_match(family, ref, padding, ahfa_calls)
+
+
+def _decoder_logits_match(family, ref, padding, ahfa_calls):
     models = make_models(family, ["ahfa", ref])
     batch = decoder_batch(padding)
     with torch.no_grad():
@@ -378,6 +382,10 @@ def test_greedy_generate_matches(family, cache, prompts, ahfa_calls):
     "static-nopad" exercises the prefill where Transformers skips the mask (``is_causal``) while the static
     cache hands ahfa more key slots than queries.
     """
+    _greedy_generate_matches(family, cache, prompts, ahfa_calls)
+
+
+def _greedy_generate_matches(family, cache, prompts, ahfa_calls):
     ref_impl = references(family)[0]
     models = make_models(family, ["ahfa", ref_impl])
     batch = decoder_batch(prompts, lengths=(10, 6), seed=1)
@@ -398,6 +406,34 @@ def test_greedy_generate_matches(family, cache, prompts, ahfa_calls):
     assert prompt_len + 12 > SLIDING_WINDOW and 6 + 12 > SLIDING_WINDOW
     what = f"generate {family} {cache or 'dynamic'} {prompts} vs {ref_impl}"
     assert_same_greedy(outs["ahfa"], outs[ref_impl], prompt_len, what, min_steps=8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", DECODERS)
+def test_padding_vector_prefill_matches(family, padding, backend, padding_vectors, ahfa_calls, monkeypatch):
+    # the padded prefill runs causal (and windowed, softcapped, with sinks) attention with a key-padding mask
+    # instead of the dense mask: the same logits at every real position
+    monkeypatch.setenv("AHFA_BACKEND", backend)
+    _decoder_logits_match(family, "eager", padding, ahfa_calls)
+    assert padding_vectors and all(kpm and not dense for kpm, dense in padding_vectors), padding_vectors
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
+def test_padding_vector_generate_and_grads_match(family, padding_vectors, ahfa_calls):
+    _greedy_generate_matches(family, None, "left", ahfa_calls)
+    assert (True, False) in padding_vectors  # the prefill; decode steps keep their one-row mask
+    models = make_models(family, ["ahfa", "eager"])
+    loss_a, grads_a = grads_of(models["ahfa"], train_batch(family))
+    loss_e, grads_e = grads_of(models["eager"], train_batch(family))
+    assert_close(loss_a, loss_e, atol=LOGIT_ATOL, rtol=LOGIT_RTOL, what=f"{family} loss, padding vector")
+    assert_grads_close(grads_a, grads_e, f"{family} grads vs eager, padding vector")
+
+
+def test_padding_vector_only_where_it_is_exact(padding_vectors, ahfa_calls):
+    # a static cache's prefill (more key slots than queries) and decode steps keep the dense mask
+    _greedy_generate_matches("llama", "static", "left", ahfa_calls)
+    assert padding_vectors and not any(kpm for kpm, _ in padding_vectors)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Each backward launch configuration of the flash kernels pinned in turn, in one process each (a CUDA error
-ends its process's context), on one or more source trees: does the fwd+bwd call crash, give non-finite or
-wrong gradients (against the float32 reference on the first batch row)? Finds a launch configuration that
-fails with one GPU / Triton version, and whether a code change brought it.
+"""Each launch configuration of a flash-kernel table (``--table BWD``: backward, ``FWD``: forward) pinned in
+turn, in one process each (a CUDA error ends its process's context), on one or more source trees: does the
+fwd+bwd call crash, give non-finite or wrong outputs or gradients (against the float32 reference on the first
+batch row)? Finds a launch configuration that fails with one GPU / Triton version, and whether a code change
+brought it. The autotuner may pick any entry; the fuzz runs the first only.
 
-    python scripts/bwd_config_check.py --trees after=/tmp/after,before=/tmp/before --out-dir OUT \
-        [--head-dims 64,128] [--alibi] [--seq-len 4096 --batch 8 --heads 16]
+    python scripts/launch_config_check.py --trees after=/tmp/after,before=/tmp/before --out-dir OUT \
+        [--table BWD] [--head-dims 64,128,256] [--alibi] [--seq-len 4096 --batch 8 --heads 16]
 
 Each tree is a folder to put on PYTHONPATH (the package laid out as installed).
 """
@@ -20,8 +21,9 @@ from pathlib import Path
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--trees", help="name=path,... (the parent run)")
 parser.add_argument("--out-dir")
-parser.add_argument("--name", default="bwd-config-check")
-parser.add_argument("--head-dims", default="64,128")
+parser.add_argument("--name", default="launch-config-check")
+parser.add_argument("--table", default="BWD", choices=["BWD", "FWD"])
+parser.add_argument("--head-dims", default="64,128,256")
 parser.add_argument("--alibi", action="store_true", help="with ALiBi slopes (Bloom's)")
 parser.add_argument("--seq-len", type=int, default=4096)
 parser.add_argument("--batch", type=int, default=8)
@@ -29,6 +31,7 @@ parser.add_argument("--heads", type=int, default=16)
 parser.add_argument("--parallel", type=int, default=8)
 parser.add_argument("--one", help="(child) BLOCK_M,BLOCK_N,warps,stages:head_dim:causal")
 args = parser.parse_args()
+NAMES = ("out", "dq", "dk", "dv")
 
 
 def child() -> None:
@@ -40,7 +43,7 @@ def child() -> None:
 
     cfg_text, D, causal = args.one.split(":")
     D, causal = int(D), causal == "1"
-    configs.BWD["sm90"][configs.bucket(D)][:] = [tuple(int(x) for x in cfg_text.split(","))]
+    getattr(configs, args.table)["sm90"][configs.bucket(D)][:] = [tuple(int(x) for x in cfg_text.split(","))]
     torch.manual_seed(0)
     B, T, H = args.batch, args.seq_len, args.heads
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
@@ -52,18 +55,19 @@ def child() -> None:
     leaves = [t[:1].detach().float().requires_grad_() for t in (q, k, v)]
     ref = hf_ahfa.attention(*leaves, causal=causal, backend="reference", alibi_slopes=slopes)
     want = torch.autograd.grad(ref, leaves, g[:1].float())
-    errs = {f"d{n}": ((a[:1].float() - b).abs().max() / b.abs().max()).item() for n, a, b in zip("qkv", grads, want)}
-    finite = all(bool(a.isfinite().all()) for a in grads)
+    got, want = (out, *grads), (ref, *want)
+    errs = {n: ((a[:1].float() - b).abs().max() / b.abs().max()).item() for n, a, b in zip(NAMES, got, want)}
+    finite = all(bool(a.isfinite().all()) for a in got)
     status = "ok" if finite and max(errs.values()) < 0.05 else ("non-finite" if not finite else "wrong")
     print(json.dumps(dict(status=status, errors=errs)))
 
 
 def run_one(tree: str, path: str, cfg, D: int, causal: bool) -> dict:
     spec = f"{','.join(map(str, cfg))}:{D}:{int(causal)}"
-    cmd = [sys.executable, __file__, "--one", spec, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-           "--heads", str(args.heads)] + (["--alibi"] if args.alibi else [])
+    cmd = [sys.executable, __file__, "--one", spec, "--table", args.table, "--seq-len", str(args.seq_len),
+           "--batch", str(args.batch), "--heads", str(args.heads)] + (["--alibi"] if args.alibi else [])
     env = dict(os.environ, PYTHONPATH=path, PYTHONSAFEPATH="1")
-    row = dict(tree=tree, config=list(cfg), head_dim=D, causal=causal, alibi=args.alibi)
+    row = dict(tree=tree, table=args.table, config=list(cfg), head_dim=D, causal=causal, alibi=args.alibi)
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -83,7 +87,7 @@ def parent() -> None:
     configs = module_from_spec(spec)
     spec.loader.exec_module(configs)
     jobs = [(name, path, cfg, D, causal) for name, path in trees.items() for D in map(int, args.head_dims.split(","))
-            for cfg in configs.BWD["sm90"][configs.bucket(D)] for causal in (True, False)]
+            for cfg in getattr(configs, args.table)["sm90"][configs.bucket(D)] for causal in (True, False)]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda job: run_one(*job), jobs))
     for r in rows:
@@ -91,7 +95,7 @@ def parent() -> None:
     if args.out_dir:
         out = Path(args.out_dir)
         (out / f"{args.name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
-        lines = [f"# Backward launch configurations pinned one at a time ({'ALiBi, ' if args.alibi else ''}bf16, "
+        lines = [f"# {'Backward' if args.table == 'BWD' else 'Forward'} launch configurations pinned one at a time ({'ALiBi, ' if args.alibi else ''}bf16, "
                  f"B={args.batch}, T={args.seq_len}, H={args.heads})", "",
                  "| tree | head dim | causal | config (BLOCK_M, BLOCK_N, warps, stages) | status | max rel. error |",
                  "|---|---|---|---|---|---|"]
