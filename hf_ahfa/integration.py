@@ -79,6 +79,12 @@ def _padding_vector(args, kwargs) -> torch.Tensor | None:
     return prepare_padding_mask(padding, kv_len, offset)[:, offset:offset + kv_len].bool()[:, None, None, :]
 
 
+def is_padding_vector(mask: torch.Tensor | None, q_len: int, k_len: int) -> bool:
+    """Whether ``mask`` is ``ahfa_mask``'s padding vector of a prefill (a dense mask of Q > 1 queries has Q rows)."""
+    return (mask is not None and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
+            and q_len == k_len > 1)
+
+
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
@@ -133,9 +139,7 @@ def ahfa_attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     Q, K = query.shape[-2], key.shape[-2]
-    # ahfa_mask's padding vector of a prefill (a dense mask of Q > 1 queries has Q rows)
-    padded = (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
-              and attention_mask.shape[1] == attention_mask.shape[2] == 1 and Q == K > 1)
+    padded = is_padding_vector(attention_mask, Q, K)
     if (attention_mask is None or padded) and sliding_window is None:  # (set by ahfa_mask's callers or the module)
         sliding_window = getattr(module, "sliding_window", None)
     want_weights = _weights_requested(output_attentions)

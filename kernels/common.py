@@ -87,7 +87,7 @@ def visible_span(key_padding_mask: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(K, dtype=torch.int32, device=key_padding_mask.device)
     lo = torch.where(key_padding_mask, idx, K).amin(1)
     hi = torch.where(key_padding_mask, idx + 1, 0).amax(1)
-    return torch.stack((lo, hi), 1).to(torch.int32)
+    return torch.stack((lo, hi), 1)
 
 
 def flags(args: dict) -> Flags:

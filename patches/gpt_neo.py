@@ -36,14 +36,13 @@ def _attention_class():
 
         def _attn(self, query, key, value, attention_mask=None):
             """``(B, H, T, D)`` tensors -> ``(out (B, H, Q, D), None)``."""
-            from hf_ahfa.integration import _bool_mask, ahfa_attention_forward
+            from hf_ahfa.integration import _bool_mask, ahfa_attention_forward, is_padding_vector
 
             window = self.config.window_size if self.attention_type == "local" else None
             Q, K = query.shape[-2], key.shape[-2]
             # ahfa_mask's padding vector of a padded prefill (one row for Q == K > 1 queries) leaves the window
             # and causality to the attention; a dense mask holds causality and padding
-            vector = attention_mask is not None and attention_mask.shape[-2] == 1 and Q == K > 1
-            dense = attention_mask is not None and not vector
+            dense = attention_mask is not None and not is_padding_vector(attention_mask, Q, K)
             if dense and window is not None:
                 # Transformers' mask holds causality and padding; the window is this layer's own rule
                 pos = torch.arange(Q, device=query.device)[:, None] + (K - Q)
