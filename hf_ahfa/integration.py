@@ -6,7 +6,7 @@ mask function registered under the same name: Transformers' own ``sdpa_mask`` (a
 mask, True = visible, that encodes causality, windows, padding, packed sequences and static-cache slots
 in true cache positions, or ``None`` when the call is plainly causal/bidirectional), except that a
 sliding-window layer of a plain call also gets ``None``, and a padded prefill on a GPU the padding vector alone
-(see ``ahfa_mask``).
+(see ``ahfa_mask``). A decode step's one-row mask is read as key padding.
 """
 
 from __future__ import annotations
@@ -160,6 +160,10 @@ def ahfa_attention_forward(
     if attention_mask is not None and not padded:
         # The mask is the truth about positions (static caches, left padding, windows): apply it alone.
         causal, window, mask = False, None, _bool_mask(attention_mask)
+        if Q == 1 and mask.shape[:2] == (q.shape[0], 1):
+            # one query row: its mask is the keys' visibility, a key-padding mask, whose span the decode kernel
+            # reads alone (a static cache's empty tail and left padding are not read at all)
+            padding, mask = mask[:, 0, 0], None
     else:
         # A skipped mask means (as in Transformers' sdpa path): a single query sees every key; otherwise
         # causal is aligned top-left, which matters only for a static cache whose tail is still empty.

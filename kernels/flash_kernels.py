@@ -492,6 +492,9 @@ def flash_decode_kernel(
     if F.window:
         band_lo = key_span(T_K - T_Q, T_K, cx, F)[0]
         lo = tl.maximum(lo, (band_lo // BLOCK_N) * BLOCK_N)
+    if F.kpm:  # only the batch row's visible span (a static cache's empty tail, left padding) is read
+        lo = tl.maximum(lo, (cx.kpm_lo // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, cx.kpm_hi)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_view, offs_n, offs_d, hi, F.d)

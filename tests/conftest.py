@@ -147,14 +147,14 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture
 def padding_vectors(monkeypatch):
     """ahfa_mask's padding vectors for padded prefills on this CPU too (by default on GPUs only); records, per
-    attention call, whether it got a key-padding mask and whether a dense mask."""
+    attention call, whether it got a key-padding mask, whether a dense mask, and whether it had one query row."""
     from hf_ahfa import integration
 
     monkeypatch.setattr(integration, "COMPACT_MASK_DEVICES", frozenset({"cuda", "cpu"}))
     seen, make_call = [], integration.make_call
 
     def recording(*args, **kwargs):
-        seen.append((kwargs["key_padding_mask"] is not None, kwargs["attn_mask"] is not None))
+        seen.append((kwargs["key_padding_mask"] is not None, kwargs["attn_mask"] is not None, args[0].shape[1] == 1))
         return make_call(*args, **kwargs)
 
     monkeypatch.setattr(integration, "make_call", recording)

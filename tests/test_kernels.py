@@ -226,6 +226,8 @@ def test_opcheck():
     (3, 700, 4, 4, dict(causal=True, window=50)),
     (2, 530, 4, 1, dict(softcap=2.0, sinks="sinks")),
     (1, 520, 2, 1, dict(causal=True, key_padding_mask="all padded in batch 1")),
+    (1, 600, 4, 2, dict(key_padding_mask="spans")),
+    (2, 530, 2, 1, dict(causal=True, key_padding_mask="spans")),
     (2, 540, 4, 2, dict(causal=True, attn_mask="per head and query")),
 ])
 def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
@@ -235,7 +237,14 @@ def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
         kw["attn_mask"] = torch.rand(2, Hq, Q, K, generator=torch.Generator().manual_seed(4)).to(DEVICE) > 0.3
     if "sinks" in kw:
         kw["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    if "key_padding_mask" in kw:
+    if kw.get("key_padding_mask") == "spans":
+        # the kernel reads only each row's visible span: a gap inside it, left padding, and a static cache's
+        # filled head (most splits then see nothing and must drop out of the merge)
+        kpm = torch.zeros(2, K, dtype=torch.bool, device=DEVICE)
+        kpm[0, 130:250] = kpm[0, 300:420] = True
+        kpm[1, :37] = True
+        kw["key_padding_mask"] = kpm
+    elif "key_padding_mask" in kw:
         kpm = torch.ones(2, K, dtype=torch.bool, device=DEVICE)
         kpm[0, :200] = False
         kpm[1] = False

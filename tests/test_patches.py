@@ -81,7 +81,7 @@ def test_padding_vector_logits_equal_eager(family, backend, side, padding_vector
         got = ahfa(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], eager(ids, attention_mask=mask).logits[real], atol=1e-5, rtol=1e-5)
-    assert padding_vectors == [(True, False)] * 2, padding_vectors
+    assert padding_vectors == [(True, False, False)] * 2, padding_vectors
 
 
 def test_the_patched_semantics_matter(monkeypatch):

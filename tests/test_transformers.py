@@ -416,13 +416,14 @@ def test_padding_vector_prefill_matches(family, padding, backend, padding_vector
     # instead of the dense mask: the same logits at every real position
     monkeypatch.setenv("AHFA_BACKEND", backend)
     _decoder_logits_match(family, "eager", padding, ahfa_calls)
-    assert padding_vectors and all(kpm and not dense for kpm, dense in padding_vectors), padding_vectors
+    assert padding_vectors and all(kpm and not dense for kpm, dense, _ in padding_vectors), padding_vectors
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
 def test_padding_vector_generate_and_grads_match(family, padding_vectors, ahfa_calls):
     _greedy_generate_matches(family, None, "left", ahfa_calls)
-    assert (True, False) in padding_vectors  # the prefill; decode steps keep their one-row mask
+    assert (True, False, False) in padding_vectors  # the prefill
+    assert (True, False, True) in padding_vectors  # a decode step's one-row mask read as key padding
     models = make_models(family, ["ahfa", "eager"])
     loss_a, grads_a = grads_of(models["ahfa"], train_batch(family))
     loss_e, grads_e = grads_of(models["eager"], train_batch(family))
@@ -431,9 +432,13 @@ def test_padding_vector_generate_and_grads_match(family, padding_vectors, ahfa_c
 
 
 def test_padding_vector_only_where_it_is_exact(padding_vectors, ahfa_calls):
-    # a static cache's prefill (more key slots than queries) and decode steps keep the dense mask
+    # a static cache's prefill (more key slots than queries) keeps the dense mask; its decode steps' one-row masks
+    # are key padding (the cache's empty tail then outside the span the decode kernel reads)
     _greedy_generate_matches("llama", "static", "left", ahfa_calls)
-    assert padding_vectors and not any(kpm for kpm, _ in padding_vectors)
+    prefill = [(kpm, dense) for kpm, dense, one_row in padding_vectors if not one_row]
+    decode = [(kpm, dense) for kpm, dense, one_row in padding_vectors if one_row]
+    assert prefill and all(dense and not kpm for kpm, dense in prefill), prefill
+    assert decode and all(kpm and not dense for kpm, dense in decode), decode
 
 
 # ----------------------------------------------------------------------------------------------------------
