@@ -13,7 +13,7 @@ import torch
 from hf_ahfa import graphs, telemetry
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.block_sparse import sparse_kernels, sparse_reference
-from hf_ahfa.estimate import estimate_block_mass
+from hf_ahfa.estimate import estimate_row_mass
 from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.select import select_layout
 from hf_ahfa.router import choose_backend, requested_backend
@@ -55,7 +55,7 @@ _LISTS = ("kv_count", "kv_index", "full_count", "full_index")  # an inference la
 def _select(q, k, call: AttnCall, policy: AdaptivePolicy, *, backward: bool, kernels: bool = True):
     """``select_layout`` of the estimated mass: the kernel-ready layout, the fallen-back heads, the visible
     blocks."""
-    mass = estimate_block_mass(q, k, call, policy, kernels=kernels)
+    mass = estimate_row_mass(q, k, call, policy, kernels=kernels)
     return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
                          element_masks=call.element_masks, backward=backward)
 
@@ -95,6 +95,6 @@ def estimate_layout(q, k, policy: AdaptivePolicy, *, causal: bool = False, windo
     call = make_call(q, k, k, causal=causal, window=window, softcap=softcap, scale=scale,
                      key_padding_mask=key_padding_mask)
     kernels = choose_backend(q, requested_backend(backend)) == "triton"
-    mass = estimate_block_mass(q, k, call, policy, kernels=kernels)
+    mass = estimate_row_mass(q, k, call, policy, kernels=kernels)
     return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
                          element_masks=call.element_masks, backward=False)[0]

@@ -1,9 +1,9 @@
 """The adaptive mode's estimator: where each head's attention mass lies, per (query block, key block).
 
-``estimate_block_mass`` samples every ``stride``-th query row (``sample_queries``), computes each sampled
+``estimate_row_mass`` samples every ``stride``-th query row (``sample_queries``) and computes each sampled
 row's exact softmax over its keys summed per key block (the Triton op ``hf_ahfa::estimate_mass``, or
-``estimate_mass_reference`` beside it), and averages the sampled rows of each query block
-(``block_mass``): the estimated share of that block's attention mass in each key block.
+``estimate_mass_reference`` beside it). ``hf_ahfa.select`` keeps, per query block, the blocks its sampled rows
+need.
 """
 
 from __future__ import annotations
@@ -40,28 +40,17 @@ def estimate_mass_reference(qs, k, key_padding_mask, q_len, stride, block_k, cau
     return p.view(B, H, NR, nk, block_k).sum(-1)
 
 
-def block_mass(est: torch.Tensor, q_len: int, stride: int, block_q: int) -> torch.Tensor:
-    """Per sampled row ``(B, H, NR, NK)`` -> per query block ``(B, H, NQ, NK)``: the mean of its rows."""
-    B, H, NR, NK = est.shape
-    per = block_q // stride
-    nq = -(-q_len // block_q)
-    sums = torch.nn.functional.pad(est, (0, 0, 0, nq * per - NR)).view(B, H, nq, per, NK).sum(3)
-    counts = torch.clamp(NR - torch.arange(nq, device=est.device) * per, max=per)
-    return sums / counts[None, None, :, None]
-
-
-def estimate_block_mass(q, k, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool) -> torch.Tensor:
-    """Estimated mass per (query block, key block) ``(B, H, NQ, NK)`` of an unpacked call; ``kernels``
-    runs the Triton estimator, else the reference."""
+def estimate_row_mass(q, k, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool) -> torch.Tensor:
+    """Mass per (sampled query row, key block) ``(B, H, ceil(Q / stride), NK)`` of an unpacked call (query
+    block ``i``'s sampled rows from ``i * block_size / stride`` on); ``kernels`` runs the Triton estimator,
+    else the reference."""
     Q, bs = q.shape[1], policy.block_size
     qs = sample_queries(q, policy.stride)
     if kernels:
         from hf_ahfa.kernels.estimate import estimate_mass
 
         a = call.kernel_args()
-        est = estimate_mass(qs, k, call.key_padding_mask, Q, policy.stride, bs, a["causal"], a["win_left"],
-                            a["win_right"], a["softcap"], a["scale"])
-    else:
-        est = estimate_mass_reference(qs, k, call.key_padding_mask, Q, policy.stride, bs, call.causal, call.window,
-                                      call.softcap, call.scale)
-    return block_mass(est, Q, policy.stride, bs)
+        return estimate_mass(qs, k, call.key_padding_mask, Q, policy.stride, bs, a["causal"], a["win_left"],
+                             a["win_right"], a["softcap"], a["scale"])
+    return estimate_mass_reference(qs, k, call.key_padding_mask, Q, policy.stride, bs, call.causal, call.window,
+                                   call.softcap, call.scale)

@@ -14,7 +14,9 @@ blocks the estimator alone cost a dense model 14% at 32K on an H200,
 target that kept perplexity within 0.5% of exact at every length measured there (0.98 lost up to 1.1% on
 Gemma-3 at 32K); ``auto`` starts at 16K tokens, where block-sparse attention at that tau became faster
 than exact on SmolLM2 (1.30x at 16K, 0.66x at 8K); on Gemma-3's head-dim-256 global layers it stayed
-slower (0.76-0.95x) up to 32K.
+slower (0.76-0.95x) up to 32K. Those runs selected blocks by the mean of each query block's sampled rows; the
+selection now keeps every sampled row's blocks (``hf_ahfa.select``), more blocks at the same ``tau``
+(SmolLM2 at 4K, tau 0.99: 0.77 of the blocks instead of 0.65, ``eval/results/estimator-study-v2-*.md``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class AdaptivePolicy:
             visible blocks (the fastest exact kernel's time over our dense kernel's, timed once per shape;
             one wait for the GPU per call to read the share), exact otherwise. Decode steps (few
             queries) always run exact. ``"pattern"``: the fixed sparse ``pattern`` below, for every call.
-        tau: per query block and head, keep the fewest key blocks whose estimated attention mass
-            reaches ``tau`` (``1.0`` keeps every visible block: exact results through the sparse kernel).
+        tau: per head, each sampled query row's fewest key blocks that hold ``tau`` of its attention mass
+            are kept for the row's query block (``1.0`` keeps every visible block: exact results through the
+            sparse kernel).
         block_size: query and key block edge in tokens (a multiple of the kernels' tiles: 128 on GPUs).
         stride: the estimator computes the exact attention of every ``stride``-th query row (divides
             ``block_size``); its cost is ``2 / stride`` of the ``Q K^T`` product.

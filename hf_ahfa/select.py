@@ -1,8 +1,9 @@
 """The adaptive mode's selection: which key blocks each query block keeps, as a ``BlockLayout``.
 
-Per (batch, head, query block) the fewest key blocks whose estimated mass reaches ``tau``, plus the
-anchors (sink and local blocks); a head whose selection is denser than ``density_limit`` keeps all its
-visible blocks (per-head fallback). Block geometry per call shape is cached, built without host syncs.
+Per (batch, head, query block) the union over its sampled query rows of each row's fewest key blocks whose
+estimated mass reaches ``tau``, plus the anchors (sink and local blocks); a head whose selection is denser
+than ``density_limit`` keeps all its visible blocks (per-head fallback). Block geometry per call shape is
+cached, built without host syncs.
 """
 
 from __future__ import annotations
@@ -30,23 +31,28 @@ def anchor_blocks(q_len: int, k_len: int, policy: AdaptivePolicy, causal: bool, 
 
 
 def select_blocks(mass: torch.Tensor, touched: torch.Tensor, anchors: torch.Tensor, tau: float,
-                  density_limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  density_limit: float, rows_per_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept blocks ``(B, H, NQ, NK)`` bool and the heads that fell back to all blocks ``(B, H)``.
 
-    ``mass (B, H, NQ, NK)``: estimated mass per block; ``touched``: the blocks any query can see;
-    ``anchors``: blocks always kept. Per query block, blocks are taken by descending mass until the
-    mass already taken reaches ``tau`` (of the mass on visible blocks).
+    ``mass (B, H, NR, NK)``: estimated mass per key block of each sampled query row, ``rows_per_block``
+    consecutive rows per query block (the last block may have fewer; ``1``: one estimate per query block);
+    ``touched (1, 1, NQ, NK)``: the blocks any query can see; ``anchors``: blocks always kept. Each row takes
+    its blocks by descending mass until the mass already taken reaches ``tau`` (of its mass on visible
+    blocks); a query block keeps the union of its rows' blocks, so that every sampled row keeps ``tau`` of its
+    mass (a mean over the rows lets the rows that differ from it lose more: ``scripts/estimator_study.py``).
     """
-    touched = touched.expand_as(mass)
-    m = mass.masked_fill(~touched, 0.0)
-    m = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    B, H, NR, NK = mass.shape
+    NQ = touched.shape[-2]
+    touched = touched.expand(B, H, NQ, NK)
     if tau >= 1.0:
         keep = touched.clone()
     else:
+        m = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         vals, order = m.sort(-1, descending=True)
         taken_before = vals.cumsum(-1) - vals
-        keep = torch.zeros_like(touched).scatter(-1, order, taken_before < tau)
-        keep = (keep | anchors) & touched
+        rows = torch.zeros_like(m, dtype=torch.bool).scatter(-1, order, (taken_before < tau) & (vals > 0))
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, NQ * rows_per_block - NR))
+        keep = (rows.view(B, H, NQ, rows_per_block, NK).any(3) | anchors) & touched
     visible = touched.sum((2, 3)).clamp_min(1)
     dense = keep.sum((2, 3)) > density_limit * visible
     keep = torch.where(dense[..., None, None], touched, keep)
@@ -55,12 +61,12 @@ def select_blocks(mass: torch.Tensor, touched: torch.Tensor, anchors: torch.Tens
 
 def select_layout(mass: torch.Tensor, q_len: int, k_len: int, policy: AdaptivePolicy, *, causal: bool,
                   window, element_masks: bool, backward: bool) -> tuple[BlockLayout, torch.Tensor, torch.Tensor]:
-    """The kernel-ready layout of the kept blocks, the fallen-back heads ``(B, H)`` and the visible blocks
-    ``(1, 1, NQ, NK)`` (for telemetry)."""
+    """The kernel-ready layout of the kept blocks of ``mass`` (``hf_ahfa.estimate.estimate_row_mass``), the
+    fallen-back heads ``(B, H)`` and the visible blocks ``(1, 1, NQ, NK)`` (for telemetry)."""
     bs = policy.block_size
     band = band_of_shape(q_len, k_len, bs, bs, causal, window, mass.device)
     keep, dense = select_blocks(mass, band[0], anchor_blocks_of_shape(q_len, k_len, policy, causal, mass.device),
-                                policy.tau, policy.density_limit)
+                                policy.tau, policy.density_limit, bs // policy.stride)
     layout = fit_to_band(keep, None, band, bs, bs, q_len, k_len, element_masks=element_masks, backward=backward)
     return layout, dense, band[0]
 

@@ -2,8 +2,8 @@
 
 The estimator takes every ``STRIDE``-th query row (the last of each group of ``STRIDE``) and computes its
 exact softmax over every key it sees, summed per key block: the mass that row puts on each block.
-Averaged over a block's sampled rows (``hf_ahfa.adaptive.block_mass``) this tracks the true block mass
-closely, unlike pooled (averaged) queries or keys, which blur the rows' different peaks. Cost: one pass
+The selection (``hf_ahfa.select``) keeps, per query block, the blocks its sampled rows need: exact rows keep
+the rows' different peaks apart, which pooled (averaged) queries or keys would blur. Cost: one pass
 of ``Q / STRIDE`` rows over the keys, ``1 / STRIDE`` of the ``Q K^T`` FLOPs: every program takes one
 (row tile, key block) pair and writes that tile's row max and sum of exponentials; the launcher turns
 them into each row's softmax mass per block.

@@ -4,7 +4,9 @@ on q/k recorded from a real model reading real text (causal prefill, every layer
 Estimators, each giving a mass per (query block, key block) that the library's own top-p selection
 (``hf_ahfa.select.select_blocks``, no dense fallback) turns into kept blocks at each tau:
 
-* ``rows``: ahfa's current estimator (``hf_ahfa.estimate.estimate_block_mass``, every ``stride``-th query row);
+* ``rows-union``: ahfa's estimator and selection (``hf_ahfa.estimate.estimate_row_mass``: every ``stride``-th
+  query row; ``hf_ahfa.select.select_blocks``: each sampled row's own top-p blocks, their union per query block);
+* ``rows``: the same sampled rows averaged per query block, one top-p per block (ahfa's selection before v2);
 * ``antidiagonal``: XAttention-style, the scores on antidiagonals ``stride`` apart inside each block
   (queries ``i = r mod S`` against keys ``j = S-1-r mod S``), softmax per sampled row, summed per block;
 * ``vertical-slash``: MInference/FlexPrefill-style, the last query block's attention split into a per-key
@@ -17,7 +19,8 @@ Layers with a sliding window are skipped (the adaptive mode leaves their band as
 covers its global layers only.
 
 Reported per method and tau: kept share of the causal blocks, captured true mass per (head, query block): mean
-and the worst 1% and 5%; and the estimator's dot products as a share of the full causal ``Q K^T``.
+and the worst 1% and 5%; per (head, query row): the worst 1% and 0.1% (what one token's output loses); and the
+estimator's dot products as a share of the full causal ``Q K^T``.
 
     python scripts/estimator_study.py --model PATH --books a.txt b.txt --tokens 4096 --out-dir eval/results \\
         --name estimator-study-smollm2 [--gguf-file NAME.gguf]
@@ -36,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_ahfa
 from hf_ahfa.eval.runs import load_causal_lm
-from hf_ahfa.estimate import estimate_block_mass
+from hf_ahfa.estimate import estimate_row_mass
 from hf_ahfa.select import anchor_blocks_of_shape, band_of_shape, select_blocks
 from hf_ahfa.spec import make_call
 
@@ -53,7 +56,9 @@ parser.add_argument("--name", default="estimator-study")
 args = parser.parse_args()
 taus = [float(t) for t in args.taus.split(",")]
 bs, S, T = args.block_size, args.stride, args.tokens
-METHODS = ("oracle", "rows", "rows-gqa", "antidiagonal", "vertical-slash")
+if T % bs:
+    raise SystemExit(f"--tokens {T} must be a multiple of --block-size {bs}")
+METHODS = ("oracle", "rows-union", "rows", "rows-gqa", "antidiagonal", "vertical-slash")
 policy = hf_ahfa.AdaptivePolicy(mode="adaptive", block_size=bs, stride=S, density_limit=1.0)
 band = band_of_shape(T, T, bs, bs, True, None, "cpu")[0]  # (1, 1, NQ, NK) blocks the causal band touches
 anchors = anchor_blocks_of_shape(T, T, policy, True, "cpu")
@@ -73,19 +78,22 @@ def normalise(m: torch.Tensor) -> torch.Tensor:
     return m / m.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def masses(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-    """``q (H, T, D)``, ``k (H, T, D)`` (GQA already expanded): the true and estimated block masses."""
+def masses(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``q (H, T, D)``, ``k (H, T, D)`` (GQA already expanded): the true and estimated block masses (the
+    ``rows-union`` entry: per sampled row ``(H, NR, NK)``), and the true mass per (head, query row, key block)."""
     pos = torch.arange(T)
     out = {}
     s = (q @ k.transpose(1, 2)) * scale
     p = torch.softmax(s.masked_fill(pos[None, :] > pos[:, None], float("-inf")), -1)
     out["oracle"] = normalise(block_sum(p, pos, pos))
+    per_row = p.view(p.shape[0], T, nb, bs).sum(-1).double()  # (H, T, NK)
     true = out["oracle"]
     del s, p
     # ahfa's estimator, through the library ((B, T, H, D) layout)
     qt, kt = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
-    out["rows"] = normalise(estimate_block_mass(qt, kt, make_call(qt, kt, kt, causal=True, scale=scale), policy,
-                                                kernels=False)[0].double())
+    est = estimate_row_mass(qt, kt, make_call(qt, kt, kt, causal=True, scale=scale), policy, kernels=False)[0]
+    out["rows-union"] = est.double()  # per sampled row (H, NR, NK)
+    out["rows"] = normalise(out["rows-union"].view(est.shape[0], nb, bs // S, -1).mean(2))
     # antidiagonals S apart: query rows r mod S against key columns S-1-r mod S
     acc = torch.zeros_like(true)
     for r in range(S):
@@ -109,19 +117,21 @@ def masses(q: torch.Tensor, k: torch.Tensor, scale: float) -> dict[str, torch.Te
         idx = torch.arange(d, nb)
         est[:, idx, idx - d] += share[:, None]
     out["vertical-slash"] = normalise(est.masked_fill(~band[0, 0], 0.0))
-    return out
+    return out, per_row
 
 
 def cost(method: str) -> float:
     """Dot products of the estimator over those of the full causal Q K^T."""
     full = T * (T + 1) / 2
-    return {"oracle": 1.0, "rows": full / S / full, "rows-gqa": full / S / full, "antidiagonal": full / S / full,
+    sampled = full / S / full
+    return {"oracle": 1.0, "rows": sampled, "rows-union": sampled, "rows-gqa": sampled, "antidiagonal": sampled,
             "vertical-slash": bs * T / full}[method]
 
 
 model, tokenizer = load_causal_lm(args.model, "sdpa", torch.float32, "cpu", args.gguf_file)
 studied = set()  # layers with global attention
 captured = {(m, t): [] for m in METHODS for t in taus}
+row_captured = {(m, t): [] for m in METHODS for t in taus}
 kept = {(m, t): [0, 0] for m in METHODS for t in taus}
 
 
@@ -131,13 +141,15 @@ def recording(module, query, key, value, attention_mask, **kw):
     studied.add(module.layer_idx)
     B, H, _, D = query.shape
     k = key.repeat_interleave(H // key.shape[1], 1)
-    m = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
+    m, per_row = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
     group = H // key.shape[1]
     m["rows-gqa"] = m["rows"].unflatten(0, (-1, group)).mean(1).repeat_interleave(group, 0)
     true = m["oracle"][None]
     for method, est in m.items():
         for tau in taus:
-            keep, _ = select_blocks(est[None].float(), band, anchors, tau, 1.0)
+            per_block = bs // S if method == "rows-union" else 1  # sampled rows per query block, or one estimate
+            keep, _ = select_blocks(est[None].float(), band, anchors, tau, 1.0, per_block)
+            row_captured[method, tau].append((per_row * keep[0].repeat_interleave(bs, 1)).sum(-1).flatten().float())
             got = (true * keep).sum(-1)[0][band[0, 0].any(-1)[None].expand(H, -1)]  # per (head, query block)
             captured[method, tau].append(got.float())
             kept[method, tau][0] += int(keep.sum())
@@ -162,16 +174,22 @@ for method in METHODS:
         rows.append(dict(method=method, tau=tau, kept_share=kept[method, tau][0] / kept[method, tau][1],
                          captured_mean=float(c.mean()), captured_worst_5pct=float(c.quantile(0.05)),
                          captured_worst_1pct=float(c.quantile(0.01)), estimator_cost=cost(method)))
+        r = torch.cat(row_captured[method, tau])
+        r = r[torch.randperm(len(r))[:4_000_000]]  # torch.quantile takes at most 2^24 values
+        rows[-1].update(row_worst_1pct=float(r.quantile(0.01)), row_worst_01pct=float(r.quantile(0.001)))
 model_name = Path(args.gguf_file or args.model).name
 lines = [f"# Estimator study: {model_name}, {len(args.books)} books x {T} tokens, blocks of {bs}, "
          f"{len(studied)} global layers of {model.config.get_text_config().num_hidden_layers}",
          "", "Captured = true attention mass of the kept blocks per (layer, head, query block); kept share of the "
-         "causal blocks; estimator cost = its dot products / those of the full causal QK^T. Selection: "
-         "hf_ahfa's top-p per query block (anchors kept, no dense fallback).", "",
-         "| method | tau | kept share | captured mean | worst 5% | worst 1% | estimator cost |",
-         "|---|---|---|---|---|---|---|"]
+         "causal blocks; row: the same per (head, query row); estimator cost = its dot products / those of the full "
+         "causal QK^T. Selection: hf_ahfa's `select_blocks` (anchors kept, no dense fallback): top-p per sampled row "
+         "and their union per query block (rows-union, ahfa's), or top-p of one estimate per query block (the "
+         "others).", "",
+         "| method | tau | kept share | captured mean | worst 5% | worst 1% | row: worst 1% | row: worst 0.1% "
+         "| estimator cost |", "|---|---|---|---|---|---|---|---|---|"]
 lines += [f"| {r['method']} | {r['tau']} | {r['kept_share']:.3f} | {r['captured_mean']:.4f} | "
-          f"{r['captured_worst_5pct']:.4f} | {r['captured_worst_1pct']:.4f} | {r['estimator_cost']:.3f} |" for r in rows]
+          f"{r['captured_worst_5pct']:.4f} | {r['captured_worst_1pct']:.4f} | {r['row_worst_1pct']:.4f} | "
+          f"{r['row_worst_01pct']:.4f} | {r['estimator_cost']:.3f} |" for r in rows]
 print("\n".join(lines))
 if args.out_dir:
     meta = dict(model=args.model, gguf_file=args.gguf_file, books=[Path(b).name for b in args.books], tokens=T,

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
-from hf_ahfa.estimate import block_mass, estimate_mass_reference, sample_queries
+from hf_ahfa.estimate import estimate_mass_reference, sample_queries
 from hf_ahfa.select import anchor_blocks, select_blocks
 from hf_ahfa.block_layout import band_blocks
 
@@ -52,7 +52,7 @@ def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, 
     if bk % stride == 0:
         touched, _ = band_blocks(*lens, bk, bk, -(-Q // bk), -(-K // bk), causal, window)
         anchors = anchor_blocks(Q, K, policy, causal, DEVICE)
-        pick = [select_blocks(block_mass(e, Q, stride, bk), touched, anchors, 0.9, 1.0)[0]
+        pick = [select_blocks(e, touched, anchors, 0.9, 1.0, bk // stride)[0]
                 for e in (got, want)]
         assert torch.equal(*pick)
 
@@ -79,6 +79,36 @@ def test_select_blocks_fewest_reaching_tau_plus_anchors():
     assert dense.all() and torch.equal(keep, touched)
     keep, _ = select_blocks(mass, touched, no_anchor, 1.0, 1.0)
     assert torch.equal(keep, touched)
+
+
+def test_select_blocks_keeps_what_every_sampled_row_needs():
+    # three rows of a query block look at key block 1, the fourth at blocks 2 and 3: the block mean
+    # (0.75, 0.15, 0.1) reaches 0.8 with blocks 1 and 2 and leaves the fourth row 0.6 of its mass
+    rows = torch.tensor([[0, 1.0, 0, 0]] * 3 + [[0, 0, 0.6, 0.4]])  # 4 sampled rows x key blocks 0..3
+    mass = rows[None, None]  # (1, 1, 4 rows, 4 key blocks), one query block
+    touched = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    no_anchor = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
+    keep, _ = select_blocks(mass, touched, no_anchor, 0.8, 1.0, rows_per_block=4)
+    assert keep[0, 0, 0].tolist() == [False, True, True, True]
+    # one estimate per block (the rows' mean) keeps the two heaviest
+    keep, _ = select_blocks(mass.mean(2, keepdim=True), touched, no_anchor, 0.8, 1.0)
+    assert keep[0, 0, 0].tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_select_blocks_every_sampled_row_reaches_tau(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, H, NQ, per, NK, tau = 2, 3, 5, 4, 7, 0.9
+    NR = NQ * per - 3  # a short last block
+    mass = torch.rand(B, H, NR, NK, generator=g) ** 4  # peaked rows
+    mass[0, 0, 2] = 0  # a row that sees nothing keeps nothing
+    touched = torch.ones(1, 1, NQ, NK, dtype=torch.bool)
+    no_anchor = torch.zeros(1, 1, NQ, NK, dtype=torch.bool)
+    keep, dense = select_blocks(mass, touched, no_anchor, tau, 1.0, rows_per_block=per)
+    assert not dense.any() and not keep.all()
+    per_row = keep.repeat_interleave(per, 2)[:, :, :NR]
+    share = (mass * per_row).sum(-1) / mass.sum(-1).clamp_min(1e-30)
+    assert (share[mass.sum(-1) > 0] >= tau - 1e-6).all()
 
 
 def test_anchor_blocks_sink_and_local():

@@ -439,18 +439,18 @@ def test_accelerate_launch_two_processes_match_one(tiny_llama, books, tmp_path):
 
 def test_adaptive_tau_sweep_long_protocol(tiny_llama, books, tmp_path, monkeypatch):
     # ahfa adaptive (Triton kernels; the interpreter on CPU) against ahfa exact in one run: tau = 1 keeps
-    # every block (same perplexity), tau = 0.3 keeps fewer (density < 1, recorded per layer)
+    # every block (same perplexity), tau = 0.1 keeps fewer (density < 1, recorded per layer)
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     _run("--model", tiny_llama, "--device", "cpu", "--protocol", "long", "--data-files", books[0],
-         "--context-lengths", "256", "--score-tokens", "16", "--mode", "adaptive", "--tau", "1,0.3",
+         "--context-lengths", "256", "--score-tokens", "16", "--mode", "adaptive", "--tau", "1,0.1",
          "--block-size", "32", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "sweep")
     data = json.loads((tmp_path / "sweep.json").read_text())
     (ctx,) = data["summary"]["by_context"]
-    assert set(ctx["ppl"]) == {"ahfa-adaptive-tau1", "ahfa-adaptive-tau0.3", "ahfa-exact"}
+    assert set(ctx["ppl"]) == {"ahfa-adaptive-tau1", "ahfa-adaptive-tau0.1", "ahfa-exact"}
     assert ctx["ppl"]["ahfa-adaptive-tau1"] == pytest.approx(ctx["ppl"]["ahfa-exact"], rel=1e-5)
-    assert ctx["density"]["ahfa-adaptive-tau1"] == 1.0 and ctx["density"]["ahfa-adaptive-tau0.3"] < 1.0
+    assert ctx["density"]["ahfa-adaptive-tau1"] == 1.0 and ctx["density"]["ahfa-adaptive-tau0.1"] < 1.0
     assert ctx["density"]["ahfa-exact"] is None
-    assert set(ctx["layer_density"]["ahfa-adaptive-tau0.3"]) == {"0", "1"}
+    assert set(ctx["layer_density"]["ahfa-adaptive-tau0.1"]) == {"0", "1"}
     assert (tmp_path / "sweep-tau.png").stat().st_size > 0 and "Kept blocks per layer" in (tmp_path / "sweep.md").read_text()
 
 
