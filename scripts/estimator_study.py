@@ -13,6 +13,9 @@ Estimators, each giving a mass per (query block, key block) that the library's o
   (vertical) and a per-offset (slash) profile, spread back over every block;
 * ``rows-gqa``: ``rows`` averaged over the query heads that share a key/value head, one selection per group
   (GQA-aware: one layout per KV head, fewer K/V loads);
+* ``rows-union-guardG``: ``rows-union`` with a fallback where it looks unsure: a query block one of whose
+  sampled rows, left out, would keep less than ``1 - G * (1 - tau)`` of its mass in the blocks the other rows
+  and the anchors chose keeps every visible block (``--guards`` lists the G; tried, not adopted);
 * ``oracle``: the true block mass itself (the fewest blocks that reach tau: the floor of the kept share).
 
 Layers with a sliding window are skipped (the adaptive mode leaves their band as it is): for Gemma-3 the study
@@ -51,6 +54,7 @@ parser.add_argument("--tokens", type=int, default=4096, help="prefill length (fr
 parser.add_argument("--block-size", type=int, default=64)
 parser.add_argument("--stride", type=int, default=16, help="rows / antidiagonal stride of the estimators")
 parser.add_argument("--taus", default="0.9,0.95,0.99")
+parser.add_argument("--guards", default="", help="comma-separated G of the rows-union-guardG methods")
 parser.add_argument("--out-dir", type=Path)
 parser.add_argument("--name", default="estimator-study")
 args = parser.parse_args()
@@ -58,7 +62,8 @@ taus = [float(t) for t in args.taus.split(",")]
 bs, S, T = args.block_size, args.stride, args.tokens
 if T % bs:
     raise SystemExit(f"--tokens {T} must be a multiple of --block-size {bs}")
-METHODS = ("oracle", "rows-union", "rows", "rows-gqa", "antidiagonal", "vertical-slash")
+GUARDS = {f"rows-union-guard{g}": float(g) for g in args.guards.split(",") if g}
+METHODS = ("oracle", "rows-union", *GUARDS, "rows", "rows-gqa", "antidiagonal", "vertical-slash")
 policy = hf_ahfa.AdaptivePolicy(mode="adaptive", block_size=bs, stride=S, density_limit=1.0)
 band = band_of_shape(T, T, bs, bs, True, None, "cpu")[0]  # (1, 1, NQ, NK) blocks the causal band touches
 anchors = anchor_blocks_of_shape(T, T, policy, True, "cpu")
@@ -120,12 +125,28 @@ def masses(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[dict[str, to
     return out, per_row
 
 
+def guarded(keep: torch.Tensor, est: torch.Tensor, tau: float, guard: float) -> torch.Tensor:
+    """``keep (1, H, NQ, NK)`` of ``rows-union`` with every visible block of the query blocks where a sampled row
+    of ``est (H, NR, NK)``, left out, keeps less than ``guard`` of its mass in the others' blocks and the anchors."""
+    H, NR, NK = est.shape
+    per = bs // S
+    rows, _ = select_blocks(est[None].float(), band.repeat_interleave(per, 2)[:, :, :NR],
+                            torch.zeros_like(anchors).repeat_interleave(per, 2)[:, :, :NR], tau, 1.0)  # each row's own
+    pad = (0, 0, 0, nb * per - NR)
+    rows = torch.nn.functional.pad(rows[0].long(), pad).view(H, nb, per, NK)
+    m = torch.nn.functional.pad(normalise(est), pad).view(H, nb, per, NK)
+    others = (rows.sum(2, keepdim=True) - rows > 0) | anchors[0, 0, :, None]
+    left_out = (m * others).sum(-1) + (m.sum(-1) == 0)  # rows without mass (padding) are sure
+    unsure = (left_out < guard).any(-1)  # (H, NQ)
+    return torch.where(unsure[None, ..., None], band, keep)
+
+
 def cost(method: str) -> float:
     """Dot products of the estimator over those of the full causal Q K^T."""
     full = T * (T + 1) / 2
     sampled = full / S / full
     return {"oracle": 1.0, "rows": sampled, "rows-union": sampled, "rows-gqa": sampled, "antidiagonal": sampled,
-            "vertical-slash": bs * T / full}[method]
+            "vertical-slash": bs * T / full, **{g: sampled for g in GUARDS}}[method]
 
 
 model, tokenizer = load_causal_lm(args.model, "sdpa", torch.float32, "cpu", args.gguf_file)
@@ -144,11 +165,15 @@ def recording(module, query, key, value, attention_mask, **kw):
     m, per_row = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
     group = H // key.shape[1]
     m["rows-gqa"] = m["rows"].unflatten(0, (-1, group)).mean(1).repeat_interleave(group, 0)
+    m.update({g: m["rows-union"] for g in GUARDS})
     true = m["oracle"][None]
     for method, est in m.items():
         for tau in taus:
-            per_block = bs // S if method == "rows-union" else 1  # sampled rows per query block, or one estimate
+            union = method == "rows-union" or method in GUARDS
+            per_block = bs // S if union else 1  # sampled rows per query block, or one estimate
             keep, _ = select_blocks(est[None].float(), band, anchors, tau, 1.0, per_block)
+            if method in GUARDS:
+                keep = guarded(keep, est, tau, 1 - GUARDS[method] * (1 - tau))
             row_captured[method, tau].append((per_row * keep[0].repeat_interleave(bs, 1)).sum(-1).flatten().float())
             got = (true * keep).sum(-1)[0][band[0, 0].any(-1)[None].expand(H, -1)]  # per (head, query block)
             captured[method, tau].append(got.float())
