@@ -94,7 +94,7 @@ def run(args) -> dict[str, Path]:
     try:
         tests, base = variants(args)
     except ValueError as err:
-        raise UsageError(f"--mode/--tau/--block-size/--min-sparse-len: {err}") from err
+        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len: {err}") from err
     if args.mode == "exact" and args.baseline == "ahfa":
         raise UsageError("--mode exact against --baseline ahfa compares ahfa exact with itself; pick --mode "
                          "adaptive/auto or another --baseline")

@@ -107,6 +107,8 @@ def add_mode_arguments(g, default: str) -> None:
     g.add_argument("--min-sparse-len", type=int, help="auto mode: inputs shorter than this run exact "
                    "(default: the policy's)")
     g.add_argument("--block-size", type=int, help="adaptive/auto: block edge in tokens (default: the policy's)")
+    g.add_argument("--sample-stride", type=int, help="adaptive/auto: the estimator takes every N-th query row "
+                   "(divides the block size; default: the policy's)")
 
 
 def _check_args(args) -> None:
@@ -121,7 +123,7 @@ def _check_args(args) -> None:
     try:
         variants(args)  # builds (and so validates) every variant's policy
     except ValueError as err:
-        raise UsageError(f"--mode/--tau/--block-size/--min-sparse-len: {err}") from err
+        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len: {err}") from err
     for option in ("max_length", "stride", "batch_size", "score_tokens", "max_docs", "max_tokens"):
         value = getattr(args, option)
         if value is not None and value < 1:

@@ -323,6 +323,8 @@ def test_resume_skips_finished_items(tiny_llama, books, tmp_path, monkeypatch):
     ("mode of sdpa", ["--data-files", "WIKI", "--mode", "adaptive", "--attn", "sdpa", "--baseline", "eager"],
      "--mode adaptive is an ahfa mode"),
     ("tau", ["--data-files", "WIKI", "--mode", "auto", "--tau", "0.9,1.5"], r"--tau must be in \(0, 1\]"),
+    ("sample stride", ["--data-files", "WIKI", "--mode", "adaptive", "--sample-stride", 48],
+     "--sample-stride.*stride must divide block_size=128, got 48"),
     ("empty", ["--data-files", "EMPTY"], "the data is empty"),
     ("no file", ["--data-files", "nothing.txt"], "--data-files: no such file"),
     ("stride", ["--data-files", "WIKI", "--text-column", "extract", "--max-length", 64, "--stride", 65],
@@ -443,8 +445,10 @@ def test_adaptive_tau_sweep_long_protocol(tiny_llama, books, tmp_path, monkeypat
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     _run("--model", tiny_llama, "--device", "cpu", "--protocol", "long", "--data-files", books[0],
          "--context-lengths", "256", "--score-tokens", "16", "--mode", "adaptive", "--tau", "1,0.1",
-         "--block-size", "32", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "sweep")
+         "--block-size", "32", "--sample-stride", "8", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "sweep")
     data = json.loads((tmp_path / "sweep.json").read_text())
+    tested = [v for v in data["config"]["attention"]["variants"] if v["mode"] == "adaptive"]
+    assert [(v["block_size"], v["stride"]) for v in tested] == [(32, 8)] * 2
     (ctx,) = data["summary"]["by_context"]
     assert set(ctx["ppl"]) == {"ahfa-adaptive-tau1", "ahfa-adaptive-tau0.1", "ahfa-exact"}
     assert ctx["ppl"]["ahfa-adaptive-tau1"] == pytest.approx(ctx["ppl"]["ahfa-exact"], rel=1e-5)
