@@ -32,13 +32,15 @@ measure)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   ev() { timeout "$1" python3 -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" 2>&1 | grep -v "Warning\|warn(" | tail -30; }
   TAUS=${TAUS:-0.9,0.95,0.98,0.99}
+  SCORE=${SCORE:-4096}  # scored tokens per context: 4096 resolve a 0.5% change (issue 12)
+  STRIDE=${SAMPLE_STRIDE:+--sample-stride $SAMPLE_STRIDE}  # the estimator's row stride (default: the policy's)
   G="--model /root/models --gguf-file gemma.gguf"
   S="--model /root/models --gguf-file smollm2.gguf"
   # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run (SKIP_PPL=1: speed only)
-  [ "${SKIP_PPL:-0}" = 1 ] || ev 150 perplexity --protocol long $G --data-files .stage-data/austen_*.txt --context-lengths 8192,16384,32768 \
-    --score-tokens 512 --window-start bos --mode adaptive --tau $TAUS --baseline ahfa --name ppl-adaptive-gemma3
-  [ "${SKIP_PPL:-0}" = 1 ] || ev 120 perplexity --protocol long $S --data-files .stage-data/austen_*.txt --context-lengths 4096,8192 \
-    --score-tokens 512 --mode adaptive --tau $TAUS --baseline ahfa --name ppl-adaptive-smollm2
+  [ "${SKIP_PPL:-0}" = 1 ] || ev 300 perplexity --protocol long $G --data-files .stage-data/austen_*.txt --context-lengths 8192,16384,32768 \
+    --score-tokens $SCORE --window-start bos --mode adaptive --tau $TAUS $STRIDE --baseline ahfa --name ppl-adaptive-gemma3
+  [ "${SKIP_PPL:-0}" = 1 ] || ev 150 perplexity --protocol long $S --data-files .stage-data/austen_*.txt --context-lengths 8192 \
+    --score-tokens $SCORE --mode adaptive --tau $TAUS $STRIDE --baseline ahfa --name ppl-adaptive-smollm2
   # attention of one prefill over Emma, replayed per provider (estimator included)
   ev 120 speed $G --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
     --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3
