@@ -76,8 +76,9 @@ def _draw(seed: int, length: int, depth: float, trial: int, n_filler: int) -> tu
 def _check(args, max_pos) -> None:
     if not args.context_lengths or min(args.context_lengths) < 64:
         raise UsageError(f"--context-lengths must be at least 64 tokens each, got {args.context_lengths}")
-    if max_pos is not None and max(args.context_lengths) > max_pos:
-        raise UsageError(f"--context-lengths {args.context_lengths}: the model takes at most {max_pos} positions")
+    if max_pos is not None and max(args.context_lengths) + args.new_tokens > max_pos:
+        raise UsageError(f"--context-lengths {args.context_lengths} with --new-tokens {args.new_tokens}: the model "
+                         f"takes at most {max_pos} positions, prompt and answer together")
     if not args.depths or not all(0 <= d <= 1 for d in args.depths):
         raise UsageError(f"--depths must be fractions in [0, 1], got {args.depths}")
     for option in ("trials", "new_tokens"):

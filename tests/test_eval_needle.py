@@ -73,6 +73,7 @@ def test_a_model_that_finds_the_key_scores_one(tiny_llama, book, tmp_path, monke
 @pytest.mark.parametrize("extra, message", [
     (["--depths", "1.5"], "--depths must be fractions"),
     (["--context-lengths", "100000"], "the model takes at most 256 positions"),
+    (["--context-lengths", "256"], "--new-tokens 8: the model takes at most 256 positions, prompt and answer"),
     (["--trials", "0"], "--trials must be at least 1"),
     (["--mode", "exact"], "compares ahfa exact with itself"),
 ])
