@@ -1,6 +1,7 @@
 """ahfa-eval needle: passkey retrieval from long contexts, ahfa (e.g. adaptive) against a baseline, in one run.
 
-For each context length C of --context-lengths, depth p of --depths and trial t, the prompt is C tokens:
+For each context length C of --context-lengths, depth p of --depths and trial t, the prompt is C - --new-tokens
+tokens (prompt and answer together fill C positions):
 text of the --data-files books (taken in order, from a different point per trial) with one sentence
 "The pass key is N. Remember it. N is the pass key." inserted at the token closest to p * (filler length),
 and the question "What is the pass key? The pass key is" at the end. N is a random 5-digit number (seeded by
@@ -76,11 +77,13 @@ def _draw(seed: int, length: int, depth: float, trial: int, n_filler: int) -> tu
 def _check(args, max_pos) -> None:
     if not args.context_lengths or min(args.context_lengths) < 64:
         raise UsageError(f"--context-lengths must be at least 64 tokens each, got {args.context_lengths}")
-    if max_pos is not None and max(args.context_lengths) + args.new_tokens > max_pos:
-        raise UsageError(f"--context-lengths {args.context_lengths} with --new-tokens {args.new_tokens}: the model "
-                         f"takes at most {max_pos} positions, prompt and answer together")
+    if max_pos is not None and max(args.context_lengths) > max_pos:
+        raise UsageError(f"--context-lengths {args.context_lengths}: the model takes at most {max_pos} positions")
     if not args.depths or not all(0 <= d <= 1 for d in args.depths):
         raise UsageError(f"--depths must be fractions in [0, 1], got {args.depths}")
+    if args.new_tokens >= min(args.context_lengths):
+        raise UsageError(f"--new-tokens {args.new_tokens} leaves no room for a prompt in --context-lengths "
+                         f"{args.context_lengths}")
     for option in ("trials", "new_tokens"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
@@ -121,7 +124,7 @@ def run(args) -> dict[str, Path]:
             key_number, offset = _draw(args.seed, c, d, t, len(filler_all))
             needle = tokenizer(f" The pass key is {key_number}. Remember it. {key_number} is the pass key. ",
                                add_special_tokens=False).input_ids
-            ids, at = build_prompt(filler_all[offset:], needle, question, start, c, d)
+            ids, at = build_prompt(filler_all[offset:], needle, question, start, c - args.new_tokens, d)
             for v in (*tests, base):
                 k = f"{v.label}/ctx{c}/depth{d:g}/trial{t}"
                 if k in store:

@@ -62,10 +62,13 @@ def test_needle_end_to_end(tiny_llama, book, tmp_path, capsys):
 def test_a_model_that_finds_the_key_scores_one(tiny_llama, book, tmp_path, monkeypatch):
     # the tiny tokenizer has no digits: a stand-in model that answers the one pass key every item hides
     monkeypatch.setattr(needle, "_draw", lambda seed, c, d, t, n: (31337, 0))
-    monkeypatch.setattr(needle, "_answer", lambda *args: " 3 1 3 3 7.")  # digits apart, as some tokenizers decode
+    prompts = []
+    # digits apart, as some tokenizers decode
+    monkeypatch.setattr(needle, "_answer", lambda *args: prompts.append(len(args[3])) or " 3 1 3 3 7.")
     _run("--model", tiny_llama, "--data-files", book, "--context-lengths", "128", "--depths", "0.5",
          "--trials", 3, "--mode", "adaptive", "--baseline", "sdpa", "--device", "cpu", "--out-dir", tmp_path,
-         "--name", "p")
+         "--name", "p", "--new-tokens", 5)
+    assert prompts == [128 - 5] * 6  # prompt and answer fill the context length
     summary = json.loads((tmp_path / "p.json").read_text())["summary"]["by_context"]
     assert [x["accuracy"] for x in summary] == [1.0, 1.0] and all(x["n"] == 3 for x in summary)
 
@@ -73,7 +76,7 @@ def test_a_model_that_finds_the_key_scores_one(tiny_llama, book, tmp_path, monke
 @pytest.mark.parametrize("extra, message", [
     (["--depths", "1.5"], "--depths must be fractions"),
     (["--context-lengths", "100000"], "the model takes at most 256 positions"),
-    (["--context-lengths", "256"], "--new-tokens 8: the model takes at most 256 positions, prompt and answer"),
+    (["--new-tokens", "128"], "--new-tokens 128 leaves no room for a prompt"),
     (["--trials", "0"], "--trials must be at least 1"),
     (["--mode", "exact"], "compares ahfa exact with itself"),
 ])
