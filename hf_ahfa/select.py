@@ -38,8 +38,9 @@ def select_blocks(mass: torch.Tensor, touched: torch.Tensor, anchors: torch.Tens
     consecutive rows per query block (the last block may have fewer; ``1``: one estimate per query block);
     ``touched (1, 1, NQ, NK)``: the blocks any query can see; ``anchors``: blocks always kept. Each row takes
     its blocks by descending mass until the mass already taken reaches ``tau`` (of its total mass: zero outside
-    ``touched``, as the estimator gives it); a query block keeps the union of its rows' blocks, so that every sampled row keeps ``tau`` of its
-    mass (a mean over the rows lets the rows that differ from it lose more: ``scripts/estimator_study.py``).
+    ``touched``, as the estimator gives it); a query block keeps the union of its rows' blocks, so that every
+    sampled row keeps ``tau`` of its mass (a mean over the rows lets the rows that differ from it lose more:
+    ``scripts/estimator_study.py``).
     """
     B, H, NR, NK = mass.shape
     NQ = touched.shape[-2]
