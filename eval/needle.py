@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 import hf_ahfa
-from hf_ahfa.eval.perplexity import add_mode_arguments, add_model_arguments, load_compared_model
-from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention, variants
+from hf_ahfa.eval.perplexity import add_mode_arguments, add_model_arguments, checked_variants, load_compared_model
+from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import ResultStore, process_device, resolve_dtype
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command, float_list, int_list
@@ -95,10 +95,7 @@ def _check(args, max_pos) -> None:
 def run(args) -> dict[str, Path]:
     """Ask every (length, depth, trial) of every variant; write ``<name>.jsonl/.json/.md/.png``."""
     args.device = process_device(args.device)
-    try:
-        tests, base = variants(args)
-    except ValueError as err:
-        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len: {err}") from err
+    tests, base = checked_variants(args)
     if args.mode == "exact" and args.baseline == "ahfa":
         raise UsageError("--mode exact against --baseline ahfa compares ahfa exact with itself; pick --mode "
                          "adaptive/auto or another --baseline")

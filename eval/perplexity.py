@@ -111,6 +111,14 @@ def add_mode_arguments(g, default: str) -> None:
                    "(divides the block size; default: the policy's)")
 
 
+def checked_variants(args):
+    """``perplexity_protocols.variants(args)``, an invalid policy value reported as the options that set it."""
+    try:
+        return variants(args)
+    except ValueError as err:
+        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len: {err}") from err
+
+
 def _check_args(args) -> None:
     if args.mode != "exact" and args.attn != "ahfa":
         raise UsageError(f"--mode {args.mode} is an ahfa mode; --attn is {args.attn!r}")
@@ -120,10 +128,7 @@ def _check_args(args) -> None:
     for tau in args.tau or []:
         if not 0 < tau <= 1:
             raise UsageError(f"--tau must be in (0, 1], got {tau}")
-    try:
-        variants(args)  # builds (and so validates) every variant's policy
-    except ValueError as err:
-        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len: {err}") from err
+    checked_variants(args)  # builds (and so validates) every variant's policy
     for option in ("max_length", "stride", "batch_size", "score_tokens", "max_docs", "max_tokens"):
         value = getattr(args, option)
         if value is not None and value < 1:
