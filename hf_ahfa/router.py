@@ -8,7 +8,8 @@
              "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse (mode "auto":
                          exact, routed again, where the kept share is at or above exact_speed_ratio)
              "sdpa"      PyTorch's SDPA computes exactly this call (CPU and few-query calls: always; CUDA
-                         prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest)
+                         prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest;
+                         masks, padding and causality as one boolean mask, _sdpa_mask)
              "decode"    few queries over many keys          -> split-KV Triton kernel
              "flash"     everything else on Triton          -> dense flash kernels (fwd/bwd)
              "reference" no Triton (CPU, float64, forced)    -> tiled PyTorch reference
@@ -44,6 +45,9 @@ DECODE_MIN_K = 512
 # the timing noise of a busy host (decode calls take ~0.1-0.2 ms of host time each on the H200 machine), and
 # would make ahfa slower as often as faster.
 SDPA_MARGIN = 0.05
+# A masked causal call reaches SDPA as one dense (B, 1, Q, K) boolean mask (what Transformers' sdpa path builds
+# for padded batches); above this many elements our kernels, which read the padding vector, run it instead.
+SDPA_MASK_MAX = 1 << 28
 
 logger = logging.getLogger("hf_ahfa")
 _said: set[str] = set()
@@ -120,17 +124,12 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
         return "an empty query or key sequence"
     if call.causal and Q > 1 and Q != K:
         return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
-    masked = call.element_masks
-    if masked and call.causal:
-        return "causal together with a mask"
-    if call.key_padding_mask is not None and call.attn_mask is not None:
-        return "two masks"
-    device = q.device.type
-    # rows that see no key are zeros on the CPU (checked in tests); not established for every CUDA backend
-    if masked and device == "cuda":
-        return "a mask on CUDA"
-    if device not in ("cpu", "cuda"):
-        return f"device {device}"
+    if call.causal and Q > 1 and call.element_masks and q.shape[0] * Q * K > SDPA_MASK_MAX:
+        return f"causal with a mask: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type}"
+    # rows that see no key come out as zeros, with zero gradients, on torch >= 2.5's backends (safe softmax;
+    # tests/test_router.py on the CPU, tests/test_gpu.py on CUDA), as in ours
     return None
 
 
@@ -341,11 +340,25 @@ def _sdpa(q, k, v, call: AttnCall):
     PyTorch's own choice among its backends, exactly what ``attn_implementation="sdpa"`` gets; its global
     backend settings are left alone (``sdpa_kernel(..., set_priority=True)`` did not restore the order it
     found: plain SDPA calls after it ran FlashAttention-2 instead of cuDNN, 1.6x slower on the H200)."""
-    mask = call.attn_mask if call.key_padding_mask is None else call.key_padding_mask[:, None, None, :]
+    mask = _sdpa_mask(q, k, call)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=call.causal and q.shape[1] > 1, scale=call.scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+                                         is_causal=call.causal and q.shape[1] > 1 and mask is None,
+                                         scale=call.scale, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2), None
+
+
+def _sdpa_mask(q, k, call: AttnCall) -> torch.Tensor | None:
+    """The one boolean mask (True = visible, broadcast to ``(B, H, Q, K)``) that gives SDPA this call's
+    visibility: the dense mask and the key padding, with causality folded in where a mask is present (SDPA takes
+    ``is_causal`` only without one). ``Q == K`` when causal (``sdpa_unfit_reason``)."""
+    mask = call.attn_mask
+    if call.key_padding_mask is not None:
+        padding = call.key_padding_mask[:, None, None, :]
+        mask = padding if mask is None else mask & padding
+    Q, K = q.shape[1], k.shape[1]
+    if mask is not None and call.causal and Q > 1:
+        mask = mask & torch.ones(Q, K, dtype=torch.bool, device=q.device).tril(K - Q)
+    return mask
 
 
 def _run_layout(q, k, v, call: AttnCall, layout: BlockLayout, *, kernels: bool):

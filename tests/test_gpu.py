@@ -407,3 +407,30 @@ def test_exact_decode_goes_to_sdpa_untimed(monkeypatch):
         hf_ahfa.attention(q, k, v, causal=True)
         hf_ahfa.attention(q, k, v, causal=True, softcap=30.0)  # SDPA has no softcap: our split-KV kernel
     assert [r["route"] for r in rec] == ["sdpa", "decode"] and fastest._times == {}
+
+
+@pytest.mark.parametrize("Q,K", [(777, 777), (1, 1500)])
+def test_padded_calls_through_sdpa_match_reference(Q, K):
+    """Padded batches through SDPA on CUDA (one boolean mask, causality folded in; decode rows with a static
+    cache's mask): the reference's output and gradients, and exact zeros with zero gradients where a row sees no
+    key (left padding, a fully padded batch row), as our kernels give."""
+    g = torch.Generator(device="cuda").manual_seed(Q)
+    q = torch.randn(3, Q, 8, 64, device="cuda", generator=g).to(BF16).requires_grad_()
+    k, v = (torch.randn(3, K, 2, 64, device="cuda", generator=g).to(BF16).requires_grad_() for _ in "kv")
+    kpm = torch.ones(3, K, dtype=torch.bool, device="cuda")
+    kpm[1, :300] = False
+    kpm[2] = False
+    out = hf_ahfa.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="sdpa")
+    gout = torch.randn(out.shape, device="cuda", generator=g).to(BF16)
+    grads = torch.autograd.grad(out, (q, k, v), gout)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = hf_ahfa.attention(*leaves, causal=True, key_padding_mask=kpm, backend="reference")
+    want = (ref, *torch.autograd.grad(ref, leaves, gout.float()))
+    for name, got, w in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
+        err = ((got.float() - w).abs().max() / w.abs().max()).item()
+        assert err < 0.01, f"{name}: relative error {err:.3g}"
+    assert (out[2] == 0).all() and (grads[0][2] == 0).all() and (Q == 1 or (out[1, :300] == 0).all())
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q.detach(), k.detach(), v.detach(), causal=True, key_padding_mask=kpm)
+    assert rec[0]["route"] in (("sdpa",) if Q == 1 else ("sdpa", "flash"))  # decode: SDPA untimed
+

@@ -96,6 +96,29 @@ def test_cpu_calls_that_sdpa_computes_exactly_run_sdpa(oracle):
     assert rec[0]["route"] == "sdpa" and (out == 0).all()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU routing rule (CUDA: test_gpu.py's padded SDPA test)")
+@pytest.mark.parametrize("Q,K", [(11, 11), (1, 11)])
+def test_padded_causal_batches_run_sdpa_exactly(Q, K, oracle):
+    """Causal with a key-padding mask (Transformers' padded batches) reaches SDPA as one boolean mask: the
+    oracle's output and gradients, zeros with zero gradients where a row sees no key (left padding, a fully
+    padded batch row)."""
+    g = torch.Generator().manual_seed(Q + K)
+    q = torch.randn(3, Q, 4, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(3, K, 2, 16, generator=g, requires_grad=True) for _ in "kv")
+    kpm = torch.ones(3, K, dtype=torch.bool)
+    kpm[1, :4] = False  # left padding: the first four query rows see nothing
+    kpm[2] = False
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, key_padding_mask=kpm)
+    assert rec[0]["route"] == "sdpa"
+    want = oracle(q, k, v, causal=True, key_padding_mask=kpm)[0]
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=2e-6)
+    assert (out[2] == 0).all() and (Q == 1 or (out[1, :4] == 0).all())
+    gout = torch.randn(out.shape, generator=g)
+    for got, w in zip(torch.autograd.grad(out, (q, k, v), gout), torch.autograd.grad(want, (q, k, v), gout.double())):
+        torch.testing.assert_close(got.double(), w.double(), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("kw,why", [
     (dict(softcap=2.0), "softcap"), (dict(window=3), "sliding window"), (dict(sinks=torch.zeros(4)), "sinks"),
     (dict(dropout_p=0.5), "dropout"), (dict(causal=True, K=12), "top-left"), (dict(return_lse=True), "log-sum-exp"),
