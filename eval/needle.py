@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import hf_ahfa
 from hf_ahfa.eval.perplexity import add_mode_arguments, add_model_arguments, checked_variants, load_compared_model
+from hf_ahfa.eval.perplexity_data import document_start_token
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import ResultStore, process_device, resolve_dtype
@@ -50,6 +51,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--trials", type=int, default=2, help="pass keys (and filler start points) per length and depth")
     g.add_argument("--new-tokens", type=int, default=8, help="tokens generated for the answer")
     g.add_argument("--seed", type=int, default=0, help="seed of the pass keys and filler start points")
+    g.add_argument("--window-start", choices=["auto", "bos", "none"], default="auto",
+                   help="token each prompt begins with: auto = BOS if the tokenizer adds it, bos = always BOS "
+                        "(GGUF tokenizers that lost the setting, e.g. Gemma-3's)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="folder of the result files")
     g.add_argument("--name", default="needle", help="file stem of the results")
@@ -104,13 +108,14 @@ def run(args) -> dict[str, Path]:
     _check(args, max_positions(model))
     text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in args.data_files)
     filler_all = tokenizer(text, add_special_tokens=False).input_ids
-    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and \
-        tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id] else []
+    bos = document_start_token(tokenizer, args.window_start)
+    start = [] if bos is None else [bos]
     question = tokenizer(QUESTION, add_special_tokens=False).input_ids
     config = {"model": os.path.expanduser(args.model), "gguf_file": args.gguf_file, "device": args.device,
               "dtype": str(dtype).removeprefix("torch."), "variants": [v.label for v in (*tests, base)],
               "data": [str(p) for p in args.data_files], "context_lengths": args.context_lengths,
-              "depths": args.depths, "trials": args.trials, "new_tokens": args.new_tokens, "seed": args.seed}
+              "depths": args.depths, "trials": args.trials, "new_tokens": args.new_tokens, "seed": args.seed,
+              "prompt_start_token": bos}
     paths = {ext: Path(args.out_dir) / f"{args.name}.{ext}" for ext in ("jsonl", "json", "md", "png")}
     store = ResultStore(paths["jsonl"], config)
     items = [(c, d, t) for c in args.context_lengths for d in args.depths for t in range(args.trials)]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Device calls of issue 5 (adaptive mode). The models travel as 7 parts (.stage-models.tar.part*, one per
-# call, copied to /root/stage while the machine stays warm); each call also does one piece of work:
+# Device calls of the adaptive mode (issues 5, 12). The models travel in parts (.stage-models.tar.part*: a tar of
+# gemma.gguf [and smollm2.gguf] cut by `split -b 51M`, one part per call, copied to /root/stage while the machine
+# stays warm; .stage-data holds the books and the SHA256 of the model files); each call also does one piece of work:
 #   bash scripts/gpu_adaptive.sh tests     GPU tests (-m gpu): dense and block-sparse/adaptive at real sizes
 #   bash scripts/gpu_adaptive.sh suites    the CPU suites of the sparse/adaptive paths on CUDA + kernel sweep
 #   bash scripts/gpu_adaptive.sh stage     only copy the carried part
@@ -25,30 +26,40 @@ suites)  # (with the first model part: bash scripts/gpu_adaptive.sh suites)
   [ "${SWEEP:-1}" = 1 ] && timeout 200 python3 -m hf_ahfa.eval.cli speed --out-dir "$OUT" --name speed-sparse-h100 --seq-lens 8192,32768 \
     --head-dims 64,128 --masks causal --decode-lens "" \
     --providers ahfa ahfa-sparse-0.5 ahfa-sparse-0.25 ahfa-sparse-0.1 ahfa-estimate sdpa-cudnn sdpa-flash 2>&1 | tail -16 ;;
-measure)
+measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later call on the still-warm machine
+          # can run the rest (the joined models stay in /root/models); SmolLM2 only where its part was staged
   repo=$(pwd)
   mkdir -p /root/models
-  (cd /root/models && cat /root/stage/models.tar.part* | tar xf - && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
+  [ -f /root/models/gemma.gguf ] || (cd /root/models && cat /root/stage/models.tar.part* | tar xf - \
+    && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   ev() { timeout "$1" python3 -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" 2>&1 | grep -v "Warning\|warn(" | tail -30; }
+  step() { case " ${STEPS:-ppl needle attn model} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
   TAUS=${TAUS:-0.9,0.95,0.98,0.99}
   SCORE=${SCORE:-4096}  # scored tokens per context: 4096 resolve a 0.5% change (issue 12)
   STRIDE=${SAMPLE_STRIDE:+--sample-stride $SAMPLE_STRIDE}  # the estimator's row stride (default: the policy's)
   G="--model /root/models --gguf-file gemma.gguf"
   S="--model /root/models --gguf-file smollm2.gguf"
-  # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run (SKIP_PPL=1: speed only)
-  [ "${SKIP_PPL:-0}" = 1 ] || ev 300 perplexity --protocol long $G --data-files .stage-data/austen_*.txt --context-lengths 8192,16384,32768 \
-    --score-tokens $SCORE --window-start bos --mode adaptive --tau $TAUS $STRIDE --baseline ahfa --name ppl-adaptive-gemma3
-  [ "${SKIP_PPL:-0}" = 1 ] || ev 150 perplexity --protocol long $S --data-files .stage-data/austen_*.txt --context-lengths 8192 \
-    --score-tokens $SCORE --mode adaptive --tau $TAUS $STRIDE --baseline ahfa --name ppl-adaptive-smollm2
+  SMOL=$([ -f /root/models/smollm2.gguf ] && echo 1 || echo 0)
+  # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run
+  step ppl && ev ${PPL_S:-300} perplexity --protocol long $G --device cuda --data-files .stage-data/austen_*.txt \
+    --context-lengths 8192,16384,32768 --score-tokens $SCORE --window-start bos --mode adaptive --tau $TAUS $STRIDE \
+    --baseline ahfa --name ppl-adaptive-gemma3${SUFFIX:-}
+  step ppl && [ $SMOL = 1 ] && ev 150 perplexity --protocol long $S --device cuda --data-files .stage-data/austen_*.txt \
+    --context-lengths 8192 --score-tokens $SCORE --mode adaptive --tau $TAUS $STRIDE --baseline ahfa \
+    --name ppl-adaptive-smollm2${SUFFIX:-}
+  # pass-key retrieval: adaptive at NEEDLE_TAU against exact
+  step needle && ev ${NEEDLE_S:-150} needle $G --device cuda --data-files .stage-data/austen_*.txt \
+    --context-lengths 8192,16384,32768 --window-start bos --mode adaptive --tau ${NEEDLE_TAU:-0.99} $STRIDE \
+    --baseline ahfa --name needle-gemma3${SUFFIX:-}
   # attention of one prefill over Emma, replayed per provider (estimator included)
-  ev 120 speed $G --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
-    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3
-  ev 120 speed $S --text .stage-data/austen_emma.txt --attention --seq-lens 8192,16384,32768 \
-    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-smollm2
+  step attn && ev 120 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
+    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3${SUFFIX:-}
+  step attn && [ $SMOL = 1 ] && ev 120 speed $S --device cuda --text .stage-data/austen_emma.txt --attention --seq-lens 8192,16384,32768 \
+    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-smollm2${SUFFIX:-}
   # whole-model prefill (time to first token), real text
-  ev 100 speed $G --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
-    --mode adaptive --tau 0.98,0.99 --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3
+  step model && ev 100 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
+    --mode adaptive --tau $TAUS --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3${SUFFIX:-}
   rm -f "$OUT"/*.jsonl ;;
 stage) ;;
 esac
