@@ -2,7 +2,8 @@
 
 Commands: speed (kernels, a whole model, or a model's attention calls), perplexity (WikiText-style and
 long-context), needle (pass-key retrieval in long contexts), glue (fine-tuning), calibrate (per-layer adaptive
-settings within a perplexity budget). Each writes JSON (config,
+settings within a perplexity budget), train (a long-context LoRA fine-tune: loss and step time). Each writes
+JSON (config,
 versions, GPU, commit, per-item numbers) and a Markdown summary, and ends with a line naming the files it
 wrote; perplexity, needle and glue show progress and resume after an interruption. Errors in the input end
 the command with one line and exit status 2.
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
-from hf_ahfa.eval import calibrate, glue, needle, perplexity, speed_command
+from hf_ahfa.eval import calibrate, glue, needle, perplexity, speed_command, train
 from hf_ahfa.eval.usage import HelpFormatter, UsageError
 
-COMMANDS = (speed_command, perplexity, needle, glue, calibrate)  # each: add_parser(subparsers), which sets run(args) -> files
+COMMANDS = (speed_command, perplexity, needle, glue, calibrate, train)  # each: add_parser(subparsers), which sets run(args) -> files
 
 
 def main(argv: list[str] | None = None) -> None:

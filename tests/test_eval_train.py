@@ -1,0 +1,81 @@
+"""``ahfa-eval train`` on the CPU: the windows, the paired interval, the command end to end on a tiny Llama
+(tau = 1 keeps every block: the adaptive fine-tune's losses equal exact's), and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_ahfa.eval import cli, train
+from hf_ahfa.eval.usage import UsageError
+
+
+def test_windows_are_consecutive_and_start_with_the_document_token():
+    ids = list(range(100))
+    w = train.windows(ids, 8, 3, start=-1)
+    assert w.shape == (3, 8) and w[:, 0].tolist() == [-1] * 3
+    assert w[:, 1:].flatten().tolist() == [i for i in range(24) if i % 8]
+    assert train.windows(ids, 8, 3, start=None).flatten().tolist() == list(range(24))
+    with pytest.raises(UsageError, match="hold 100 tokens: --steps 5 windows of --seq-len 32 need 160"):
+        train.windows(ids, 32, 5, start=None)
+
+
+def test_paired_change_interval():
+    base = [3.0, 2.5, 2.0, 1.8]
+    same = train.paired_change(base, base)
+    assert same == dict(change=0.0, low=0.0, high=0.0)
+    up = train.paired_change([x * 1.02 for x in base], base)
+    assert up["change"] == pytest.approx(0.02) and up["low"] == pytest.approx(0.02) and up["high"] == pytest.approx(0.02)
+    noisy = train.paired_change([3.1, 2.4, 2.1, 1.7], base)
+    assert noisy["low"] < noisy["change"] < noisy["high"]
+
+
+def _run(*argv):
+    cli.main(["train", *map(str, argv)])
+
+
+def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text(tiny_text(2000, 3))
+    _run("--model", tiny_llama, "--data-files", book, "--seq-len", 64, "--steps", 4, "--warmup-steps", 1,
+         "--mode", "adaptive", "--tau", "1.0", "--block-size", 16, "--lora-r", 4, "--device", "cpu",
+         "--out-dir", tmp_path, "--name", "t")
+    data = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"ahfa-adaptive-tau1", "ahfa-exact"}
+    for r in rows.values():
+        assert len(r["losses"]) == 4 and len(r["step_s"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"])))
+    # the adaptive mode ran block-sparse (every block kept at tau = 1) and trained exactly as exact attention
+    assert rows["ahfa-adaptive-tau1"]["kept_share"] == 1.0 and rows["ahfa-exact"]["kept_share"] is None
+    assert rows["ahfa-adaptive-tau1"]["losses"] == pytest.approx(rows["ahfa-exact"]["losses"], abs=2e-4)
+    assert rows["ahfa-exact"]["losses"][0] != rows["ahfa-exact"]["losses"][-1]  # it trained
+    (s,) = data["summary"]
+    assert s["impl"] == "ahfa-adaptive-tau1" and abs(s["change"]) < 1e-4 and s["passed"]
+    assert (tmp_path / "t.png").stat().st_size > 5000 and "95% interval" in (tmp_path / "t.md").read_text()
+    assert "wrote" in capsys.readouterr().out
+    # recomputing activations in the backward trains the same
+    _run("--model", tiny_llama, "--data-files", book, "--seq-len", 64, "--steps", 4, "--warmup-steps", 1,
+         "--mode", "adaptive", "--tau", "1.0", "--block-size", 16, "--lora-r", 4, "--device", "cpu",
+         "--gradient-checkpointing", "--out-dir", tmp_path, "--name", "t2")
+    again = {r["impl"]: r for r in json.loads((tmp_path / "t2.json").read_text())["rows"]}
+    assert again["ahfa-exact"]["losses"] == pytest.approx(rows["ahfa-exact"]["losses"], abs=2e-4)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--steps", "3", "--warmup-steps", "3"], "--warmup-steps must be in"),
+    (["--seq-len", "0"], "--seq-len must be at least 1"),
+    (["--mode", "exact"], "compares ahfa exact with itself"),
+    (["--seq-len", "512"], "above the model's 256 positions"),
+    (["--steps", "1000"], "--steps 1000 windows of --seq-len 64 need 64000"),
+])
+def test_bad_input_is_one_line(tiny_llama, tiny_text, tmp_path, capsys, argv, match):
+    book = tmp_path / "book.txt"
+    book.write_text(tiny_text(500, 4))
+    with pytest.raises(SystemExit) as exit_:
+        _run("--model", tiny_llama, "--data-files", book, "--seq-len", 64, "--device", "cpu", "--out-dir", tmp_path,
+             *argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines()[-1].startswith("ahfa-eval train: error: ")
+    assert match in err and "Traceback" not in err
