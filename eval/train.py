@@ -2,7 +2,7 @@
 baseline, in one run: the loss of every step on the same windows, and the time of a step.
 
 Every variant starts from the same weights and the same LoRA initialisation (peft, --seed) and trains with
-``transformers.Trainer`` on the same windows in the same order: --steps windows of --seq-len tokens cut one
+transformers.Trainer on the same windows in the same order: --steps windows of --seq-len tokens cut one
 after the other from the --data-files books (each window's first token is the document start per
 --window-start). CUDA: float32 weights and LoRA, bf16 autocast (the attention runs in bf16); CPU: float32.
 Reported per variant: loss per step, median step time after --warmup-steps (kernel compiles and autotuning
@@ -49,8 +49,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--steps", type=int, default=200, help="optimizer steps per variant")
     g.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the step time")
     g.add_argument("--lr", type=float, default=2e-4, help="learning rate (AdamW, constant)")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling numerator (scale = alpha / r)")
     g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="module names LoRA adapts")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")

@@ -31,7 +31,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_command_and_option_has_plain_help(capsys):
     commands = _subparsers()
-    assert sorted(commands) == ["calibrate", "glue", "needle", "perplexity", "speed"]
+    assert sorted(commands) == ["calibrate", "glue", "needle", "perplexity", "speed", "train"]
     top = _help(capsys)
     assert all(name in top for name in commands) and "``" not in top
     for name, parser in commands.items():
