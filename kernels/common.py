@@ -184,22 +184,6 @@ def alibi_bias(s, qpos, offs_n, slope):
 
 
 @triton.jit
-def alibi_keys(s, offs_n, ref, slope):
-    """Causal ALiBi up to a constant per row: ``s + slope * (key position - ref)`` (log2 domain), one add per
-    score. Where every visible key precedes its query, ``-slope * |qpos - kpos|`` is this minus
-    ``alibi_rows(qpos, ref, slope)``, the same for a whole row: the softmax is unchanged, only the row's max
-    and lse carry it. ``ref`` is the tile's first query position, so the shift stays small near the diagonal
-    (no float32 bits lost where the probability is not negligible)."""
-    return s + ((slope * LOG2E) * (offs_n - ref).to(tl.float32))[None, :]
-
-
-@triton.jit
-def alibi_rows(qpos, ref, slope):
-    """The per-row shift (log2 domain) that ``alibi_keys`` leaves in a row's scores."""
-    return (slope * LOG2E) * (qpos - ref).to(tl.float32)
-
-
-@triton.jit
 def _tanh(x):
     # no tanh in triton.language that also runs under TRITON_INTERPRET. 2 * sigmoid(2x) - 1 cancels for small x
     # (a large softcap): an odd series below |x| = 0.2 (next term < 6e-8 relative), (1 - e) / (1 + e) with

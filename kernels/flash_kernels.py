@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, alibi_bias, alibi_keys, alibi_rows, alibi_slope, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx,
+    LOG2E, alibi_bias, alibi_slope, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx,
     natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
 )
 
@@ -137,31 +137,17 @@ def _listed_start(index, j, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q0, cx, F: tl.constexpr, MASKED: tl.constexpr):
-    """Log2-domain scores of a query tile (first row ``q0``) against a key tile (and the tanh for the softcap
-    gradient); invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is
-    built. Causal ALiBi leaves ``_alibi_shift`` in each row (see ``alibi_keys``)."""
+def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
+    """Log2-domain scores of a query tile against a key tile (and the tanh for the softcap gradient);
+    invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built."""
     s, t = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
     if F.alibi:
-        if F.causal:
-            s = alibi_keys(s, offs_n, q0 + (cx.k_len - cx.q_len), cx.slope)
-        else:
-            s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
+        s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
     if MASKED:
         ok = visible(offs_m[:, None] + (cx.k_len - cx.q_len), offs_n, offs_m, cx.q_len, cx.k_len,
                      offs_m.to(tl.int64) * cx.am_q, cx, F)
         s = tl.where(ok, s, float("-inf"))
     return s, t
-
-
-@triton.jit
-def _alibi_shift(offs_m, q0, cx, F: tl.constexpr):
-    """What ``_scores`` added to each row of the tile whose first row is ``q0`` (log2 domain; 0 without causal
-    ALiBi): the forward takes it out of the lse, the backward adds it to the lse it recomputes against."""
-    shift = tl.zeros(offs_m.shape, tl.float32)
-    if F.alibi and F.causal:
-        shift = alibi_rows(offs_m, q0, cx.slope)
-    return shift
 
 
 @triton.jit
@@ -172,7 +158,7 @@ def _dropout_keep(cx, offs_m, offs_n):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, q0, cx, F: tl.constexpr,
+def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online-softmax update of one query block with the key tile at ``start_n``. With ``F.skip``: the tile's
     P @ V is skipped, and its mass left out of the denominator, when every row's ``dropped`` share (an upper
@@ -182,7 +168,7 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, q0, cx
     if not MASKED:
         n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
     k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
-    s, _ = _scores(q, k, offs_m, offs_n, q0, cx, F, MASKED)
+    s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
@@ -208,7 +194,7 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, q0, cx
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, q0, cx, F: tl.constexpr,
+def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F: tl.constexpr,
                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax of one query block over key tiles ``[start, end)``; with ``F.sparse`` over the
     ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks."""
@@ -220,16 +206,16 @@ def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, q0, cx
             start_n = _listed_start(index, j, F.layout_bk, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, tile_ptrs(k_view, offs_n, offs_d),
-                                               tile_ptrs(v_view, offs_n, offs_dv), start_n, offs_m, q0, cx, F,
-                                               BLOCK_N, MASKED)
+                                               tile_ptrs(v_view, offs_n, offs_dv), start_n, offs_m, cx, F, BLOCK_N,
+                                               MASKED)
     else:
         # pointers advance by one block per step instead of being recomputed in 64-bit per element
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ptrs = tile_ptrs(k_view, offs_n, offs_d)
         v_ptrs = tile_ptrs(v_view, offs_n, offs_dv)
         for start_n in range(start, end, BLOCK_N):
-            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, q0, cx,
-                                               F, BLOCK_N, MASKED)
+            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F,
+                                               BLOCK_N, MASKED)
             k_ptrs += BLOCK_N * k_view.row
             v_ptrs += BLOCK_N * v_view.row
     return acc, l_i, m_i, dropped
@@ -262,29 +248,28 @@ def flash_fwd_kernel(
     dropped = tl.zeros([BLOCK_M], tl.float32)  # F.skip: each row's bound of the mass left out
     if F.sparse:
         n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_masked, masked, offs_m, start_m,
-                                             cx, F, BLOCK_N, True)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_full, full, offs_m, start_m,
-                                             cx, F, BLOCK_N, False)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_masked, masked, offs_m, cx, F,
+                                             BLOCK_N, True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_full, full, offs_m, cx, F,
+                                             BLOCK_N, False)
     else:
         lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, lo, f_lo, None, offs_m, start_m, cx, F,
-                                             BLOCK_N, True)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_lo, f_hi, None, offs_m, start_m, cx,
-                                             F, BLOCK_N, False)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_hi, hi, None, offs_m, start_m, cx, F,
-                                             BLOCK_N, True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N,
+                                             True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_lo, f_hi, None, offs_m, cx, F,
+                                             BLOCK_N, False)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N,
+                                             True)
 
-    alibi = _alibi_shift(offs_m, start_m, cx, F)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
-    if F.sinks:  # the sink's logit joins the row's scores: shifted as they are
-        den = den + tl.exp2(tl.load(SINKS + h).to(tl.float32) * LOG2E + alibi - m_safe)
+    if F.sinks:
+        den = den + tl.exp2(tl.load(SINKS + h).to(tl.float32) * LOG2E - m_safe)
     out = acc / tl.where(den > 0, den, 1.0)[:, None]  # a row that sees nothing stays 0
     store_tile(head_view(O, bm, h, q_start), offs_m, offs_dv, out, cx.q_len, F.dv)
     # lse is (B, H, Q) contiguous; packed sequences index it by their global row
-    tl.store(LSE + (bm * H + h) * T_Q + q_start + offs_m, natural_lse(m_i - alibi, l_i), mask=offs_m < cx.q_len)
+    tl.store(LSE + (bm * H + h) * T_Q + q_start + offs_m, natural_lse(m_i, l_i), mask=offs_m < cx.q_len)
 
 
 @triton.jit
@@ -329,8 +314,8 @@ def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, B
     q = load_tile(qdo[0], offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
     do = load_tile(qdo[1], offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     lse2, delta = _row_stats(stats, offs_m, cx.q_len)
-    s, t = _scores(q, k, offs_m, offs_n, start_m, cx, F, MASKED)
-    p, pd = _probs(s, lse2 + _alibi_shift(offs_m, start_m, cx, F), offs_m, offs_n, cx, F, MASKED)
+    s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    p, pd = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=F.precision)  # [BN,BM]@[BM,DV]
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
     ds = _dscores(p, dpd, delta, s, t, offs_m, offs_n, cx, F, MASKED)
@@ -403,14 +388,13 @@ def flash_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, q0, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
              MASKED: tl.constexpr):
-    """dq contribution of the key tile at ``start_n`` to one query block (first row ``q0``; ``lse2`` carries
-    ``_alibi_shift``)."""
+    """dq contribution of the key tile at ``start_n`` to one query block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(kv[0], offs_n, tl.arange(0, F.block_d), cx.k_len, F.d)
     v = load_tile(kv[1], offs_n, tl.arange(0, F.block_dv), cx.k_len, F.dv)
-    s, t = _scores(q, k, offs_m, offs_n, q0, cx, F, MASKED)
+    s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
     p, _ = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
     ds = _dscores(p, dpd, delta, s, t, offs_m, offs_n, cx, F, MASKED)
@@ -420,17 +404,17 @@ def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, q0, cx, F: tl.constexp
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, kv, start, end, index, offs_m, q0, cx, F: tl.constexpr,
+def _dq_blocks(dq, q, do, lse2, delta, kv, start, end, index, offs_m, cx, F: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """dq contribution of key tiles ``[start, end)`` to one query block; with ``F.sparse`` of the ``end``
     layout key blocks listed at ``index``."""
     if F.sparse:
         for j in range(0, end * (F.layout_bk // BLOCK_N)):
-            dq = _dq_step(dq, q, do, lse2, delta, kv, _listed_start(index, j, F.layout_bk, BLOCK_N), offs_m, q0, cx,
-                          F, BLOCK_N, MASKED)
+            dq = _dq_step(dq, q, do, lse2, delta, kv, _listed_start(index, j, F.layout_bk, BLOCK_N), offs_m, cx, F,
+                          BLOCK_N, MASKED)
     else:
         for start_n in range(start, end, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, q0, cx, F, BLOCK_N, MASKED)
+            dq = _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F, BLOCK_N, MASKED)
     return dq
 
 
@@ -452,19 +436,18 @@ def flash_bwd_dq_kernel(
     do = load_tile(head_view(DO, bm, h, q_start), offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     row = (bm * H + h) * T_Q + q_start
     lse2, delta = _row_stats((LSE2 + row, DELTA + row), offs_m, cx.q_len)
-    lse2 += _alibi_shift(offs_m, start_m, cx, F)
     kv = (head_view(K, bm, h // GROUP, k_start), head_view(V, bm, h // GROUP, k_start))
     dq = tl.zeros([BLOCK_M, F.block_d], tl.float32)
     if F.sparse:
         n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
-        dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_masked, masked, offs_m, start_m, cx, F, BLOCK_N, True)
-        dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_full, full, offs_m, start_m, cx, F, BLOCK_N, False)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_masked, masked, offs_m, cx, F, BLOCK_N, True)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_full, full, offs_m, cx, F, BLOCK_N, False)
     else:
         lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
-        dq = _dq_blocks(dq, q, do, lse2, delta, kv, lo, f_lo, None, offs_m, start_m, cx, F, BLOCK_N, True)
-        dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_lo, f_hi, None, offs_m, start_m, cx, F, BLOCK_N, False)
-        dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_hi, hi, None, offs_m, start_m, cx, F, BLOCK_N, True)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N, True)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_lo, f_hi, None, offs_m, cx, F, BLOCK_N, False)
+        dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N, True)
     store_tile(head_view(DQ, bm, h, q_start), offs_m, offs_d, dq * (cx.qk_scale / LOG2E), cx.q_len, F.d)
 
 
