@@ -36,16 +36,21 @@ def _check(got, want, leaves, tol=2e-5):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("kw", [
     dict(causal=True), dict(causal=True, Q=24), dict(causal=False), dict(causal=True, window=9),
-    dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True),
+    dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True), dict(causal=True, sinks=True),
+    dict(causal=True, Q=70, K=49),  # query rows that see no key
 ])
 def test_alibi_matches_the_oracle(backend, kw, oracle):
     kw = dict(kw)
-    Q, batch_slopes = kw.pop("Q", 40), kw.pop("batch_slopes", False)
-    B, K, Hq, Hkv, D = 2, 40, 4, 2, 16
+    Q, K, batch_slopes = kw.pop("Q", 40), kw.pop("K", 40), kw.pop("batch_slopes", False)
+    B, Hq, Hkv, D = 2, 4, 2, 16
     q, k, v = _qkv(B, Q, K, Hq, Hkv, D, seed=Q)
     slopes = _slopes(Hq, B if batch_slopes else None)
-    out = hf_ahfa.attention(q, k, v, alibi_slopes=slopes, backend=backend, **kw)
-    want, _ = oracle(*(t.detach().double() for t in (q, k, v)), alibi_slopes=slopes, **kw)
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out, lse = hf_ahfa.attention(q, k, v, alibi_slopes=slopes, backend=backend, return_lse=True, **kw)
+    want, want_lse = oracle(*(t.detach().double() for t in (q, k, v)), alibi_slopes=slopes, **kw)
+    # the lse too (causal ALiBi's kernels carry a per-row shift that must come out of it)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
     grads, leaves, gout = _check(out, want, (q, k, v))
     want_grads = torch.autograd.grad(oracle(*leaves, alibi_slopes=slopes, **kw)[0], leaves, gout.double())
     for got, w in zip(grads, want_grads):
