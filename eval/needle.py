@@ -24,7 +24,9 @@ import torch
 from tqdm import tqdm
 
 import hf_ahfa
-from hf_ahfa.eval.perplexity import add_mode_arguments, add_model_arguments, checked_variants, load_compared_model
+from hf_ahfa.eval.perplexity import (
+    add_adaptive_comparison_arguments, add_model_arguments, checked_comparison, load_compared_model,
+)
 from hf_ahfa.eval.perplexity_data import document_start_token
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
@@ -37,11 +39,7 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "needle", "passkey retrieval at depths of long contexts, ahfa vs a baseline", __doc__)
     add_model_arguments(p)
-    g = p.add_argument_group("attention")
-    g.add_argument("--attn", default="ahfa", choices=["ahfa"], help="implementation under test")
-    g.add_argument("--baseline", default="ahfa", choices=["ahfa", "sdpa", "eager"],
-                   help="implementation to compare with; ahfa = ahfa exact")
-    add_mode_arguments(g, default="adaptive")
+    add_adaptive_comparison_arguments(p)
     g = p.add_argument_group("task")
     g.add_argument("--data-files", nargs="+", type=Path, required=True, help="plain-text books the filler comes from")
     g.add_argument("--context-lengths", type=int_list, default=[8192, 16384, 32768],
@@ -99,10 +97,7 @@ def _check(args, max_pos) -> None:
 def run(args) -> dict[str, Path]:
     """Ask every (length, depth, trial) of every variant; write ``<name>.jsonl/.json/.md/.png``."""
     args.device = process_device(args.device)
-    tests, base = checked_variants(args)
-    if args.mode == "exact" and args.baseline == "ahfa":
-        raise UsageError("--mode exact against --baseline ahfa compares ahfa exact with itself; pick --mode "
-                         "adaptive/auto or another --baseline")
+    tests, base = checked_comparison(args)
     dtype = resolve_dtype(args.dtype, args.device)
     model, tokenizer = load_compared_model(args, dtype)
     _check(args, max_positions(model))

@@ -111,6 +111,25 @@ def add_mode_arguments(g, default: str) -> None:
                    "(divides the block size; default: the policy's)")
 
 
+def add_adaptive_comparison_arguments(p) -> None:
+    """The attention options of the commands that compare ahfa (by default adaptive) with ahfa exact or another
+    implementation (needle, train): --attn, --baseline and the mode knobs."""
+    g = p.add_argument_group("attention")
+    g.add_argument("--attn", default="ahfa", choices=["ahfa"], help="implementation under test")
+    g.add_argument("--baseline", default="ahfa", choices=["ahfa", "sdpa", "eager"],
+                   help="implementation to compare with; ahfa = ahfa exact")
+    add_mode_arguments(g, default="adaptive")
+
+
+def checked_comparison(args):
+    """``checked_variants`` of a command set up by ``add_adaptive_comparison_arguments``, refusing a comparison
+    of ahfa exact with itself."""
+    if args.mode == "exact" and args.baseline == "ahfa":
+        raise UsageError("--mode exact against --baseline ahfa compares ahfa exact with itself; pick --mode "
+                         "adaptive/auto or another --baseline")
+    return checked_variants(args)
+
+
 def checked_variants(args):
     """``perplexity_protocols.variants(args)``, an invalid policy value reported as the options that set it."""
     try:

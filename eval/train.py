@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 import hf_ahfa
-from hf_ahfa.eval.perplexity import add_mode_arguments, add_model_arguments, checked_variants, load_compared_model
+from hf_ahfa.eval.perplexity import (
+    add_adaptive_comparison_arguments, add_model_arguments, checked_comparison, load_compared_model,
+)
 from hf_ahfa.eval.perplexity_data import document_start_token
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
@@ -38,11 +40,7 @@ def add_parser(subparsers) -> None:
     p = add_command(subparsers, "train", "long-context LoRA fine-tune: loss and step time, ahfa vs a baseline",
                     __doc__)
     add_model_arguments(p)
-    g = p.add_argument_group("attention")
-    g.add_argument("--attn", default="ahfa", choices=["ahfa"], help="implementation under test")
-    g.add_argument("--baseline", default="ahfa", choices=["ahfa", "sdpa", "eager"],
-                   help="implementation to compare with; ahfa = ahfa exact")
-    add_mode_arguments(g, default="adaptive")
+    add_adaptive_comparison_arguments(p)
     g = p.add_argument_group("training")
     g.add_argument("--data-files", nargs="+", type=Path, required=True, help="plain-text books the windows come from")
     g.add_argument("--seq-len", type=int, default=16384, help="tokens per window (one window per step)")
@@ -66,9 +64,6 @@ def add_parser(subparsers) -> None:
 
 
 def _check_args(args) -> None:
-    if args.mode == "exact" and args.baseline == "ahfa":
-        raise UsageError("--mode exact against --baseline ahfa compares ahfa exact with itself; pick --mode "
-                         "adaptive/auto or another --baseline")
     for option in ("seq_len", "steps", "lora_r", "lora_alpha"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
@@ -167,7 +162,7 @@ def run(args) -> dict[str, Path]:
     """Fine-tune every variant, write ``<name>.json/.md/.png`` and print the summary."""
     _check_args(args)
     args.device = process_device(args.device)
-    tests, base = checked_variants(args)
+    tests, base = checked_comparison(args)
     model, tokenizer = load_compared_model(args, resolve_dtype("float32", args.device))
     limit = max_positions(model)
     if limit is not None and args.seq_len > limit:
