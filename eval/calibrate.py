@@ -20,6 +20,7 @@ import torch
 
 import hf_ahfa
 from hf_ahfa.eval.perplexity import add_model_arguments
+from hf_ahfa.eval.perplexity_data import joined_books
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import load_causal_lm, process_device, resolve_dtype
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command, float_list
@@ -71,7 +72,7 @@ def run(args) -> dict[str, Path]:
             hf_ahfa.configure(model, block_size=args.block_size)
         except ValueError as err:
             raise UsageError(f"--block-size: {err}") from err
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in args.data_files)
+    text = joined_books(args.data_files)
     samples = sample_windows(tokenizer(text, add_special_tokens=False).input_ids, args.context_length, args.samples)
     try:
         result = hf_ahfa.calibrate(model, samples, budget=args.budget, taus=args.taus, mode=args.mode)

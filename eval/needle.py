@@ -27,7 +27,7 @@ import hf_ahfa
 from hf_ahfa.eval.perplexity import (
     add_adaptive_comparison_arguments, add_model_arguments, checked_comparison, load_compared_model,
 )
-from hf_ahfa.eval.perplexity_data import document_start_token
+from hf_ahfa.eval.perplexity_data import document_start_token, joined_books
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import ResultStore, process_device, resolve_dtype
@@ -101,7 +101,7 @@ def run(args) -> dict[str, Path]:
     dtype = resolve_dtype(args.dtype, args.device)
     model, tokenizer = load_compared_model(args, dtype)
     _check(args, max_positions(model))
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in args.data_files)
+    text = joined_books(args.data_files)
     filler_all = tokenizer(text, add_special_tokens=False).input_ids
     bos = document_start_token(tokenizer, args.window_start)
     start = [] if bos is None else [bos]

@@ -130,6 +130,11 @@ def digest(token_lists: list[list[int]]) -> str:
     return h.hexdigest()
 
 
+def joined_books(paths: list[Path]) -> str:
+    """The plain-text files ``paths`` as one text, a blank line between them (undecodable bytes replaced)."""
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in paths)
+
+
 def document_start_token(tokenizer, policy: str = "auto") -> int | None:
     """The token every window begins with (in place of its first token, which is context only and
     never scored), or None.

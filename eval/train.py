@@ -29,10 +29,10 @@ import hf_ahfa
 from hf_ahfa.eval.perplexity import (
     add_adaptive_comparison_arguments, add_model_arguments, checked_comparison, load_compared_model,
 )
-from hf_ahfa.eval.perplexity_data import document_start_token
+from hf_ahfa.eval.perplexity_data import document_start_token, joined_books
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import process_device, resolve_dtype
+from hf_ahfa.eval.runs import process_device
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command
 
 
@@ -71,6 +71,9 @@ def _check_args(args) -> None:
         raise UsageError(f"--warmup-steps must be in [0, --steps), got {args.warmup_steps}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.dtype not in ("auto", "float32"):
+        raise UsageError(f"--dtype {args.dtype}: train keeps float32 weights and LoRA (bf16 autocast on CUDA); "
+                         "leave --dtype at auto or float32")
 
 
 def windows(ids: list[int], seq_len: int, steps: int, start: int | None) -> torch.Tensor:
@@ -163,12 +166,12 @@ def run(args) -> dict[str, Path]:
     _check_args(args)
     args.device = process_device(args.device)
     tests, base = checked_comparison(args)
-    model, tokenizer = load_compared_model(args, resolve_dtype("float32", args.device))
+    model, tokenizer = load_compared_model(args, torch.float32)
     limit = max_positions(model)
     if limit is not None and args.seq_len > limit:
         raise UsageError(f"--seq-len {args.seq_len} is above the model's {limit} positions")
     model.config.use_cache = False
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in args.data_files)
+    text = joined_books(args.data_files)
     data = windows(tokenizer(text, add_special_tokens=False).input_ids, args.seq_len, args.steps,
                    document_start_token(tokenizer, args.window_start))
     config = {"model": args.model, "gguf_file": args.gguf_file, "device": args.device, "seq_len": args.seq_len,
