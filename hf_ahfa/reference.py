@@ -172,3 +172,39 @@ def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         p = _dropout(p, call.dropout_p)
     out = (p @ vg).flatten(1, 2).transpose(1, 2)
     return out.to(q.dtype), p.flatten(1, 2).to(q.dtype)
+
+
+def reference_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, layout: Layout,
+                                 call: AttnCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` from a given output and log-sum-exp: flash-attention's backward contract, which a ring
+    step needs (its ``out`` and ``lse`` are those merged over every step, not this call's own).
+
+    With ``P = exp(S - lse)`` over the visible keys: ``dV = Pᵀ dO``, ``dS = P * (dO Vᵀ - rowsum(dO * out))``,
+    ``dQ``, ``dK`` from ``dS`` through the scale and softcap. Computed by autograd of
+    ``sum(dO * (P V)) - sum(rowsum(P) * rowsum(dO * out))``, whose gradient in ``S`` is exactly that ``dS``.
+    ``grad_out``, ``out``: ``(B, Q, Hq, Dv)``; ``lse``: ``(B, Hq, Q)``. Untiled (O(Q * K) memory); no sinks or
+    dropout (the callers refuse them).
+    """
+    if call.sinks is not None or call.dropout_p > 0:
+        raise ValueError("reference_attention_backward takes no sinks and no dropout")
+    Hkv = k.shape[2]
+    ct = _compute_dtype(q.dtype)
+
+    def grouped(x):  # (B, T, H, D) -> (B, Hkv, G, T, D)
+        return x.permute(0, 2, 1, 3).unflatten(1, (Hkv, -1)).to(ct)
+
+    ok = _grouped(visible(layout, slice(None), slice(None), causal=call.causal, window=call.window,
+                          key_padding_mask=call.key_padding_mask, attn_mask=call.attn_mask), Hkv)
+    lse_g = lse.unflatten(1, (Hkv, -1)).to(ct)[..., None]  # (B, Hkv, G, Q, 1)
+    lse_g = torch.where(lse_g == float("-inf"), 0.0, lse_g)  # a row that sees nothing: P = 0 below
+    d_out = grouped(grad_out)
+    delta = (d_out * grouped(out)).sum(-1)  # (B, Hkv, G, Q)
+    with torch.enable_grad():
+        q_, k_, v_ = (x.detach().to(ct).requires_grad_() for x in (q, k, v))
+        s = _scores(grouped(q_), grouped(k_), call.scale, call.softcap)
+        s = (s + _alibi(call, layout, slice(None), slice(None), Hkv, ct)).masked_fill(~ok, float("-inf"))
+        p = torch.exp(s - lse_g)
+        objective = ((p @ grouped(v_)) * d_out).sum() - (p.sum(-1) * delta).sum()
+        dq, dk, dv = torch.autograd.grad(objective, (q_, k_, v_))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

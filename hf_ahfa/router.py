@@ -2,6 +2,8 @@
 
     hf_ahfa.attention / Transformers' "ahfa" function
         -> make_call (hf_ahfa.spec: validate, normalise)
+        -> inside torch's context_parallel(): its ring engine with our steps, each step routed as below
+           (hf_ahfa.context_parallel.engine_attention)
         -> route(): backend (reference | triton | sdpa), then the path:
              "layout"    a BlockLayout was given            -> block-sparse kernels / masked reference
              "layout"    also a policy's mode="pattern" (its layout built per call shape, hf_ahfa.patterns)
@@ -48,6 +50,9 @@ SDPA_MARGIN = 0.05
 # A masked causal call reaches SDPA as one dense (B, 1, Q, K) boolean mask (what Transformers' sdpa path builds
 # for padded batches); above this many elements our kernels, which read the padding vector, run it instead.
 SDPA_MASK_MAX = 1 << 28
+
+# torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
+_SDPA = F.scaled_dot_product_attention
 
 logger = logging.getLogger("hf_ahfa")
 _said: set[str] = set()
@@ -252,7 +257,8 @@ def run_plain(query, key, value, causal: bool, scale, memo: tuple) -> torch.Tens
     straight through SDPA where ``run`` already routed the same kind of call there: ``out (B, Q, Hq, Dv)``, else
     ``None`` (the caller takes the full path, which validates, routes and remembers). Not while recording or
     with AHFA_BACKEND."""
-    if memo not in _plain_sdpa or telemetry.recording() or os.environ.get("AHFA_BACKEND"):
+    if (memo not in _plain_sdpa or telemetry.recording() or os.environ.get("AHFA_BACKEND")
+            or F.scaled_dot_product_attention is not _SDPA):
         return None
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
     out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and query.shape[2] > 1, scale=scale,
@@ -268,6 +274,11 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
     of a plain call, kept for ``run_plain`` if the call goes to SDPA."""
     if policy is not None and policy.mode == "pattern" and layout is None:
         layout, policy = pattern_layout(q, call, policy), None
+    if F.scaled_dot_product_attention is not _SDPA:
+        from hf_ahfa.context_parallel import active_group, engine_attention
+
+        if (group := active_group()) is not None:
+            return engine_attention(q, k, v, call, group, backend=backend, policy=policy, layout=layout)
     r = route(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=need_lse)
     if remember is not None and r.path == "sdpa" and backend is None and layout is None and not need_lse:
         _plain_sdpa.add(remember)

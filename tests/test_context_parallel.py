@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 import hf_ahfa
-from hf_ahfa.context_parallel import ring_attention, ring_step, shard_sequence, unshard_sequence
+from hf_ahfa.context_parallel import engine_attention, ring_attention, ring_step, shard_sequence, unshard_sequence
+from hf_ahfa.spec import make_call
 
 WORLD = 2
 B, T, HQ, HKV, D = 1, 128, 4, 2, 16  # T = 2 * WORLD chunks of 32 queries: two blocks of 16 for the adaptive case
@@ -78,19 +79,62 @@ def _ring_worker(rank, causal, sparse):
     torch.testing.assert_close(unshard_sequence(out.detach()), want.detach(), **TOL)
 
 
-def _engine_worker(rank, causal):
-    from torch.distributed.tensor.experimental._attention import _cp_options, _templated_ring_attention
+def _engine_worker(rank, causal, sparse, backend):
+    """hf_ahfa.attention inside torch's own context_parallel(): torch shards the buffers, ahfa's calls run its
+    ring engine with ahfa's steps, forward and backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
 
-    q, k, v, _ = _inputs()
-    want, want_lse = hf_ahfa.attention(q, k, v, causal=causal, return_lse=True)
-    # the engine's load balancing is the head-tail layout of shard_sequence, and it refuses it for non-causal
-    # calls (a module global: this process is ours)
-    _cp_options.enable_load_balance = causal
-    sdpa_layout = [shard_sequence(x, rank, WORLD).transpose(1, 2) for x in (q, k, v)]
-    with torch.no_grad():
-        out, lse = _templated_ring_attention(dist.group.WORLD, 2, ring_step, *sdpa_layout, is_causal=causal)
-    torch.testing.assert_close(out.transpose(1, 2), shard_sequence(want, rank, WORLD), **TOL)
+    policy = EXACT_SPARSE if sparse else None
+    q, k, v, grad_out = _inputs()
+    whole = [x.clone().requires_grad_() for x in (q, k, v)]
+    want, want_lse = hf_ahfa.attention(*whole, causal=causal, return_lse=True)
+    want.backward(grad_out)
+
+    with context_parallel(init_device_mesh("cpu", (WORLD,)), buffers=[q, k, v, grad_out], buffer_seq_dims=[1] * 4):
+        mine = [x.clone().requires_grad_() for x in (q, k, v)]
+        with hf_ahfa.record() as calls:
+            out, lse = hf_ahfa.attention(*mine, causal=causal, return_lse=True, policy=policy, backend=backend)
+            out.backward(grad_out)
+    # one call per step of the ring, each on this rank's part (the steps' keys: WORLD parts in turn)
+    assert calls and all(c["q_len"] <= T // WORLD and c["k_len"] <= T // WORLD for c in calls), calls
+    assert all(c["path"] == ("sparse" if sparse else "exact") for c in calls), calls
+    assert all(c["backend"] == (backend or "reference") for c in calls), calls
+    torch.testing.assert_close(out, shard_sequence(want, rank, WORLD), **TOL)
     torch.testing.assert_close(lse, shard_sequence(want_lse, rank, WORLD, dim=2), **TOL)
+    for name, x, ref in zip("qkv", mine, whole):
+        torch.testing.assert_close(x.grad, shard_sequence(ref.grad, rank, WORLD), **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+def _model_worker(rank):
+    """A Transformers model with attn_implementation="ahfa" trained inside torch's context_parallel(): each rank's
+    logits are its part of one process's, the parameter gradients (summed over the ranks) one process's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # the same weights on every rank
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
+    model = LlamaForCausalLM(config).to(torch.float64)
+    model.config._attn_implementation = "ahfa"
+    ids = torch.randint(0, 96, (B, T), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(T)[None]
+    weight = torch.randn(B, T, 96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    want = model(input_ids=ids, position_ids=positions).logits
+    (want * weight).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    with context_parallel(init_device_mesh("cpu", (WORLD,)), buffers=[ids, positions, weight],
+                          buffer_seq_dims=[1, 1, 1]):
+        logits = model(input_ids=ids, position_ids=positions).logits
+        (logits * weight).sum().backward()
+    torch.testing.assert_close(logits, shard_sequence(want, rank, WORLD), **TOL)
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        torch.testing.assert_close(p.grad, want_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("causal, sparse", [(True, False), (False, False), (True, True)],
@@ -99,9 +143,17 @@ def test_ring_attention_matches_one_process(causal, sparse):
     _spawn(_ring_worker, causal, sparse)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_torch_ring_engine_runs_ring_step(causal):
-    _spawn(_engine_worker, causal)
+@pytest.mark.parametrize("causal, sparse, backend", [(True, False, None), (False, False, None),
+                                                     (True, True, None), (True, False, "triton"),
+                                                     (False, True, "triton")],
+                         ids=["causal", "bidirectional", "causal-adaptive-tau1", "causal-triton-interpreter",
+                              "bidirectional-adaptive-tau1-triton-interpreter"])
+def test_attention_inside_torch_context_parallel(causal, sparse, backend):
+    _spawn(_engine_worker, causal, sparse, backend)
+
+
+def test_model_trains_inside_torch_context_parallel():
+    _spawn(_model_worker)
 
 
 def test_bad_input_names_the_argument():
@@ -118,8 +170,16 @@ def test_bad_input_names_the_argument():
         ring_attention(q, k, v, attn_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="window needs causal=True"):
         ring_attention(q, k, v, window=2)
-    with pytest.raises(ValueError, match="forward only"):
+    with pytest.raises(ValueError, match="ring_step has no gradient"):
         ring_step(q.transpose(1, 2).requires_grad_(), k.transpose(1, 2), v.transpose(1, 2))
+    # what torch's engine cannot place on a part of the sequence is refused before any collective
+    for kwargs, name in ((dict(window=2, causal=True), "window"), (dict(sinks=torch.zeros(4)), "sinks"),
+                         (dict(key_padding_mask=torch.ones(1, 6, dtype=torch.bool)), "key_padding_mask"),
+                         (dict(dropout_p=0.1), "dropout_p")):
+        with pytest.raises(ValueError, match=f"{name}: not supported inside torch's context_parallel"):
+            engine_attention(q, k, v, make_call(q, k, v, **kwargs), None)
+    with pytest.raises(ValueError, match="q, k: a causal call inside context_parallel"):
+        engine_attention(q, k[:, :4], v[:, :4], make_call(q, k[:, :4], v[:, :4], causal=True), None)
 
 
 if __name__ == "__main__":  # one rank of _spawn: python test_context_parallel.py WORKER '[rank, port, *args]'

@@ -434,3 +434,38 @@ def test_padded_calls_through_sdpa_match_reference(Q, K):
         hf_ahfa.attention(q.detach(), k.detach(), v.detach(), causal=True, key_padding_mask=kpm)
     assert rec[0]["route"] in (("sdpa",) if Q == 1 else ("sdpa", "flash"))  # decode: SDPA untimed
 
+
+
+@pytest.mark.parametrize("causal, sparse", [(True, False), (False, False), (False, True)],
+                         ids=["causal", "bidirectional-2-steps", "bidirectional-2-steps-adaptive-tau1"])
+def test_ring_steps_on_our_kernels(causal, sparse):
+    """One rank's view of torch's ring engine on our kernels (bf16): ``ring_step`` per key part, merged by lse as
+    the engine merges, then ``ring_step_backward`` per part from the merged out and lse: the float32 reference's
+    output and gradients of the whole call."""
+    from hf_ahfa.adaptive import estimate_layout
+    from hf_ahfa.context_parallel import ring_step, ring_step_backward
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(1, 2048, 8, 64, device="cuda", generator=g).to(BF16)
+    k, v = (torch.randn(1, 2048, 2, 64, device="cuda", generator=g).to(BF16) for _ in "kv")
+    gout = torch.randn(q.shape, device="cuda", generator=g).to(BF16)
+    policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=1.0, density_limit=1.0)
+    qs, gs = q.transpose(1, 2), gout.transpose(1, 2)
+    parts = [(kp.transpose(1, 2), vp.transpose(1, 2)) for kp, vp in zip(k.chunk(1 if causal else 2, 1),
+                                                                         v.chunk(1 if causal else 2, 1))]
+    layouts = [estimate_layout(q, kp.transpose(1, 2), policy, causal=causal) if sparse else None for kp, _ in parts]
+    with torch.no_grad():
+        steps = [ring_step(qs, kp, vp, is_causal=causal, backend="triton", layout=layout)
+                 for (kp, vp), layout in zip(parts, layouts)]
+    lse = torch.logsumexp(torch.stack([l for _, l in steps]), 0)
+    out = sum(o.float() * torch.exp(l - lse)[..., None] for o, l in steps).to(BF16)
+    grads = [ring_step_backward(grad_out=gs, query=qs, key=kp, value=vp, out=out, logsumexp=lse, is_causal=causal,
+                                backend="triton", layout=layout) for (kp, vp), layout in zip(parts, layouts)]
+    dq = sum(d[0].float() for d in grads)
+    dk, dv = (torch.cat([d[i] for d in grads], 2).float() for i in (1, 2))
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = hf_ahfa.attention(*leaves, causal=causal, backend="reference")
+    want = (ref, *torch.autograd.grad(ref, leaves, gout.float()))
+    for name, got, w in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want):  # ours in SDPA layout
+        err = ((got.float().transpose(1, 2) - w).abs().max() / w.abs().max()).item()
+        assert err < 0.01, f"{name}: relative error {err:.3g}"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import hf_ahfa
 from hf_ahfa.masks import make_layout
-from hf_ahfa.reference import reference_attention_probs
+from hf_ahfa.reference import reference_attention_backward, reference_attention_probs
 from hf_ahfa.spec import make_call
 
 
@@ -125,6 +125,36 @@ def test_gradients_float64(oracle, kw):
     want = torch.autograd.grad(oracle(q, k, v, **kw)[0], inputs, grad_out)
     for name, a, b in zip("q k v sinks".split(), got, want):
         assert torch.isfinite(a).all(), name
+        err = (a - b).abs().max().item()
+        assert err < 1e-10, f"d{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("kw, parts", [
+    (dict(causal=True, window=(9, 0), alibi_slopes="slopes"), 1),  # K > Q: bottom-right
+    (dict(softcap=3.0, attn_mask="mask"), 3),  # three key parts, as three ring steps; rows that see nothing
+])
+def test_backward_from_given_out_and_lse(oracle, kw, parts):
+    """reference_attention_backward (flash-attention's contract: gradients from the final out and lse): over one
+    call, the gradients of autograd; over key parts, each run with the whole call's out and lse, dq summed and
+    dk, dv joined, the whole call's gradients (what a ring of steps needs)."""
+    q, k, v = [t.double().requires_grad_() for t in _qkv(2, 37, 53, 4, 2, 16, seed=12)]
+    mask = torch.rand(2, 1, 37, 53, generator=torch.Generator().manual_seed(3)) < 0.7
+    mask[1, :, 5] = False
+    named = dict(slopes=2.0 ** -torch.arange(1.0, 5.0, dtype=torch.float64), mask=mask)  # exact in float32
+    kw = {n: named.get(a, a) if isinstance(a, str) else a for n, a in kw.items()}
+    grad_out = torch.randn(2, 37, 4, 16, dtype=torch.float64)
+    out, lse = oracle(q, k, v, **kw)
+    want = torch.autograd.grad(out, [q, k, v], grad_out)
+    dq, dks, dvs = 0, [], []
+    for cols in torch.arange(53).chunk(parts):
+        part = slice(int(cols[0]), int(cols[-1]) + 1)
+        kp, vp = k[:, part].detach(), v[:, part].detach()
+        part_kw = dict(kw, attn_mask=kw["attn_mask"][..., part]) if "attn_mask" in kw else kw
+        call = make_call(q, kp, vp, **part_kw)
+        got = reference_attention_backward(grad_out, q.detach(), kp, vp, out.detach(), lse.detach(),
+                                           make_layout(37, kp.shape[1], q.device), call)
+        dq, dks, dvs = dq + got[0], dks + [got[1]], dvs + [got[2]]
+    for name, a, b in zip("qkv", (dq, torch.cat(dks, 1), torch.cat(dvs, 1)), want):
         err = (a - b).abs().max().item()
         assert err < 1e-10, f"d{name}: {err:.2e}"
 
