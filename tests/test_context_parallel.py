@@ -156,6 +156,26 @@ def test_model_trains_inside_torch_context_parallel():
     _spawn(_model_worker)
 
 
+def test_speed_script_runs_on_cpu_processes(tmp_path):
+    """scripts/context_parallel_speed.py (the multi-GPU measurement) on two CPU processes: its check passes and it
+    writes its report."""
+    import pathlib
+
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "context_parallel_speed.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), str(script),
+                           "--out-dir", str(tmp_path), "--seq-lens", "256", "--check-len", "256", "--taus", "0.9",
+                           "--rounds", "1", "--layers", "1", "--name", "cp"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "cp.json").read_text())["rows"]
+    checks = [r for r in rows if r["what"] == "check"]
+    assert len(checks) == 2 and all(r[n] < 1e-5 for r in checks for n in ("out", "lse", "dq", "dk", "dv")), checks
+    assert {(r["what"], r["mode"], r["train"]) for r in rows if r["what"] != "check"} == {
+        ("attention", m, t) for m in ("exact", "adaptive tau=0.9") for t in (False, True)} | {
+        ("model prefill", m, False) for m in ("exact", "adaptive tau=0.9")}
+    assert (tmp_path / "cp.md").exists()
+
+
 def test_bad_input_names_the_argument():
     q, k, v = torch.zeros(1, 6, 4, 8), torch.zeros(1, 6, 2, 8), torch.zeros(1, 6, 2, 8)
     with pytest.raises(ValueError, match="x: sequence length 6"):
