@@ -3,6 +3,8 @@
 #   bash scripts/gpu_multi.sh cp      the single-GPU ring-step test, then context parallelism over all GPUs against
 #                                     one (scripts/context_parallel_speed.py: the check at 16K, attention and
 #                                     whole-model prefill at CP_LENS, default 131072,262144; exact and TAUS)
+#   bash scripts/gpu_multi.sh fsdp    a Trainer fine-tune (random-weight Qwen2 layout, ahfa) on one GPU and under FSDP2 on
+#                                     all (scripts/fsdp_check.py), loss curves compared
 #   bash scripts/gpu_multi.sh eval    ahfa-eval perplexity, one process per GPU (accelerate launch --multi_gpu)
 #                                     against one process, rows compared and throughput: needs the model joined in
 #                                     /root/models (scripts/gpu_adaptive.sh's staging), .stage-data and .whl
@@ -16,13 +18,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 N=$(nvidia-smi -L | wc -l)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | tr 'A-Z' 'a-z')
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-case "${1:?cp or eval}" in
+case "${1:?cp, fsdp or eval}" in
 cp)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k ring_steps 2>&1 \
     | tee "$R/gpu-tests-ring-steps.log" | tail -3
   timeout ${CP_S:-330} torchrun --nproc_per_node "$N" scripts/context_parallel_speed.py --out-dir "$R" \
     --seq-lens "${CP_LENS:-131072,262144}" --taus "${TAUS:-0.99}" --rounds "${ROUNDS:-3}" \
     --name "context-parallel-${N}x${GPU%-}" 2>&1 | grep -v "^W[0-9]\|OMP_NUM\|^\*\*\*" | tail -40 ;;
+fsdp)
+  F=(--layers ${LAYERS:-4} --seq-len ${SEQ:-4096} --steps ${STEPS:-8} --global-batch $((2 * N)))
+  timeout 200 python3 scripts/fsdp_check.py --out "$R/fsdp-one.json" "${F[@]}" 2>&1 | tail -1
+  timeout 250 torchrun --nproc_per_node "$N" scripts/fsdp_check.py --out "$R/fsdp-${N}.json" --fsdp "${F[@]}" 2>&1 | tail -1
+  python3 scripts/fsdp_check.py --compare "$R/fsdp-one.json" "$R/fsdp-${N}.json" | tee "$R/fsdp-check.txt" ;;
 eval)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   export AHFA_AUTOTUNE=0  # the default launch configuration on every GPU: timing-chosen ones could differ per GPU

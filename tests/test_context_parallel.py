@@ -176,6 +176,25 @@ def test_speed_script_runs_on_cpu_processes(tmp_path):
     assert (tmp_path / "cp.md").exists()
 
 
+def test_fsdp_check_script_runs_on_cpu_processes(tmp_path):
+    """scripts/fsdp_check.py (the multi-GPU FSDP check) on one and two CPU processes: the two loss curves agree
+    (data-parallel: accelerate has no CPU FSDP, which the record says)."""
+    import os
+    import pathlib
+
+    script = str(pathlib.Path(__file__).parents[1] / "scripts" / "fsdp_check.py")
+    small = ["--layers", "1", "--seq-len", "64", "--steps", "2", "--global-batch", "4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    for cmd in ([sys.executable, script, "--out", str(tmp_path / "one.json"), *small],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), script,
+                 "--out", str(tmp_path / "many.json"), "--fsdp", *small]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    one, many = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "many"))
+    assert many["processes"] == WORLD and many["fsdp"] is False and len(one["losses"]) == 2
+    torch.testing.assert_close(many["losses"], one["losses"], rtol=1e-5, atol=0)
+
+
 def test_bad_input_names_the_argument():
     q, k, v = torch.zeros(1, 6, 4, 8), torch.zeros(1, 6, 2, 8), torch.zeros(1, 6, 2, 8)
     with pytest.raises(ValueError, match="x: sequence length 6"):
