@@ -6,8 +6,9 @@
 #   bash scripts/gpu_multi.sh fsdp    a Trainer fine-tune (random-weight Qwen2 layout, ahfa) on one GPU and under FSDP2 on
 #                                     all (scripts/fsdp_check.py), loss curves compared
 #   bash scripts/gpu_multi.sh eval    ahfa-eval perplexity, one process per GPU (accelerate launch --multi_gpu)
-#                                     against one process, rows compared and throughput: needs the model joined in
-#                                     /root/models (scripts/gpu_adaptive.sh's staging), .stage-data and .whl
+#                                     against one process, rows compared and throughput. Gemma-3's GGUF travels in
+#                                     parts: four earlier calls (each any stage, or scripts/stage_part.sh) carry one
+#                                     .stage-models.tar.part* each; this one the last part, .stage-data and .whl
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -18,6 +19,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 N=$(nvidia-smi -L | wc -l)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | tr 'A-Z' 'a-z')
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+mkdir -p /root/stage && cp .stage-models.tar.part*/* /root/stage/ 2>/dev/null  # a carried model part, if any
 case "${1:?cp, fsdp or eval}" in
 cp)
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k ring_steps 2>&1 \
@@ -31,6 +33,9 @@ fsdp)
   timeout 250 torchrun --nproc_per_node "$N" scripts/fsdp_check.py --out "$R/fsdp-${N}.json" --fsdp "${F[@]}" 2>&1 | tail -1
   python3 scripts/fsdp_check.py --compare "$R/fsdp-one.json" "$R/fsdp-${N}.json" | tee "$R/fsdp-check.txt" ;;
 eval)
+  mkdir -p /root/models
+  [ -f /root/models/gemma.gguf ] || (cd /root/models && cat /root/stage/models.tar.part* | tar xf - \
+    && sha256sum -c "$OLDPWD/.stage-data/SHA256") || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   export AHFA_AUTOTUNE=0  # the default launch configuration on every GPU: timing-chosen ones could differ per GPU
   BOOKS=$(ls .stage-data/*.txt)
