@@ -42,9 +42,13 @@ eval)
   ARGS=(perplexity --protocol long --model /root/models --gguf-file gemma.gguf --window-start bos --data-files $BOOKS
         --context-lengths 8192,16384 --score-tokens 4096 --mode adaptive --tau 0.99 --baseline ahfa --device cuda
         --out-dir "$R")
+  t0=$SECONDS
   timeout 250 python3 -m hf_ahfa.eval.cli "${ARGS[@]}" --name ppl-one-gpu 2>&1 | tail -5
+  t1=$SECONDS
   timeout 250 accelerate launch --multi_gpu --num_processes "$N" -m hf_ahfa.eval.cli "${ARGS[@]}" \
     --name "ppl-${N}-gpus" 2>&1 | tail -5
+  echo "wall seconds (model loading included): one GPU $((t1 - t0)), $N GPUs $((SECONDS - t1))" \
+    | tee "$R/ppl-multi-gpu-wall.txt"
   python3 - "$R/ppl-one-gpu.json" "$R/ppl-${N}-gpus.json" <<'EOF' | tee "$R/ppl-multi-gpu-check.txt"
 import json, sys
 one, many = (json.load(open(p)) for p in sys.argv[1:])
@@ -52,7 +56,7 @@ strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in ro
 same = strip(one["rows"]) == strip(many["rows"])
 secs = [sum(r.get("seconds") or 0 for r in d["rows"]) for d in (one, many)]
 print(f"rows identical: {same} ({len(one['rows'])} rows); summed item seconds one GPU {secs[0]:.1f}, "
-      f"several {secs[1]:.1f} (wall times in the logs)")
+      f"several {secs[1]:.1f}")
 EOF
   ;;
 esac
