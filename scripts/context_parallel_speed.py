@@ -103,22 +103,26 @@ def check(T: int) -> list[dict]:
     return rows
 
 
-def timed(fn) -> float:
-    """Seconds of ``fn`` on every rank, the slowest rank's."""
-    dist.barrier()
+def timed_local(fn) -> float:
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
     if cuda:
         torch.cuda.synchronize()
-    took = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    return time.perf_counter() - start
+
+
+def timed(fn) -> float:
+    """Seconds of ``fn`` run on every rank: the slowest rank's."""
+    dist.barrier()
+    took = torch.tensor([timed_local(fn)], dtype=torch.float64, device=device)
     dist.all_reduce(took, op=dist.ReduceOp.MAX)
     return took.item()
 
 
-def one_device(fn):
-    """``fn`` on rank 0 alone (``None`` elsewhere, or where it runs out of memory)."""
+def one_device(fn) -> float:
+    """Seconds of ``fn`` run on rank 0 alone, on every rank (NaN where it ran out of memory)."""
     seconds = None
     if rank == 0:
         try:
@@ -130,16 +134,6 @@ def one_device(fn):
     result = [seconds]
     dist.broadcast_object_list(result, src=0)
     return result[0]
-
-
-def timed_local(fn) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def attention_rows(T: int) -> list[dict]:
