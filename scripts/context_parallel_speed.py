@@ -95,7 +95,8 @@ def check(T: int) -> list[dict]:
             grads = torch.autograd.grad(out, mine, shard_sequence(gout, rank, world))
         errors = {"out": relative_error(out, shard_sequence(want, rank, world)),
                   "lse": relative_error(lse, shard_sequence(want_lse, rank, world, dim=2))}
-        errors |= {f"d{n}": relative_error(a, shard_sequence(b, rank, world)) for n, a, b in zip("qkv", grads, want_grads)}
+        errors |= {f"d{n}": relative_error(a, shard_sequence(b, rank, world))
+                   for n, a, b in zip("qkv", grads, want_grads)}
         worst = torch.tensor(list(errors.values()), dtype=torch.float64, device=device)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         rows.append({"what": "check", "mode": mode, "seq_len": T, **dict(zip(errors, worst.tolist()))})

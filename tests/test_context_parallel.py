@@ -162,10 +162,10 @@ def test_speed_script_runs_on_cpu_processes(tmp_path):
     import pathlib
 
     script = pathlib.Path(__file__).parents[1] / "scripts" / "context_parallel_speed.py"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), str(script),
-                           "--out-dir", str(tmp_path), "--seq-lens", "256", "--check-len", "256", "--taus", "0.9",
-                           "--rounds", "1", "--layers", "1", "--name", "cp"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(WORLD), str(script), "--out-dir", str(tmp_path), "--seq-lens", "256", "--check-len",
+                           "256", "--taus", "0.9", "--rounds", "1", "--layers", "1", "--name", "cp"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "cp.json").read_text())["rows"]
     checks = [r for r in rows if r["what"] == "check"]
@@ -186,7 +186,7 @@ def test_fsdp_check_script_runs_on_cpu_processes(tmp_path):
     small = ["--layers", "1", "--seq-len", "64", "--steps", "2", "--global-batch", "4"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     for cmd in ([sys.executable, script, "--out", str(tmp_path / "one.json"), *small],
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), script,
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), script,
                  "--out", str(tmp_path / "many.json"), "--fsdp", *small]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
