@@ -161,7 +161,6 @@ def attention_rows(T: int) -> list[dict]:
             for _ in range(args.rounds):
                 alone.append(one_device(lambda: step(q, k, v, gout)))
                 ringed.append(timed(ring))
-            del q, k, v, gout, mine
             rows.append(_speed_row("attention", mode, T, train, alone, ringed))
     return rows
 
