@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from hf_ahfa.kernels import configs
-from hf_ahfa.kernels.common import Scores, block_size, cdiv, mask_args, next_power_of_2, precision, tensor_arg
+from hf_ahfa.kernels.common import (
+    Scores, block_size, cdiv, mask_args, next_power_of_2, precision, tensor_arg, use_tma,
+)
 from hf_ahfa.kernels.flash_kernels import (
     flash_bwd_dkdv_kernel,
     flash_bwd_dq_kernel,
@@ -116,17 +118,18 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
         c["Q"], c["K"], c["H"], c["H"] // c["HKV"], scores,
     )
     consts = _constexprs(c, causal, blocks)
+    tma = use_tma(k, v)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
         grid = (cdiv(c["max_q"], bm), c["nseq"] * c["H"])
-        flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages)
 
     cands = configs.candidates(configs.FWD, q.device, c["D"])
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
     key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, sinks,
-                      key_padding_mask, attn_mask, cu_seqlens_q, alibi)
+                      key_padding_mask, attn_mask, cu_seqlens_q, alibi) + (tma,)
     launch_tuned(key, cands, launch)
     return out, lse
 

@@ -343,3 +343,42 @@ def test_block_sparse_opcheck():
     lists = (r.kv_count, r.kv_index, r.full_count, r.full_index, r.q_count, r.q_index, r.full_q_count, r.full_q_index)
     args = (q, k, v, None, None, None, None, None, 33, 33, True, -1, -1, 0.0, 0.0, 0, 0.25, *lists, 16, 16)
     torch.library.opcheck(sparse_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """The forward loads keys and values through TMA descriptors (``AHFA_TMA=1``); fails a test whose launches
+    all fell back to pointer loads."""
+    from hf_ahfa.kernels import common, flash
+
+    monkeypatch.setattr(common, "TMA", True)
+    taken = []
+
+    def spy(k, v):
+        taken.append(common.use_tma(k, v))
+        return taken[-1]
+
+    monkeypatch.setattr(flash, "use_tma", spy)
+    yield
+    assert taken and all(taken), f"TMA taken per launch: {taken}"
+
+
+@pytest.mark.parametrize("case", ["causal", "ragged", "gqa_d40", "packed", "sparse", "window_softcap_sinks"])
+def test_tma_loads_match_reference(poison, tma, case):
+    """Keys and values through TMA descriptors (rows past the sequence and columns past the head dim read as
+    zero) give the reference's outputs and gradients."""
+    if case == "causal":
+        _check(_both(*_qkv(2, 48, 48, 2, 2, 16, seed=1), causal=True))
+    elif case == "ragged":  # key blocks end past K; more keys than queries
+        _check(_both(*_qkv(1, 21, 45, 2, 1, 32, seed=2), causal=True))
+    elif case == "gqa_d40":  # head dim 40 in 64-wide tiles, value dim 24
+        _check(_both(*_qkv(2, 33, 33, 4, 2, 40, Dv=24, seed=3)))
+    elif case == "packed":
+        cu = torch.tensor([0, 5, 22, 23, 40], device=DEVICE)
+        _check(_both(*_qkv(1, 40, 40, 4, 2, 16, seed=4), causal=True, cu_seqlens=cu))
+    elif case == "sparse":
+        layout = _layout(2, 4, 45, 100, 16, 32, 0.55, seed=5, full_share=0.5)
+        _check(_both(*_qkv(2, 45, 100, 4, 2, 16, seed=5), causal=True, layout=layout))
+    else:
+        sinks = torch.randn(4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+        _check(_both(*_qkv(2, 40, 40, 4, 4, 16, seed=6), causal=True, window=7, softcap=3.0, sinks=sinks))
