@@ -351,6 +351,21 @@ def _dkdv_blocks(dk, dv, k, v, qdo, stats, start, end, index, offs_n, cx, F: tl.
     return dk, dv
 
 
+@triton.jit
+def flash_bwd_delta_kernel(O, DO, DELTA, T_Q, H, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``delta = rowsum(dO * O)`` in float32 into ``DELTA (B, H, T_Q)`` contiguous, reading the ``(B, T, H, DV)``
+    tensors ``O``, ``DO`` (``(tensor, *strides)``) once: the softmax gradient's correction term per query row."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    first = tl.zeros((), tl.int64)
+    o = load_tile(head_view(O, b, h, first), offs_m, offs_dv, T_Q, DV).to(tl.float32)
+    do = load_tile(head_view(DO, b, h, first), offs_m, offs_dv, T_Q, DV).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
+
+
 @triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_bwd_dkdv_kernel(

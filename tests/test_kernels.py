@@ -382,3 +382,15 @@ def test_tma_loads_match_reference(poison, tma, case):
     else:
         sinks = torch.randn(4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
         _check(_both(*_qkv(2, 40, 40, 4, 4, 16, seed=6), causal=True, window=7, softcap=3.0, sinks=sinks))
+
+
+@pytest.mark.parametrize("B,Q,H,DV", [(2, 37, 3, 24), (1, 5, 1, 80)])
+def test_backward_delta_kernel(B, Q, H, DV):
+    """The backward's ``delta = rowsum(dO * O)`` kernel equals the float32 PyTorch sum, on strided inputs."""
+    from hf_ahfa.kernels.flash import _delta
+
+    g = torch.Generator().manual_seed(Q)
+    out = torch.randn(B, H, Q, DV, generator=g).to(DEVICE, torch.float16).transpose(1, 2)
+    grad_out = torch.randn(B, Q, H, DV, generator=g).to(DEVICE, torch.float16)
+    expect = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(_delta(grad_out, out), expect, rtol=1e-5, atol=1e-5)
