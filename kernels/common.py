@@ -27,7 +27,7 @@ from hf_ahfa.kernels.configs import interpreting
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi tma")
+                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi tma ws")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
 # of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140%, 15% even
@@ -36,6 +36,9 @@ NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 # AHFA_TMA=1: the flash forward loads its key and value tiles through Hopper's tensor memory accelerator
 # (``use_tma``) instead of pointer tiles. Off until a GPU run shows it pays (kernels/NOTES.md).
 TMA = os.environ.get("AHFA_TMA", "0") == "1"
+# AHFA_WS=1: the flash forward's unmasked key loop is warp-specialized (``tl.range(..., warp_specialize=True)``:
+# loads, matmuls and softmax in separate warp groups). Off until a GPU run shows it compiles and pays.
+WS = os.environ.get("AHFA_WS", "0") == "1"
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
@@ -124,7 +127,7 @@ def flags(args: dict) -> Flags:
         varlen=get("CU") is not None, dropout=args["S"].dropout_p > 0, sparse=get("LISTS") is not None,
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
-        alibi=get("ALIBI") is not None, tma=get("TMA", False),
+        alibi=get("ALIBI") is not None, tma=get("TMA", False), ws=WS,
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr

@@ -220,11 +220,18 @@ def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F:
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ptrs = tile_ptrs(k_view, offs_n, offs_d)
         v_ptrs = tile_ptrs(v_view, offs_n, offs_dv)
-        for start_n in range(start, end, BLOCK_N):
-            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, cx,
-                                               F, BLOCK_N, MASKED)
-            k_ptrs += BLOCK_N * k_view.row
-            v_ptrs += BLOCK_N * v_view.row
+        if F.ws and not MASKED:
+            for start_n in tl.range(start, end, BLOCK_N, warp_specialize=True):
+                acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m,
+                                                   cx, F, BLOCK_N, MASKED)
+                k_ptrs += BLOCK_N * k_view.row
+                v_ptrs += BLOCK_N * v_view.row
+        else:
+            for start_n in range(start, end, BLOCK_N):
+                acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m,
+                                                   cx, F, BLOCK_N, MASKED)
+                k_ptrs += BLOCK_N * k_view.row
+                v_ptrs += BLOCK_N * v_view.row
     return acc, l_i, m_i, dropped
 
 
