@@ -394,3 +394,16 @@ def test_backward_delta_kernel(B, Q, H, DV):
     grad_out = torch.randn(B, Q, H, DV, generator=g).to(DEVICE, torch.float16)
     expect = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(_delta(grad_out, out), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_loop_matches_reference(poison, monkeypatch, causal):
+    """The forward's unmasked key loop as ``tl.range(..., warp_specialize=True)`` (``AHFA_WS=1``), with and
+    without TMA loads."""
+    from hf_ahfa.kernels import common
+
+    monkeypatch.setattr(common, "WS", True)
+    q, k, v = _qkv(2, 70, 70, 4, 2, 16, seed=11)
+    _check(_both(q, k, v, grad=False, causal=causal))
+    monkeypatch.setattr(common, "TMA", True)
+    _check(_both(q, k, v, grad=False, causal=causal))
