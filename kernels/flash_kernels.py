@@ -201,11 +201,11 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, c
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F: tl.constexpr,
+def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, start, end, index, offs_m, cx, F: tl.constexpr,
                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax of one query block over key tiles ``[start, end)``; with ``F.sparse`` over the
     ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks."""
-    k_view, v_view, tma = kv
+    k_view, v_view = kv
     offs_d = tl.arange(0, F.block_d)
     offs_dv = tl.arange(0, F.block_dv)
     if F.sparse:
@@ -256,11 +256,10 @@ def flash_fwd_kernel(
     offs_dv = tl.arange(0, F.block_dv)
     q = load_tile(head_view(Q, bm, h, q_start), offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
     kv = (head_view(K, bm, h // GROUP, k_start), head_view(V, bm, h // GROUP, k_start))
-    tma = None
+    tma = None  # passed on as its own argument: triton 3.6 cannot compile a tuple holding None
     if F.tma:
         tma = (tl.make_tensor_descriptor(kv[0].ptr, [cx.k_len, F.d], [kv[0].row, 1], [BLOCK_N, F.block_d]),
                tl.make_tensor_descriptor(kv[1].ptr, [cx.k_len, F.dv], [kv[1].row, 1], [BLOCK_N, F.block_dv]))
-    kv = (kv[0], kv[1], tma)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -268,19 +267,19 @@ def flash_fwd_kernel(
     dropped = tl.zeros([BLOCK_M], tl.float32)  # F.skip: each row's bound of the mass left out
     if F.sparse:
         n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_masked, masked, offs_m, cx, F,
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, 0, n_masked, masked, offs_m, cx, F,
                                              BLOCK_N, True)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_full, full, offs_m, cx, F,
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, 0, n_full, full, offs_m, cx, F,
                                              BLOCK_N, False)
     else:
         lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N,
-                                             True)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_lo, f_hi, None, offs_m, cx, F,
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, lo, f_lo, None, offs_m, cx, F,
+                                             BLOCK_N, True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_lo, f_hi, None, offs_m, cx, F,
                                              BLOCK_N, False)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N,
-                                             True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_hi, hi, None, offs_m, cx, F,
+                                             BLOCK_N, True)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
