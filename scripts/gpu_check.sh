@@ -4,11 +4,10 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost|tma
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
 #  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
-#  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
-#  tma: GPU tests with AHFA_TMA=1, then the forward sweep with TMA and warp specialization off and on)
+#  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -26,7 +25,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, model, sweep, cost or tma}
+STAGE=${1:?tests, tests+sweep, diag, host, model, sweep or cost}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary
@@ -78,21 +77,6 @@ fi
 if [ "$STAGE" = model ]; then
 # whole model (issue 11): ahfa as routed and on its own kernels against sdpa
 after timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" ${MODEL_ARGS:-} 2>&1 | tail -30
-exit 0
-fi
-if [ "$STAGE" = tma ]; then
-# the forward's TMA loads and warp-specialized loop (kernels/NOTES.md): GPU tests with TMA on, then the forward
-# sweep with (AHFA_TMA, AHFA_WS) = 00, 10, 11 in one run (cuDNN and the block-sparse kernels beside them)
-AHFA_TMA=1 AHFA_AUTOTUNE=0 after timeout -s INT -k 10 ${GPU_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider -n 16 \
-  --tb=short -rfE -m "" tests/test_kernels.py tests/test_gpu.py \
-  -k "tma_loads or warp_specialized or bf16_forward_backward_real_sizes or varlen_and_padding or block_sparse_bf16 or every_launch_config" \
-  > "$R/tma-tests.log" 2>&1
-grep -E "^(FAILED|ERROR) |passed|failed" "$R/tma-tests.log" | tail -20
-for t in 00 10 11; do
-  AHFA_TMA=${t:0:1} AHFA_WS=${t:1:1} after timeout ${SWEEP_S:-90} python3 -m hf_ahfa.eval.cli speed --decode-lens= \
-    --masks causal --modes fwd --seq-lens 8192,32768 --head-dims 64,128 --providers ahfa ahfa-sparse-0.3 sdpa-cudnn \
-    --out-dir "$R" --name "tma-ws-$t" 2>&1 | tail -14
-done
 exit 0
 fi
 # kernels: the sweep before and after, twice, interleaved; after also with ahfa-auto (the router's choice)
