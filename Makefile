@@ -26,7 +26,7 @@ test: install
 # setuptools would shadow the build backend the wheel test needs). CI runs it after `make test`. Left out:
 # the suites that call hf_ahfa.attention (or torch's modules) directly and never reach Transformers' code,
 # two thirds of the suite's time; they ran in `make test`.
-KERNEL_ONLY_TESTS := kernels fuzz reliability alibi context_parallel reference nn block_layout tuning bad_input
+KERNEL_ONLY_TESTS := kernels compile_targets fuzz reliability alibi context_parallel reference nn block_layout tuning bad_input
 test-lowest: install
 	$(PYTHON) -m venv --system-site-packages --without-pip $(LOWEST_VENV)
 	$(PIP) --python $(LOWEST_VENV)/bin/python install -q "transformers==$(LOWEST_TRANSFORMERS)"

@@ -1,0 +1,140 @@
+"""Compile the Triton kernels that ``hf_ahfa.attention`` launches for a GPU target, on a machine without a GPU.
+
+The CPU tests run the kernels under Triton's interpreter, which accepts code the GPU compiler refuses: with
+triton 3.6 a tuple holding ``None`` inside a kernel ran on the interpreter and failed to compile on the H100
+(kernels/NOTES.md). This script calls ``hf_ahfa.attention`` (forward, and backward where a variant trains) on
+small CPU tensors with a stand-in Triton driver that reports a CUDA target and launches nothing: each kernel
+variant goes through Triton's whole compile pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas) for that target. Nothing
+is computed: outputs stay uninitialised, so only compile errors are checked, at each table's first launch config.
+
+    python scripts/compile_check.py                  # every variant, sm90
+    python scripts/compile_check.py --arch 80 --variants causal,decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+
+import torch
+
+COMPILED: list[str] = []  # the kernels each variant compiled (or found compiled), in launch order
+VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
+            "alibi", "block_sparse", "decode", "adaptive")
+
+
+def _stand_in_driver(arch: int) -> None:
+    """Make Triton compile for ``sm<arch>`` and launch nothing; make hf_ahfa take CPU tensors as CUDA ones."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(Driver())
+    run = JITFunction.run
+
+    def compile_only(self, *a, grid, warmup, **kw):
+        COMPILED.append(self.__name__)
+        return run(self, *a, grid=grid, warmup=True, **kw)
+
+    JITFunction.run = compile_only
+
+    from hf_ahfa.kernels import configs, flash
+
+    configs.arch = lambda device: "sm90" if arch >= 90 else "sm80"
+    flash.check_supported = lambda q: None
+    # the split-KV decode sizes its splits by the SM count
+    torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=132)
+
+
+def _run(name: str) -> None:
+    """One variant: forward (and backward where it trains) of ``hf_ahfa.attention`` on the Triton backend."""
+    import hf_ahfa
+    from hf_ahfa import patterns
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, HKV, D = 2, 256, 4, 2, 64
+    if name == "full_d128":
+        D = 128
+    dtype = torch.bfloat16
+    make = lambda t, h: torch.randn(B, t, h, D, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = make(T, H), make(T, HKV), make(T, HKV)
+    kw: dict = dict(causal=True)
+    if name == "full_d128":
+        kw = dict(causal=False)
+    elif name == "window_softcap_sinks":
+        kw.update(window=64, softcap=30.0, sinks=torch.zeros(H, requires_grad=True))
+    elif name == "padding_mask":
+        kpm = torch.ones(B, T, dtype=torch.bool)
+        kpm[0, :17] = False
+        kw.update(key_padding_mask=kpm)
+    elif name == "dense_mask":
+        kw.update(attn_mask=torch.rand(B, 1, T, T, generator=g) > 0.2)
+    elif name == "packed":
+        q, k, v = (x.detach()[:1].requires_grad_() for x in (q, k, v))
+        kw.update(cu_seqlens=torch.tensor([0, 100, 256], dtype=torch.int32))
+    elif name == "dropout":
+        kw.update(dropout_p=0.1)
+    elif name == "alibi":
+        kw.update(alibi_slopes=torch.rand(H, generator=g))
+    elif name == "block_sparse":
+        kw.update(layout=patterns.local(T, T, block=64, width=1, batch=B, heads=H))
+    elif name == "decode":  # one query over a long cache: the split-KV kernel and its combine
+        q = q.detach()[:, :1]
+        k, v = (torch.randn(B, 8192, HKV, D, generator=g).to(dtype) for _ in range(2))
+    elif name == "adaptive":  # the estimator's kernels, then the block-sparse forward
+        q, k, v = (torch.randn(1, 4096, h, D, generator=g).to(dtype) for h in (H, HKV, HKV))
+        kw.update(policy=hf_ahfa.AdaptivePolicy(mode="adaptive", min_length=1024))
+    else:
+        assert name == "causal", name
+    out = hf_ahfa.attention(q, k, v, backend="triton", **kw)
+    if out.requires_grad:
+        out.sum().backward()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default: 90)")
+    ap.add_argument("--variants", default="all", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    names = VARIANTS if args.variants == "all" else tuple(args.variants.split(","))
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
+    os.environ.setdefault("AHFA_AUTOTUNE", "0")  # each table's first config: a timed choice needs a GPU
+    _stand_in_driver(args.arch)
+    failed = []
+    for name in names:
+        start = time.perf_counter()
+        COMPILED.clear()
+        try:
+            _run(name)
+            if not COMPILED:
+                raise RuntimeError("no Triton kernel was launched")
+            kernels = ", ".join(dict.fromkeys(COMPILED))
+            print(f"ok      sm{args.arch} {name} ({time.perf_counter() - start:.0f} s): {kernels}", flush=True)
+        except Exception as err:  # noqa: BLE001  (report every variant, then fail)
+            failed.append(name)
+            print(f"FAILED  sm{args.arch} {name}: {type(err).__name__}: {str(err)[-1500:]}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
