@@ -6,9 +6,12 @@ triton 3.6 a tuple holding ``None`` inside a kernel ran on the interpreter and f
 small CPU tensors with a stand-in Triton driver that reports a CUDA target and launches nothing: each kernel
 variant goes through Triton's whole compile pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas) for that target. Nothing
 is computed: outputs stay uninitialised, so only compile errors are checked, at each table's first launch config.
+With ``--all-configs``, every entry of the forward and backward tables (``kernels/configs.py``) is compiled pinned
+instead, and its shared memory checked against the architecture's limit per block (an entry over it never runs).
 
     python scripts/compile_check.py                  # every variant, sm90
     python scripts/compile_check.py --arch 80 --variants causal,decode
+    python scripts/compile_check.py --arch 80 --all-configs
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import types
 
 import torch
 
-COMPILED: list[str] = []  # the kernels each variant compiled (or found compiled), in launch order
+COMPILED: list[tuple[str, int]] = []  # (kernel, shared memory bytes) of each launch of a variant, in order
+# the most shared memory one block may use (opt-in limit): A100 163 KB, H100/H200 227 KB
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
             "alibi", "block_sparse", "decode", "adaptive")
 
@@ -49,8 +54,9 @@ def _stand_in_driver(arch: int) -> None:
     run = JITFunction.run
 
     def compile_only(self, *a, grid, warmup, **kw):
-        COMPILED.append(self.__name__)
-        return run(self, *a, grid=grid, warmup=True, **kw)
+        kernel = run(self, *a, grid=grid, warmup=True, **kw)
+        COMPILED.append((self.__name__, kernel.metadata.shared))
+        return kernel
 
     JITFunction.run = compile_only
 
@@ -107,10 +113,45 @@ def _run(name: str) -> None:
         out.sum().backward()
 
 
+def _table_entries(arch: int) -> int:
+    """Every launch config of the forward and backward tables pinned in turn (causal fwd+bwd at its head dim):
+    compiled, and its kernels' shared memory within ``SHARED_LIMIT``. Returns the number of failures."""
+    import hf_ahfa
+    from hf_ahfa.kernels import configs, tuning
+
+    name = "sm90" if arch >= 90 else "sm80"
+    limit = SHARED_LIMIT[90 if arch >= 90 else 80]
+    failed = 0
+    for table_name, prefix in (("FWD", "flash_fwd"), ("BWD", "flash_bwd")):
+        table = getattr(configs, table_name)[name]
+        for head_dim, entries in table.items():
+            for cfg in entries:
+                table[head_dim] = [cfg]
+                tuning._chosen.clear()  # as the GPU test pinning each entry does
+                COMPILED.clear()
+                q = torch.randn(1, 256, 2, head_dim, dtype=torch.bfloat16, requires_grad=True)
+                try:
+                    hf_ahfa.attention(q, q, q, causal=True, backend="triton").sum().backward()
+                    used = {k: b for k, b in COMPILED if k.startswith(prefix)}
+                    over = {k: b for k, b in used.items() if b > limit}
+                    sizes = ", ".join(f"{k} {b // 1024} KB" for k, b in used.items())
+                    print(f"{'FAILED' if over else 'ok    '}  {name} {table_name} D={head_dim} {cfg}: {sizes}"
+                          + (f" (over {limit // 1024} KB)" if over else ""), flush=True)
+                    failed += bool(over) or not used
+                except Exception as err:  # noqa: BLE001
+                    failed += 1
+                    print(f"FAILED  {name} {table_name} D={head_dim} {cfg}: {type(err).__name__}: {str(err)[-800:]}",
+                          flush=True)
+            table[head_dim] = entries
+    return failed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default: 90)")
     ap.add_argument("--variants", default="all", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="instead of the variants: every launch config of the fwd/bwd tables, shared memory checked")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -120,6 +161,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
     os.environ.setdefault("AHFA_AUTOTUNE", "0")  # each table's first config: a timed choice needs a GPU
     _stand_in_driver(args.arch)
+    if args.all_configs:
+        return 1 if _table_entries(args.arch) else 0
     failed = []
     for name in names:
         start = time.perf_counter()
@@ -128,7 +171,7 @@ def main(argv=None) -> int:
             _run(name)
             if not COMPILED:
                 raise RuntimeError("no Triton kernel was launched")
-            kernels = ", ".join(dict.fromkeys(COMPILED))
+            kernels = ", ".join(dict.fromkeys(name for name, _ in COMPILED))
             print(f"ok      sm{args.arch} {name} ({time.perf_counter() - start:.0f} s): {kernels}", flush=True)
         except Exception as err:  # noqa: BLE001  (report every variant, then fail)
             failed.append(name)
