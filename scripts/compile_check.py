@@ -25,10 +25,15 @@ import types
 import torch
 
 COMPILED: list[tuple[str, int]] = []  # (kernel, shared memory bytes) of each launch of a variant, in order
-# the most shared memory one block may use (opt-in limit): A100 163 KB, H100/H200 227 KB
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# the most shared memory one block may use (opt-in limit), by configs table: A100 163 KB, H100/H200 227 KB
+SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
 VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
             "alibi", "block_sparse", "decode", "adaptive")
+
+
+def _table(arch: int) -> str:
+    """The ``kernels/configs.py`` table that a GPU of compute capability ``arch`` (x10) uses."""
+    return "sm90" if arch >= 90 else "sm80"
 
 
 def _stand_in_driver(arch: int) -> None:
@@ -62,7 +67,7 @@ def _stand_in_driver(arch: int) -> None:
 
     from hf_ahfa.kernels import configs, flash
 
-    configs.arch = lambda device: "sm90" if arch >= 90 else "sm80"
+    configs.arch = lambda device: _table(arch)
     flash.check_supported = lambda q: None
     # the split-KV decode sizes its splits by the SM count
     torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(multi_processor_count=132)
@@ -119,8 +124,8 @@ def _table_entries(arch: int) -> int:
     import hf_ahfa
     from hf_ahfa.kernels import configs, tuning
 
-    name = "sm90" if arch >= 90 else "sm80"
-    limit = SHARED_LIMIT[90 if arch >= 90 else 80]
+    name = _table(arch)
+    limit = SHARED_LIMIT[name]
     failed = 0
     for table_name, prefix in (("FWD", "flash_fwd"), ("BWD", "flash_bwd")):
         table = getattr(configs, table_name)[name]
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
             _run(name)
             if not COMPILED:
                 raise RuntimeError("no Triton kernel was launched")
-            kernels = ", ".join(dict.fromkeys(name for name, _ in COMPILED))
+            kernels = ", ".join(dict.fromkeys(kernel for kernel, _ in COMPILED))
             print(f"ok      sm{args.arch} {name} ({time.perf_counter() - start:.0f} s): {kernels}", flush=True)
         except Exception as err:  # noqa: BLE001  (report every variant, then fail)
             failed.append(name)
