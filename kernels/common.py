@@ -21,17 +21,27 @@ import torch
 import triton
 import triton.language as tl
 
+
+from hf_ahfa.kernels import configs
 from hf_ahfa.kernels.configs import interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi")
+                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi tma")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
 # of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140%, 15% even
 # where no tile is masked (eval/results/kernel-cost-nan-v2-h200.md). The decode kernel always does it.
 NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
+# AHFA_TMA: how the flash forward loads its key and value tiles on sm90+ (``tma_modes``). "auto" (default): through
+# Hopper's tensor memory accelerator and through pointers, both as candidates that the autotuner times (on the H200
+# TMA was as fast at D=128 and 8-12% faster at D=64 and in the block-sparse kernel, kernels/NOTES.md); pointer loads
+# also where a TMA variant does not fit. "1": TMA wherever the tensors allow it (the interpreter too: its tests);
+# "0": pointers only. The interpreter loads through pointers unless "1".
+TMA = os.environ.get("AHFA_TMA", "auto")
+if TMA not in ("auto", "0", "1"):
+    raise ValueError(f"AHFA_TMA must be auto, 0 or 1, got {TMA!r}")
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
@@ -63,6 +73,26 @@ def precision(dtype) -> str:
 def tensor_arg(t):
     """A tensor as the kernels take it: ``(tensor, *strides)``."""
     return (t, *t.stride())
+
+
+def tma_modes(k: torch.Tensor, v: torch.Tensor) -> tuple[bool, ...]:
+    """The load modes (True: TMA descriptors made on the device) the flash forward may use for ``k`` and ``v``,
+    in the order tried (``AHFA_TMA``). TMA needs sm90+, a unit last stride and 16-byte aligned base and strides;
+    its descriptors live in a scratch buffer that Triton takes from the allocator set here."""
+    if TMA == "0" or (TMA == "auto" and interpreting()) or not hasattr(tl, "make_tensor_descriptor"):
+        return (False,)
+    if not interpreting() and configs.arch(k.device) != "sm90":
+        return (False,)
+    for t in (k, v):
+        size = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]):
+            return (False,)
+    triton.set_allocator(_scratch)
+    return (True,) if TMA == "1" else (True, False)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
 
 
 def mask_args(key_padding_mask, attn_mask):
@@ -100,7 +130,7 @@ def flags(args: dict) -> Flags:
         varlen=get("CU") is not None, dropout=args["S"].dropout_p > 0, sparse=get("LISTS") is not None,
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
-        alibi=get("ALIBI") is not None,
+        alibi=get("ALIBI") is not None, tma=get("TMA", False),
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr

@@ -12,8 +12,11 @@ from __future__ import annotations
 import torch
 
 from hf_ahfa.kernels import configs
-from hf_ahfa.kernels.common import Scores, block_size, cdiv, mask_args, next_power_of_2, precision, tensor_arg
+from hf_ahfa.kernels.common import (
+    Scores, block_size, cdiv, mask_args, next_power_of_2, precision, tensor_arg, tma_modes,
+)
 from hf_ahfa.kernels.flash_kernels import (
+    flash_bwd_delta_kernel,
     flash_bwd_dkdv_kernel,
     flash_bwd_dq_kernel,
     flash_decode_combine_kernel,
@@ -116,17 +119,20 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
         c["Q"], c["K"], c["H"], c["H"] // c["HKV"], scores,
     )
     consts = _constexprs(c, causal, blocks)
+    modes = tma_modes(k, v)
 
     def launch(cfg):
-        bm, bn, warps, stages = cfg
+        bm, bn, warps, stages, tma = cfg
         grid = (cdiv(c["max_q"], bm), c["nseq"] * c["H"])
-        flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages)
 
     cands = configs.candidates(configs.FWD, q.device, c["D"])
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
+    # each tile config with each load mode (TMA first): timed, or the first that fits
+    cands = [(*cfg, tma) for tma in modes for cfg in cands]
     key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, sinks,
-                      key_padding_mask, attn_mask, cu_seqlens_q, alibi)
+                      key_padding_mask, attn_mask, cu_seqlens_q, alibi) + (modes,)
     launch_tuned(key, cands, launch)
     return out, lse
 
@@ -155,6 +161,18 @@ def fake_fwd(q, k, v, *args):
 flash_fwd.register_fake(fake_fwd)
 
 
+def _delta(grad_out, out):
+    """``rowsum(grad_out * out)`` in float32, ``(B, H, Q)``: one kernel that reads both tensors once (in PyTorch,
+    the float32 copies, product and sum are several passes and two transient float32 tensors of ``out``'s size)."""
+    B, Q, H, DV = out.shape
+    delta = torch.empty(B, H, Q, dtype=torch.float32, device=out.device)
+    block_dv = block_size(DV)
+    bm = 16 if configs.interpreting() else 64 if block_dv <= 128 else 32
+    flash_bwd_delta_kernel[(cdiv(Q, bm), B * H)](tensor_arg(out), tensor_arg(grad_out), delta, Q, H, DV=DV,
+                                                 BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4)
+    return delta
+
+
 def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, causal, win_left, win_right, softcap, dropout_p, seed, scale,
             rows=None, cols=None, blocks=(1, 1), alibi=None):
@@ -162,7 +180,7 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     # the softmax denominator includes the sink; a row that sees nothing gets +inf so that p = 0
     full = lse if sinks is None else torch.logaddexp(lse, sinks.float()[None, :, None])
     lse2 = torch.where(full == float("-inf"), float("inf"), full * LOG2E).contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Q)
+    delta = _delta(grad_out, out)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

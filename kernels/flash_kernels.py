@@ -158,16 +158,22 @@ def _dropout_keep(cx, offs_m, offs_n):
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F: tl.constexpr,
+def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, cx, F: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online-softmax update of one query block with the key tile at ``start_n``. With ``F.skip``: the tile's
     P @ V is skipped, and its mass left out of the denominator, when every row's ``dropped`` share (an upper
-    bound of the mass left out so far) plus this tile's stays within ``cx.skip``."""
+    bound of the mass left out so far) plus this tile's stays within ``cx.skip``. With ``F.tma`` the key and value
+    tiles come through the TMA descriptors ``tma = (k, v)`` of the head's rows."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < cx.k_len
     if not MASKED:
         n_ok = offs_n >= 0  # unmasked tiles lie below k_len: let the compiler drop the bound check
-    k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
+    row = start_n
+    if F.tma:  # rows past k_len and columns past d read as zero; descriptor offsets are int32 (the key padding
+        row = tl.cast(start_n, tl.int32)  # span makes start_n int64)
+        k = tma[0].load([row, 0])
+    else:
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
     s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
@@ -183,7 +189,10 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F:
             dropped += share
             l_i -= tile
     if not skipped:
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
+        if F.tma:
+            v = tma[1].load([row, 0])
+        else:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_dv)[None, :] < F.dv), other=0.0)
         guard: tl.constexpr = MASKED and F.guard
         if guard:  # a non-finite key needs nothing: its scores are masked where unseen
             v, bad = finite_values(v)
@@ -194,7 +203,7 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F:
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F: tl.constexpr,
+def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, start, end, index, offs_m, cx, F: tl.constexpr,
                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax of one query block over key tiles ``[start, end)``; with ``F.sparse`` over the
     ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks."""
@@ -206,16 +215,16 @@ def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, start, end, index, offs_m, cx, F:
             start_n = _listed_start(index, j, F.layout_bk, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, tile_ptrs(k_view, offs_n, offs_d),
-                                               tile_ptrs(v_view, offs_n, offs_dv), start_n, offs_m, cx, F, BLOCK_N,
-                                               MASKED)
+                                               tile_ptrs(v_view, offs_n, offs_dv), tma, start_n, offs_m, cx, F,
+                                               BLOCK_N, MASKED)
     else:
         # pointers advance by one block per step instead of being recomputed in 64-bit per element
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ptrs = tile_ptrs(k_view, offs_n, offs_d)
         v_ptrs = tile_ptrs(v_view, offs_n, offs_dv)
         for start_n in range(start, end, BLOCK_N):
-            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, start_n, offs_m, cx, F,
-                                               BLOCK_N, MASKED)
+            acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m,
+                                               cx, F, BLOCK_N, MASKED)
             k_ptrs += BLOCK_N * k_view.row
             v_ptrs += BLOCK_N * v_view.row
     return acc, l_i, m_i, dropped
@@ -227,12 +236,13 @@ def flash_fwd_kernel(
     Q, K, V, O, LSE, SINKS, KPM, AM, ALIBI, CU, LISTS, T_Q, T_K, H, GROUP, S,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    F: tl.constexpr,
+    TMA: tl.constexpr, F: tl.constexpr,
 ):
     # Q, K, V, O: (tensor, *strides) of (B, T, H, D) tensors; LSE (B, H, T_Q) contiguous; SINKS (H,),
     # KPM (tensor, stride_b, stride_k), AM (tensor, 4 strides), CU (cu_seqlens_q, cu_seqlens_k) and LISTS
     # (see _lists) are None when absent. LISTS: per query block the key blocks of a block-sparse layout
-    # (hf_ahfa.block_layout), first those that need the element mask, then those that do not.
+    # (hf_ahfa.block_layout), first those that need the element mask, then those that do not. TMA: load the
+    # key and value tiles through descriptors made here (common.tma_modes).
     cx, b, h, bm, q_start, k_start, start_m = _query_program(KPM, AM, ALIBI, CU, S, T_Q, T_K, H, F, BLOCK_M)
     if start_m >= cx.q_len:
         return
@@ -241,6 +251,10 @@ def flash_fwd_kernel(
     offs_dv = tl.arange(0, F.block_dv)
     q = load_tile(head_view(Q, bm, h, q_start), offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
     kv = (head_view(K, bm, h // GROUP, k_start), head_view(V, bm, h // GROUP, k_start))
+    tma = None  # passed on as its own argument: triton 3.6 cannot compile a tuple holding None
+    if F.tma:
+        tma = (tl.make_tensor_descriptor(kv[0].ptr, [cx.k_len, F.d], [kv[0].row, 1], [BLOCK_N, F.block_d]),
+               tl.make_tensor_descriptor(kv[1].ptr, [cx.k_len, F.dv], [kv[1].row, 1], [BLOCK_N, F.block_dv]))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -248,19 +262,19 @@ def flash_fwd_kernel(
     dropped = tl.zeros([BLOCK_M], tl.float32)  # F.skip: each row's bound of the mass left out
     if F.sparse:
         n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_m // LAYOUT_BQ)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_masked, masked, offs_m, cx, F,
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, 0, n_masked, masked, offs_m, cx, F,
                                              BLOCK_N, True)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, 0, n_full, full, offs_m, cx, F,
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, 0, n_full, full, offs_m, cx, F,
                                              BLOCK_N, False)
     else:
         lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N,
-                                             True)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_lo, f_hi, None, offs_m, cx, F,
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, lo, f_lo, None, offs_m, cx, F,
+                                             BLOCK_N, True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_lo, f_hi, None, offs_m, cx, F,
                                              BLOCK_N, False)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, f_hi, hi, None, offs_m, cx, F, BLOCK_N,
-                                             True)
+        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_hi, hi, None, offs_m, cx, F,
+                                             BLOCK_N, True)
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
@@ -336,6 +350,21 @@ def _dkdv_blocks(dk, dv, k, v, qdo, stats, start, end, index, offs_n, cx, F: tl.
         for start_m in range(start, end, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F, BLOCK_M, MASKED)
     return dk, dv
+
+
+@triton.jit
+def flash_bwd_delta_kernel(O, DO, DELTA, T_Q, H, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``delta = rowsum(dO * O)`` in float32 into ``DELTA (B, H, T_Q)`` contiguous, reading the ``(B, T, H, DV)``
+    tensors ``O``, ``DO`` (``(tensor, *strides)``) once: the softmax gradient's correction term per query row."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    first = tl.zeros((), tl.int64)
+    o = load_tile(head_view(O, b, h, first), offs_m, offs_dv, T_Q, DV).to(tl.float32)
+    do = load_tile(head_view(DO, b, h, first), offs_m, offs_dv, T_Q, DV).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
 
 
 @triton.heuristics(dict(F=flags))

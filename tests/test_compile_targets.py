@@ -17,8 +17,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compile_check.py"
 
 
-def _compile(*args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _compile(*args: str, **env_vars: str) -> str:
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env_vars}
     res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return res.stdout
@@ -34,6 +34,13 @@ def test_kernels_compile_for_gpu_targets(arch, variants):
         assert kernel in out, f"{kernel} was not compiled:\n{out}"
     if variants == "all":
         assert "estimate_mass_kernel" in out, out
+
+
+def test_pointer_loads_compile_for_sm90():
+    """``AHFA_TMA=0``: the forward's pointer-load variants, which sm90 also runs where TMA does not fit or is slower
+    (the variants above load through TMA on sm90)."""
+    out = _compile("--arch", "90", "--variants", "causal,padding_mask,block_sparse", AHFA_TMA="0")
+    assert sum(line.startswith("ok ") for line in out.splitlines()) == 3, out
 
 
 def test_compile_check_refuses_the_interpreter_and_unknown_variants():

@@ -343,3 +343,80 @@ def test_block_sparse_opcheck():
     lists = (r.kv_count, r.kv_index, r.full_count, r.full_index, r.q_count, r.q_index, r.full_q_count, r.full_q_index)
     args = (q, k, v, None, None, None, None, None, 33, 33, True, -1, -1, 0.0, 0.0, 0, 0.25, *lists, 16, 16)
     torch.library.opcheck(sparse_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """The forward loads keys and values through TMA descriptors (``AHFA_TMA=1``); fails a test whose launches
+    were not all offered TMA alone."""
+    from hf_ahfa.kernels import common, flash
+
+    monkeypatch.setattr(common, "TMA", "1")
+    offered = []
+
+    def spy(k, v):
+        offered.append(common.tma_modes(k, v))
+        return offered[-1]
+
+    monkeypatch.setattr(flash, "tma_modes", spy)
+    yield
+    assert offered and all(m == (True,) for m in offered), f"load modes per launch: {offered}"
+
+
+@pytest.mark.parametrize("case", ["causal", "ragged", "gqa_d40", "packed", "sparse", "window_softcap_sinks",
+                                  "key_padding"])
+def test_tma_loads_match_reference(poison, tma, case):
+    """Keys and values through TMA descriptors (rows past the sequence and columns past the head dim read as
+    zero) give the reference's outputs and gradients."""
+    if case == "causal":
+        _check(_both(*_qkv(2, 48, 48, 2, 2, 16, seed=1), causal=True))
+    elif case == "ragged":  # key blocks end past K; more keys than queries
+        _check(_both(*_qkv(1, 21, 45, 2, 1, 32, seed=2), causal=True))
+    elif case == "gqa_d40":  # head dim 40 in 64-wide tiles, value dim 24
+        _check(_both(*_qkv(2, 33, 33, 4, 2, 40, Dv=24, seed=3)))
+    elif case == "packed":
+        cu = torch.tensor([0, 5, 22, 23, 40], device=DEVICE)
+        _check(_both(*_qkv(1, 40, 40, 4, 2, 16, seed=4), causal=True, cu_seqlens=cu))
+    elif case == "sparse":
+        layout = _layout(2, 4, 45, 100, 16, 32, 0.55, seed=5, full_share=0.5)
+        _check(_both(*_qkv(2, 45, 100, 4, 2, 16, seed=5), causal=True, layout=layout))
+    elif case == "window_softcap_sinks":
+        sinks = torch.randn(4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+        _check(_both(*_qkv(2, 40, 40, 4, 4, 16, seed=6), causal=True, window=7, softcap=3.0, sinks=sinks))
+    else:  # the visible span starts the key loop inside the sequence (an int64 start on the GPU)
+        kpm = torch.ones(2, 50, dtype=torch.bool, device=DEVICE)
+        kpm[0, :21] = False
+        kpm[1, 37:] = False
+        _check(_both(*_qkv(2, 50, 50, 2, 1, 16, seed=7), causal=True, key_padding_mask=kpm))
+
+
+def test_tma_modes(monkeypatch):
+    """``AHFA_TMA``: "0" pointer loads only; "1" TMA alone where the tensors allow it (unit last stride, 16-byte
+    aligned base and strides); "auto" offers both on a Hopper GPU, pointers alone under the interpreter."""
+    from hf_ahfa.kernels import common
+
+    q, k, v = _qkv(1, 8, 8, 2, 2, 16)
+    monkeypatch.setattr(common, "TMA", "0")
+    assert common.tma_modes(k, v) == (False,)
+    monkeypatch.setattr(common, "TMA", "1")
+    assert common.tma_modes(k, v) == (True,)
+    assert common.tma_modes(k[..., ::2], v) == (False,)  # last stride 2
+    assert common.tma_modes(k, v[:, :, :, 1:]) == (False,)  # base 4 bytes past an aligned one
+    assert common.tma_modes(*_qkv(1, 8, 8, 2, 2, 6)[1:]) == (False,)  # a row of 6 float32 is 24 bytes
+    monkeypatch.setattr(common, "TMA", "auto")
+    if DEVICE == "cpu":
+        assert common.tma_modes(k, v) == (False,)
+    elif torch.cuda.get_device_capability()[0] >= 9:
+        assert common.tma_modes(k, v) == (True, False)
+
+
+@pytest.mark.parametrize("B,Q,H,DV", [(2, 37, 3, 24), (1, 5, 1, 80)])
+def test_backward_delta_kernel(B, Q, H, DV):
+    """The backward's ``delta = rowsum(dO * O)`` kernel equals the float32 PyTorch sum, on strided inputs."""
+    from hf_ahfa.kernels.flash import _delta
+
+    g = torch.Generator().manual_seed(Q)
+    out = torch.randn(B, H, Q, DV, generator=g).to(DEVICE, torch.float16).transpose(1, 2)
+    grad_out = torch.randn(B, Q, H, DV, generator=g).to(DEVICE, torch.float16)
+    expect = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(_delta(grad_out, out), expect, rtol=1e-5, atol=1e-5)

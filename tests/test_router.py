@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hf_ahfa
 from hf_ahfa.router import DECODE_MAX_Q, DECODE_MIN_K
@@ -117,6 +118,39 @@ def test_padded_causal_batches_run_sdpa_exactly(Q, K, oracle):
     gout = torch.randn(out.shape, generator=g)
     for got, w in zip(torch.autograd.grad(out, (q, k, v), gout), torch.autograd.grad(want, (q, k, v), gout.double())):
         torch.testing.assert_close(got.double(), w.double(), atol=2e-5, rtol=2e-5)
+
+
+def test_sdpa_rows_that_see_no_key_are_zeros_on_any_backend(monkeypatch, oracle):
+    """Where SDPA does not zero a row that sees no key (its CUDA backends), ``_sdpa`` still gives zeros with zero
+    gradients there and the oracle elsewhere. Stand-in for such a backend: the boolean mask as a -1e4 additive bias,
+    so a fully masked row averages its values."""
+    from hf_ahfa import router
+
+    sdpa = F.scaled_dot_product_attention
+
+    def bias_sdpa(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            attn_mask = torch.where(attn_mask, 0.0, -1e4).to(q.dtype)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(router.F, "scaled_dot_product_attention", bias_sdpa)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 7, 4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 7, 2, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    kpm = torch.ones(3, 7, dtype=torch.bool)
+    kpm[1, :3] = False  # left padding: the first three query rows see nothing
+    kpm[2] = False
+    want = oracle(q, k, v, causal=True, key_padding_mask=kpm)[0]
+    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, (q, k, v), gout)
+    for zeroes in (True, False):  # the stand-in breaks the result unless the rows are handled
+        monkeypatch.setattr(router, "sdpa_zeroes_unseen_rows", lambda device: zeroes)
+        out = hf_ahfa.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="sdpa")
+        grads = torch.autograd.grad(out, (q, k, v), gout)
+        ok = torch.allclose(out, want, atol=1e-9) and all(torch.allclose(a, b, atol=1e-9)
+                                                          for a, b in zip(grads, want_grads))
+        assert ok != zeroes, f"sdpa_zeroes_unseen_rows={zeroes}: matches the oracle: {ok}"
+    assert (out[2] == 0).all() and (out[1, :3] == 0).all() and (grads[0][2] == 0).all()
 
 
 @pytest.mark.parametrize("kw,why", [
