@@ -6,16 +6,16 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from hf_ahfa.kernels.configs import Config
-
 # AHFA_AUTOTUNE=0: each table's first configuration that fits, untimed: a quarter of the compiles on a cold
 # cache (GPU test runs) and launch choices that do not depend on timing noise.
 _AUTOTUNE = os.environ.get("AHFA_AUTOTUNE", "1") != "0"
 
-_chosen: dict[tuple, Config] = {}
+# a candidate: a table entry (kernels/configs.py), with the launch's own options appended where it has some (the
+# forward's load mode)
+_chosen: dict[tuple, tuple] = {}
 
 
-def chosen() -> dict[str, Config]:
+def chosen() -> dict[str, tuple]:
     """The configurations picked so far, by shape key (for benchmark reports)."""
     return {"/".join(map(str, key)): cfg for key, cfg in _chosen.items()}
 
@@ -28,7 +28,7 @@ def _does_not_fit(err: Exception) -> bool:
     return "out of resource" in text or "shared memory" in text or type(err).__name__ == "PTXASError"
 
 
-def launch_tuned(key: tuple, candidates: list[Config], launch: Callable[[Config], None]) -> None:
+def launch_tuned(key: tuple, candidates: list[tuple], launch: Callable[[tuple], None]) -> None:
     """``launch`` with the configuration chosen for ``key`` (chosen on the first call, then cached).
 
     ``key`` must name everything that changes what a configuration needs (dtype, head dims, the kernel's
