@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 from hf_ahfa.kernels import configs
 from hf_ahfa.kernels.configs import interpreting
 
@@ -35,9 +34,9 @@ Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout s
 # where no tile is masked (eval/results/kernel-cost-nan-v2-h200.md). The decode kernel always does it.
 NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 # AHFA_TMA: how the flash forward loads its key and value tiles on sm90+ (``tma_modes``). "auto" (default): through
-# Hopper's tensor memory accelerator and through pointers, both as candidates that the autotuner times (on the H200
-# TMA was as fast at D=128 and 8-12% faster at D=64 and in the block-sparse kernel, kernels/NOTES.md); pointer loads
-# also where a TMA variant does not fit. "1": TMA wherever the tensors allow it (the interpreter too: its tests);
+# Hopper's tensor memory accelerator and through pointers, both as candidates that the autotuner times (TMA was
+# 7-9% faster at D=64 on the H100 and the H200, as fast at D=128: kernels/NOTES.md); pointer loads also where a TMA
+# variant does not fit. "1": TMA wherever the tensors allow it (the interpreter too: its tests);
 # "0": pointers only. The interpreter loads through pointers unless "1".
 TMA = os.environ.get("AHFA_TMA", "auto")
 if TMA not in ("auto", "0", "1"):
