@@ -308,5 +308,6 @@ def _long_summary(rows, tests, base, lengths, threshold) -> dict:
                            "density": {i: mean_density(rs) for i, rs in cell.items()},
                            "layer_density": {i: _layer_density(rs) for i, rs in cell.items()},
                            "verdict": verdicts[tests[0].label], "verdicts": verdicts})
-    return {"by_context": by_context, "baseline": base.label,
-            "pass": all(v["pass"] for x in by_context for v in x["verdicts"].values())}
+    failing = {t.label: [x["ctx"] for x in by_context if not x["verdicts"][t.label]["pass"]] for t in tests}
+    return {"by_context": by_context, "baseline": base.label, "failing_contexts": failing,
+            "pass": not any(failing.values())}

@@ -75,6 +75,13 @@ def _context_table(summary: dict) -> str:
                            "forward s", f"speed-up vs {base}", "verdict"], lines)
 
 
+def _long_verdict_lines(summary: dict, threshold: float) -> list[str]:
+    """One line per tested implementation: passes at every context length, or the lengths where it failed."""
+    return [f"**PASS** {impl}: within {threshold:.2%} at every context length." if not failed else
+            f"**FAIL** {impl} at {', '.join(map(str, failed))} tokens (threshold {threshold:.2%})."
+            for impl, failed in summary["failing_contexts"].items()]
+
+
 def long_markdown(rows: list[dict], summary: dict, tests: list[str], score_tokens: int, threshold: float) -> list[str]:
     """Per context length: perplexity of each implementation, change, kept blocks, time, verdict; per book;
     kept blocks per layer when some calls ran block-sparse."""
@@ -89,8 +96,7 @@ def long_markdown(rows: list[dict], summary: dict, tests: list[str], score_token
           "interval's upper end is within the threshold. Kept blocks: share of the visible 128x128 blocks ahfa's "
           "block-sparse calls computed (layers that ran exact not counted); forward s: whole-model forward time "
           "summed over books.", "", _context_table(summary), "",
-          f"**{'PASS' if summary['pass'] else 'FAIL'}** at every context length (threshold {threshold:.2%}).",
-          "", "## Per book", "",
+          *_long_verdict_lines(summary, threshold), "", "## Per book", "",
           markdown_table(["book", "context", "context ends at", *[f"{i} ppl" for i in impls],
                           *[f"{i} vs {base}" for i in tests]],
                          [[title, c, end, *[f"{ppl[d, c, i]:.6f}" for i in impls],

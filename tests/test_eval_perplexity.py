@@ -469,3 +469,25 @@ def test_rerun_with_other_settings_names_the_option_and_files_are_announced(tiny
     assert re.search(r"\| ahfa \|.*\| n/a \|", (tmp_path / "same.md").read_text())
     last = _usage_error(capsys, "", *argv[:-4], "--max-docs", 3, "--out-dir", tmp_path, "--name", "same")
     assert "same.jsonl holds results of another configuration (changed: max_docs" in last and "--name" in last
+
+
+def test_long_verdict_is_given_per_implementation():
+    # a tau sweep where one version loses 3% and one nothing: the report names each one's verdict (the run
+    # of 2026-12-05 printed one FAIL "at every context length" for a sweep where three of four versions passed)
+    from hf_ahfa.eval.perplexity_report import long_markdown
+
+    Variant = perplexity_protocols.Variant
+    base, good, bad = (Variant(label, "ahfa", ()) for label in ("exact", "tau0.99", "tau0.9"))
+    rows = []
+    for ctx in (64, 128):
+        for doc in range(3):
+            blocks = [190.0 + doc + i for i in range(4)]  # 64 tokens each, about 3 nats per token
+            for impl, extra in ((base, 0.0), (good, 0.0), (bad, 64 * 0.03 if ctx == 128 else 0.0)):
+                nll = [b + extra for b in blocks]  # bad: 0.03 nats per token more at 128, +3% perplexity
+                rows.append(dict(doc=doc, title=f"book{doc}", ctx=ctx, end=128, nll=sum(nll), tokens=256,
+                                 ppl=math.exp(sum(nll) / 256), seconds=1.0, nll_blocks=nll, impl=impl.label))
+    summary = perplexity_protocols._long_summary(rows, [good, bad], base, [64, 128], 0.01)
+    assert summary["failing_contexts"] == {"tau0.99": [], "tau0.9": [128]} and not summary["pass"]
+    md = "\n".join(long_markdown(rows, summary, ["tau0.99", "tau0.9"], 256, 0.01))
+    assert "**PASS** tau0.99: within 1.00% at every context length." in md
+    assert "**FAIL** tau0.9 at 128 tokens (threshold 1.00%)." in md
