@@ -247,3 +247,12 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
     assert len(made) == 8
+    # an exact policy enters the key by its mode, any other by itself: a model set to auto is routed afresh once
+    auto = SimpleNamespace(is_causal=True, layer_idx=0, config=SimpleNamespace(ahfa={"mode": "auto"}))
+    keys = len(router._plain_sdpa)
+    fn(auto, q, k, v, None, scaling=0.25)
+    fn(auto, q, k, v, None, scaling=0.25)
+    assert len(made) == 9 and len(router._plain_sdpa) == keys + 1
+    # tensors of another rank have no key: the full path's checks name the argument
+    with pytest.raises(ValueError, match="q must have shape"):
+        fn(module, q[0], k[0], v[0], None, scaling=0.25)
