@@ -27,7 +27,7 @@ from hf_ahfa.kernels.configs import interpreting
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi tma")
+                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi alibi_keys tma")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
 # of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140%, 15% even
@@ -41,6 +41,15 @@ NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 TMA = os.environ.get("AHFA_TMA", "auto")
 if TMA not in ("auto", "0", "1"):
     raise ValueError(f"AHFA_TMA must be auto, 0 or 1, got {TMA!r}")
+# AHFA_ALIBI: how a causal call's ALiBi bias enters the flash forward's and backward's scores. "distance" (default):
+# -slope * (query position - key position) per score (an int subtract, abs, conversion and FMA). "keys": the key's
+# term alone, slope * (key position - the tile's first query position), one add per score: what it leaves out is
+# constant along each row, so the softmax ignores it and the lse takes it back (``alibi_row_term``). Not the default
+# until a GPU has run every launch config with it: triton 3.6 compiled backward configs wrong before when the ALiBi
+# bias changed (kernels/NOTES.md). Bidirectional calls and the decode kernel keep the distance form.
+ALIBI_FORM = os.environ.get("AHFA_ALIBI", "distance")
+if ALIBI_FORM not in ("distance", "keys"):
+    raise ValueError(f"AHFA_ALIBI must be distance or keys, got {ALIBI_FORM!r}")
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
@@ -130,6 +139,7 @@ def flags(args: dict) -> Flags:
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
         alibi=get("ALIBI") is not None, tma=get("TMA", False),
+        alibi_keys=get("ALIBI") is not None and args["CAUSAL"] and ALIBI_FORM == "keys",
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr
@@ -210,6 +220,23 @@ def alibi_bias(s, qpos, offs_n, slope):
     """Scores ``s`` (log2 domain) minus ``slope * |query position - key position|``: ALiBi, as flash-attn
     defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``."""
     return s - (slope * LOG2E) * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+
+
+@triton.jit
+def alibi_key_term(offs_m, offs_n, shift, slope):
+    """``AHFA_ALIBI=keys``: ``slope * (key position - ref)`` in the log2 domain, ``[BN]``, with ``ref`` the first
+    query position of the tile ``offs_m`` (``shift`` = k_len - q_len: bottom-right aligned). Near the diagonal,
+    where probabilities are not negligible, it stays within ``slope * (BM + BN)``: float32 loses nothing there."""
+    ref = tl.min(offs_m, 0) + shift
+    return (slope * LOG2E) * (offs_n - ref).to(tl.float32)
+
+
+@triton.jit
+def alibi_row_term(offs_m, slope):
+    """What ``alibi_key_term`` adds to every score of row ``offs_m`` beyond the true ALiBi bias of a visible key,
+    ``slope * (query position - ref)`` (log2 domain, ``[BM]``): subtract it from the row's max for the lse, add it
+    to the lse (and to a sink's logit) wherever scores of the key-term form are compared with them."""
+    return (slope * LOG2E) * (offs_m - tl.min(offs_m, 0)).to(tl.float32)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_ahfa.kernels import configs
+from hf_ahfa.kernels import common, configs
 from hf_ahfa.kernels.common import (
     Scores, block_size, cdiv, mask_args, next_power_of_2, precision, tensor_arg, tma_modes,
 )
@@ -79,12 +79,12 @@ def _constexprs(c, causal, blocks):
                 LAYOUT_BK=blocks[1])
 
 
-def _tuning_key(kind, q, c, causal, scores, *optional):
+def _tuning_key(kind, q, c, causal, scores, alibi, *optional):
     """What a launch configuration's fit and speed depend on: dtype, head dims, GQA group, lengths, and the
-    kernel's compile-time variant (score features, which optional inputs are compiled in)."""
+    kernel's compile-time variant (score features, ALiBi and its form, which optional inputs are compiled in)."""
     return (kind, q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], c["precision"], causal, c["max_q"] > 1024,
             c["max_k"] > 1024, scores.softcap > 0, scores.win_left >= 0, scores.dropout_p > 0, scores.skip > 0,
-            *(x is not None for x in optional))
+            alibi is not None and (common.ALIBI_FORM if causal else "distance"), *(x is not None for x in optional))
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -131,8 +131,8 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
         cands = _sparse_candidates(cands, *blocks)
     # each tile config with each load mode (TMA first): timed, or the first that fits
     cands = [(*cfg, tma) for tma in modes for cfg in cands]
-    key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, sinks,
-                      key_padding_mask, attn_mask, cu_seqlens_q, alibi) + (modes,)
+    key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, alibi, sinks,
+                      key_padding_mask, attn_mask, cu_seqlens_q) + (modes,)
     launch_tuned(key, cands, launch)
     return out, lse
 
@@ -210,8 +210,8 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     dkdv_cands = dq_cands = cands
     if rows is not None:
         dkdv_cands, dq_cands = _sparse_candidates(cands, *blocks), _sparse_candidates(cands, *blocks, swap=True)
-    key = _tuning_key("bwd" if rows is None else f"sparse_bwd{blocks}", q, c, causal, scores, sinks,
-                      key_padding_mask, attn_mask, cu_seqlens_q, alibi)
+    key = _tuning_key("bwd" if rows is None else f"sparse_bwd{blocks}", q, c, causal, scores, alibi, sinks,
+                      key_padding_mask, attn_mask, cu_seqlens_q)
     launch_tuned(key + ("dkdv",), dkdv_cands, launch_dkdv)
     launch_tuned(key + ("dq",), dq_cands, launch_dq)
     if sinks is None:
@@ -301,7 +301,7 @@ def run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, wi
             num_warps=warps, num_stages=stages,
         )
 
-    launch_tuned(_tuning_key("decode", q, c, causal, scores, sinks, key_padding_mask, attn_mask, alibi) + (rows,),
+    launch_tuned(_tuning_key("decode", q, c, causal, scores, alibi, sinks, key_padding_mask, attn_mask) + (rows,),
                  cands, launch)
     out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, alibi_bias, alibi_slope, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx,
+    LOG2E, alibi_bias, alibi_key_term, alibi_row_term, alibi_slope, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx,
     natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
 )
 
@@ -141,7 +141,9 @@ def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
     """Log2-domain scores of a query tile against a key tile (and the tanh for the softcap gradient);
     invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built."""
     s, t = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
-    if F.alibi:
+    if F.alibi_keys:
+        s = s + alibi_key_term(offs_m, offs_n, cx.k_len - cx.q_len, cx.slope)[None, :]
+    elif F.alibi:
         s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
     if MASKED:
         ok = visible(offs_m[:, None] + (cx.k_len - cx.q_len), offs_n, offs_m, cx.q_len, cx.k_len,
@@ -276,14 +278,17 @@ def flash_fwd_kernel(
         acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_hi, hi, None, offs_m, cx, F,
                                              BLOCK_N, True)
 
+    row_term = 0.0  # the scores' excess over the true logits (AHFA_ALIBI=keys), per row
+    if F.alibi_keys:
+        row_term = alibi_row_term(offs_m, cx.slope)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
     if F.sinks:
-        den = den + tl.exp2(tl.load(SINKS + h).to(tl.float32) * LOG2E - m_safe)
+        den = den + tl.exp2(tl.load(SINKS + h).to(tl.float32) * LOG2E + row_term - m_safe)
     out = acc / tl.where(den > 0, den, 1.0)[:, None]  # a row that sees nothing stays 0
     store_tile(head_view(O, bm, h, q_start), offs_m, offs_dv, out, cx.q_len, F.dv)
     # lse is (B, H, Q) contiguous; packed sequences index it by their global row
-    tl.store(LSE + (bm * H + h) * T_Q + q_start + offs_m, natural_lse(m_i, l_i), mask=offs_m < cx.q_len)
+    tl.store(LSE + (bm * H + h) * T_Q + q_start + offs_m, natural_lse(m_i - row_term, l_i), mask=offs_m < cx.q_len)
 
 
 @triton.jit
@@ -328,6 +333,8 @@ def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, B
     q = load_tile(qdo[0], offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
     do = load_tile(qdo[1], offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     lse2, delta = _row_stats(stats, offs_m, cx.q_len)
+    if F.alibi_keys:  # the scores of this tile exceed the logits by the row term: so must the lse they meet
+        lse2 += alibi_row_term(offs_m, cx.slope)
     s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
     p, pd = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=F.precision)  # [BN,BM]@[BM,DV]
@@ -465,6 +472,8 @@ def flash_bwd_dq_kernel(
     do = load_tile(head_view(DO, bm, h, q_start), offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     row = (bm * H + h) * T_Q + q_start
     lse2, delta = _row_stats((LSE2 + row, DELTA + row), offs_m, cx.q_len)
+    if F.alibi_keys:  # as in _dkdv_step
+        lse2 += alibi_row_term(offs_m, cx.slope)
     kv = (head_view(K, bm, h // GROUP, k_start), head_view(V, bm, h // GROUP, k_start))
     dq = tl.zeros([BLOCK_M, F.block_d], tl.float32)
     if F.sparse:

@@ -33,13 +33,24 @@ def _check(got, want, leaves, tol=2e-5):
     return grads, ref_leaves, gout
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+def _use_form(monkeypatch, form):
+    """The kernels' form of the causal ALiBi bias (``AHFA_ALIBI``): per score, or the key's term alone."""
+    from hf_ahfa.kernels import common
+
+    monkeypatch.setattr(common, "ALIBI_FORM", form)
+
+
+FORMS = ["distance", "keys"]
+
+
+@pytest.mark.parametrize("backend,form", [("reference", "distance"), ("triton", "distance"), ("triton", "keys")])
 @pytest.mark.parametrize("kw", [
     dict(causal=True), dict(causal=True, Q=24), dict(causal=False), dict(causal=True, window=9),
     dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True), dict(causal=True, sinks=True),
     dict(causal=True, Q=70, K=49),  # query rows that see no key
 ])
-def test_alibi_matches_the_oracle(backend, kw, oracle):
+def test_alibi_matches_the_oracle(backend, form, kw, oracle, monkeypatch):
+    _use_form(monkeypatch, form)
     kw = dict(kw)
     Q, K, batch_slopes = kw.pop("Q", 40), kw.pop("K", 40), kw.pop("batch_slopes", False)
     B, Hq, Hkv, D = 2, 4, 2, 16
@@ -59,8 +70,10 @@ def test_alibi_matches_the_oracle(backend, kw, oracle):
     assert (hf_ahfa.attention(q, k, v, backend=backend, **kw) - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_alibi_far_from_the_diagonal_with_small_slopes(causal, oracle):
+def test_alibi_far_from_the_diagonal_with_small_slopes(causal, form, oracle, monkeypatch):
+    _use_form(monkeypatch, form)
     # slopes as small as a many-headed model's last heads: key tiles hundreds of positions away still carry mass,
     # so the bias must stay exact where its row and column terms are large
     q, k, v = _qkv(1, 300, 333, 2, 1, 16, seed=7)
@@ -70,7 +83,9 @@ def test_alibi_far_from_the_diagonal_with_small_slopes(causal, oracle):
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
-def test_alibi_packed_sequences_take_slopes_per_sequence(oracle):
+@pytest.mark.parametrize("form", FORMS)
+def test_alibi_packed_sequences_take_slopes_per_sequence(form, oracle, monkeypatch):
+    _use_form(monkeypatch, form)
     q, k, v = _qkv(1, 30, 30, 4, 2, 16, seed=2)
     cu = torch.tensor([0, 11, 30], device=DEVICE)
     slopes = _slopes(4, batch=2)
@@ -91,7 +106,9 @@ def test_alibi_on_the_split_kv_decode_kernel(oracle):
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
-def test_alibi_under_a_block_sparse_layout(oracle):
+@pytest.mark.parametrize("form", FORMS)
+def test_alibi_under_a_block_sparse_layout(form, oracle, monkeypatch):
+    _use_form(monkeypatch, form)
     q, k, v = _qkv(1, 64, 64, 4, 2, 16, seed=4)
     layout = patterns.union(patterns.local(64, 64, block=16, width=1, heads=4, device=DEVICE),
                             patterns.global_blocks(64, 64, block=16, n=1, heads=4, device=DEVICE))

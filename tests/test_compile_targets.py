@@ -43,6 +43,12 @@ def test_pointer_loads_compile_for_sm90():
     assert sum(line.startswith("ok ") for line in out.splitlines()) == 3, out
 
 
+def test_alibi_key_term_form_compiles_for_sm90():
+    """``AHFA_ALIBI=keys``: the causal ALiBi variants with the key's term alone (the forward, both backward kernels)."""
+    out = _compile("--arch", "90", "--variants", "alibi", AHFA_ALIBI="keys")
+    assert sum(line.startswith("ok ") for line in out.splitlines()) == 1, out
+
+
 def test_compile_check_refuses_the_interpreter_and_unknown_variants():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)

@@ -373,8 +373,9 @@ def _launch_configs():
             for tma in (("1", "0") if name == "FWD" else ("auto",))]
 
 
-@pytest.mark.parametrize("alibi", [False, True])
-@pytest.mark.parametrize("causal", [True, False])
+# the ALiBi bias in either form (AHFA_ALIBI; bidirectional calls have the distance form only)
+@pytest.mark.parametrize("causal,alibi", [(True, False), (True, "distance"), (True, "keys"), (False, False),
+                                          (False, "distance")])
 @pytest.mark.parametrize("table,D,cfg,tma", _launch_configs())
 def test_every_launch_config_is_right(monkeypatch, table, D, cfg, tma, causal, alibi):
     # the autotuner may pick any entry of a table (and either load mode of the forward): each one pinned in turn
@@ -385,6 +386,8 @@ def test_every_launch_config_is_right(monkeypatch, table, D, cfg, tma, causal, a
     monkeypatch.setitem(getattr(configs, table)[configs.arch(torch.device("cuda"))], configs.bucket(D), [cfg])
     monkeypatch.setattr(tuning, "_chosen", {})
     monkeypatch.setattr(common, "TMA", tma)
+    if alibi:
+        monkeypatch.setattr(common, "ALIBI_FORM", alibi)
     g = torch.Generator(device="cuda").manual_seed(D)
     B, T, H = 4, 4096, 16
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g).to(BF16).requires_grad_() for _ in "qkv")
