@@ -4,10 +4,11 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
 #  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
-#  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree)
+#  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
+#  alibi: every launch config with ALiBi in both forms (AHFA_ALIBI), then both forms timed in the same rounds)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -25,7 +26,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, model, sweep or cost}
+STAGE=${1:?tests, tests+sweep, diag, host, model, sweep, cost or alibi}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -74,6 +75,15 @@ after python3 scripts/host_overhead.py --device cuda --kv-lens 16,1024,8192 --q-
   --name host-overhead-decode-h200 2>&1 | tail -5
 after python3 scripts/host_overhead.py --device cuda --kv-lens 64,1024 --q-len 16 --out-dir "$R" \
   --name host-overhead-q16-h200 2>&1 | tail -4
+exit 0
+fi
+if [ "$STAGE" = alibi ]; then
+# the key-term form (AHFA_ALIBI=keys) is the default only once every launch config computes it right and it is faster
+AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-4} \
+  --tb=short -rfE -m gpu tests/test_gpu.py -k "every_launch_config and (distance or keys)" > "$R/alibi-configs.log" 2>&1
+grep -E "^(FAILED|ERROR) |passed|failed" "$R/alibi-configs.log" | tail -15
+after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms distance,keys \
+  --head-dims ${HEAD_DIMS:-64,128} --seq-lens ${SEQ_LENS:-4096,16384} --name alibi-forms 2>&1 | tail -30
 exit 0
 fi
 if [ "$STAGE" = model ]; then
