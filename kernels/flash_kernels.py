@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, alibi_bias, alibi_key_term, alibi_row_term, alibi_slope, finite_values, flags, head_view, key_span, load_tile, logits, make_ctx,
-    natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
+    LOG2E, alibi_bias, alibi_key_term, alibi_row_term, alibi_slope, finite_values, flags, head_view, key_span,
+    load_tile, logits, make_ctx, natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
 )
 
 
