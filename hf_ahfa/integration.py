@@ -182,10 +182,11 @@ def ahfa_attention_forward(
         out, weights = reference_attention_probs(q, k, v, layout, call)
         # keys cut off above (the empty static-cache tail) get weight 0, as in eager attention
         return out.contiguous(), torch.nn.functional.pad(weights, (0, K - weights.shape[-1]))
+    layer = getattr(module, "layer_idx", None)
     if telemetry.recording():
-        with telemetry.layer_tag(getattr(module, "layer_idx", None)):
-            return run_call(q, k, v, call, policy=policy, remember=plain)[0].contiguous(), None
-    return run_call(q, k, v, call, policy=policy, remember=plain)[0].contiguous(), None
+        with telemetry.layer_tag(layer):
+            return run_call(q, k, v, call, policy=policy, remember=plain, layer=layer)[0].contiguous(), None
+    return run_call(q, k, v, call, policy=policy, remember=plain, layer=layer)[0].contiguous(), None
 
 
 def _guard_unreachable_models(get_correct_attn_implementation):

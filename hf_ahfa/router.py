@@ -273,12 +273,26 @@ def run_plain(query, key, value, causal: bool, scale, memo: tuple) -> torch.Tens
     return out.transpose(1, 2)
 
 
+# auto: where a model layer's selection kept at least the break-even share of its blocks, the next AUTO_RECHECK
+# calls of that layer and call shape (lengths by their power of two) run exact without estimating, which would
+# most likely say the same at the estimator's cost (auto must not be slower than exact); then one call estimates
+# again. Skipping the estimate never changes a result: exact attention is what the fallback runs anyway.
+AUTO_RECHECK = 8
+_auto_exact: dict[tuple, int] = {}
+
+
+def _auto_key(layer: int, q, k, v, call: AttnCall, policy: AdaptivePolicy) -> tuple:
+    return (layer, policy, q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2],
+            k.shape[2], q.shape[3], call.causal, call.window, call.needs_grad(q, k, v))
+
+
 def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: AdaptivePolicy | None = None,
-        layout: BlockLayout | None = None, need_lse: bool = False,
-        remember: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layout: BlockLayout | None = None, need_lse: bool = False, remember: tuple | None = None,
+        layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q) or None)``; ``lse`` is
     ``None`` only where ``need_lse`` was False and the call ran through SDPA. ``remember``: the ``plain_key``
-    of a plain call, kept for ``run_plain`` if the call goes to SDPA."""
+    of a plain call, kept for ``run_plain`` if the call goes to SDPA. ``layer``: the model layer making the
+    call (Transformers' ``layer_idx``), whose ``auto`` decisions are remembered (``AUTO_RECHECK``)."""
     if policy is not None and policy.mode == "pattern" and layout is None:
         layout, policy = pattern_layout(q, call, policy), None
     if F.scaled_dot_product_attention is not _SDPA:
@@ -298,11 +312,21 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
         # nothing can be read: it runs as selected); adaptive: always, as asked
         auto = policy.mode == "auto" and kernels and host_may_wait()
         break_even = exact_speed_ratio(q, k, v, call, backend) if auto else None
-        if (done := adaptive_attention(q, k, v, call, policy, kernels=kernels, break_even=break_even)) is not None:
-            return done
-        r = route(q, k, v, call, backend=backend, policy=None, layout=None, need_lse=need_lse)
-        r = r._replace(reason=f"auto: the selection keeps at least {break_even:.0%} of the blocks, where exact "
-                              "attention is as fast")
+        memo = _auto_key(layer, q, k, v, call, policy) if auto and layer is not None else None
+        if memo is not None and _auto_exact.get(memo, 0) > 0:
+            _auto_exact[memo] -= 1
+            reason = (f"auto: layer {layer}'s selection kept at least {break_even:.0%} of the blocks in an earlier "
+                      f"call of this shape (estimated again every {AUTO_RECHECK + 1} calls)")
+        else:
+            done = adaptive_attention(q, k, v, call, policy, kernels=kernels, break_even=break_even)
+            if done is not None:
+                _auto_exact.pop(memo, None)
+                return done
+            if memo is not None:
+                _auto_exact[memo] = AUTO_RECHECK
+            reason = (f"auto: the selection keeps at least {break_even:.0%} of the blocks, where exact attention is as "
+                      "fast")
+        r = route(q, k, v, call, backend=backend, policy=None, layout=None, need_lse=need_lse)._replace(reason=reason)
     telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="sparse" if r.path == "layout" else "exact",
                    route=r.path, backend=r.backend, reason=r.reason)
     if r.path == "layout":

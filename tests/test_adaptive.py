@@ -213,6 +213,44 @@ def test_auto_runs_block_sparse_only_below_the_break_even(monkeypatch):
     assert rec[0]["route"] == "reference" and "without the Triton kernels" in rec[0]["reason"]
 
 
+def test_auto_remembers_per_layer_where_the_selection_does_not_pay(monkeypatch):
+    """A model layer whose selection kept at least the break-even share runs its next AUTO_RECHECK calls of that
+    shape exact without estimating (the estimate would cost time to say the same), then estimates again; another
+    layer, or a call from outside a model (no layer), estimates on its own. The results stay exact."""
+    from types import SimpleNamespace
+
+    from hf_ahfa import adaptive, integration, router
+
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    monkeypatch.setattr(router, "_auto_exact", {})
+    estimates = []
+    real_select = adaptive._select
+    monkeypatch.setattr(adaptive, "_select", lambda *a, **kw: estimates.append(1) or real_select(*a, **kw))
+    # every head over density_limit keeps all its blocks: the share 1.0 meets the break-even (1.0 off a GPU)
+    fields = dict(mode="auto", block_size=16, stride=8, min_length=32, density_limit=0.5)
+    q, k, v = (t.transpose(1, 2) for t in _qk(1, 64, 64, 2, 1, 16, seed=6))  # Transformers' (B, H, T, D)
+
+    def layer_call(idx):
+        module = SimpleNamespace(is_causal=True, layer_idx=idx, config=SimpleNamespace(ahfa=fields))
+        with hf_ahfa.record() as rec:
+            out = integration.ahfa_attention_forward(module, q, k, v, None)[0]
+        return out, rec[0]
+
+    exact = hf_ahfa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, backend="triton")
+    out, rec = layer_call(3)
+    assert len(estimates) == 1 and rec["reason"].startswith("auto: the selection keeps at least")
+    for _ in range(router.AUTO_RECHECK):
+        out, rec = layer_call(3)
+        assert torch.equal(out, exact) and "layer 3's selection kept at least 100%" in rec["reason"]
+    assert len(estimates) == 1
+    layer_call(3)  # the recheck
+    layer_call(4)  # another layer
+    assert len(estimates) == 3
+    for _ in range(2):  # no layer: every call estimates
+        hf_ahfa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, policy=hf_ahfa.AdaptivePolicy(**fields))
+    assert len(estimates) == 5
+
+
 def test_policy_validation_names_the_field():
     for kw, field in [({"mode": "fast"}, "mode"), ({"tau": 0.0}, "tau"), ({"block_size": 100}, "block_size"),
                       ({"stride": 48}, "stride"), ({"density_limit": 2}, "density_limit"), ({"local_blocks": 0}, "local")]:
