@@ -142,6 +142,8 @@ def ahfa_attention_forward(
     padded = is_padding_vector(attention_mask, Q, K)
     if (attention_mask is None or padded) and sliding_window is None:  # (set by ahfa_mask's callers or the module)
         sliding_window = getattr(module, "sliding_window", None)
+    if isinstance(sliding_window, int) and sliding_window >= K:  # it hides no key (make_call's rule): a plain call
+        sliding_window = None
     want_weights = _weights_requested(output_attentions)
     policy = policy_of(getattr(module, "config", None))
     if policy.layers:  # per-layer settings (hf_ahfa.calibrate)

@@ -97,6 +97,10 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
             max_seqlens = max_seqlens or checked
         max_q, max_k = (int(m) for m in max_seqlens)
     window = normalize_window(window, causal)
+    if window is not None and window[0] >= max_k - 1 and (causal or window[1] >= max_q - 1):
+        # a window that hides no key (a sliding-window layer's decode over a cache no longer than the window, a
+        # prompt shorter than it) is no window: the call routes as plain attention (SDPA where it is faster)
+        window = None
     if window is not None:
         # a window wider than every distance between a query and a key is no narrower than that distance: the
         # kernels' 32-bit positions never see a larger one

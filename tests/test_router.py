@@ -247,6 +247,9 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
     assert len(made) == 8
+    # a sliding window as long as the cache hides no key: a plain call (a sliding layer's decode step)
+    fn(module, q, k, v, None, scaling=0.25, sliding_window=20)
+    assert len(made) == 8
     # an exact policy enters the key by its mode, any other by itself: a model set to auto is routed afresh once
     auto = SimpleNamespace(is_causal=True, layer_idx=0, config=SimpleNamespace(ahfa={"mode": "auto"}))
     keys = len(router._plain_sdpa)
@@ -256,3 +259,25 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     # tensors of another rank have no key: the full path's checks name the argument
     with pytest.raises(ValueError, match="q must have shape"):
         fn(module, q[0], k[0], v[0], None, scaling=0.25)
+
+
+@pytest.mark.parametrize("Q,K,causal,window,hides", [
+    (40, 40, True, 40, False), (40, 40, True, 39, True),  # a prompt no longer than the window / one key longer
+    (1, 300, False, 300, False), (1, 300, False, 299, True),  # a decode step over a cache as long as the window
+    (24, 30, False, (29, 23), False), (24, 30, False, (29, 22), True),  # bidirectional: both sides count
+])
+def test_a_window_that_hides_no_key_is_no_window(Q, K, causal, window, hides):
+    """make_call drops a window that excludes no key (a sliding-window layer's decode over a cache no longer than
+    the window, a prompt shorter than it): the call routes as plain attention, with the same result."""
+    from hf_ahfa.spec import make_call
+
+    q, k, v = _qkv(Q, K, seed=Q + K)
+    call = make_call(q, k, v, causal=causal, window=window)
+    assert (call.window is not None) == hides
+    with hf_ahfa.record() as rec:
+        windowed = hf_ahfa.attention(q, k, v, causal=causal, window=window)
+        plain = hf_ahfa.attention(q, k, v, causal=causal)
+    if hides:  # SDPA has no window: our kernels (the reference on the CPU), and the window shows in the result
+        assert rec[0]["route"] != "sdpa" and (windowed - plain).abs().max() > 1e-4
+    else:
+        assert rec[0]["route"] == rec[1]["route"] and torch.equal(windowed, plain)
