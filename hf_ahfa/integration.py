@@ -23,7 +23,7 @@ except ImportError:
     _active_collector = None
 
 from hf_ahfa import patches, telemetry
-from hf_ahfa.masks import make_layout
+from hf_ahfa.masks import hides_no_key, make_layout, normalize_window
 from hf_ahfa.policy import policy_of
 from hf_ahfa.reference import reference_attention_probs
 from hf_ahfa.router import plain_key, run_plain
@@ -142,8 +142,9 @@ def ahfa_attention_forward(
     padded = is_padding_vector(attention_mask, Q, K)
     if (attention_mask is None or padded) and sliding_window is None:  # (set by ahfa_mask's callers or the module)
         sliding_window = getattr(module, "sliding_window", None)
-    if isinstance(sliding_window, int) and sliding_window >= K:  # it hides no key (make_call's rule): a plain call
-        sliding_window = None
+    if isinstance(sliding_window, int) and hides_no_key(normalize_window(sliding_window, is_causal and Q > 1),
+                                                        is_causal and Q > 1, Q, K):
+        sliding_window = None  # make_call would drop it: the call may take the plain path below
     want_weights = _weights_requested(output_attentions)
     policy = policy_of(getattr(module, "config", None))
     if policy.layers:  # per-layer settings (hf_ahfa.calibrate)

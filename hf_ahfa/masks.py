@@ -41,6 +41,13 @@ def normalize_window(window, causal: bool) -> tuple[int, int] | None:
     return (left, 0 if causal else right)
 
 
+def hides_no_key(window: tuple[int, int], causal: bool, max_q: int, max_k: int) -> bool:
+    """Whether a ``(left, right)`` window excludes no key of sequences of at most ``max_q`` queries and ``max_k``
+    keys (queries bottom-right aligned): then it is no window (a sliding-window layer's decode over a cache no
+    longer than the window, a prompt shorter than it)."""
+    return window[0] >= max_k - 1 and (causal or window[1] >= max_q - 1)
+
+
 def make_layout(
     q_len: int,
     k_len: int,

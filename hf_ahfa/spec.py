@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_ahfa import checks
-from hf_ahfa.masks import normalize_window
+from hf_ahfa.masks import hides_no_key, normalize_window
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,8 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
             max_seqlens = max_seqlens or checked
         max_q, max_k = (int(m) for m in max_seqlens)
     window = normalize_window(window, causal)
-    if window is not None and window[0] >= max_k - 1 and (causal or window[1] >= max_q - 1):
-        # a window that hides no key (a sliding-window layer's decode over a cache no longer than the window, a
-        # prompt shorter than it) is no window: the call routes as plain attention (SDPA where it is faster)
-        window = None
+    if window is not None and hides_no_key(window, causal, max_q, max_k):
+        window = None  # the call routes as plain attention (SDPA where it is faster)
     if window is not None:
         # a window wider than every distance between a query and a key is no narrower than that distance: the
         # kernels' 32-bit positions never see a larger one

@@ -50,6 +50,13 @@ if TMA not in ("auto", "0", "1"):
 ALIBI_FORM = os.environ.get("AHFA_ALIBI", "distance")
 if ALIBI_FORM not in ("distance", "keys"):
     raise ValueError(f"AHFA_ALIBI must be distance or keys, got {ALIBI_FORM!r}")
+
+
+def alibi_keys(alibi: bool, causal: bool) -> bool:
+    """Whether a launch adds its ALiBi bias in the key-term form (``AHFA_ALIBI=keys``; causal calls only)."""
+    return alibi and causal and ALIBI_FORM == "keys"
+
+
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
@@ -139,7 +146,7 @@ def flags(args: dict) -> Flags:
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
         alibi=get("ALIBI") is not None, tma=get("TMA", False),
-        alibi_keys=get("ALIBI") is not None and args["CAUSAL"] and ALIBI_FORM == "keys",
+        alibi_keys=alibi_keys(get("ALIBI") is not None, args["CAUSAL"]),
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr
