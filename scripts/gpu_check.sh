@@ -8,7 +8,8 @@
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
 #  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
-#  alibi: every launch config with ALiBi in both forms (AHFA_ALIBI), then both forms timed in the same rounds)
+#  alibi: every launch config with ALiBi in both forms (AHFA_ALIBI), then both forms timed in the same rounds;
+#  d256: each head-dim-256 forward launch config pinned, checked and timed against cuDNN at Gemma-3's 4/1 heads)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -26,7 +27,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, model, sweep, cost or alibi}
+STAGE=${1:?tests, tests+sweep, diag, host, model, sweep, cost, alibi or d256}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -84,6 +85,15 @@ AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/alibi-configs.log" | tail -15
 after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms distance,keys \
   --head-dims ${HEAD_DIMS:-64,128} --seq-lens ${SEQ_LENS:-4096,16384} --name alibi-forms 2>&1 | tail -30
+exit 0
+fi
+if [ "$STAGE" = d256 ]; then
+# the order of the D=256 forward table (its default was never checked on Hopper): 32K tokens per batch
+for TB in 8192:4 16384:2; do
+  after timeout ${D256_S:-240} python3 scripts/launch_config_check.py --trees after=/tmp/after --table FWD --head-dims 256 \
+    --causal yes --heads 4 --kv-heads 1 --seq-len ${TB%:*} --batch ${TB#*:} --time --out-dir "$R" --name "fwd-d256-${TB%:*}" \
+    2>&1 | tail -8
+done
 exit 0
 fi
 if [ "$STAGE" = model ]; then

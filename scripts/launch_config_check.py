@@ -2,10 +2,11 @@
 turn, in one process each (a CUDA error ends its process's context), on one or more source trees: does the
 fwd+bwd call crash, give non-finite or wrong outputs or gradients (against the float32 reference on the first
 batch row)? Finds a launch configuration that fails with one GPU / Triton version, and whether a code change
-brought it. The autotuner may pick any entry; the fuzz runs the first only.
+brought it. The autotuner may pick any entry; the fuzz runs the first only. With ``--time`` each configuration's
+forward is also timed against cuDNN SDPA on the same tensors (one process at a time), to choose a table's order.
 
     python scripts/launch_config_check.py --trees after=/tmp/after,before=/tmp/before --out-dir OUT \
-        [--table BWD] [--head-dims 64,128,256] [--alibi] [--seq-len 4096 --batch 8 --heads 16]
+        [--table BWD] [--head-dims 64,128,256] [--alibi] [--seq-len 4096 --batch 8 --heads 16 --kv-heads 16] [--time]
 
 Each tree is a folder to put on PYTHONPATH (the package laid out as installed).
 """
@@ -28,6 +29,9 @@ parser.add_argument("--alibi", action="store_true", help="with ALiBi slopes (Blo
 parser.add_argument("--seq-len", type=int, default=4096)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--heads", type=int, default=16)
+parser.add_argument("--kv-heads", type=int, help="key/value heads (GQA; default: --heads)")
+parser.add_argument("--causal", default="both", choices=["both", "yes", "no"], help="which masks to run")
+parser.add_argument("--time", action="store_true", help="also time the forward against cuDNN (runs one at a time)")
 parser.add_argument("--parallel", type=int, default=8)
 parser.add_argument("--one", help="(child) BLOCK_M,BLOCK_N,warps,stages:head_dim:causal")
 args = parser.parse_args()
@@ -45,8 +49,8 @@ def child() -> None:
     D, causal = int(D), causal == "1"
     getattr(configs, args.table)["sm90"][configs.bucket(D)][:] = [tuple(int(x) for x in cfg_text.split(","))]
     torch.manual_seed(0)
-    B, T, H = args.batch, args.seq_len, args.heads
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    B, T, H, Hkv = args.batch, args.seq_len, args.heads, args.kv_heads or args.heads
+    q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (H, Hkv, Hkv))
     slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda") if args.alibi else None
     out = hf_ahfa.attention(q, k, v, causal=causal, backend="triton", alibi_slopes=slopes)
     g = torch.randn_like(out)
@@ -59,13 +63,40 @@ def child() -> None:
     errs = {n: ((a[:1].float() - b).abs().max() / b.abs().max()).item() for n, a, b in zip(NAMES, got, want)}
     finite = all(bool(a.isfinite().all()) for a in got)
     status = "ok" if finite and max(errs.values()) < 0.05 else ("non-finite" if not finite else "wrong")
-    print(json.dumps(dict(status=status, errors=errs)))
+    row = dict(status=status, errors=errs)
+    if args.time and status == "ok":
+        row.update(_forward_times(q.detach(), k.detach(), v.detach(), causal, slopes))
+    print(json.dumps(row))
+
+
+def _forward_times(q, k, v, causal, slopes) -> dict:
+    """Median forward ms of the pinned configuration and of cuDNN SDPA (no ALiBi there: the kernel's own cost)."""
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import hf_ahfa
+
+    def ours():
+        return hf_ahfa.attention(q, k, v, causal=causal, backend="triton", alibi_slopes=slopes)
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                                                    enable_gqa=kt.shape[1] != qt.shape[1])
+
+    with torch.no_grad():
+        ms = [triton.testing.do_bench(f, warmup=50, rep=300) for f in (ours, cudnn, ours, cudnn)]
+    return dict(ms=min(ms[0], ms[2]), cudnn_ms=min(ms[1], ms[3]))
 
 
 def run_one(tree: str, path: str, cfg, D: int, causal: bool) -> dict:
     spec = f"{','.join(map(str, cfg))}:{D}:{int(causal)}"
     cmd = [sys.executable, __file__, "--one", spec, "--table", args.table, "--seq-len", str(args.seq_len),
-           "--batch", str(args.batch), "--heads", str(args.heads)] + (["--alibi"] if args.alibi else [])
+           "--batch", str(args.batch), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads or args.heads)]
+    cmd += (["--alibi"] if args.alibi else []) + (["--time"] if args.time else [])
     env = dict(os.environ, PYTHONPATH=path, PYTHONSAFEPATH="1")
     row = dict(tree=tree, table=args.table, config=list(cfg), head_dim=D, causal=causal, alibi=args.alibi)
     try:
@@ -86,9 +117,10 @@ def parent() -> None:
     spec = spec_from_file_location("configs", Path(__file__).resolve().parent.parent / "kernels" / "configs.py")
     configs = module_from_spec(spec)
     spec.loader.exec_module(configs)
+    masks = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     jobs = [(name, path, cfg, D, causal) for name, path in trees.items() for D in map(int, args.head_dims.split(","))
-            for cfg in getattr(configs, args.table)["sm90"][configs.bucket(D)] for causal in (True, False)]
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+            for cfg in getattr(configs, args.table)["sm90"][configs.bucket(D)] for causal in masks]
+    with concurrent.futures.ThreadPoolExecutor(1 if args.time else args.parallel) as pool:
         rows = list(pool.map(lambda job: run_one(*job), jobs))
     for r in rows:
         print(r, flush=True)
@@ -96,11 +128,14 @@ def parent() -> None:
         out = Path(args.out_dir)
         (out / f"{args.name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
         lines = [f"# {'Backward' if args.table == 'BWD' else 'Forward'} launch configurations pinned one at a time ({'ALiBi, ' if args.alibi else ''}bf16, "
-                 f"B={args.batch}, T={args.seq_len}, H={args.heads})", "",
-                 "| tree | head dim | causal | config (BLOCK_M, BLOCK_N, warps, stages) | status | max rel. error |",
-                 "|---|---|---|---|---|---|"]
+                 f"B={args.batch}, T={args.seq_len}, H={args.heads}/{args.kv_heads or args.heads})", "",
+                 "| tree | head dim | causal | config (BLOCK_M, BLOCK_N, warps, stages) | status | max rel. error "
+                 "| fwd ms | cuDNN ms | vs cuDNN |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['tree']} | {r['head_dim']} | {r['causal']} | {tuple(r['config'])} | {r['status']} | "
-                  f"{max(r['errors'].values()) if 'errors' in r else r.get('error', '')} |" for r in rows]
+                  f"{max(r['errors'].values()) if 'errors' in r else r.get('error', '')} | "
+                  + (f"{r['ms']:.3f} | {r['cudnn_ms']:.3f} | {r['cudnn_ms'] / r['ms']:.2f}x |" if 'ms' in r else "| | |")
+                  for r in rows]
         (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
