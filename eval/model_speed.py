@@ -44,22 +44,25 @@ def predict(config, seq_len: int, dtype_bytes: int, impl: str) -> dict:
     return {"attn_flops": flops, "attn_bytes": bytes_, "attn_extra_memory": extra}
 
 
-def _timed(fn, device, repeat: int = 3) -> tuple[float, int | None]:
-    """Median seconds of ``repeat`` calls of ``fn()`` after one warm-up, and the peak allocated bytes
-    (None off CUDA: PyTorch tracks no peak of CPU allocations)."""
+def _timed(fn, device, repeat: int = 3, min_seconds: float = 0.25,
+           max_repeat: int = 25) -> tuple[float, int | None]:
+    """Median seconds of calls of ``fn()`` after one warm-up: at least ``repeat`` calls, more (up to
+    ``max_repeat``) until ``min_seconds`` were spent, so that a short, host-bound call (a 1K prefill of a small
+    model takes ~15 ms) is not judged on three samples; and the peak allocated bytes (None off CUDA: PyTorch
+    tracks no peak of CPU allocations)."""
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(repeat):
+    while len(times) < repeat or (sum(times) < min_seconds and len(times) < max_repeat):
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return sorted(times)[repeat // 2], peak
+    return statistics.median(times), peak
 
 
 def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, progress=True, policies=None,
