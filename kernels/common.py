@@ -41,20 +41,24 @@ NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 TMA = os.environ.get("AHFA_TMA", "auto")
 if TMA not in ("auto", "0", "1"):
     raise ValueError(f"AHFA_TMA must be auto, 0 or 1, got {TMA!r}")
-# AHFA_ALIBI: how a causal call's ALiBi bias enters the flash forward's and backward's scores. "distance" (default):
-# -slope * (query position - key position) per score (an int subtract, abs, conversion and FMA). "keys": the key's
-# term alone, slope * (key position - the tile's first query position), one add per score: what it leaves out is
-# constant along each row, so the softmax ignores it and the lse takes it back (``alibi_row_term``). Not the default
-# until a GPU has run every launch config with it: triton 3.6 compiled backward configs wrong before when the ALiBi
-# bias changed (kernels/NOTES.md). Bidirectional calls and the decode kernel keep the distance form.
-ALIBI_FORM = os.environ.get("AHFA_ALIBI", "distance")
-if ALIBI_FORM not in ("distance", "keys"):
-    raise ValueError(f"AHFA_ALIBI must be distance or keys, got {ALIBI_FORM!r}")
+# AHFA_ALIBI: how a causal call's ALiBi bias enters the scores of the flash forward and backward kernels.
+# "distance": -slope * (query position - key position) per score (an int subtract, abs, conversion and FMA). "keys":
+# the key's term alone, slope * (key position - the tile's first query position), one add per score: what it leaves
+# out is constant along each row, so the softmax ignores it and the lse takes it back (``alibi_row_term``; the lse
+# stored for the backward is the true one in either form, so each kernel may use its own). "fwd-keys" (default):
+# the forward in the key-term form, the backward in the distance form. On the H100 (eval/results/alibi-forms-h100.md)
+# the key-term forward ran at 0.99-1.04x the kernel without ALiBi (distance 0.93-0.99x), its backward at D=128 was
+# 9% slower than the distance form's (as fast at D=64). Bidirectional calls and the decode kernel keep the distance
+# form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
+ALIBI_FORM = os.environ.get("AHFA_ALIBI", "fwd-keys")
+if ALIBI_FORM not in ("fwd-keys", "distance", "keys"):
+    raise ValueError(f"AHFA_ALIBI must be fwd-keys, distance or keys, got {ALIBI_FORM!r}")
 
 
-def alibi_keys(alibi: bool, causal: bool) -> bool:
-    """Whether a launch adds its ALiBi bias in the key-term form (``AHFA_ALIBI=keys``; causal calls only)."""
-    return alibi and causal and ALIBI_FORM == "keys"
+def alibi_keys(alibi: bool, causal: bool, backward: bool) -> bool:
+    """Whether a forward (``backward`` False) or backward launch adds its ALiBi bias in the key-term form
+    (``AHFA_ALIBI``; causal calls only)."""
+    return alibi and causal and (ALIBI_FORM == "keys" or (ALIBI_FORM == "fwd-keys" and not backward))
 
 
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
@@ -146,7 +150,7 @@ def flags(args: dict) -> Flags:
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
         alibi=get("ALIBI") is not None, tma=get("TMA", False),
-        alibi_keys=alibi_keys(get("ALIBI") is not None, args["CAUSAL"]),
+        alibi_keys=alibi_keys(get("ALIBI") is not None, args["CAUSAL"], backward="DELTA" in args),
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr

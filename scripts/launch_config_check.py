@@ -63,14 +63,15 @@ def child() -> None:
     errs = {n: ((a[:1].float() - b).abs().max() / b.abs().max()).item() for n, a, b in zip(NAMES, got, want)}
     finite = all(bool(a.isfinite().all()) for a in got)
     status = "ok" if finite and max(errs.values()) < 0.05 else ("non-finite" if not finite else "wrong")
-    row = dict(status=status, errors=errs)
+    row = dict(status=status, errors=errs, gpu=torch.cuda.get_device_name(), triton=__import__("triton").__version__)
     if args.time and status == "ok":
         row.update(_forward_times(q.detach(), k.detach(), v.detach(), causal, slopes))
     print(json.dumps(row))
 
 
 def _forward_times(q, k, v, causal, slopes) -> dict:
-    """Median forward ms of the pinned configuration and of cuDNN SDPA (no ALiBi there: the kernel's own cost)."""
+    """Forward ms of the pinned configuration and of cuDNN SDPA (no ALiBi there), each the better of two do_bench
+    medians taken in alternation."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -129,6 +130,7 @@ def parent() -> None:
         (out / f"{args.name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
         lines = [f"# {'Backward' if args.table == 'BWD' else 'Forward'} launch configurations pinned one at a time ({'ALiBi, ' if args.alibi else ''}bf16, "
                  f"B={args.batch}, T={args.seq_len}, H={args.heads}/{args.kv_heads or args.heads})", "",
+                 "GPU: " + ", ".join(sorted({f"{r['gpu']} (triton {r['triton']})" for r in rows if "gpu" in r})), "",
                  "| tree | head dim | causal | config (BLOCK_M, BLOCK_N, warps, stages) | status | max rel. error "
                  "| fwd ms | cuDNN ms | vs cuDNN |",
                  "|---|---|---|---|---|---|---|---|---|"]

@@ -34,16 +34,18 @@ def _check(got, want, leaves, tol=2e-5):
 
 
 def _use_form(monkeypatch, form):
-    """The kernels' form of the causal ALiBi bias (``AHFA_ALIBI``): per score, or the key's term alone."""
+    """The kernels' form of the causal ALiBi bias (``AHFA_ALIBI``): per score, the key's term alone, or the key's
+    term in the forward and per score in the backward (the default)."""
     from hf_ahfa.kernels import common
 
     monkeypatch.setattr(common, "ALIBI_FORM", form)
 
 
-FORMS = ["distance", "keys"]
+FORMS = ["distance", "keys", "fwd-keys"]
 
 
-@pytest.mark.parametrize("backend,form", [("reference", "distance"), ("triton", "distance"), ("triton", "keys")])
+@pytest.mark.parametrize("backend,form", [("reference", "distance"), ("triton", "distance"), ("triton", "keys"),
+                                          ("triton", "fwd-keys")])
 @pytest.mark.parametrize("kw", [
     dict(causal=True), dict(causal=True, Q=24), dict(causal=False), dict(causal=True, window=9),
     dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True), dict(causal=True, sinks=True),

@@ -376,8 +376,8 @@ def _launch_configs():
 
 
 # the ALiBi bias in either form (AHFA_ALIBI; bidirectional calls have the distance form only)
-@pytest.mark.parametrize("causal,alibi", [(True, False), (True, "distance"), (True, "keys"), (False, False),
-                                          (False, "distance")])
+@pytest.mark.parametrize("causal,alibi", [(True, False), (True, "distance"), (True, "keys"), (True, "fwd-keys"),
+                                          (False, False), (False, "distance")])
 @pytest.mark.parametrize("table,D,cfg,tma", _launch_configs())
 def test_every_launch_config_is_right(monkeypatch, table, D, cfg, tma, causal, alibi):
     # the autotuner may pick any entry of a table (and either load mode of the forward): each one pinned in turn
