@@ -2,10 +2,10 @@
 bf16, ``hf_ahfa.attention(..., backend="triton")`` with and without ``alibi_slopes`` (per-head slopes as
 Bloom's), prefill forward and forward+backward, causal and full, and the split-KV decode; timed alternately
 (median of the rounds' ``triton.testing.do_bench`` medians). Nothing about SDPA: the ratio is the bias's cost.
-``--forms distance,keys`` times each form of the bias (``AHFA_ALIBI``) in the same rounds; bidirectional calls and
-decode have the distance form only.
+``--forms distance,keys,fwd-keys`` times each form of the bias (``AHFA_ALIBI``) in the same rounds; bidirectional
+calls and decode have the distance form only.
 
-    python scripts/alibi_speed.py --out-dir OUT [--seq-lens 4096,16384] [--head-dims 64,128] [--forms distance]
+    python scripts/alibi_speed.py --out-dir OUT [--seq-lens 4096,16384] [--head-dims 64,128] [--forms fwd-keys]
         [--name alibi-speed]
 """
 
@@ -27,7 +27,7 @@ parser.add_argument("--heads", type=int, default=16)
 parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch (batch = tokens // length)")
 parser.add_argument("--decode-len", type=int, default=32768)
 parser.add_argument("--rounds", type=int, default=3)
-parser.add_argument("--forms", default="distance", help="forms of the causal bias to time: distance, keys or both")
+parser.add_argument("--forms", default="fwd-keys", help="forms of the causal bias to time (AHFA_ALIBI values)")
 parser.add_argument("--name", default="alibi-speed")
 args = parser.parse_args()
 
@@ -59,8 +59,8 @@ def compare(case: dict, make, forms):
 
 FORMS = args.forms.split(",")
 for f in FORMS:
-    if f not in ("distance", "keys"):
-        parser.error(f"--forms: distance or keys, got {f!r}")
+    if f not in common.ALIBI_FORMS:
+        parser.error(f"--forms: some of {', '.join(common.ALIBI_FORMS)}, got {f!r}")
 rows = []
 for D in [int(d) for d in args.head_dims.split(",")]:
     for T in [int(t) for t in args.seq_lens.split(",")]:

@@ -8,7 +8,7 @@
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
 #  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
-#  alibi: every launch config with ALiBi in both forms (AHFA_ALIBI), then both forms timed in the same rounds;
+#  alibi: every launch config with ALiBi in each form (AHFA_ALIBI), then the forms timed in the same rounds;
 #  d256: each head-dim-256 forward launch config pinned, checked and timed against cuDNN at Gemma-3's 4/1 heads)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
@@ -79,11 +79,11 @@ after python3 scripts/host_overhead.py --device cuda --kv-lens 64,1024 --q-len 1
 exit 0
 fi
 if [ "$STAGE" = alibi ]; then
-# the key-term form (AHFA_ALIBI=keys) is the default only once every launch config computes it right and it is faster
+# every launch config with each form of the ALiBi bias (AHFA_ALIBI), then the forms' speed in the same rounds
 AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-4} \
   --tb=short -rfE -m gpu tests/test_gpu.py -k "every_launch_config and (distance or keys)" > "$R/alibi-configs.log" 2>&1
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/alibi-configs.log" | tail -15
-after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms distance,keys \
+after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms distance,keys,fwd-keys \
   --head-dims ${HEAD_DIMS:-64,128} --seq-lens ${SEQ_LENS:-4096,16384} --name alibi-forms 2>&1 | tail -30
 exit 0
 fi
