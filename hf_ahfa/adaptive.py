@@ -8,8 +8,6 @@ Per call that the router sends here (a prefill long enough for the policy, see `
 
 from __future__ import annotations
 
-import torch
-
 from hf_ahfa import graphs, telemetry
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.block_sparse import sparse_kernels, sparse_reference
@@ -20,36 +18,20 @@ from hf_ahfa.router import choose_backend, requested_backend
 from hf_ahfa.spec import AttnCall, make_call
 
 
-def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool,
-                       break_even: float | None = None):
-    """Block-sparse attention under ``policy``: ``(out, lse)``, or ``None`` where ``break_even`` is given and
-    the selection keeps at least that share of the visible blocks (exact attention is then as fast: the
-    caller runs it). Without ``break_even`` nothing here waits for the GPU (unless ``record()`` is active);
-    with it, one wait for the kept share."""
+def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool):
+    """Block-sparse attention under ``policy``: ``(out, lse)``. Nothing here waits for the GPU (unless
+    ``record()`` is active): on the Triton kernels, inference calls replay the estimator, the selection and the
+    block-sparse kernels as one CUDA graph per shape where they can (``hf_ahfa.graphs``)."""
     if kernels and call.dropout_p == 0 and not telemetry.recording() and graphs.graphable((q, k, v, call.sinks)):
         # the call's masks and sinks travel as graph inputs; the rest of the spec is part of the key
         static = call.replace(sinks=None, key_padding_mask=None)
         key = (policy, static.causal, static.window, static.scale, static.softcap)
-        if break_even is None:
-            def run(q_, k_, v_, sinks_, kpm_):
-                return _adaptive(q_, k_, v_, static.replace(sinks=sinks_, key_padding_mask=kpm_), policy, kernels=True)
 
-            return graphs.replay(run, (q, k, v, call.sinks, call.key_padding_mask), key)
+        def run(q_, k_, v_, sinks_, kpm_):
+            return _adaptive(q_, k_, v_, static.replace(sinks=sinks_, key_padding_mask=kpm_), policy, kernels=True)
 
-        def select(q_, k_, kpm_):  # the estimator and the selection, a layout's tensors and the kept share
-            layout, _, touched = _select(q_, k_, static.replace(key_padding_mask=kpm_), policy, backward=False)
-            return (_kept_share(layout, touched), *(getattr(layout, f) for f in _LISTS))
-
-        share, *lists = graphs.replay(select, (q, k, call.key_padding_mask), key + ("select",))
-        if share.item() >= break_even:
-            return None
-        bs = policy.block_size
-        layout = BlockLayout(**dict(zip(_LISTS, lists)), block_q=bs, block_k=bs, q_len=q.shape[1], k_len=k.shape[1])
-        return sparse_kernels(q, k, v, layout, call, skip_mass=policy.skip_mass)
-    return _adaptive(q, k, v, call, policy, kernels=kernels, break_even=break_even)
-
-
-_LISTS = ("kv_count", "kv_index", "full_count", "full_index")  # an inference layout's tensors (no transposes)
+        return graphs.replay(run, (q, k, v, call.sinks, call.key_padding_mask), key)
+    return _adaptive(q, k, v, call, policy, kernels=kernels)
 
 
 def _select(q, k, call: AttnCall, policy: AdaptivePolicy, *, backward: bool, kernels: bool = True):
@@ -60,16 +42,8 @@ def _select(q, k, call: AttnCall, policy: AdaptivePolicy, *, backward: bool, ker
                          element_masks=call.element_masks, backward=backward)
 
 
-def _kept_share(layout: BlockLayout, touched: torch.Tensor) -> torch.Tensor:
-    """The layout's blocks over the visible blocks of every (batch row, head): a 0-dim tensor."""
-    kept = layout.kv_count.sum() + (0 if layout.full_count is None else layout.full_count.sum())
-    return kept / (touched.sum() * layout.kv_count.shape[0] * layout.kv_count.shape[1]).clamp_min(1)
-
-
-def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool, break_even: float | None = None):
+def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool):
     layout, dense, touched = _select(q, k, call, policy, backward=kernels and call.needs_grad(q, k, v), kernels=kernels)
-    if break_even is not None and _kept_share(layout, touched).item() >= break_even:
-        return None
     if telemetry.recording():
         visible = touched.expand(*layout.shape).sum((2, 3)).clamp_min(1)
         head = ((layout.kv_count.sum(-1) + layout.full_count.sum(-1)) / visible).mean(0)

@@ -226,8 +226,8 @@ def engine_attention(q, k, v, call: AttnCall, group: dist.ProcessGroup, *, backe
     ``router.run`` does there): this rank's queries against the whole sequence, through torch's ring engine with
     ahfa's steps, differentiable in q, k and v. ``policy``: each step's keys are selected by the adaptive
     estimator against this rank's queries (the engine's steps never see the whole sequence), where the router
-    would run that step block-sparse (``mode="auto"``: as selected, without its break-even test); the backward
-    reruns the selected blocks."""
+    would run that step block-sparse (``mode="auto"``: as selected, without its timing against exact attention);
+    the backward reruns the selected blocks."""
     for name, present in (("key_padding_mask", call.key_padding_mask is not None),
                           ("attn_mask", call.attn_mask is not None), ("cu_seqlens", call.cu_seqlens is not None),
                           ("layout", layout is not None), ("sinks", call.sinks is not None),

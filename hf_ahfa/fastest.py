@@ -1,7 +1,9 @@
 """Which of several implementations of one exact call is fastest on this GPU: timed once per shape key, cached.
 
-The router asks this only for calls that every candidate computes exactly (same function up to rounding),
-so the choice changes speed, never results. ``chosen()`` lists the decisions (for reports).
+The router asks this for calls that every candidate computes exactly (same function up to rounding), where the
+choice changes speed, never results, and for ``mode="auto"``, which asked for block-sparse attention where it
+pays: whether its selection or exact attention runs a layer's calls of a shape. ``chosen()`` lists the decisions
+(for reports).
 """
 
 from __future__ import annotations

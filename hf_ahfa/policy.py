@@ -39,10 +39,9 @@ class AdaptivePolicy:
     Attributes:
         mode: ``"exact"`` always dense; ``"adaptive"`` block-sparse for every prefill of at least two
             blocks; ``"auto"`` block-sparse only where it pays: from ``min_length`` query rows on, on the
-            Triton kernels, and only where the selection keeps less than the break-even share of the
-            visible blocks (the fastest exact kernel's time over our dense kernel's, timed once per shape;
-            one wait for the GPU per call to read the share), exact otherwise; a model layer whose selection
-            did not pay runs its next calls of that shape exact without estimating (``router.AUTO_RECHECK``).
+            Triton kernels, and only where the block-sparse call (estimator and selection included) was timed
+            faster than exact attention, once per model layer and call shape on the GPU (its first call),
+            exact otherwise.
             Decode steps (few queries) always run exact. ``"pattern"``: the fixed sparse ``pattern`` below, for every call.
         tau: per head, each sampled query row's fewest key blocks that hold ``tau`` of its attention mass
             are kept for the row's query block (``1.0`` keeps every visible block: exact results through the

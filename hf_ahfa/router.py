@@ -8,7 +8,7 @@
              "layout"    a BlockLayout was given            -> block-sparse kernels / masked reference
              "layout"    also a policy's mode="pattern" (its layout built per call shape, hf_ahfa.patterns)
              "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse (mode "auto":
-                         exact, routed again, where the kept share is at or above exact_speed_ratio)
+                         exact, routed again, where that was not timed faster per layer and shape, _auto_runs_exact)
              "sdpa"      PyTorch's SDPA computes exactly this call (CPU and few-query calls: always; CUDA
                          prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest;
                          masks, padding and causality as one boolean mask, _sdpa_mask)
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_ahfa import telemetry
-from hf_ahfa.fastest import fastest, host_may_wait, timings
+from hf_ahfa.fastest import fastest
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout
 from hf_ahfa.policy import AdaptivePolicy
@@ -204,16 +204,6 @@ def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
     return fastest(*_exact_candidates(q, k, v, call, path), default=path, incumbent="sdpa", margin=SDPA_MARGIN)
 
 
-def exact_speed_ratio(q, k, v, call: AttnCall, backend: str | None) -> float:
-    """Time of the fastest exact kernel for this call over the time of our own dense kernel (<= 1): the
-    share of the blocks below which the block-sparse kernel (about that share of our dense kernel's time)
-    beats exact attention. 1.0 where SDPA cannot compute the call or our kernels are forced."""
-    if requested_backend(backend) is not None or not q.is_cuda or sdpa_unfit_reason(q, k, call, False):
-        return 1.0
-    times = timings(*_exact_candidates(q, k, v, call, "flash"))
-    return 1.0 if times is None else min(times.values()) / times["flash"]
-
-
 def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
     """The shape key and the two timed candidates (SDPA, our ``path``) of an exact call."""
     grad = call.needs_grad(q, k, v)
@@ -222,13 +212,15 @@ def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
            q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad,
            path)
 
-    def timed(fn):
-        if not grad:
-            return lambda: fn(q, k, v, call)
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        return lambda: fn(*leaves, call)[0].sum().backward()
+    return key, {"sdpa": _timed_call(_sdpa, q, k, v, call, grad), path: _timed_call(_OWN[path], q, k, v, call, grad)}
 
-    return key, {"sdpa": timed(_sdpa), path: timed(_OWN[path])}
+
+def _timed_call(fn, q, k, v, call: AttnCall, grad: bool):
+    """A no-argument callable running ``fn(q, k, v, call)`` for timing: forward and backward where ``grad``."""
+    if not grad:
+        return lambda: fn(q, k, v, call)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    return lambda: fn(*leaves, call)[0].sum().backward()
 
 
 def _pow2_ceil(n: int) -> int:
@@ -273,17 +265,40 @@ def run_plain(query, key, value, causal: bool, scale, memo: tuple) -> torch.Tens
     return out.transpose(1, 2)
 
 
-# auto: where a model layer's selection kept at least the break-even share of its blocks, the next AUTO_RECHECK
-# calls of that layer and call shape (lengths by their power of two) run exact without estimating, which would
-# most likely say the same at the estimator's cost (auto must not be slower than exact); then one call estimates
-# again. Skipping the estimate never changes a result: exact attention is what the fallback runs anyway.
-AUTO_RECHECK = 8
-_auto_exact: dict[tuple, int] = {}
+# auto runs block-sparse attention only where it was timed faster than the exact route, the estimator and the
+# selection included: once per model layer and call shape (lengths by their power of two; calls from outside a
+# model share one decision per shape), the two taking turns as hf_ahfa.fastest times exact kernels. A kept-share
+# threshold (the exact time over our dense kernel's) was tried first: it left out the estimator's cost and the
+# block-sparse kernel's overhead, and auto ran 0.80x exact on Gemma-3's global layers at 16K (H100,
+# eval/results/attn-speed-gemma3-auto-h100.md). Off these devices (the interpreter's kernels) nothing is timed.
+AUTO_TIMED_DEVICES = frozenset({"cuda"})
 
 
-def _auto_key(layer: int, q, k, v, call: AttnCall, policy: AdaptivePolicy) -> tuple:
-    return (layer, policy, q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2],
-            k.shape[2], q.shape[3], call.causal, call.window, call.needs_grad(q, k, v))
+def _auto_key(layer, q, k, v, call: AttnCall, policy: AdaptivePolicy) -> tuple:
+    return ("auto", layer, policy, q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]),
+            q.shape[2], k.shape[2], q.shape[3], v.shape[3], call.causal, call.window, call.softcap,
+            call.sinks is not None, call.key_padding_mask is not None, call.needs_grad(q, k, v))
+
+
+def _auto_runs_exact(q, k, v, call: AttnCall, policy: AdaptivePolicy, exact: Route, layer) -> bool:
+    """``mode="auto"``: whether this call runs ``exact`` (the exact route) because block-sparse attention under
+    ``policy`` was not timed ``SDPA_MARGIN`` faster for this layer and shape. Where nothing can be timed
+    (torch.compile tracing, CUDA graph capture) and nothing was decided yet, the call runs as selected."""
+    from hf_ahfa.adaptive import adaptive_attention
+
+    if q.device.type not in AUTO_TIMED_DEVICES:
+        return False
+    grad = call.needs_grad(q, k, v)
+    exact_fn = _sdpa if exact.path == "sdpa" else _OWN[exact.path]
+
+    def sparse_fn(q_, k_, v_, call_):
+        return adaptive_attention(q_, k_, v_, call_, policy, kernels=True)
+
+    candidates = {"exact": _timed_call(exact_fn, q, k, v, call, grad),
+                  "adaptive": _timed_call(sparse_fn, q, k, v, call, grad)}
+    with telemetry.paused():  # the timing runs are not the call's entries
+        return fastest(_auto_key(layer, q, k, v, call, policy), candidates, default="adaptive", incumbent="exact",
+                       margin=SDPA_MARGIN) == "exact"
 
 
 def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: AdaptivePolicy | None = None,
@@ -292,7 +307,7 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
     """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q) or None)``; ``lse`` is
     ``None`` only where ``need_lse`` was False and the call ran through SDPA. ``remember``: the ``plain_key``
     of a plain call, kept for ``run_plain`` if the call goes to SDPA. ``layer``: the model layer making the
-    call (Transformers' ``layer_idx``), whose ``auto`` decisions are remembered (``AUTO_RECHECK``)."""
+    call (Transformers' ``layer_idx``), whose ``auto`` decision is its own (``_auto_runs_exact``)."""
     if policy is not None and policy.mode == "pattern" and layout is None:
         layout, policy = pattern_layout(q, call, policy), None
     if F.scaled_dot_product_attention is not _SDPA:
@@ -307,26 +322,13 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
         from hf_ahfa.adaptive import adaptive_attention
 
         kernels = r.backend == "triton"
-        # auto: the selection runs only where it is faster than exact attention (the kept share is read on the
-        # host, one wait for the GPU per call; not while torch.compile traces or a CUDA graph is captured, where
-        # nothing can be read: it runs as selected); adaptive: always, as asked
-        auto = policy.mode == "auto" and kernels and host_may_wait()
-        break_even = exact_speed_ratio(q, k, v, call, backend) if auto else None
-        memo = _auto_key(layer, q, k, v, call, policy) if auto and layer is not None else None
-        if memo is not None and _auto_exact.get(memo, 0) > 0:
-            _auto_exact[memo] -= 1
-            reason = (f"auto: layer {layer}'s selection kept at least {break_even:.0%} of the blocks in an earlier "
-                      f"call of this shape (estimated again every {AUTO_RECHECK + 1} calls)")
-        else:
-            done = adaptive_attention(q, k, v, call, policy, kernels=kernels, break_even=break_even)
-            if done is not None:
-                _auto_exact.pop(memo, None)
-                return done
-            if memo is not None:
-                _auto_exact[memo] = AUTO_RECHECK
-            reason = (f"auto: the selection keeps at least {break_even:.0%} of the blocks, where exact attention is as "
-                      "fast")
-        r = route(q, k, v, call, backend=backend, policy=None, layout=None, need_lse=need_lse)._replace(reason=reason)
+        if policy.mode == "auto" and kernels:
+            exact = route(q, k, v, call, backend=backend, policy=None, layout=None, need_lse=need_lse)
+            if _auto_runs_exact(q, k, v, call, policy, exact, layer):
+                r = exact._replace(reason=f"auto: block-sparse attention (estimator included) was not timed faster "
+                                          f"than exact attention for layer {layer} at this shape")
+        if r.path == "adaptive":
+            return adaptive_attention(q, k, v, call, policy, kernels=kernels)
     telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="sparse" if r.path == "layout" else "exact",
                    route=r.path, backend=r.backend, reason=r.reason)
     if r.path == "layout":

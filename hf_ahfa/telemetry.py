@@ -37,6 +37,17 @@ def recording() -> bool:
 
 
 @contextlib.contextmanager
+def paused():
+    """No entries from the calls inside the block (the router's timing runs of a call)."""
+    global _records
+    outer, _records = _records, None
+    try:
+        yield
+    finally:
+        _records = outer
+
+
+@contextlib.contextmanager
 def layer_tag(layer: int | None):
     """Name the layer of the calls inside the block in ``record()``'s entries."""
     global _layer

@@ -176,11 +176,25 @@ def test_exact_reasons_and_all_dense_heads():
     assert (out - hf_ahfa.attention(q, k, v, causal=True, backend="triton")).abs().max() < 2e-6
 
 
-def test_auto_runs_block_sparse_only_below_the_break_even(monkeypatch):
-    """mode="auto" runs the selection block-sparse only where it keeps less than the break-even share of the
-    visible blocks (the fastest exact kernel's time over our dense kernel's, timed once per shape on a GPU;
-    1.0 here); at or above it the call runs exact through the router, the reason recorded. Without the
-    Triton kernels auto runs exact (the masked reference is never faster)."""
+def _fake_timings(monkeypatch, times: dict):
+    """The router's timing (hf_ahfa.fastest) on the CPU: each candidate takes ``times[name]`` ms; returns the list
+    of timed candidate sets. Auto times off the GPU here only (``router.AUTO_TIMED_DEVICES``)."""
+    from hf_ahfa import fastest, router
+
+    timed = []
+    monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
+    monkeypatch.setattr(fastest, "_median_ms",
+                        lambda cands: timed.append(sorted(cands)) or {n: times[n] for n in cands})
+    monkeypatch.setattr(router, "AUTO_TIMED_DEVICES", frozenset({"cpu"}))
+    return timed
+
+
+@pytest.mark.parametrize("adaptive_ms,route", [(0.5, "adaptive"), (0.97, "flash"), (2.0, "flash")])
+def test_auto_runs_block_sparse_only_where_it_was_timed_faster(monkeypatch, adaptive_ms, route):
+    """mode="auto" times the whole block-sparse call (estimator and selection included) against the exact route
+    once per layer and shape, and runs block-sparse only where that was more than SDPA_MARGIN faster; otherwise
+    exact, the reason recorded. The timing runs leave no entries in record(); the decision is cached."""
     import dataclasses
 
     from hf_ahfa import router
@@ -188,67 +202,55 @@ def test_auto_runs_block_sparse_only_below_the_break_even(monkeypatch):
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     q, k, v = _qk(1, 128, 128, 2, 1, 16, seed=5)
     auto = _policy(mode="auto", min_length=32, tau=0.3, density_limit=1.0)
-    with hf_ahfa.record() as rec:
-        sparse = hf_ahfa.attention(q, k, v, causal=True, policy=dataclasses.replace(auto, mode="adaptive"))
-    share = rec[0]["density"]
-    assert 0 < share < 1
+    sparse = hf_ahfa.attention(q, k, v, causal=True, policy=dataclasses.replace(auto, mode="adaptive"))
     exact = hf_ahfa.attention(q, k, v, causal=True)
-    for ratio, route in ((1.0, "adaptive"), (share + 1e-3, "adaptive"), (share - 1e-3, "flash"), (0.0, "flash")):
-        monkeypatch.setattr(router, "exact_speed_ratio", lambda *a, r=ratio: r)
+    timed = _fake_timings(monkeypatch, {"exact": 1.0, "adaptive": adaptive_ms})
+    for _ in range(2):
         with hf_ahfa.record() as rec:
             out = hf_ahfa.attention(q, k, v, causal=True, policy=auto)
         assert [r["route"] for r in rec] == [route]
         if route == "adaptive":
-            assert torch.equal(out, sparse)
+            assert torch.equal(out, sparse) and 0 < rec[0]["density"] < 1
         else:
-            assert rec[0]["reason"].startswith("auto: the selection keeps at least") and torch.equal(out, exact)
-    monkeypatch.undo()
-    # every block kept (every head over density_limit): exact, with the real break-even (1.0 off a GPU)
-    with hf_ahfa.record() as rec:
-        out = hf_ahfa.attention(q, k, v, causal=True, backend="triton", policy=_policy(mode="auto", min_length=32,
-                                                                                        density_limit=0.5))
-    assert rec[0]["route"] == "flash" and torch.equal(out, hf_ahfa.attention(q, k, v, causal=True, backend="triton"))
-    with hf_ahfa.record() as rec:
-        hf_ahfa.attention(q, k, v, causal=True, backend="reference", policy=auto)
-    assert rec[0]["route"] == "reference" and "without the Triton kernels" in rec[0]["reason"]
+            assert rec[0]["reason"].startswith("auto: block-sparse attention (estimator included) was not timed")
+            assert torch.equal(out, exact)
+    assert timed == [["adaptive", "exact"]]  # once: the second call took the cached decision
+    assert router.SDPA_MARGIN == 0.05  # the parametrised 0.97 ms lies inside it
 
 
-def test_auto_remembers_per_layer_where_the_selection_does_not_pay(monkeypatch):
-    """A model layer whose selection kept at least the break-even share runs its next AUTO_RECHECK calls of that
-    shape exact without estimating (the estimate would cost time to say the same), then estimates again; another
-    layer, or a call from outside a model (no layer), estimates on its own. The results stay exact."""
+def test_auto_decides_per_layer_and_runs_as_selected_where_nothing_is_timed(monkeypatch):
+    """Each model layer (Transformers' layer_idx) gets its own timed decision, calls from outside a model one per
+    shape; off the timed devices (the interpreter's kernels) and without the Triton kernels nothing is timed: auto
+    runs as selected, or exact without the kernels."""
     from types import SimpleNamespace
 
-    from hf_ahfa import adaptive, integration, router
+    from hf_ahfa import integration
 
     monkeypatch.setenv("AHFA_BACKEND", "triton")
-    monkeypatch.setattr(router, "_auto_exact", {})
-    estimates = []
-    real_select = adaptive._select
-    monkeypatch.setattr(adaptive, "_select", lambda *a, **kw: estimates.append(1) or real_select(*a, **kw))
-    # every head over density_limit keeps all its blocks: the share 1.0 meets the break-even (1.0 off a GPU)
-    fields = dict(mode="auto", block_size=16, stride=8, min_length=32, density_limit=0.5)
+    fields = dict(mode="auto", block_size=16, stride=8, min_length=32, tau=0.3, density_limit=1.0)
     q, k, v = (t.transpose(1, 2) for t in _qk(1, 64, 64, 2, 1, 16, seed=6))  # Transformers' (B, H, T, D)
 
     def layer_call(idx):
         module = SimpleNamespace(is_causal=True, layer_idx=idx, config=SimpleNamespace(ahfa=fields))
         with hf_ahfa.record() as rec:
-            out = integration.ahfa_attention_forward(module, q, k, v, None)[0]
-        return out, rec[0]
+            integration.ahfa_attention_forward(module, q, k, v, None)
+        return rec[0]["route"]
 
-    exact = hf_ahfa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, backend="triton")
-    out, rec = layer_call(3)
-    assert len(estimates) == 1 and rec["reason"].startswith("auto: the selection keeps at least")
-    for _ in range(router.AUTO_RECHECK):
-        out, rec = layer_call(3)
-        assert torch.equal(out, exact) and "layer 3's selection kept at least 100%" in rec["reason"]
-    assert len(estimates) == 1
-    layer_call(3)  # the recheck
-    layer_call(4)  # another layer
-    assert len(estimates) == 3
-    for _ in range(2):  # no layer: every call estimates
-        hf_ahfa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, policy=hf_ahfa.AdaptivePolicy(**fields))
-    assert len(estimates) == 5
+    def plain_call():
+        with hf_ahfa.record() as rec:
+            hf_ahfa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True,
+                              policy=hf_ahfa.AdaptivePolicy(**fields))
+        return rec[0]["route"]
+
+    assert layer_call(3) == "adaptive" and plain_call() == "adaptive"  # nothing timed on the CPU by default
+    timed = _fake_timings(monkeypatch, {"exact": 1.0, "adaptive": 0.5})
+    assert [layer_call(3), layer_call(3), layer_call(4), plain_call(), plain_call()] == ["adaptive"] * 5
+    assert len(timed) == 3  # layer 3, layer 4, no layer
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, backend="reference",
+                          policy=hf_ahfa.AdaptivePolicy(**fields))
+    assert rec[0]["route"] == "reference" and "without the Triton kernels" in rec[0]["reason"]
+    assert len(timed) == 3
 
 
 def test_policy_validation_names_the_field():
