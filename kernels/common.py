@@ -48,8 +48,8 @@ if TMA not in ("auto", "0", "1"):
 # stored for the backward is the true one in either form, so each kernel may use its own). "fwd-keys" (default):
 # the forward in the key-term form, the backward in the distance form. On the H100 (eval/results/alibi-forms-h100.md)
 # the key-term forward ran at 0.99-1.04x the kernel without ALiBi (distance 0.93-0.99x), its backward at D=128 was
-# 9% slower than the distance form's (as fast at D=64). Bidirectional calls and the decode kernel keep the distance
-# form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
+# 9% slower than the distance form's (as fast at D=64). The split-KV decode kernel follows the forward (one FMA per
+# score: its rows carry their own slopes); bidirectional calls keep the distance form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
 ALIBI_FORMS = ("fwd-keys", "distance", "keys")
 ALIBI_FORM = os.environ.get("AHFA_ALIBI", ALIBI_FORMS[0])
 if ALIBI_FORM not in ALIBI_FORMS:

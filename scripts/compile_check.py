@@ -28,7 +28,7 @@ COMPILED: list[tuple[str, int]] = []  # (kernel, shared memory bytes) of each la
 # the most shared memory one block may use (opt-in limit), by configs table: A100 163 KB, H100/H200 227 KB
 SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
 VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
-            "alibi", "block_sparse", "decode", "adaptive")
+            "alibi", "block_sparse", "decode", "alibi_decode", "adaptive")
 
 
 def _table(arch: int) -> str:
@@ -105,9 +105,11 @@ def _run(name: str) -> None:
         kw.update(alibi_slopes=torch.rand(H, generator=g))
     elif name == "block_sparse":
         kw.update(layout=patterns.local(T, T, block=64, width=1, batch=B, heads=H))
-    elif name == "decode":  # one query over a long cache: the split-KV kernel and its combine
+    elif name in ("decode", "alibi_decode"):  # one query over a long cache: the split-KV kernel and its combine
         q = q.detach()[:, :1]
         k, v = (torch.randn(B, 8192, HKV, D, generator=g).to(dtype) for _ in range(2))
+        if name == "alibi_decode":
+            kw.update(alibi_slopes=torch.rand(H, generator=g))
     elif name == "adaptive":  # the estimator's kernels, then the block-sparse forward
         q, k, v = (torch.randn(1, 4096, h, D, generator=g).to(dtype) for h in (H, HKV, HKV))
         kw.update(policy=hf_ahfa.AdaptivePolicy(mode="adaptive", min_length=1024))

@@ -98,14 +98,17 @@ def test_alibi_packed_sequences_take_slopes_per_sequence(form, oracle, monkeypat
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
-def test_alibi_on_the_split_kv_decode_kernel(oracle):
+@pytest.mark.parametrize("form", FORMS)
+def test_alibi_on_the_split_kv_decode_kernel(form, oracle, monkeypatch):
+    _use_form(monkeypatch, form)  # the decode kernel follows the forward's form
     q, k, v = _qkv(2, 3, 600, 4, 2, 16, seed=3)  # few queries over at least DECODE_MIN_K keys
     slopes = _slopes(4, batch=2)
     with torch.no_grad(), hf_ahfa.record() as rec:
-        out = hf_ahfa.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+        out, lse = hf_ahfa.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton", return_lse=True)
     assert rec[0]["route"] == "decode"
-    want, _ = oracle(*(t.detach().double() for t in (q, k, v)), causal=True, alibi_slopes=slopes)
+    want, want_lse = oracle(*(t.detach().double() for t in (q, k, v)), causal=True, alibi_slopes=slopes)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)  # the key-term form's row term is out
 
 
 @pytest.mark.parametrize("form", FORMS)
