@@ -2,11 +2,13 @@
 turn, in one process each (a CUDA error ends its process's context), on one or more source trees: does the
 fwd+bwd call crash, give non-finite or wrong outputs or gradients (against the float32 reference on the first
 batch row)? Finds a launch configuration that fails with one GPU / Triton version, and whether a code change
-brought it. The autotuner may pick any entry; the fuzz runs the first only. With ``--time`` each configuration's
-forward is also timed against cuDNN SDPA on the same tensors (one process at a time), to choose a table's order.
+brought it. The autotuner may pick any entry; the fuzz runs the first only. With ``--time`` each configuration is
+also timed against cuDNN SDPA on the same tensors (one process at a time; the forward for ``FWD``, forward and
+backward for ``BWD``), to choose a table's order; ``--configs`` checks candidates that are not in the table yet.
 
     python scripts/launch_config_check.py --trees after=/tmp/after,before=/tmp/before --out-dir OUT \
         [--table BWD] [--head-dims 64,128,256] [--alibi] [--seq-len 4096 --batch 8 --heads 16 --kv-heads 16] [--time]
+        [--configs "64,64,4,1;32,128,8,1"]
 
 Each tree is a folder to put on PYTHONPATH (the package laid out as installed).
 """
@@ -31,6 +33,7 @@ parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--heads", type=int, default=16)
 parser.add_argument("--kv-heads", type=int, help="key/value heads (GQA; default: --heads)")
 parser.add_argument("--causal", default="both", choices=["both", "yes", "no"], help="which masks to run")
+parser.add_argument("--configs", help="BLOCK_M,BLOCK_N,warps,stages;... to check instead of the table's entries")
 parser.add_argument("--time", action="store_true", help="also time the forward against cuDNN (runs one at a time)")
 parser.add_argument("--parallel", type=int, default=8)
 parser.add_argument("--one", help="(child) BLOCK_M,BLOCK_N,warps,stages:head_dim:causal")
@@ -65,31 +68,37 @@ def child() -> None:
     status = "ok" if finite and max(errs.values()) < 0.05 else ("non-finite" if not finite else "wrong")
     row = dict(status=status, errors=errs, gpu=torch.cuda.get_device_name(), triton=__import__("triton").__version__)
     if args.time and status == "ok":
-        row.update(_forward_times(q.detach(), k.detach(), v.detach(), causal, slopes))
+        row.update(_times(q.detach(), k.detach(), v.detach(), causal, slopes, train=args.table == "BWD"))
     print(json.dumps(row))
 
 
-def _forward_times(q, k, v, causal, slopes) -> dict:
-    """Forward ms of the pinned configuration and of cuDNN SDPA (no ALiBi there), each the better of two do_bench
-    medians taken in alternation."""
+def _times(q, k, v, causal, slopes, train: bool) -> dict:
+    """Milliseconds of the pinned configuration and of cuDNN SDPA (no ALiBi there) on the same tensors: the forward,
+    or forward and backward where ``train``; each the better of two do_bench medians taken in alternation."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import hf_ahfa
 
-    def ours():
-        return hf_ahfa.attention(q, k, v, causal=causal, backend="triton", alibi_slopes=slopes)
+    leaves = [t.requires_grad_(train) for t in (q, k, v)]
+    gout = torch.randn_like(q)
 
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    def ours():
+        return hf_ahfa.attention(*leaves, causal=causal, backend="triton", alibi_slopes=slopes)
 
     def cudnn():
+        qt, kt, vt = (t.transpose(1, 2) for t in leaves)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
-                                                                    enable_gqa=kt.shape[1] != qt.shape[1])
+            return torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, is_causal=causal, enable_gqa=kt.shape[1] != qt.shape[1]).transpose(1, 2)
 
-    with torch.no_grad():
-        ms = [triton.testing.do_bench(f, warmup=50, rep=300) for f in (ours, cudnn, ours, cudnn)]
+    def timed(fn):
+        return (lambda: fn().backward(gout)) if train else fn
+
+    with torch.set_grad_enabled(train):
+        ms = [triton.testing.do_bench(timed(f), warmup=50, rep=300, grad_to_none=leaves if train else None)
+              for f in (ours, cudnn, ours, cudnn)]
     return dict(ms=min(ms[0], ms[2]), cudnn_ms=min(ms[1], ms[3]))
 
 
@@ -119,8 +128,9 @@ def parent() -> None:
     configs = module_from_spec(spec)
     spec.loader.exec_module(configs)
     masks = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
+    pinned = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")] if args.configs else None
     jobs = [(name, path, cfg, D, causal) for name, path in trees.items() for D in map(int, args.head_dims.split(","))
-            for cfg in getattr(configs, args.table)["sm90"][configs.bucket(D)] for causal in masks]
+            for cfg in pinned or getattr(configs, args.table)["sm90"][configs.bucket(D)] for causal in masks]
     with concurrent.futures.ThreadPoolExecutor(1 if args.time else args.parallel) as pool:
         rows = list(pool.map(lambda job: run_one(*job), jobs))
     for r in rows:
@@ -132,7 +142,7 @@ def parent() -> None:
                  f"B={args.batch}, T={args.seq_len}, H={args.heads}/{args.kv_heads or args.heads})", "",
                  "GPU: " + ", ".join(sorted({f"{r['gpu']} (triton {r['triton']})" for r in rows if "gpu" in r})), "",
                  "| tree | head dim | causal | config (BLOCK_M, BLOCK_N, warps, stages) | status | max rel. error "
-                 "| fwd ms | cuDNN ms | vs cuDNN |",
+                 f"| {'fwd' if args.table == 'FWD' else 'fwd+bwd'} ms | cuDNN ms | vs cuDNN |",
                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['tree']} | {r['head_dim']} | {r['causal']} | {tuple(r['config'])} | {r['status']} | "
                   f"{max(r['errors'].values()) if 'errors' in r else r.get('error', '')} | "
