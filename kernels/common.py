@@ -49,17 +49,21 @@ if TMA not in ("auto", "0", "1"):
 # the forward in the key-term form, the backward in the distance form. On the H100 (eval/results/alibi-forms-h100.md)
 # the key-term forward ran at 0.99-1.04x the kernel without ALiBi (distance 0.93-0.99x), its backward at D=128 was
 # 9% slower than the distance form's (as fast at D=64). The split-KV decode kernel follows the forward (one FMA per
-# score: its rows carry their own slopes); bidirectional calls keep the distance form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
+# score: its rows carry their own slopes). The key-term form needs every visible key at or before its query: causal
+# calls, and calls of one query (Transformers' decode steps, passed as not causal); other bidirectional calls keep
+# the distance form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
 ALIBI_FORMS = ("fwd-keys", "distance", "keys")
 ALIBI_FORM = os.environ.get("AHFA_ALIBI", ALIBI_FORMS[0])
 if ALIBI_FORM not in ALIBI_FORMS:
     raise ValueError(f"AHFA_ALIBI must be one of {', '.join(ALIBI_FORMS)}, got {ALIBI_FORM!r}")
 
 
-def alibi_keys(alibi: bool, causal: bool, backward: bool) -> bool:
+def alibi_keys(alibi: bool, causal: bool, q_len: int, backward: bool) -> bool:
     """Whether a forward (``backward`` False) or backward launch adds its ALiBi bias in the key-term form
-    (``AHFA_ALIBI``; causal calls only)."""
-    return alibi and causal and (ALIBI_FORM == "keys" or (ALIBI_FORM == "fwd-keys" and not backward))
+    (``AHFA_ALIBI``): where no visible key lies after its query, in causal calls and in calls of one query (a
+    decode step, which Transformers passes as not causal)."""
+    return (alibi and (causal or q_len == 1)
+            and (ALIBI_FORM == "keys" or (ALIBI_FORM == "fwd-keys" and not backward)))
 
 
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
@@ -151,7 +155,7 @@ def flags(args: dict) -> Flags:
         precision=args["PRECISION"], d=d, dv=dv, block_d=block_size(d), block_dv=block_size(dv),
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
         alibi=get("ALIBI") is not None, tma=get("TMA", False),
-        alibi_keys=alibi_keys(get("ALIBI") is not None, args["CAUSAL"], backward="DELTA" in args),
+        alibi_keys=alibi_keys(get("ALIBI") is not None, args["CAUSAL"], get("T_Q"), backward="DELTA" in args),
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr

@@ -111,6 +111,22 @@ def test_alibi_on_the_split_kv_decode_kernel(form, oracle, monkeypatch):
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)  # the key-term form's row term is out
 
 
+@pytest.mark.parametrize("K", [600, 40])  # the split-KV decode kernel, the forward kernel
+@pytest.mark.parametrize("form", FORMS)
+def test_alibi_one_query_not_causal(K, form, oracle, monkeypatch):
+    """A decode step as Transformers passes it (one query, not causal): every key lies before the query, so the
+    key-term form applies there too (``common.alibi_keys``); out and lse against the oracle."""
+    _use_form(monkeypatch, form)
+    q, k, v = _qkv(2, 1, K, 4, 2, 16, seed=4)
+    slopes = _slopes(4, batch=2)
+    with torch.no_grad(), hf_ahfa.record() as rec:
+        out, lse = hf_ahfa.attention(q, k, v, causal=False, alibi_slopes=slopes, backend="triton", return_lse=True)
+    assert rec[0]["route"] == ("decode" if K >= 512 else "flash")
+    want, want_lse = oracle(*(t.detach().double() for t in (q, k, v)), causal=False, alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_alibi_under_a_block_sparse_layout(form, oracle, monkeypatch):
     _use_form(monkeypatch, form)
