@@ -269,7 +269,7 @@ def run_plain(query, key, value, causal: bool, scale, memo: tuple) -> torch.Tens
 # selection included: once per model layer and call shape (lengths by their power of two; calls from outside a
 # model share one decision per shape), the two taking turns as hf_ahfa.fastest times exact kernels. A kept-share
 # threshold (the exact time over our dense kernel's) was tried first: it left out the estimator's cost and the
-# block-sparse kernel's overhead, and auto ran 0.80x exact on Gemma-3's global layers at 16K (H100,
+# block-sparse kernel's overhead, and auto ran Gemma-3's global layers at 0.73x exact at 16K (H100,
 # eval/results/attn-speed-gemma3-auto-h100.md). Off these devices (the interpreter's kernels) nothing is timed.
 AUTO_TIMED_DEVICES = frozenset({"cuda"})
 
