@@ -43,9 +43,10 @@ from hf_ahfa.eval.perplexity_protocols import run_long, run_wikitext, switch_att
 from hf_ahfa.eval.perplexity_report import write_report
 from hf_ahfa.eval.runs import load_causal_lm, process_device, resolve_dtype
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command, float_list, int_list
+from hf_ahfa.policy import policy_of
 
 BASELINES = ("sdpa", "eager", "flex_attention", "flash_attention_2")
-MODES = ("exact", "adaptive", "auto")
+MODES = ("exact", "adaptive", "auto", "saved")
 
 
 def add_parser(subparsers) -> None:
@@ -101,7 +102,9 @@ def add_model_arguments(p) -> None:
 def add_mode_arguments(g, default: str) -> None:
     """ahfa's mode and adaptive knobs (what ``perplexity_protocols.variants`` reads)."""
     g.add_argument("--mode", default=default, choices=MODES,
-                   help="ahfa mode (hf_ahfa.AdaptivePolicy): exact, adaptive (block-sparse prefill), auto")
+                   help="ahfa mode (hf_ahfa.AdaptivePolicy): exact, adaptive (block-sparse prefill), auto, or saved: "
+                   "the policy stored in the model's config, as `ahfa-eval calibrate --save-to` writes it (to "
+                   "check calibrated settings on other text)")
     g.add_argument("--tau", type=float_list, help="adaptive/auto: attention-mass target(s) per query block, "
                    "comma-separated for a sweep (default: the policy's)")
     g.add_argument("--min-sparse-len", type=int, help="auto mode: inputs shorter than this run exact "
@@ -132,6 +135,12 @@ def checked_comparison(args):
 
 def checked_variants(args):
     """``perplexity_protocols.variants(args)``, an invalid policy value reported as the options that set it."""
+    if args.mode == "saved":
+        given = [f"--{name.replace('_', '-')}" for name in ("tau", "min_sparse_len", "block_size", "sample_stride")
+                 if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--mode saved runs the policy stored in the model's config; {', '.join(given)} would "
+                             "change it (configure the model instead, or use --mode adaptive/auto)")
     try:
         return variants(args)
     except ValueError as err:
@@ -181,6 +190,8 @@ def run(args) -> dict[str, Path]:
     # The adaptive knobs are part of the configuration only where they change the numbers.
     tests, base = variants(args)
     attention = {"mode": args.mode, "variants": [dict(v.policy) | {"label": v.label} for v in (*tests, base)]}
+    if args.mode == "saved":
+        attention["saved_policy"] = policy_of(model.config).to_dict()
     config = {
         "protocol": args.protocol, "model": os.path.expanduser(args.model), "gguf_file": args.gguf_file,
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "baseline": args.baseline,

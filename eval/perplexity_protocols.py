@@ -43,6 +43,8 @@ def variants(args) -> tuple[list[Variant], Variant]:
 
     if args.mode == "exact" or args.attn != "ahfa":
         tests = [exact(args.attn)]
+    elif args.mode == "saved":  # no override: the model's config.ahfa (per-layer entries included) decides
+        tests = [Variant("ahfa-saved", "ahfa")]
     else:
         extra = {"min_length": args.min_sparse_len} if args.min_sparse_len else {}
         extra |= {"block_size": args.block_size} if args.block_size else {}

@@ -162,10 +162,14 @@ def configure(model, **fields_) -> AdaptivePolicy:
 
 @contextlib.contextmanager
 def override(**fields_):
-    """Within the block, these policy fields win over every model's own (nested blocks merge)."""
+    """Within the block, these policy fields win over every model's own (nested blocks merge). A ``mode`` or
+    ``tau`` given without ``layers`` also wins over a calibrated model's per-layer entries (``layers``, which
+    carry a mode and tau per layer): ``override(mode="exact")`` makes every layer exact."""
     global _override
     outer = _override
     merged = {**(outer or {}), **fields_}
+    if ("mode" in fields_ or "tau" in fields_) and "layers" not in fields_:
+        merged["layers"] = ()
     AdaptivePolicy.from_dict(merged)  # raise here on unknown or invalid fields, not inside a model
     _override = merged
     try:

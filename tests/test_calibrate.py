@@ -69,6 +69,11 @@ def test_each_layer_runs_its_own_entry_and_the_entries_are_saved(tmp_path):
     with hf_ahfa.override(layers=()), hf_ahfa.record() as rec, torch.no_grad():
         loaded(samples[0])
     assert {r["route"] for r in rec} == {"sdpa"}
+    # a mode (or tau) override wins over the per-layer entries too: what the eval's "ahfa exact" baseline runs
+    for fields, routes in (({"mode": "exact"}, {"sdpa"}), ({"tau": 0.5, "mode": "adaptive"}, {"adaptive"})):
+        with hf_ahfa.override(**fields), hf_ahfa.record() as rec, torch.no_grad():
+            loaded(samples[0])
+        assert {r["route"] for r in rec} == routes, fields
 
 
 @pytest.mark.parametrize("layers,match", [

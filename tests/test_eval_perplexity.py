@@ -458,6 +458,31 @@ def test_adaptive_tau_sweep_long_protocol(tiny_llama, books, tmp_path, monkeypat
     assert (tmp_path / "sweep-tau.png").stat().st_size > 0 and "Kept blocks per layer" in (tmp_path / "sweep.md").read_text()
 
 
+def test_saved_mode_runs_the_models_own_calibrated_layers(tiny_llama, books, tmp_path, monkeypatch, capsys):
+    """--mode saved runs the policy stored in the model's config (per-layer entries, as `ahfa-eval calibrate
+    --save-to` writes them) against ahfa exact, whose override turns those entries off; knobs that would change the
+    saved policy are refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="ahfa")
+    hf_ahfa.configure(model, block_size=32, stride=8, layers=[(1, "adaptive", 0.1)])
+    saved = tmp_path / "calibrated"
+    model.save_pretrained(saved)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(saved)
+    _run("--model", saved, "--device", "cpu", "--protocol", "long", "--data-files", books[0], "--context-lengths",
+         "256", "--score-tokens", "16", "--mode", "saved", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "s")
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["config"]["attention"]["saved_policy"]["layers"] == [[1, "adaptive", 0.1]]
+    (ctx,) = data["summary"]["by_context"]
+    assert set(ctx["ppl"]) == {"ahfa-saved", "ahfa-exact"}
+    assert ctx["density"]["ahfa-saved"] < 1.0 and ctx["density"]["ahfa-exact"] is None
+    assert set(ctx["layer_density"]["ahfa-saved"]) == {"1"}  # layer 0 has no entry: the stored mode, exact
+    _usage_error(capsys, "--mode saved runs the policy stored", "--model", saved, "--device", "cpu", "--protocol",
+                 "long", "--data-files", books[0], "--mode", "saved", "--tau", "0.5", "--baseline", "ahfa",
+                 "--out-dir", tmp_path)
+
+
 def test_rerun_with_other_settings_names_the_option_and_files_are_announced(tiny_llama, wiki_json, tmp_path, capsys):
     argv = ["--model", tiny_llama, "--data-files", wiki_json, "--text-column", "extract", "--max-length", 32,
             "--max-docs", 2, "--device", "cpu", "--out-dir", tmp_path, "--name", "same"]
