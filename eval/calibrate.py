@@ -22,7 +22,7 @@ import hf_ahfa
 from hf_ahfa.eval.perplexity import add_model_arguments
 from hf_ahfa.eval.perplexity_data import joined_books
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import load_causal_lm, process_device, resolve_dtype
+from hf_ahfa.eval.runs import load_causal_lm, process_device, resolve_dtype, save_causal_lm
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command, float_list
 
 
@@ -98,7 +98,6 @@ def run(args) -> dict[str, Path]:
           markdown_table(["layer", "perplexity change alone, per tau", "chosen tau"], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     if args.save_to:
-        model.save_pretrained(args.save_to)
-        tokenizer.save_pretrained(args.save_to)
+        save_causal_lm(model, tokenizer, args.save_to)
         paths["model"] = args.save_to
     return paths

@@ -134,6 +134,23 @@ def load_causal_lm(model: str, attn_implementation: str, dtype: torch.dtype, dev
     return lm.to(device).eval(), tokenizer
 
 
+def save_causal_lm(model, tokenizer, path: Path) -> None:
+    """``save_pretrained`` of the model (its ``config.ahfa`` included) and tokenizer, also for a model de-quantized
+    from GGUF, which Transformers refuses to save: its weights, plain tensors by then, go into a model built from
+    the same config without the quantization entry."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model, "hf_quantizer", None) is not None:
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def adaptive_variants(mode: str, taus: list[float] | None, **extra) -> dict[str, dict]:
     """ahfa's adaptive/auto variants of a sweep: label ``ahfa-<mode>-tau<t>`` -> policy fields, one per
     tau (default: the policy's), with ``extra`` fields set in each. Invalid values raise ``ValueError``."""

@@ -126,3 +126,26 @@ def test_ahfa_eval_calibrate_end_to_end(tiny_llama, tiny_text, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["calibrate", "--model", str(tiny_llama), "--data-files", str(book), "--context-length", "100000"])
     assert exit_info.value.code == 2 and "fewer than --context-length" in capsys.readouterr().err
+
+
+def test_a_model_dequantized_from_gguf_is_saved_with_its_settings(tiny_llama, tmp_path):
+    """Transformers refuses save_pretrained on a model loaded with gguf_file= (its quantizer is set, the config
+    names the quantization): ``save_causal_lm`` (``ahfa-eval calibrate --save-to``) copies the weights into a
+    plain model of the same config, the settings included. Checked by hand on SmolLM2's GGUF (logits equal)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from hf_ahfa.eval.runs import save_causal_lm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="ahfa").eval()
+    hf_ahfa.configure(model, layers=[(1, "adaptive", 0.5)])
+    model.hf_quantizer = SimpleNamespace(is_serializable=False)
+    model.config.quantization_config = {"quant_method": "gguf"}
+    save_causal_lm(model, AutoTokenizer.from_pretrained(tiny_llama), tmp_path / "saved")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="ahfa").eval()
+    assert not hasattr(back.config, "quantization_config")
+    assert policy_of(back.config).layers == ((1, "adaptive", 0.5),)
+    ids = torch.arange(1, 40)[None] % back.config.vocab_size
+    with torch.no_grad(), hf_ahfa.override(mode="exact"):
+        assert torch.equal(model(ids).logits, back(ids).logits)
