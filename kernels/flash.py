@@ -9,6 +9,8 @@ dispatch costs tens of microseconds of host time per call). All tensors use the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from hf_ahfa.kernels import common, configs
@@ -277,6 +279,12 @@ def register_autograd(fwd, bwd, check=None):
 register_autograd(flash_fwd, flash_bwd)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """The GPU's SM count, read once per device (the property lookup costs host time on every decode call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, win_right, softcap, scale, alibi=None):
     c = _common(q, k, v, None, 0, 0)
     B, Q, H, HKV, G = c["B"], c["Q"], c["H"], c["HKV"], c["H"] // c["HKV"]
@@ -285,7 +293,7 @@ def run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, wi
     block_n = cands[0][0]
     # at most two programs per SM (their pipelined K/V tiles fill shared memory), so that every split
     # runs in one wave with no straggling second wave; each split a whole number of key blocks
-    sms = 4 if configs.interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = 4 if configs.interpreting() else _sm_count(q.device)
     splits = max(1, min((2 * sms) // (B * HKV), cdiv(c["K"], 4 * block_n)))
     split_len = cdiv(cdiv(c["K"], splits), block_n) * block_n
     splits = cdiv(c["K"], split_len)
