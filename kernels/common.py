@@ -240,9 +240,10 @@ def alibi_bias(s, qpos, offs_n, slope):
 
 @triton.jit
 def alibi_key_term(offs_m, offs_n, shift, slope):
-    """``AHFA_ALIBI=keys``: ``slope * (key position - ref)`` in the log2 domain, ``[BN]``, with ``ref`` the first
-    query position of the tile ``offs_m`` (``shift`` = k_len - q_len: bottom-right aligned). Near the diagonal,
-    where probabilities are not negligible, it stays within ``slope * (BM + BN)``: float32 loses nothing there."""
+    """The key-term form (``alibi_keys``): ``slope * (key position - ref)`` in the log2 domain, ``[BN]`` for a
+    scalar ``slope`` (``[BM, BN]`` for ``[BM, 1]`` slopes, the decode kernel's rows), with ``ref`` the first query
+    position of the tile ``offs_m`` (``shift`` = k_len - q_len: bottom-right aligned). Near the diagonal, where
+    probabilities are not negligible, it stays within ``slope * (BM + BN)``: float32 loses nothing there."""
     ref = tl.min(offs_m, 0) + shift
     return (slope * LOG2E) * (offs_n - ref).to(tl.float32)
 

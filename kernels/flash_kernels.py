@@ -537,8 +537,8 @@ def flash_decode_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_view, offs_n, offs_d, hi, F.d)
         s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
-        if F.alibi_keys:  # one FMA per score: slope * (key - the first query's position), the row term below
-            s = s + (slope * LOG2E)[:, None] * (offs_n - (T_K - T_Q)).to(tl.float32)[None, :]
+        if F.alibi_keys:  # one FMA per score (the rows' own slopes); the row term leaves the lse below
+            s = s + alibi_key_term(i, offs_n, T_K - T_Q, slope[:, None])
         elif F.alibi:
             s = alibi_bias(s, qp, offs_n, slope[:, None])
         s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
@@ -549,8 +549,8 @@ def flash_decode_kernel(
     # partials: (B * HKV, SPLITS, BLOCK_M, DV) and (B * HKV, SPLITS, BLOCK_M), contiguous
     part = (bhk.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M
     tl.store(OPART + (part + offs_r[:, None]) * DV + offs_dv[None, :], out, mask=offs_dv[None, :] < DV)
-    if F.alibi_keys:  # the scores exceed the logits by slope * (query - first query): the lse must not
-        m_i = m_i - (slope * LOG2E) * i.to(tl.float32)
+    if F.alibi_keys:  # the scores exceed the logits by the row term: the lse must not
+        m_i = m_i - alibi_row_term(i, slope)
     tl.store(LSEPART + part + offs_r, natural_lse(m_i, l_i))
 
 

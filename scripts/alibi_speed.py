@@ -3,7 +3,7 @@ bf16, ``hf_ahfa.attention(..., backend="triton")`` with and without ``alibi_slop
 Bloom's), prefill forward and forward+backward, causal and full, and the split-KV decode; timed alternately
 (median of the rounds' ``triton.testing.do_bench`` medians). Nothing about SDPA: the ratio is the bias's cost.
 ``--forms distance,keys,fwd-keys`` times each form of the bias (``AHFA_ALIBI``) in the same rounds; bidirectional
-calls and decode have the distance form only.
+calls of many queries have the distance form only.
 
     python scripts/alibi_speed.py --out-dir OUT [--seq-lens 4096,16384] [--head-dims 64,128] [--forms fwd-keys]
         [--name alibi-speed]
@@ -86,7 +86,7 @@ for D in [int(d) for d in args.head_dims.split(",")]:
         return (lambda: hf_ahfa.attention(qd, kd, vd, **kw)), None
 
     rows.append(compare(dict(kind="decode", head_dim=D, seq_len=K, batch=8, causal=True, mode="fwd"), make_decode,
-                        ["distance"]))
+                        FORMS))
 
 meta = {**provenance(), "heads": H, "dtype": "bfloat16", "tokens_per_batch": args.tokens, "rounds": args.rounds,
         "timing": "median of alternated rounds of triton do_bench medians; backend='triton' (our kernels only)"}
