@@ -28,7 +28,7 @@ COMPILED: list[tuple[str, int]] = []  # (kernel, shared memory bytes) of each la
 # the most shared memory one block may use (opt-in limit), by configs table: A100 163 KB, H100/H200 227 KB
 SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
 VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
-            "alibi", "block_sparse", "decode", "alibi_decode", "adaptive")
+            "alibi", "alibi_full", "block_sparse", "decode", "alibi_decode", "adaptive")
 
 
 def _table(arch: int) -> str:
@@ -101,8 +101,8 @@ def _run(name: str) -> None:
         kw.update(cu_seqlens=torch.tensor([0, 100, 256], dtype=torch.int32))
     elif name == "dropout":
         kw.update(dropout_p=0.1)
-    elif name == "alibi":
-        kw.update(alibi_slopes=torch.rand(H, generator=g))
+    elif name in ("alibi", "alibi_full"):  # alibi_full: the bidirectional forward's key term on each side
+        kw.update(alibi_slopes=torch.rand(H, generator=g), causal=name == "alibi")
     elif name == "block_sparse":
         kw.update(layout=patterns.local(T, T, block=64, width=1, batch=B, heads=H))
     elif name in ("decode", "alibi_decode"):  # one query over a long cache: the split-KV kernel and its combine

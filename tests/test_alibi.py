@@ -50,6 +50,9 @@ FORMS = ["distance", "keys", "fwd-keys"]
     dict(causal=True), dict(causal=True, Q=24), dict(causal=False), dict(causal=True, window=9),
     dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True), dict(causal=True, sinks=True),
     dict(causal=True, Q=70, K=49),  # query rows that see no key
+    # bidirectional: key tiles below, across and above the diagonal (the key-term forward on each side)
+    dict(causal=False, Q=24, K=70), dict(causal=False, Q=70, K=49), dict(causal=False, window=(9, 20), K=70),
+    dict(causal=False, sinks=True, K=70), dict(causal=False, key_padding=True, K=70),
 ])
 def test_alibi_matches_the_oracle(backend, form, kw, oracle, monkeypatch):
     _use_form(monkeypatch, form)
@@ -58,6 +61,8 @@ def test_alibi_matches_the_oracle(backend, form, kw, oracle, monkeypatch):
     B, Hq, Hkv, D = 2, 4, 2, 16
     q, k, v = _qkv(B, Q, K, Hq, Hkv, D, seed=Q)
     slopes = _slopes(Hq, B if batch_slopes else None)
+    if kw.pop("key_padding", False):  # left padding of 5 and 37 keys (whole tiles skipped, one partly)
+        kw["key_padding_mask"] = (torch.arange(K)[None, :] >= torch.tensor([[5], [37]])).to(DEVICE)
     if kw.pop("sinks", False):
         kw["sinks"] = torch.randn(Hq, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     out, lse = hf_ahfa.attention(q, k, v, alibi_slopes=slopes, backend=backend, return_lse=True, **kw)
