@@ -81,10 +81,12 @@ exit 0
 fi
 if [ "$STAGE" = alibi ]; then
 # every launch config with each form of the ALiBi bias (AHFA_ALIBI), then the forms' speed in the same rounds
+if [ "${ALIBI_CONFIGS:-1}" = 1 ]; then  # 0 where the tests stage of the same tree ran them
 AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-4} \
   --tb=short -rfE -m gpu tests/test_gpu.py -k "every_launch_config and (distance or keys)" > "$R/alibi-configs.log" 2>&1
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/alibi-configs.log" | tail -15
-after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms distance,keys,fwd-keys \
+fi
+after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms ${FORMS:-distance,keys,fwd-keys} \
   --head-dims ${HEAD_DIMS:-64,128} --seq-lens ${SEQ_LENS:-4096,16384} --name alibi-forms 2>&1 | tail -30
 exit 0
 fi
