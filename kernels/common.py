@@ -27,7 +27,7 @@ from hf_ahfa.kernels.configs import interpreting
 LOG2E = tl.constexpr(1.4426950408889634)
 
 Flags = namedtuple("Flags", "causal window softcap kpm am sinks varlen dropout sparse precision "
-                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi alibi_keys alibi_sides tma")
+                            "d dv block_d block_dv layout_bq layout_bk guard skip alibi alibi_keys tma")
 
 # AHFA_NAN_GUARD=1: the flash forward and backward keep a NaN or inf in an unseen key or value out of the rows
 # of a masked tile that cannot see it (``finite_values``). Off by default: on the H200 it cost 10-140%, 15% even
@@ -50,8 +50,8 @@ if TMA not in ("auto", "0", "1"):
 # the key-term forward ran at 0.99-1.04x the kernel without ALiBi (distance 0.93-0.99x), its backward at D=128 was
 # 9% slower than the distance form's (as fast at D=64). The split-KV decode kernel follows the forward (one FMA per
 # score: its rows carry their own slopes). The key-term form needs every visible key at or before its query: causal
-# calls, and calls of one query (Transformers' decode steps, passed as not causal). The dense forward of other
-# bidirectional calls uses it on each side of the diagonal (``alibi_sides``); their backward keeps the distance form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
+# calls, and calls of one query (Transformers' decode steps, passed as not causal); other bidirectional calls keep
+# the distance form. Every launch config passes with each form on the H100 (tests/test_gpu.py test_every_launch_config_is_right).
 ALIBI_FORMS = ("fwd-keys", "distance", "keys")
 ALIBI_FORM = os.environ.get("AHFA_ALIBI", ALIBI_FORMS[0])
 if ALIBI_FORM not in ALIBI_FORMS:
@@ -64,13 +64,6 @@ def alibi_keys(alibi: bool, causal: bool, q_len: int, backward: bool) -> bool:
     decode step, which Transformers passes as not causal)."""
     return (alibi and (causal or q_len == 1)
             and (ALIBI_FORM == "keys" or (ALIBI_FORM == "fwd-keys" and not backward)))
-
-
-def alibi_sides(alibi: bool, causal: bool, q_len: int, dense_forward: bool) -> bool:
-    """Whether a bidirectional dense forward launch adds its ALiBi bias in the key-term form on each side of the
-    diagonal (``flash_fwd_kernel``): the key term below it, its negation above it (each with its own row term,
-    ``alibi_row_term``), the distance form on the tiles that straddle it."""
-    return alibi and dense_forward and not alibi_keys(alibi, causal, q_len, backward=False) and ALIBI_FORM != "distance"
 
 
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
@@ -163,8 +156,6 @@ def flags(args: dict) -> Flags:
         layout_bq=get("LAYOUT_BQ", 1), layout_bk=get("LAYOUT_BK", 1), guard=NAN_GUARD, skip=args["S"].skip > 0,
         alibi=get("ALIBI") is not None, tma=get("TMA", False),
         alibi_keys=alibi_keys(get("ALIBI") is not None, args["CAUSAL"], get("T_Q"), backward="DELTA" in args),
-        alibi_sides=alibi_sides(get("ALIBI") is not None, args["CAUSAL"], get("T_Q"),
-                                dense_forward="LISTS" in args and "DELTA" not in args and get("LISTS") is None),
     )
     if interpreting():
         return f  # plain values, as the interpreter passes every constexpr

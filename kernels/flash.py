@@ -87,7 +87,6 @@ def _tuning_key(kind, q, c, causal, scores, alibi, *optional):
     return (kind, q.dtype, c["D"], c["DV"], c["H"] // c["HKV"], c["precision"], causal, c["max_q"] > 1024,
             c["max_k"] > 1024, scores.softcap > 0, scores.win_left >= 0, scores.dropout_p > 0, scores.skip > 0,
             alibi is not None, common.alibi_keys(alibi is not None, causal, c["Q"], backward="bwd" in kind),
-            common.alibi_sides(alibi is not None, causal, c["Q"], dense_forward=kind == "fwd"),
             *(x is not None for x in optional))
 
 

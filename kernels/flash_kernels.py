@@ -137,21 +137,11 @@ def _listed_start(index, j, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr, SIDE: tl.constexpr = 0):
+def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
     """Log2-domain scores of a query tile against a key tile (and the tanh for the softcap gradient);
-    invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built.
-    ``SIDE`` (``F.alibi_sides`` only): 1 / -1 for tiles wholly below / above the diagonal, whose ALiBi bias is
-    the key term / its negation; 2 / -2 for the distance form plus / minus the row term (each side's frame)."""
+    invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built."""
     s, t = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
-    if F.alibi_sides:
-        if SIDE == 1:
-            s = s + alibi_key_term(offs_m, offs_n, cx.k_len - cx.q_len, cx.slope)[None, :]
-        elif SIDE == -1:
-            s = s - alibi_key_term(offs_m, offs_n, cx.k_len - cx.q_len, cx.slope)[None, :]
-        else:
-            s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
-            s = s + (SIDE // 2) * alibi_row_term(offs_m, cx.slope)[:, None]
-    elif F.alibi_keys:
+    if F.alibi_keys:
         s = s + alibi_key_term(offs_m, offs_n, cx.k_len - cx.q_len, cx.slope)[None, :]
     elif F.alibi:
         s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
@@ -171,7 +161,7 @@ def _dropout_keep(cx, offs_m, offs_n):
 
 @triton.jit
 def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, cx, F: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SIDE: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online-softmax update of one query block with the key tile at ``start_n``. With ``F.skip``: the tile's
     P @ V is skipped, and its mass left out of the denominator, when every row's ``dropped`` share (an upper
     bound of the mass left out so far) plus this tile's stays within ``cx.skip``. With ``F.tma`` the key and value
@@ -186,7 +176,7 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, c
         k = tma[0].load([row, 0])
     else:
         k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
-    s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED, SIDE)
+    s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
@@ -216,10 +206,9 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, c
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, start, end, index, offs_m, cx, F: tl.constexpr,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SIDE: tl.constexpr = 0):
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax of one query block over key tiles ``[start, end)``; with ``F.sparse`` over the
-    ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks.
-    ``SIDE``: the ALiBi form of these tiles (``_scores``)."""
+    ``end`` layout blocks listed at ``index``, in one flat loop of tiles so the loads pipeline across blocks."""
     k_view, v_view = kv
     offs_d = tl.arange(0, F.block_d)
     offs_dv = tl.arange(0, F.block_dv)
@@ -229,7 +218,7 @@ def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, start, end, index, offs_m, c
             offs_n = start_n + tl.arange(0, BLOCK_N)
             acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, tile_ptrs(k_view, offs_n, offs_d),
                                                tile_ptrs(v_view, offs_n, offs_dv), tma, start_n, offs_m, cx, F,
-                                               BLOCK_N, MASKED, SIDE)
+                                               BLOCK_N, MASKED)
     else:
         # pointers advance by one block per step instead of being recomputed in 64-bit per element
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -237,7 +226,7 @@ def _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, start, end, index, offs_m, c
         v_ptrs = tile_ptrs(v_view, offs_n, offs_dv)
         for start_n in range(start, end, BLOCK_N):
             acc, l_i, m_i, dropped = _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m,
-                                               cx, F, BLOCK_N, MASKED, SIDE)
+                                               cx, F, BLOCK_N, MASKED)
             k_ptrs += BLOCK_N * k_view.row
             v_ptrs += BLOCK_N * v_view.row
     return acc, l_i, m_i, dropped
@@ -279,26 +268,6 @@ def flash_fwd_kernel(
                                              BLOCK_N, True)
         acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, 0, n_full, full, offs_m, cx, F,
                                              BLOCK_N, False)
-    elif F.alibi_sides:
-        # bidirectional ALiBi: the interior splits into the tiles wholly below the diagonal (key term; scores
-        # exceed the logits by the row term r), those straddling it (distance form + r) and those wholly above
-        # (negated key term; scores fall short by r): between the last two, m_i moves into the new frame (the
-        # sums, relative to m_i, stay). The masked edges take the distance form in their side's frame.
-        lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
-        shift = cx.k_len - cx.q_len
-        below = tl.minimum(tl.maximum(((start_m + shift + 1) // BLOCK_N) * BLOCK_N, f_lo), f_hi)
-        above = tl.minimum(tl.maximum(tl.cdiv(start_m + BLOCK_M - 1 + shift, BLOCK_N) * BLOCK_N, below), f_hi)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, lo, f_lo, None, offs_m, cx, F,
-                                             BLOCK_N, True, 2)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_lo, below, None, offs_m, cx, F,
-                                             BLOCK_N, False, 1)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, below, above, None, offs_m, cx, F,
-                                             BLOCK_N, False, 2)
-        m_i -= 2.0 * alibi_row_term(offs_m, cx.slope)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, above, f_hi, None, offs_m, cx, F,
-                                             BLOCK_N, False, -1)
-        acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_hi, hi, None, offs_m, cx, F,
-                                             BLOCK_N, True, -2)
     else:
         lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
@@ -309,11 +278,9 @@ def flash_fwd_kernel(
         acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, f_hi, hi, None, offs_m, cx, F,
                                              BLOCK_N, True)
 
-    row_term = 0.0  # the scores' excess over the true logits (key-term ALiBi forms), per row
+    row_term = 0.0  # the scores' excess over the true logits (AHFA_ALIBI=keys), per row
     if F.alibi_keys:
         row_term = alibi_row_term(offs_m, cx.slope)
-    if F.alibi_sides:  # the frame of the tiles above the diagonal
-        row_term = -alibi_row_term(offs_m, cx.slope)
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     den = l_i
     if F.sinks:

@@ -101,7 +101,7 @@ def _run(name: str) -> None:
         kw.update(cu_seqlens=torch.tensor([0, 100, 256], dtype=torch.int32))
     elif name == "dropout":
         kw.update(dropout_p=0.1)
-    elif name in ("alibi", "alibi_full"):  # alibi_full: the bidirectional forward's key term on each side
+    elif name in ("alibi", "alibi_full"):  # alibi_full: bidirectional (the distance form in every kernel)
         kw.update(alibi_slopes=torch.rand(H, generator=g), causal=name == "alibi")
     elif name == "block_sparse":
         kw.update(layout=patterns.local(T, T, block=64, width=1, batch=B, heads=H))

@@ -50,7 +50,7 @@ FORMS = ["distance", "keys", "fwd-keys"]
     dict(causal=True), dict(causal=True, Q=24), dict(causal=False), dict(causal=True, window=9),
     dict(causal=False, softcap=5.0), dict(causal=True, batch_slopes=True), dict(causal=True, sinks=True),
     dict(causal=True, Q=70, K=49),  # query rows that see no key
-    # bidirectional: key tiles below, across and above the diagonal (the key-term forward on each side)
+    # bidirectional: key tiles below, across and above the diagonal, ragged and padded
     dict(causal=False, Q=24, K=70), dict(causal=False, Q=70, K=49), dict(causal=False, window=(9, 20), K=70),
     dict(causal=False, sinks=True, K=70), dict(causal=False, key_padding=True, K=70),
 ])
