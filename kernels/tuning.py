@@ -3,8 +3,14 @@ of ``configs`` (timed), or with ``AHFA_AUTOTUNE=0`` the first that fits (untimed
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import sys
 from typing import Callable
+
+logger = logging.getLogger("hf_ahfa")
 
 # AHFA_AUTOTUNE=0: each table's first configuration that fits, untimed: a quarter of the compiles on a cold
 # cache (GPU test runs) and launch choices that do not depend on timing noise.
@@ -43,22 +49,35 @@ def launch_tuned(key: tuple, candidates: list[tuple], launch: Callable[[tuple], 
 
         times = {}
         for cfg in candidates:
-            try:
-                times[cfg] = do_bench(lambda: launch(cfg), warmup=5, rep=20)
-            except Exception as err:  # noqa: BLE001
-                if not _does_not_fit(err):
-                    raise
+            ok, ms = _attempt(lambda: do_bench(lambda: launch(cfg), warmup=5, rep=20), cfg, key)
+            if ok:
+                times[cfg] = ms
         if times:
             _chosen[key] = min(times, key=times.get)
             return launch(_chosen[key])
     else:
         for cfg in candidates:
-            try:
-                launch(cfg)
-            except Exception as err:  # noqa: BLE001
-                if not _does_not_fit(err):
-                    raise
-                continue
-            _chosen[key] = cfg
-            return
+            if _attempt(lambda: launch(cfg), cfg, key)[0]:
+                _chosen[key] = cfg
+                return
     raise RuntimeError(f"hf_ahfa: no launch configuration of {candidates} fits this GPU (or compiles) for {key}")
+
+
+def _attempt(run: Callable[[], object], cfg: tuple, key: tuple) -> tuple[bool, object]:
+    """``(True, run())``, or ``(False, None)`` where ``cfg`` does not fit (``_does_not_fit``). Triton prints a
+    failing kernel's whole PTX on stdout before it raises PTXASError: what the compile prints is held back and
+    given out only if it succeeded; a ptxas failure becomes one warning naming the candidate."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            result = run()
+    except Exception as err:  # noqa: BLE001
+        if not _does_not_fit(err):
+            sys.stdout.write(held.getvalue())
+            raise
+        if type(err).__name__ == "PTXASError":
+            logger.warning("hf_ahfa: ptxas failed on launch config %s of %s (skipped): %s", cfg, key,
+                           str(err).strip().splitlines()[0])
+        return False, None
+    sys.stdout.write(held.getvalue())
+    return True, result

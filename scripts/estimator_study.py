@@ -13,6 +13,8 @@ Estimators, each giving a mass per (query block, key block) that the library's o
   (vertical) and a per-offset (slash) profile, spread back over every block;
 * ``rows-gqa``: ``rows`` averaged over the query heads that share a key/value head, one selection per group
   (GQA-aware: one layout per KV head, fewer K/V loads);
+* ``rows-union-gqa``: ``rows-union``'s selection of each query head, their union over the heads that share a
+  key/value head (one layout per KV head at no loss of captured mass: what it costs is the kept share);
 * ``rows-union-guardG``: ``rows-union`` with a fallback where it looks unsure: a query block one of whose
   sampled rows, left out, would keep less than ``1 - G * (1 - tau)`` of its mass in the blocks the other rows
   and the anchors chose keeps every visible block (``--guards`` lists the G; tried, not adopted);
@@ -63,7 +65,7 @@ bs, S, T = args.block_size, args.stride, args.tokens
 if T % bs:
     raise SystemExit(f"--tokens {T} must be a multiple of --block-size {bs}")
 GUARDS = {f"rows-union-guard{g}": float(g) for g in args.guards.split(",") if g}
-METHODS = ("oracle", "rows-union", *GUARDS, "rows", "rows-gqa", "antidiagonal", "vertical-slash")
+METHODS = ("oracle", "rows-union", "rows-union-gqa", *GUARDS, "rows", "rows-gqa", "antidiagonal", "vertical-slash")
 policy = hf_ahfa.AdaptivePolicy(mode="adaptive", block_size=bs, stride=S, density_limit=1.0)
 band = band_of_shape(T, T, bs, bs, True, None, "cpu")[0]  # (1, 1, NQ, NK) blocks the causal band touches
 anchors = anchor_blocks_of_shape(T, T, policy, True, "cpu")
@@ -145,7 +147,8 @@ def cost(method: str) -> float:
     """Dot products of the estimator over those of the full causal Q K^T."""
     full = T * (T + 1) / 2
     sampled = full / S / full
-    return {"oracle": 1.0, "rows": sampled, "rows-union": sampled, "rows-gqa": sampled, "antidiagonal": sampled,
+    return {"oracle": 1.0, "rows": sampled, "rows-union": sampled, "rows-union-gqa": sampled, "rows-gqa": sampled,
+            "antidiagonal": sampled,
             "vertical-slash": bs * T / full, **{g: sampled for g in GUARDS}}[method]
 
 
@@ -165,15 +168,17 @@ def recording(module, query, key, value, attention_mask, **kw):
     m, per_row = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
     group = H // key.shape[1]
     m["rows-gqa"] = m["rows"].unflatten(0, (-1, group)).mean(1).repeat_interleave(group, 0)
-    m.update({g: m["rows-union"] for g in GUARDS})
+    m.update({g: m["rows-union"] for g in ("rows-union-gqa", *GUARDS)})
     true = m["oracle"][None]
     for method, est in m.items():
         for tau in taus:
-            union = method == "rows-union" or method in GUARDS
+            union = method.startswith("rows-union")
             per_block = bs // S if union else 1  # sampled rows per query block, or one estimate
             keep, _ = select_blocks(est[None].float(), band, anchors, tau, 1.0, per_block)
             if method in GUARDS:
                 keep = guarded(keep, est, tau, 1 - GUARDS[method] * (1 - tau))
+            if method == "rows-union-gqa":  # (1, H, NQ, NK): each group's union, for each of its heads
+                keep = keep.unflatten(1, (-1, group)).any(2, keepdim=True).expand(-1, -1, group, -1, -1).flatten(1, 2)
             row_captured[method, tau].append((per_row * keep[0].repeat_interleave(bs, 1)).sum(-1).flatten().float())
             got = (true * keep).sum(-1)[0][band[0, 0].any(-1)[None].expand(H, -1)]  # per (head, query block)
             captured[method, tau].append(got.float())
