@@ -8,6 +8,7 @@
 #   bash scripts/gpu_adaptive.sh stage     only copy the carried part
 #   bash scripts/gpu_adaptive.sh measure   last part + .stage-data + .whl: join the models, then perplexity
 #                                          (tau sweep), needle, attention replay and whole-model prefill of Gemma-3
+#                                          (STEPS picks among ppl needle attn model train; train: a LoRA fine-tune)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/ahfa-out}
@@ -55,6 +56,11 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
   # whole-model prefill (time to first token), real text
   step model && ev 100 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
     --mode ${MODE:-adaptive} --tau $TAUS --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3${SUFFIX:-}
+  # LoRA fine-tune (issue 12 item 7): the block-sparse backward against exact, same windows and initialisation
+  # (not in the default STEPS: STEPS="train")
+  step train && ev ${TRAIN_S:-400} train $G --device cuda --data-files .stage-data/austen_*.txt --seq-len ${TRAIN_LEN:-16384} \
+    --steps ${TRAIN_STEPS:-100} --window-start bos --mode ${MODE:-adaptive} --tau ${TRAIN_TAU:-0.99} --baseline ahfa \
+    --name train-gemma3${SUFFIX:-}
   rm -f "$OUT"/*.jsonl ;;
 stage) ;;
 esac
