@@ -7,6 +7,8 @@ also autotunes): the whole attention of a prefill. Adaptive variants include the
 selection in their time. SDPA providers get a sliding-window layer's window as a boolean mask; cuDNN and
 FA2 take no such mask, so their totals count sliding layers at PyTorch's own choice of backend (``sdpa``),
 and the report also gives the time of the full-attention layers alone, where every provider applies.
+ahfa's rows run our own kernels (``backend="triton"``); ``ahfa-routed`` runs exact attention as a model gets it,
+each call routed (to SDPA where that was timed faster, ``hf_ahfa.router``).
 """
 
 from __future__ import annotations
@@ -65,10 +67,10 @@ def capture_calls(model, ids: torch.Tensor) -> list[dict]:
     return calls
 
 
-def _ahfa(call, policy):
+def _ahfa(call, policy, backend="triton"):
     return lambda: hf_ahfa.attention(call["q"], call["k"], call["v"], causal=call["causal"], window=call["window"],
                                      softcap=call["softcap"], sinks=call["sinks"], scale=call["scale"],
-                                     backend="triton", policy=policy)
+                                     backend=backend, policy=policy)
 
 
 def _sdpa(call, backend, masks: dict):
@@ -128,6 +130,8 @@ def measure(calls: list[dict], variants: dict[str, hf_ahfa.AdaptivePolicy | None
     full = [c for c in calls if c["window"] is None or c["window"] >= c["q"].shape[1]]
     T = calls[0]["q"].shape[1]
     jobs = [(name, lambda c, p=policy: _ahfa(c, p)) for name, policy in variants.items()]
+    if "ahfa" in variants and variants["ahfa"] is None:
+        jobs.append(("ahfa-routed", lambda c: _ahfa(c, None, backend=None)))
     jobs += [(name, lambda c, b=SDPA[name]: _sdpa(c, b, masks)) for name in providers]
     with torch.no_grad():
         for name, make in tqdm(jobs, desc=f"attention replay {T}", leave=False):

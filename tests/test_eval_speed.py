@@ -147,7 +147,7 @@ def test_attention_replay_cpu(monkeypatch):
     policy = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.3, block_size=16, stride=8, local_blocks=1)
     rows = measure(calls, {"ahfa": None, "ahfa-adaptive": policy}, ["sdpa"], repeat=1)
     by = {r["provider"]: r for r in rows}
-    assert all(by[p]["ms"] > 0 and by[p]["full_ms"] > 0 for p in ("ahfa", "ahfa-adaptive", "sdpa"))
+    assert all(by[p]["ms"] > 0 and by[p]["full_ms"] > 0 for p in ("ahfa", "ahfa-routed", "ahfa-adaptive", "sdpa"))
     assert set(by["ahfa-adaptive"]["layer_density"]) == {"1"} and by["ahfa-adaptive"]["density"] < 1
 
 
