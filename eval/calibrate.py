@@ -94,7 +94,9 @@ def run(args) -> dict[str, Path]:
     md = [f"# Calibration: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
           f"{len(samples)} samples of {args.context_length} tokens, budget {args.budget:.2%}, mode {args.mode}: "
           f"{len(result.layers)} of {len(result.alone)} layers block-sparse, whole-model perplexity change "
-          f"{result.change:+.3%} on the samples (exact perplexity {torch.tensor(result.base_nll).exp():.4f}).", "",
+          f"{result.change:+.3%} on the samples (exact perplexity {torch.tensor(result.base_nll).exp():.4f}). The "
+          f"entries hold for contexts of up to {args.context_length} tokens (`layers_max_length`); longer ones run "
+          "exact.", "",
           markdown_table(["layer", "perplexity change alone, per tau", "chosen tau"], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     if args.save_to:

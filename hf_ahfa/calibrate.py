@@ -5,13 +5,16 @@ perplexity change of each candidate ``tau`` on the samples (either way: a drop c
 gives each layer the lowest ``tau`` within its share of the budget (``budget / layers``; a layer none of
 them fits stays exact), then checks all layers together and raises the ``tau`` of the layer that cost
 most until the whole model is within the budget.
-The result is stored as the model's policy (``config.ahfa``, saved with ``save_pretrained``).
+The result is stored as the model's policy (``config.ahfa``, saved with ``save_pretrained``), with
+``layers_max_length`` = the longest sample: longer contexts run those layers as the rest of the policy says (exact
+by default), since the budget was measured up to that length only.
 
 Cost: ``1 + layers x len(taus)`` forward passes over the samples at most, plus the combined checks. With
 ``mode="auto"`` (the default) a calibrated layer runs block-sparse from ``min_length`` tokens on, where the
 kernels make it pay. Calibrate on samples of the lengths you will run (at least two blocks of
-``block_size`` tokens: the block-sparse path). Perplexity on the samples is what is bounded; whether the settings generalise to
-other text is for ``ahfa-eval perplexity`` on held-out text to show.
+``block_size`` tokens: the block-sparse path): the entries hold up to the longest. Perplexity on the samples is
+what is bounded; whether the settings generalise to other text is for ``ahfa-eval perplexity`` on held-out text
+to show.
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ def calibrate(model, samples, *, budget: float = 0.005, taus=(0.9, 0.95, 0.98, 0
 
     bar = tqdm(desc="calibrate (forward passes)", disable=not progress)
 
-    def nll(layers) -> float:  # every layer exact but those of these per-layer entries
-        with override(mode="exact", layers=tuple(layers)):
+    def nll(layers) -> float:  # every layer exact but those of these per-layer entries, at any length
+        with override(mode="exact", layers=tuple(layers), layers_max_length=0):
             value = _mean_nll(model, samples)
         bar.update()
         return value
@@ -105,7 +108,7 @@ def calibrate(model, samples, *, budget: float = 0.005, taus=(0.9, 0.95, 0.98, 0
     bar.close()
     if not chosen:
         result.change = 0.0
-    configure(model, layers=result.layers)
+    configure(model, layers=result.layers, layers_max_length=max(s.shape[1] for s in samples))
     return result
 
 

@@ -148,7 +148,7 @@ def ahfa_attention_forward(
     want_weights = _weights_requested(output_attentions)
     policy = policy_of(getattr(module, "config", None))
     if policy.layers:  # per-layer settings (hf_ahfa.calibrate)
-        policy = policy.for_layer(getattr(module, "layer_idx", None))
+        policy = policy.for_layer(getattr(module, "layer_idx", None), K)
     plain = None
     if (attention_mask is None and sliding_window is None and softcap is None and s_aux is None and not dropout
             and cu_seq_lens_q is None and alibi_slopes is None and not want_weights and not (is_causal and 1 < Q < K)

@@ -65,6 +65,9 @@ class AdaptivePolicy:
             block-sparse; packed sequences and dense masks (padded batches) are refused.
         layers: per-layer settings that win over ``mode`` and ``tau`` for those layers: ``(layer index,
             mode, tau)`` triples (``hf_ahfa.calibrate`` writes them); layers not listed use the fields above.
+        layers_max_length: the longest context (keys, cache included) the ``layers`` entries hold for; a call
+            over more keys runs the fields above instead (0: any length). ``hf_ahfa.calibrate`` sets it to its
+            longest sample: its bound was measured up to there, not beyond.
     """
 
     mode: str = "exact"
@@ -78,6 +81,7 @@ class AdaptivePolicy:
     skip_mass: float = 0.0
     pattern: str = ""
     layers: tuple[tuple[int, str, float], ...] = ()
+    layers_max_length: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -107,14 +111,20 @@ class AdaptivePolicy:
                                  f"and tau in (0, 1]")
         if len({i for i, _, _ in layers}) != len(layers):
             raise ValueError(f"layers lists a layer index twice: {layers}")
+        if isinstance(self.layers_max_length, bool) or not isinstance(self.layers_max_length, int) \
+                or self.layers_max_length < 0:
+            raise ValueError(f"layers_max_length must be an int >= 0 (0: any length), got {self.layers_max_length!r}")
         object.__setattr__(self, "layers", layers)
         if self.pattern or "pattern" in (self.mode, *(m for _, m, _ in layers)):
             from hf_ahfa.patterns import parse
 
             parse(self.pattern)  # raises naming the part
 
-    def for_layer(self, index: int | None) -> AdaptivePolicy:
-        """The policy of layer ``index``: its ``layers`` entry's mode and tau, else this policy."""
+    def for_layer(self, index: int | None, keys: int | None = None) -> AdaptivePolicy:
+        """The policy of layer ``index`` for a call over ``keys`` keys: its ``layers`` entry's mode and tau,
+        else (no entry, or more keys than ``layers_max_length``) this policy."""
+        if self.layers_max_length and keys is not None and keys > self.layers_max_length:
+            return self
         # every attention call of a calibrated model asks: the per-layer policies are built once per policy
         # (not while torch.compile traces, which runs this once per graph and cannot trace the cache)
         compiling = torch.compiler.is_compiling()

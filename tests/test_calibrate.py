@@ -76,6 +76,31 @@ def test_each_layer_runs_its_own_entry_and_the_entries_are_saved(tmp_path):
         assert {r["route"] for r in rec} == routes, fields
 
 
+def test_entries_hold_up_to_the_calibrated_length():
+    """``calibrate`` stores its longest sample as ``layers_max_length``: a context over more keys runs those layers
+    as the rest of the policy (exact here), since the budget was measured up to that length only. A limit left
+    from an earlier calibration does not cut the new one's measurements short."""
+    model, samples = _model(), _samples(2)
+    hf_ahfa.configure(model, layers_max_length=32)  # stale: shorter than the new samples
+    result = hf_ahfa.calibrate(model, samples, budget=10.0, taus=TAUS, mode="adaptive", progress=False)
+    policy = policy_of(model.config)
+    assert policy.layers == result.layers and policy.layers_max_length == 96
+    assert _change(model, samples) == pytest.approx(result.change, abs=1e-9) and result.change != 0.0
+    longer = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(5))
+    for ids, routes in ((samples[0], {"adaptive"}), (longer, {"sdpa"})):
+        with hf_ahfa.record() as rec, torch.no_grad():
+            model(ids)
+        assert {r["route"] for r in rec} == routes, ids.shape
+    assert policy.for_layer(0, keys=96).tau == TAUS[0] and policy.for_layer(0, keys=97) is policy
+    assert policy.for_layer(0).tau == TAUS[0]  # no length given: the entry
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_layers_max_length_is_validated(value):
+    with pytest.raises(ValueError, match="layers_max_length must be an int >= 0"):
+        hf_ahfa.AdaptivePolicy(layers_max_length=value)
+
+
 @pytest.mark.parametrize("layers,match", [
     ([(0, "fast", 0.5)], "mode in"),
     ([(-1, "adaptive", 0.5)], "index >= 0"),
