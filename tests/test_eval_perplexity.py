@@ -478,6 +478,16 @@ def test_saved_mode_runs_the_models_own_calibrated_layers(tiny_llama, books, tmp
     assert set(ctx["ppl"]) == {"ahfa-saved", "ahfa-exact"}
     assert ctx["density"]["ahfa-saved"] < 1.0 and ctx["density"]["ahfa-exact"] is None
     assert set(ctx["layer_density"]["ahfa-saved"]) == {"1"}  # layer 0 has no entry: the stored mode, exact
+    assert not any("layers_max_length" in n for n in data["notes"])
+    # entries calibrated up to 128 tokens: a 256-token context runs exact there, and the report says so
+    hf_ahfa.configure(model, layers_max_length=128)
+    model.save_pretrained(saved)
+    _run("--model", saved, "--device", "cpu", "--protocol", "long", "--data-files", books[0], "--context-lengths",
+         "256", "--score-tokens", "16", "--mode", "saved", "--baseline", "ahfa", "--out-dir", tmp_path, "--name", "s2")
+    data = json.loads((tmp_path / "s2.json").read_text())
+    (ctx,) = data["summary"]["by_context"]
+    assert ctx["density"]["ahfa-saved"] is None and ctx["ppl"]["ahfa-saved"] == ctx["ppl"]["ahfa-exact"]
+    assert any("up to 128 tokens" in n for n in data["notes"]) and "up to 128 tokens" in (tmp_path / "s2.md").read_text()
     _usage_error(capsys, "--mode saved runs the policy stored", "--model", saved, "--device", "cpu", "--protocol",
                  "long", "--data-files", books[0], "--mode", "saved", "--tau", "0.5", "--baseline", "ahfa",
                  "--out-dir", tmp_path)
