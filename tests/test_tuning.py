@@ -88,3 +88,21 @@ def test_skips_a_configuration_ptxas_fails_on(monkeypatch, autotune, capsys, cap
     assert [r.getMessage() for r in caplog.records] == [
         f"hf_ahfa: ptxas failed on launch config {BIG} of ('fwd', 1) (skipped): PTXAS error: `ptxas` failed with "
         "error code -11"]
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_compile_output_of_other_failures(monkeypatch, autotune, capsys, caplog):
+    """A candidate that does not fit the GPU's resources is skipped without a warning; any other error surfaces
+    with what the compile printed before it."""
+    monkeypatch.setattr(tuning, "_AUTOTUNE", autotune)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+
+    def launch(cfg):
+        print(f"compiling {cfg}")
+        if cfg == BIG:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        raise ValueError("bad argument")
+
+    with caplog.at_level("WARNING", logger="hf_ahfa"), pytest.raises(ValueError, match="bad argument"):
+        tuning.launch_tuned(("fwd", 2), [BIG, MID], launch)
+    assert capsys.readouterr().out == f"compiling {MID}\n" and caplog.records == []
