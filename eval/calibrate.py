@@ -96,7 +96,7 @@ def run(args) -> dict[str, Path]:
           f"{len(result.layers)} of {len(result.alone)} layers block-sparse, whole-model perplexity change "
           f"{result.change:+.3%} on the samples (exact perplexity {torch.tensor(result.base_nll).exp():.4f}). The "
           f"entries hold for contexts of up to {args.context_length} tokens (`layers_max_length`); longer ones run "
-          "exact.", "",
+          f"those layers as the rest of the policy (mode {hf_ahfa.policy.policy_of(model.config).mode}).", "",
           markdown_table(["layer", "perplexity change alone, per tau", "chosen tau"], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     if args.save_to:
