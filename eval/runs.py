@@ -134,20 +134,27 @@ def load_causal_lm(model: str, attn_implementation: str, dtype: torch.dtype, dev
     return lm.to(device).eval(), tokenizer
 
 
-def save_causal_lm(model, tokenizer, path: Path) -> None:
-    """``save_pretrained`` of the model (its ``config.ahfa`` included) and tokenizer, also for a model de-quantized
-    from GGUF, which Transformers refuses to save: its weights, plain tensors by then, go into a model built from
-    the same config without the quantization entry."""
+def plain_causal_lm(model):
+    """``model``, or for a model de-quantized from GGUF (which Transformers refuses to save or fine-tune: its
+    quantizer is set) the same weights, plain tensors by then, in a model built from its config without the
+    quantization entry: same attention implementation, ``config.ahfa``, device and train/eval mode."""
     from transformers import AutoModelForCausalLM
 
-    if getattr(model, "hf_quantizer", None) is not None:
-        config = model.config.__class__.from_dict(model.config.to_dict())
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-        plain.load_state_dict(model.state_dict())
-        model = plain
-    model.save_pretrained(path)
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype,
+                                             attn_implementation=model.config._attn_implementation)
+    plain.load_state_dict(model.state_dict())
+    return plain.to(next(model.parameters()).device).train(model.training)
+
+
+def save_causal_lm(model, tokenizer, path: Path) -> None:
+    """``save_pretrained`` of the model (its ``config.ahfa`` included) and tokenizer, also for a model de-quantized
+    from GGUF (``plain_causal_lm``)."""
+    plain_causal_lm(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 

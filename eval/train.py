@@ -32,7 +32,7 @@ from hf_ahfa.eval.perplexity import (
 from hf_ahfa.eval.perplexity_data import document_start_token, joined_books
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
 from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
-from hf_ahfa.eval.runs import process_device
+from hf_ahfa.eval.runs import plain_causal_lm, process_device
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command
 
 
@@ -167,6 +167,7 @@ def run(args) -> dict[str, Path]:
     args.device = process_device(args.device)
     tests, base = checked_comparison(args)
     model, tokenizer = load_compared_model(args, torch.float32)
+    model = plain_causal_lm(model)  # Trainer refuses a model loaded from GGUF; its weights are plain by then
     limit = max_positions(model)
     if limit is not None and args.seq_len > limit:
         raise UsageError(f"--seq-len {args.seq_len} is above the model's {limit} positions")

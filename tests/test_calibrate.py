@@ -155,13 +155,14 @@ def test_ahfa_eval_calibrate_end_to_end(tiny_llama, tiny_text, tmp_path, capsys)
 
 def test_a_model_dequantized_from_gguf_is_saved_with_its_settings(tiny_llama, tmp_path):
     """Transformers refuses save_pretrained on a model loaded with gguf_file= (its quantizer is set, the config
-    names the quantization): ``save_causal_lm`` (``ahfa-eval calibrate --save-to``) copies the weights into a
-    plain model of the same config, the settings included. Checked by hand on SmolLM2's GGUF (logits equal)."""
+    names the quantization) and Trainer refuses to fine-tune it: ``plain_causal_lm`` (``ahfa-eval calibrate
+    --save-to``, ``ahfa-eval train``) copies the weights into a plain model of the same config, the settings
+    included. Checked by hand on SmolLM2's GGUF (logits equal) and Gemma-3's (``ahfa-eval train`` on the CPU)."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
 
-    from hf_ahfa.eval.runs import save_causal_lm
+    from hf_ahfa.eval.runs import plain_causal_lm, save_causal_lm
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="ahfa").eval()
     hf_ahfa.configure(model, layers=[(1, "adaptive", 0.5)])
@@ -174,3 +175,11 @@ def test_a_model_dequantized_from_gguf_is_saved_with_its_settings(tiny_llama, tm
     ids = torch.arange(1, 40)[None] % back.config.vocab_size
     with torch.no_grad(), hf_ahfa.override(mode="exact"):
         assert torch.equal(model(ids).logits, back(ids).logits)
+    # what `ahfa-eval train` fine-tunes instead (Trainer refuses a GGUF-quantized model): same weights, attention,
+    # settings and mode, no quantizer
+    plain = plain_causal_lm(model.train())
+    assert getattr(plain, "hf_quantizer", None) is None and plain.training
+    assert plain.config._attn_implementation == "ahfa" and policy_of(plain.config) == policy_of(model.config)
+    with torch.no_grad(), hf_ahfa.override(mode="exact"):
+        assert torch.equal(model.eval()(ids).logits, plain.eval()(ids).logits)
+    assert plain_causal_lm(plain) is plain
