@@ -32,10 +32,11 @@ STAGE=${1:?tests, tests+sweep, diag, host, model, sweep, cost, alibi, d256 or d2
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
+# GPU_K: a pytest -k expression (a subset of the file).
 # 4 workers: 16 and 8 ran an H100's 80 GB out of memory (2026-12-05: 110 and 133 tests failed on allocation; one
 # test process held 61 GB); 4 ran the file in 133 s
 AHFA_AUTOTUNE=0 AHFA_FUZZ_LOG="$R/fuzz-stats.log" after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider \
-  -n ${WORKERS:-4} --tb=short -rfE --durations=8 -m gpu ${GPU_FILES:-tests/test_gpu.py} ${FUZZ:-} 2>&1 \
+  -n ${WORKERS:-4} --tb=short -rfE --durations=8 -m gpu ${GPU_K:+-k "$GPU_K"} ${GPU_FILES:-tests/test_gpu.py} ${FUZZ:-} 2>&1 \
   | grep -v -i benchmark > "$R/gpu-tests.log"
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/gpu-tests.log" | tail -25
 [ "$STAGE" = tests ] && exit 0
