@@ -95,8 +95,8 @@ def run(args) -> dict[str, Path]:
           f"{len(samples)} samples of {args.context_length} tokens, budget {args.budget:.2%}, mode {args.mode}: "
           f"{len(result.layers)} of {len(result.alone)} layers block-sparse, whole-model perplexity change "
           f"{result.change:+.3%} on the samples (exact perplexity {torch.tensor(result.base_nll).exp():.4f}). The "
-          f"entries hold for contexts of up to {args.context_length} tokens (`layers_max_length`); longer ones run "
-          f"those layers as the rest of the policy (mode {hf_ahfa.policy.policy_of(model.config).mode}).", "",
+          f"entries hold for contexts of up to {config['policy']['layers_max_length']} tokens (`layers_max_length`); "
+          f"longer ones run those layers as the rest of the policy (mode {config['policy']['mode']}).", "",
           markdown_table(["layer", "perplexity change alone, per tau", "chosen tau"], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     if args.save_to:

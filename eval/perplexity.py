@@ -205,9 +205,10 @@ def run(args) -> dict[str, Path]:
         result = protocol(args, model, tokenizer, texts, labels, config, paths["jsonl"])
     if result is None:  # not the main process of `accelerate launch`: it reports
         return {}
+    rows, summary, notes = result
     saved = attention.get("saved_policy")
     if saved and saved["layers"] and saved["layers_max_length"]:
-        result[2].append(f"the saved per-layer entries hold for contexts of up to {saved['layers_max_length']} tokens "
-                         "(`layers_max_length`, the calibration's length): longer contexts ran those layers as the "
-                         f"rest of the saved policy (mode {saved['mode']})")
-    return write_report(args, config, *result, paths)
+        notes.append(f"the saved per-layer entries hold for contexts of up to {saved['layers_max_length']} tokens "
+                     "(`layers_max_length`, the calibration's length): longer contexts ran those layers as the rest "
+                     f"of the saved policy (mode {saved['mode']})")
+    return write_report(args, config, rows, summary, notes, paths)
