@@ -1,4 +1,4 @@
-"""Which of several implementations of one exact call is fastest on this GPU: timed once per shape key, cached.
+"""Which of several implementations of one exact call is fastest on this device: timed once per shape key, cached.
 
 The router asks this for calls that every candidate computes exactly (same function up to rounding), where the
 choice changes speed, never results, and for ``mode="auto"``, which asked for block-sparse attention where it
@@ -23,12 +23,13 @@ def chosen() -> dict[str, str]:
     return {"/".join(map(str, key)): name for key, name in _decided.items()}
 
 
-def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: str, incumbent: str | None = None,
-            margin: float = 0.0) -> str:
-    """The name of the fastest candidate for ``key`` (cached). ``incumbent`` (a candidate) keeps the call unless
-    another was timed more than ``margin`` (a fraction) faster. While torch.compile traces or a CUDA graph is
-    captured nothing can be timed: then the cached choice, else ``default``."""
-    times = timings(key, candidates)
+def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: str, *, device: torch.device,
+            incumbent: str | None = None, margin: float = 0.0) -> str:
+    """The name of the fastest candidate for ``key`` (cached), each running on ``device``. ``incumbent`` (a
+    candidate) keeps the call unless another was timed more than ``margin`` (a fraction) faster. While
+    torch.compile traces or a CUDA graph is captured nothing can be timed: then the cached choice, else
+    ``default``."""
+    times = timings(key, candidates, device)
     if times is None:
         return default
     if key not in _decided:
@@ -39,14 +40,15 @@ def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: st
     return _decided[key]
 
 
-def timings(key: tuple, candidates: dict[str, Callable[[], object]]) -> dict[str, float] | None:
-    """Milliseconds per call of each candidate for ``key`` (timed on the first ask, cached); ``None`` where
-    nothing was timed yet and nothing can be (torch.compile tracing, CUDA graph capture)."""
+def timings(key: tuple, candidates: dict[str, Callable[[], object]],
+            device: torch.device) -> dict[str, float] | None:
+    """Milliseconds per call of each candidate for ``key`` on ``device`` (timed on the first ask, cached);
+    ``None`` where nothing was timed yet and nothing can be (torch.compile tracing, CUDA graph capture)."""
     if key in _times:
         return _times[key]
     if not host_may_wait():
         return None
-    _times[key] = _median_ms(candidates)
+    _times[key] = _median_ms(candidates, device)
     return _times[key]
 
 
@@ -56,30 +58,34 @@ def host_may_wait() -> bool:
     return not (torch.compiler.is_compiling() or capturing)
 
 
-def _median_ms(candidates: dict[str, Callable[[], object]], warmup: int = 2, batches: int = 5,
-               batch_ms: float = 2.0) -> dict[str, float]:
+def _median_ms(candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+               batches: int = 5, batch_ms: float = 2.0) -> dict[str, float]:
     """Milliseconds per call of each candidate as an eager model sees it: wall time of back-to-back calls up to
-    the GPU's end, median over ``batches``, the candidates taking turns batch by batch (so that the host's
+    the device's end, median over ``batches``, the candidates taking turns batch by batch (so that the host's
     drift does not favour one). Host time counts: a kernel that is quick on the GPU but slow to launch loses
     where the GPU work is tiny (decode), and the GPU time decides where it is not. Each batch lasts about
-    ``batch_ms`` (3 to 20 calls)."""
+    ``batch_ms`` (3 to 20 calls on a GPU, whose launches queue; 1 to 20 on the CPU, where a call of a model's
+    length takes milliseconds and the whole timing is paid by the first call of its shape)."""
+    cuda = torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     for fn in candidates.values():
         for _ in range(warmup):  # the first run of a Triton kernel compiles and tunes it
             fn()
-    torch.cuda.synchronize()
+    sync()
     single = []
     for fn in candidates.values():
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         single.append((time.perf_counter() - start) * 1e3)
-    calls = max(3, min(20, math.ceil(batch_ms / max(max(single), 1e-3))))
+    fewest = 3 if cuda else 1
+    calls = max(fewest, min(20, math.ceil(batch_ms / max(max(single), 1e-3))))
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(batches):
         for name, fn in candidates.items():
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
-            torch.cuda.synchronize()
+            sync()
             times[name].append((time.perf_counter() - start) * 1e3 / calls)
     return {name: sorted(ts)[batches // 2] for name, ts in times.items()}

@@ -11,7 +11,9 @@
                          exact, routed again, where that was not timed faster per layer and shape, _auto_runs_exact)
              "sdpa"      PyTorch's SDPA computes exactly this call (CPU and few-query calls: always; CUDA
                          prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest;
-                         masks, padding and causality as one boolean mask, _sdpa_mask)
+                         sliding windows: where SDPA was timed faster on any device, since it computes every
+                         score and ours only the window's; masks, padding, causality and the window as one
+                         boolean mask, _sdpa_mask)
              "decode"    few queries over many keys          -> split-KV Triton kernel
              "flash"     everything else on Triton          -> dense flash kernels (fwd/bwd)
              "reference" no Triton (CPU, float64, forced)    -> tiled PyTorch reference
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from hf_ahfa import telemetry
 from hf_ahfa.fastest import fastest
 from hf_ahfa.block_layout import BlockLayout
-from hf_ahfa.masks import make_layout
+from hf_ahfa.masks import make_layout, positions_visible
 from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.spec import AttnCall
 
@@ -123,12 +125,13 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
         return "dropout (ahfa draws its own mask)"
     if call.cu_seqlens is not None:
         return "packed sequences"
-    if call.window is not None:
-        return "a sliding window"
     if Q == 0 or K == 0:
         return "an empty query or key sequence"
-    if call.causal and Q > 1 and Q != K:
+    # a window reaches SDPA as a mask (which also aligns causality bottom-right)
+    if call.causal and Q > 1 and Q != K and call.window is None:
         return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
+    if call.window is not None and (q.shape[0] if call.element_masks else 1) * Q * K > SDPA_MASK_MAX:
+        return f"a sliding window: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if call.causal and Q > 1 and call.element_masks and q.shape[0] * Q * K > SDPA_MASK_MAX:
         return f"causal with a mask: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if q.device.type not in ("cpu", "cuda"):
@@ -187,6 +190,12 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
     else:
         path = "flash"
     if requested is None and sdpa_unfit_reason(q, k, call, need_lse) is None:
+        if call.window is not None:
+            # SDPA computes every score, ours only the window's blocks: whichever was timed faster, on every device
+            # (CPU, Gemma-3's sliding layers: SDPA 1.4x faster at 1K, ours 2.4x at 4K; kernels/NOTES.md)
+            if _faster_than_sdpa(q, k, v, call, path) == "sdpa":
+                return Route("sdpa", "sdpa", reason)
+            return Route(path, own, reason)
         if not q.is_cuda:  # the reference is several times slower than torch's CPU kernels
             return Route("sdpa", "sdpa", reason)
         if path == "decode":
@@ -201,7 +210,8 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
 
 def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
     """``"sdpa"`` or ``path``: whichever ran this call's shape faster (timed once per shape key)."""
-    return fastest(*_exact_candidates(q, k, v, call, path), default=path, incumbent="sdpa", margin=SDPA_MARGIN)
+    return fastest(*_exact_candidates(q, k, v, call, path), default=path, device=q.device, incumbent="sdpa",
+                   margin=SDPA_MARGIN)
 
 
 def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
@@ -209,8 +219,8 @@ def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
     grad = call.needs_grad(q, k, v)
     # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
-           q.shape[3], v.shape[3], call.causal, call.key_padding_mask is not None, call.attn_mask is not None, grad,
-           path)
+           q.shape[3], v.shape[3], call.causal, call.window, call.key_padding_mask is not None,
+           call.attn_mask is not None, grad, path)
 
     return key, {"sdpa": _timed_call(_sdpa, q, k, v, call, grad), path: _timed_call(_OWN[path], q, k, v, call, grad)}
 
@@ -297,8 +307,8 @@ def _auto_runs_exact(q, k, v, call: AttnCall, policy: AdaptivePolicy, exact: Rou
     candidates = {"exact": _timed_call(exact_fn, q, k, v, call, grad),
                   "adaptive": _timed_call(sparse_fn, q, k, v, call, grad)}
     with telemetry.paused():  # the timing runs are not the call's entries
-        return fastest(_auto_key(layer, q, k, v, call, policy), candidates, default="adaptive", incumbent="exact",
-                       margin=SDPA_MARGIN) == "exact"
+        return fastest(_auto_key(layer, q, k, v, call, policy), candidates, default="adaptive", device=q.device,
+                       incumbent="exact", margin=SDPA_MARGIN) == "exact"
 
 
 def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: AdaptivePolicy | None = None,
@@ -408,15 +418,19 @@ def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
 
 def _sdpa_mask(q, k, call: AttnCall) -> torch.Tensor | None:
     """The one boolean mask (True = visible, broadcast to ``(B, H, Q, K)``) that gives SDPA this call's
-    visibility: the dense mask and the key padding, with causality folded in where a mask is present (SDPA takes
-    ``is_causal`` only without one). ``Q == K`` when causal (``sdpa_unfit_reason``)."""
+    visibility: the dense mask and the key padding, with causality and the window folded in where a mask is
+    present (SDPA takes ``is_causal`` only without one; the positions' rule is ``masks.positions_visible``,
+    queries bottom-right aligned). ``Q == K`` when causal without a window (``sdpa_unfit_reason``)."""
     mask = call.attn_mask
     if call.key_padding_mask is not None:
         padding = call.key_padding_mask[:, None, None, :]
         mask = padding if mask is None else mask & padding
     Q, K = q.shape[1], k.shape[1]
-    if mask is not None and call.causal and Q > 1:
-        mask = mask & torch.ones(Q, K, dtype=torch.bool, device=q.device).tril(K - Q)
+    if call.window is not None or (mask is not None and call.causal and Q > 1):
+        q_pos = torch.arange(K - Q, K, device=q.device)
+        band = positions_visible(q_pos[:, None], torch.arange(K, device=q.device), causal=call.causal,
+                                 window=call.window)
+        mask = band if mask is None else mask & band
     return mask
 
 

@@ -185,7 +185,7 @@ def _fake_timings(monkeypatch, times: dict):
     monkeypatch.setattr(fastest, "_times", {})
     monkeypatch.setattr(fastest, "_decided", {})
     monkeypatch.setattr(fastest, "_median_ms",
-                        lambda cands: timed.append(sorted(cands)) or {n: times[n] for n in cands})
+                        lambda cands, device: timed.append(sorted(cands)) or {n: times[n] for n in cands})
     monkeypatch.setattr(router, "AUTO_TIMED_DEVICES", frozenset({"cpu"}))
     return timed
 

@@ -154,7 +154,7 @@ def test_sdpa_rows_that_see_no_key_are_zeros_on_any_backend(monkeypatch, oracle)
 
 
 @pytest.mark.parametrize("kw,why", [
-    (dict(softcap=2.0), "softcap"), (dict(window=3), "sliding window"), (dict(sinks=torch.zeros(4)), "sinks"),
+    (dict(softcap=2.0), "softcap"), (dict(sinks=torch.zeros(4)), "sinks"),
     (dict(dropout_p=0.5), "dropout"), (dict(causal=True, K=12), "top-left"), (dict(return_lse=True), "log-sum-exp"),
     (dict(cu_seqlens=torch.tensor([0, 4, 9])), "packed"),
 ])
@@ -174,7 +174,7 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
     timings = {"a": 2.0, "b": 1.0}
     timed = []
 
-    def median_ms(candidates):
+    def median_ms(candidates, device):
         timed.extend(fn() for fn in candidates.values())
         return {name: timings[name] for name in candidates}
 
@@ -182,17 +182,36 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
     monkeypatch.setattr(fastest, "_times", {})
     monkeypatch.setattr(fastest, "_decided", {})
     candidates = {"a": lambda: "a", "b": lambda: "b"}
-    assert fastest.fastest(("k",), candidates, default="a") == "b"
+    cpu = torch.device("cpu")
+    assert fastest.fastest(("k",), candidates, default="a", device=cpu) == "b"
     timings["b"] = 3.0
-    assert fastest.fastest(("k",), candidates, default="a") == "b" and len(timed) == 2  # cached
+    assert fastest.fastest(("k",), candidates, default="a", device=cpu) == "b" and len(timed) == 2  # cached
     assert fastest.chosen() == {"k": "b"}
     # the incumbent keeps the call unless another is faster by more than the margin
     timings.update(a=1.0, b=0.96)
-    assert fastest.fastest(("near",), candidates, default="b", incumbent="a", margin=0.05) == "a"
+    assert fastest.fastest(("near",), candidates, default="b", device=cpu, incumbent="a", margin=0.05) == "a"
     timings.update(b=0.94)
-    assert fastest.fastest(("far",), candidates, default="a", incumbent="a", margin=0.05) == "b"
+    assert fastest.fastest(("far",), candidates, default="a", device=cpu, incumbent="a", margin=0.05) == "b"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert fastest.fastest(("other",), candidates, default="a") == "a" and len(timed) == 6
+    assert fastest.fastest(("other",), candidates, default="a", device=cpu) == "a" and len(timed) == 6
+
+
+def test_fastest_times_cpu_calls_on_the_host_clock():
+    """On the CPU (no device to wait for) the candidates are timed by the host's clock, one call per batch when a
+    call is long: a candidate 3 ms slower per call loses, and each ran a handful of times, not hundreds."""
+    import time
+
+    from hf_ahfa import fastest
+
+    runs = {"quick": 0, "slow": 0}
+
+    def candidate(name, ms):
+        return lambda: runs.__setitem__(name, runs[name] + 1) or time.sleep(ms / 1e3)
+
+    times = fastest._median_ms({"quick": candidate("quick", 1.0), "slow": candidate("slow", 4.0)},
+                               torch.device("cpu"))
+    assert times["slow"] - times["quick"] > 2.0, times
+    assert runs["quick"] == runs["slow"] <= 8, runs  # 2 warm-up, 1 single, 5 batches of one call
 
 
 def test_routing_leaves_torch_sdpa_settings_alone():
@@ -277,7 +296,58 @@ def test_a_window_that_hides_no_key_is_no_window(Q, K, causal, window, hides):
     with hf_ahfa.record() as rec:
         windowed = hf_ahfa.attention(q, k, v, causal=causal, window=window)
         plain = hf_ahfa.attention(q, k, v, causal=causal)
-    if hides:  # SDPA has no window: our kernels (the reference on the CPU), and the window shows in the result
-        assert rec[0]["route"] != "sdpa" and (windowed - plain).abs().max() > 1e-4
+    if hides:  # the window shows in the result, whichever route was timed faster
+        assert (windowed - plain).abs().max() > 1e-4
     else:
         assert rec[0]["route"] == rec[1]["route"] and torch.equal(windowed, plain)
+
+
+@pytest.mark.parametrize("sdpa_faster", [True, False])
+@pytest.mark.parametrize("Q,K,causal,window,padded", [
+    (37, 37, True, 9, False), (37, 37, True, 9, True),  # a sliding layer's prompt, also padded
+    (1, 40, True, 8, False), (7, 30, True, 6, True),  # a decode step and a chunk over a cache (bottom-right)
+    (21, 21, False, (3, 5), False), (12, 5, False, (1, 1), False),  # bidirectional; rows that see no key
+])
+def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, sdpa_faster, Q, K, causal, window,
+                                                          padded):
+    """SDPA computes a sliding window's call as one boolean mask over every score, our kernels only the window's
+    blocks: the router times the two once per shape (on every device, the CPU included) and runs the faster,
+    with the same result and gradients either way (queries bottom-right aligned, padding, unseen rows)."""
+    from hf_ahfa import fastest
+
+    timed = []
+    monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
+    monkeypatch.setattr(fastest, "_median_ms", lambda cands, device: timed.append(sorted(cands)) or {
+        name: (0.5 if (name == "sdpa") == sdpa_faster else 1.0) for name in cands})
+    q, k, v = _qkv(Q, K, seed=Q * K, requires_grad=True)
+    kpm = None
+    if padded:
+        kpm = torch.ones(1, K, dtype=torch.bool, device=DEVICE)
+        kpm[0, :3] = False  # left padding
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=causal, window=window, key_padding_mask=kpm)
+    assert len(timed) == 1 and "sdpa" in timed[0]
+    assert (rec[0]["route"] == "sdpa") == sdpa_faster, rec[0]
+    want = oracle(q, k, v, causal=causal, window=window, key_padding_mask=kpm)[0]
+    gout = torch.randn_like(want)
+    grads = torch.autograd.grad(out, (q, k, v), gout.to(out.dtype))
+    want_grads = torch.autograd.grad(want, (q, k, v), gout)
+    for name, got, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
+        err = (got.double() - w.double()).abs().max()
+        assert err < 2e-5, f"{name}: {err:.3g}"
+
+
+def test_a_window_too_large_for_one_mask_never_reaches_sdpa(monkeypatch):
+    """A window reaches SDPA as a dense (Q, K) mask (times the batch with padding): above SDPA_MASK_MAX elements
+    the call is not offered to SDPA at all (nothing is timed) and backend='sdpa' names the reason."""
+    from hf_ahfa import fastest, router
+
+    monkeypatch.setattr(router, "SDPA_MASK_MAX", 30 * 30 - 1)
+    monkeypatch.setattr(fastest, "_times", {})
+    q, k, v = _qkv(30, 30, seed=3)
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, window=5)
+    assert rec[0]["route"] != "sdpa" and fastest._times == {}
+    with pytest.raises(ValueError, match="backend 'sdpa'.*sliding window: SDPA would need a dense mask"):
+        hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa")
