@@ -66,7 +66,7 @@ def _timed(fn, device, repeat: int = 3, min_seconds: float = 0.25,
 
 
 def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, progress=True, policies=None,
-            tokens=None, rounds=1) -> list[dict]:
+            tokens=None, rounds=1, last_logits=False) -> list[dict]:
     """One row per (implementation, length): prefill seconds and peak memory, decode tokens/s, and the
     time of one forward+backward step on ``L`` tokens (``train``).
 
@@ -75,7 +75,8 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
     take the first ``L`` of (random ids otherwise: attention sparsity then means little). ``rounds``: the
     implementations are measured that many times in alternating order (A B, B A, ...), so that drift (clocks,
     caches, the machine's load) does not favour whichever runs first; each time is the median over rounds,
-    the single rounds kept in ``<metric>_runs``.
+    the single rounds kept in ``<metric>_runs``. ``last_logits``: the timed prefill computes the last
+    position's logits only (``logits_to_keep=1``, as ``generate`` prefills), else every position's.
     """
     device = next(model.parameters()).device
     vocab = vocab or model.config.get_text_config().vocab_size
@@ -89,7 +90,7 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
         model.set_attn_implementation(impl)
         row = {}
         with hf_ahfa.override(**fields) if fields else contextlib.nullcontext():
-            _measure_one(model, inputs[L], row, device, decode_tokens, train)
+            _measure_one(model, inputs[L], row, device, decode_tokens, train, last_logits)
         runs[label, L].append(row)
     rows = []
     for (label, L), done in runs.items():
@@ -112,11 +113,13 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
     return rows
 
 
-def _measure_one(model, ids, row, device, decode_tokens, train) -> None:
+def _measure_one(model, ids, row, device, decode_tokens, train, last_logits=False) -> None:
     """Fill ``row`` with prefill, decode and (``train``) training-step measurements of one input."""
+    keep = {"logits_to_keep": 1} if last_logits else {}
     try:
         with torch.no_grad():
-            row["prefill_s"], row["prefill_peak_bytes"] = _timed(lambda: model(ids, use_cache=True).logits[:, -1].argmax(-1), device)
+            row["prefill_s"], row["prefill_peak_bytes"] = _timed(
+                lambda: model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1), device)
             if decode_tokens:
                 row["decode_tokens_per_s"] = decode_tokens / _decode_seconds(model, ids, decode_tokens, device)
         if train:

@@ -51,6 +51,10 @@ def add_parser(subparsers) -> None:
     whole.add_argument("--baseline", default="sdpa", help="implementation to compare with (sdpa, eager, ...)")
     whole.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per decode measurement")
     whole.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    whole.add_argument("--prefill-logits", choices=["all", "last"], default="all",
+                       help="logits the timed prefill computes: every position's (a plain forward) or the last "
+                            "one's (as generate() prefills; with a large vocabulary the output layer otherwise "
+                            "dominates a short prefill)")
     whole.add_argument("--rounds", type=int, default=2,
                        help="measure every implementation this many times in alternating order (A B, B A, ...) and "
                             "report the median, so that drift does not favour whichever runs first")
@@ -134,7 +138,8 @@ def _model_speed(args) -> dict[str, Path]:
     tokens = _text_tokens(args, tokenizer, max(args.seq_lens)) if args.text else None
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     config = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "baseline": args.baseline,
-              "decode_tokens": args.decode_tokens, "text": args.text, "variants": variants}
+              "decode_tokens": args.decode_tokens, "text": args.text, "variants": variants,
+              "prefill_logits": args.prefill_logits}
     if args.attention:
         return _attention_speed(args, model, tokens, variants, config, max_pos)
     too_long = [L for L in args.seq_lens if max_pos and L + args.decode_tokens > max_pos]
@@ -142,7 +147,7 @@ def _model_speed(args) -> dict[str, Path]:
         raise UsageError(f"--seq-lens {too_long} plus --decode-tokens exceed the model's "
                          f"max_position_embeddings ({max_pos})")
     rows = measure(model, [*variants, args.baseline], args.seq_lens, args.decode_tokens, train=not args.no_train,
-                   policies=variants, tokens=tokens, rounds=args.rounds)
+                   policies=variants, tokens=tokens, rounds=args.rounds, last_logits=args.prefill_logits == "last")
     paths = write_model_speed_report(rows, config, args.out_dir, args.name)
     print(paths["md"].read_text())
     return paths

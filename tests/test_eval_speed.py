@@ -95,7 +95,7 @@ def test_model_speed_rounds_alternate_and_take_the_median(monkeypatch):
     order = []
     times = iter([5.0, 1.0, 2.0, 6.0, 9.0, 3.0])  # in the order measured: ahfa 5, 6, 9 / sdpa 1, 2, 3
 
-    def fake(model, ids, row, device, decode_tokens, train):
+    def fake(model, ids, row, device, decode_tokens, train, last_logits):
         order.append(model.config._attn_implementation)
         row["prefill_s"] = next(times)
 
@@ -109,6 +109,21 @@ def test_model_speed_rounds_alternate_and_take_the_median(monkeypatch):
     times = iter([5.0, 1.0, 2.0, 6.0])  # two rounds: the mean of the two, for times and rates alike
     by = {r["impl"]: r for r in model_speed.measure(model, ["ahfa", "sdpa"], [16], progress=False, rounds=2)}
     assert by["ahfa"]["prefill_s"] == 5.5 and by["sdpa"]["prefill_s"] == 1.5
+
+
+def test_model_speed_prefill_of_the_last_logits_only():
+    """``last_logits``: the timed prefill asks for the last position's logits only (as generate() prefills);
+    by default every position's (a plain forward)."""
+    model = _tiny_gemma3()
+    kept = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: kept.append(kw.get("logits_to_keep")) or forward(*a, **kw)
+    from hf_ahfa.eval.model_speed import measure
+
+    measure(model, ["ahfa"], [16], decode_tokens=0, train=False, progress=False, last_logits=True)
+    last, kept[:] = list(kept), []
+    measure(model, ["ahfa"], [16], decode_tokens=0, train=False, progress=False)
+    assert set(last) == {1} and set(kept) == {None}, (last, kept)
 
 
 def _tiny_gemma3():
