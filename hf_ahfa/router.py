@@ -14,6 +14,8 @@
                          sliding windows: where SDPA was timed faster on any device, since it computes every
                          score and ours only the window's; masks, padding, causality and the window as one
                          boolean mask, _sdpa_mask)
+             "flash-attn-2" / "flash-attn-3"  an installed flash-attn computes exactly this call (CUDA): where
+                         timed faster than SDPA and ours by SDPA_MARGIN (hf_ahfa.installed)
              "decode"    few queries over many keys          -> split-KV Triton kernel
              "flash"     everything else on Triton          -> dense flash kernels (fwd/bwd)
              "reference" no Triton (CPU, float64, forced)    -> tiled PyTorch reference
@@ -34,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hf_ahfa import telemetry
+from hf_ahfa import installed, telemetry
 from hf_ahfa.fastest import fastest
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout, positions_visible
@@ -62,7 +64,7 @@ _said: set[str] = set()
 
 class Route(NamedTuple):
     path: str  # "reference", "flash", "decode", "sdpa", "adaptive" or "layout"
-    backend: str  # "reference", "triton" or "sdpa"
+    backend: str  # "reference", "triton", "sdpa" or "flash-attn"
     reason: str | None = None  # why an adaptive policy ran exact
 
 
@@ -189,40 +191,46 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
         path = "decode"
     else:
         path = "flash"
-    if requested is None and sdpa_unfit_reason(q, k, call, need_lse) is None:
-        if call.window is not None:
-            # SDPA computes every score, ours only the window's blocks: whichever was timed faster, on every device
-            # (CPU, Gemma-3's sliding layers: SDPA 1.4x faster at 1K, ours 2.4x at 4K; kernels/NOTES.md)
-            if _faster_than_sdpa(q, k, v, call, path) == "sdpa":
-                return Route("sdpa", "sdpa", reason)
-            return Route(path, own, reason)
+    if requested is None and (best := _fastest_exact(q, k, v, call, path, need_lse)) != path:
+        return Route(best, "sdpa" if best == "sdpa" else "flash-attn", reason)
+    return Route(path, own, reason)
+
+
+def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
+    """Which implementation runs an exact call that our ``path`` can run: ``path``, ``"sdpa"`` or an installed
+    flash-attn (``hf_ahfa.installed``), whichever was timed fastest for its shape (once per shape key), an
+    incumbent (SDPA where it fits, else ours) keeping the call unless another was SDPA_MARGIN faster."""
+    sdpa_fits = sdpa_unfit_reason(q, k, call, need_lse) is None
+    if sdpa_fits and call.window is None:
         if not q.is_cuda:  # the reference is several times slower than torch's CPU kernels
-            return Route("sdpa", "sdpa", reason)
+            return "sdpa"
         if path == "decode":
             # few queries: the host's time per call decides, and SDPA's is the smaller (H200 host: 120-200 us
             # against 180-280 us for our two launches; on the GPU our split-KV kernel is at best level with SDPA,
             # eval/results/host-overhead-decode-*h200.md): not timed, the difference drowns in the host's noise
-            return Route("sdpa", "sdpa", reason)
-        if _faster_than_sdpa(q, k, v, call, path) == "sdpa":
-            return Route("sdpa", "sdpa", reason)
-    return Route(path, own, reason)
-
-
-def _faster_than_sdpa(q, k, v, call: AttnCall, path: str) -> str:
-    """``"sdpa"`` or ``path``: whichever ran this call's shape faster (timed once per shape key)."""
-    return fastest(*_exact_candidates(q, k, v, call, path), default=path, device=q.device, incumbent="sdpa",
-                   margin=SDPA_MARGIN)
-
-
-def _exact_candidates(q, k, v, call: AttnCall, path: str) -> tuple[tuple, dict]:
-    """The shape key and the two timed candidates (SDPA, our ``path``) of an exact call."""
+            return "sdpa"
+    # (a window: SDPA computes every score, ours only the window's blocks; on the CPU, Gemma-3's sliding layers
+    # ran SDPA 1.4x faster at 1K and ours 2.4x at 4K: timed on every device, kernels/NOTES.md)
+    others = installed.candidates(q, k, v, call, need_lse) + (["sdpa"] if sdpa_fits else [])
+    if not others:
+        return path
     grad = call.needs_grad(q, k, v)
     # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
-           q.shape[3], v.shape[3], call.causal, call.window, call.key_padding_mask is not None,
-           call.attn_mask is not None, grad, path)
+           q.shape[3], v.shape[3], call.causal, call.window, call.softcap is not None, call.alibi is not None,
+           call.cu_seqlens is not None, call.key_padding_mask is not None, call.attn_mask is not None, grad, path)
+    timed = {name: _timed_call(_exact_fn(name), q, k, v, call, grad) for name in [path, *others]}
+    return fastest(key, timed, default=path, device=q.device, incumbent="sdpa" if sdpa_fits else path,
+                   margin=SDPA_MARGIN)
 
-    return key, {"sdpa": _timed_call(_sdpa, q, k, v, call, grad), path: _timed_call(_OWN[path], q, k, v, call, grad)}
+
+def _exact_fn(path: str):
+    """The function ``fn(q, k, v, call) -> (out, lse or None)`` of an exact route."""
+    if path == "sdpa":
+        return _sdpa
+    if path in _OWN:
+        return _OWN[path]
+    return functools.partial(installed.run, path)
 
 
 def _timed_call(fn, q, k, v, call: AttnCall, grad: bool):
@@ -299,7 +307,7 @@ def _auto_runs_exact(q, k, v, call: AttnCall, policy: AdaptivePolicy, exact: Rou
     if q.device.type not in AUTO_TIMED_DEVICES:
         return False
     grad = call.needs_grad(q, k, v)
-    exact_fn = _sdpa if exact.path == "sdpa" else _OWN[exact.path]
+    exact_fn = _exact_fn(exact.path)
 
     def sparse_fn(q_, k_, v_, call_):
         return adaptive_attention(q_, k_, v_, call_, policy, kernels=True)
@@ -343,7 +351,7 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
                    route=r.path, backend=r.backend, reason=r.reason)
     if r.path == "layout":
         return _run_layout(q, k, v, call, layout, kernels=r.backend == "triton")
-    return (_sdpa if r.path == "sdpa" else _OWN[r.path])(q, k, v, call)
+    return _exact_fn(r.path)(q, k, v, call)
 
 
 def pattern_layout(q, call: AttnCall, policy: AdaptivePolicy) -> BlockLayout:
