@@ -54,6 +54,10 @@ SDPA_MARGIN = 0.05
 # A masked causal call reaches SDPA as one dense (B, 1, Q, K) boolean mask (what Transformers' sdpa path builds
 # for padded batches); above this many elements our kernels, which read the padding vector, run it instead.
 SDPA_MASK_MAX = 1 << 28
+# A windowed call reaches SDPA in chunks of as many queries as its band is wide, at least this many: each chunk
+# computes twice its band's scores; smaller chunks launch more calls for less work each (CPU, one layer at 4K:
+# window 128 in chunks of 129 / 512 queries 25 / 43 ms; window 512 in chunks of 513 / 1024 111 / 149 ms)
+SDPA_WINDOW_CHUNK = 128
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
 _SDPA = F.scaled_dot_product_attention
@@ -132,14 +136,21 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
     # a window reaches SDPA as a mask (which also aligns causality bottom-right)
     if call.causal and Q > 1 and Q != K and call.window is None:
         return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
-    if call.window is not None and (q.shape[0] if call.element_masks else 1) * Q * K > SDPA_MASK_MAX:
-        return f"a sliding window: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
+    if call.window is not None and _window_chunk_mask_elements(q, k, call) > SDPA_MASK_MAX:
+        return f"a sliding window: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements per chunk"
     if call.causal and Q > 1 and call.element_masks and q.shape[0] * Q * K > SDPA_MASK_MAX:
         return f"causal with a mask: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device.type}"
     # rows that see no key come out as zeros with zero gradients, as in ours (``_sdpa``)
     return None
+
+
+def _window_chunk_mask_elements(q, k, call: AttnCall) -> int:
+    """The elements of the largest mask a windowed call hands SDPA (one chunk of queries, ``_sdpa``)."""
+    left, right = call.window
+    chunk = max(SDPA_WINDOW_CHUNK, left + right + 1)
+    return (q.shape[0] if call.element_masks else 1) * min(q.shape[1], chunk) * min(k.shape[1], chunk + left + right)
 
 
 def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> str | None:
@@ -401,8 +412,31 @@ def _sdpa(q, k, v, call: AttnCall):
 
     PyTorch's own choice among its backends, exactly what ``attn_implementation="sdpa"`` gets; its global
     backend settings are left alone (``sdpa_kernel(..., set_priority=True)`` did not restore the order it
-    found: plain SDPA calls after it ran FlashAttention-2 instead of cuDNN, 1.6x slower on the H200)."""
-    mask = _sdpa_mask(q, k, call)
+    found: plain SDPA calls after it ran FlashAttention-2 instead of cuDNN, 1.6x slower on the H200).
+
+    A window's call runs one chunk of queries at a time against the keys that chunk's band reaches (the window's
+    scores plus a chunk's width, not all ``Q x K``; a decode step over a long cache reads the window's keys only),
+    each chunk with its part of the mask."""
+    Q, K = q.shape[1], k.shape[1]
+    if call.window is None:
+        return _sdpa_part(q, k, v, call, slice(0, Q), slice(0, K)), None
+    left, right = call.window
+    chunk = max(SDPA_WINDOW_CHUNK, left + right + 1)
+    outs = []
+    for a in range(0, Q, chunk):
+        b = min(Q, a + chunk)
+        # keys lo..hi-1 hold every key that queries a..b-1 may see (at least one key, masked where none is
+        # visible, so that the chunk's rows come out as zeros through SDPA and the autograd graph)
+        lo = min(K - 1, max(0, a + K - Q - left))
+        hi = max(lo + 1, min(K, b + K - Q + right))
+        outs.append(_sdpa_part(q, k, v, call, slice(a, b), slice(lo, hi)))
+    return torch.cat(outs, 1), None
+
+
+def _sdpa_part(q, k, v, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
+    """SDPA on the queries ``rows`` against the keys ``cols`` of this call: ``out (B, len(rows), Hq, Dv)``."""
+    mask = _sdpa_mask(q, k, call, rows, cols)
+    q, k, v = q[:, rows], k[:, cols], v[:, cols]
     sees = None
     if mask is not None and not sdpa_zeroes_unseen_rows(q.device):
         # a row that sees no key must give zeros and zero gradients, as ours do; SDPA's CUDA backends return
@@ -415,7 +449,7 @@ def _sdpa(q, k, v, call: AttnCall):
                                          scale=call.scale, enable_gqa=q.shape[2] != k.shape[2])
     if sees is not None:
         out = torch.where(sees, out, 0.0)
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2)
 
 
 def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
@@ -424,20 +458,21 @@ def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sdpa_mask(q, k, call: AttnCall) -> torch.Tensor | None:
-    """The one boolean mask (True = visible, broadcast to ``(B, H, Q, K)``) that gives SDPA this call's
-    visibility: the dense mask and the key padding, with causality and the window folded in where a mask is
-    present (SDPA takes ``is_causal`` only without one; the positions' rule is ``masks.positions_visible``,
-    queries bottom-right aligned). ``Q == K`` when causal without a window (``sdpa_unfit_reason``)."""
-    mask = call.attn_mask
+def _sdpa_mask(q, k, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor | None:
+    """The one boolean mask (True = visible, broadcast to ``(B, H, len(rows), len(cols))``) that gives SDPA the
+    visibility of the queries ``rows`` and keys ``cols`` of this call: the dense mask and the key padding, with
+    causality and the window folded in where a mask is present (SDPA takes ``is_causal`` only without one; the
+    positions' rule is ``masks.positions_visible``, queries bottom-right aligned in the whole call). ``Q == K``
+    when causal without a window (``sdpa_unfit_reason``)."""
+    mask = None if call.attn_mask is None else call.attn_mask[:, :, rows, cols]
     if call.key_padding_mask is not None:
-        padding = call.key_padding_mask[:, None, None, :]
+        padding = call.key_padding_mask[:, None, None, cols]
         mask = padding if mask is None else mask & padding
     Q, K = q.shape[1], k.shape[1]
     if call.window is not None or (mask is not None and call.causal and Q > 1):
-        q_pos = torch.arange(K - Q, K, device=q.device)
-        band = positions_visible(q_pos[:, None], torch.arange(K, device=q.device), causal=call.causal,
-                                 window=call.window)
+        q_pos = torch.arange(rows.start, rows.stop, device=q.device) + (K - Q)
+        band = positions_visible(q_pos[:, None], torch.arange(cols.start, cols.stop, device=q.device),
+                                 causal=call.causal, window=call.window)
         mask = band if mask is None else mask & band
     return mask
 

@@ -302,6 +302,7 @@ def test_a_window_that_hides_no_key_is_no_window(Q, K, causal, window, hides):
         assert rec[0]["route"] == rec[1]["route"] and torch.equal(windowed, plain)
 
 
+@pytest.mark.parametrize("chunk", [128, 4])  # 4: many chunks, some of which see no key (the last case)
 @pytest.mark.parametrize("sdpa_faster", [True, False])
 @pytest.mark.parametrize("Q,K,causal,window,padded", [
     (37, 37, True, 9, False), (37, 37, True, 9, True),  # a sliding layer's prompt, also padded
@@ -309,11 +310,14 @@ def test_a_window_that_hides_no_key_is_no_window(Q, K, causal, window, hides):
     (21, 21, False, (3, 5), False), (12, 5, False, (1, 1), False),  # bidirectional; rows that see no key
 ])
 def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, sdpa_faster, Q, K, causal, window,
-                                                          padded):
-    """SDPA computes a sliding window's call as one boolean mask over every score, our kernels only the window's
-    blocks: the router times the two once per shape (on every device, the CPU included) and runs the faster,
-    with the same result and gradients either way (queries bottom-right aligned, padding, unseen rows)."""
-    from hf_ahfa import fastest
+                                                          padded, chunk):
+    """SDPA computes a sliding window's call one chunk of queries at a time, each against the keys its band
+    reaches, with the chunk's part of one boolean mask; our kernels compute the window's blocks: the router times
+    the two once per shape (on every device, the CPU included) and runs the faster, with the same result and
+    gradients either way (queries bottom-right aligned, padding, unseen rows, chunk boundaries)."""
+    from hf_ahfa import fastest, router
+
+    monkeypatch.setattr(router, "SDPA_WINDOW_CHUNK", chunk)
 
     timed = []
     monkeypatch.setattr(fastest, "_times", {})
@@ -339,8 +343,9 @@ def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, sd
 
 
 def test_a_window_too_large_for_one_mask_never_reaches_sdpa(monkeypatch):
-    """A window reaches SDPA as a dense (Q, K) mask (times the batch with padding): above SDPA_MASK_MAX elements
-    the call is not offered to SDPA at all (nothing is timed) and backend='sdpa' names the reason."""
+    """A window reaches SDPA as one dense mask per chunk of queries (times the batch with padding): above
+    SDPA_MASK_MAX elements the call is not offered to SDPA at all (nothing is timed) and backend='sdpa' names the
+    reason."""
     from hf_ahfa import fastest, router
 
     monkeypatch.setattr(router, "SDPA_MASK_MAX", 30 * 30 - 1)
