@@ -11,8 +11,8 @@
                          exact, routed again, where that was not timed faster per layer and shape, _auto_runs_exact)
              "sdpa"      PyTorch's SDPA computes exactly this call (CPU and few-query calls: always; CUDA
                          prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest;
-                         sliding windows: where SDPA was timed faster on any device, since it computes every
-                         score and ours only the window's; masks, padding, causality and the window as one
+                         sliding windows: in chunks of queries over each chunk's band of keys, where timed
+                         faster than ours on any device; masks, padding, causality and the window as one
                          boolean mask, _sdpa_mask)
              "flash-attn-2" / "flash-attn-3"  an installed flash-attn computes exactly this call (CUDA): where
                          timed faster than SDPA and ours by SDPA_MARGIN (hf_ahfa.installed)
@@ -146,11 +146,16 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
     return None
 
 
+def _window_chunk(call: AttnCall) -> int:
+    """How many queries of a windowed call one SDPA call takes (``_sdpa``): as many as the band is wide."""
+    left, right = call.window
+    return max(SDPA_WINDOW_CHUNK, left + right + 1)
+
+
 def _window_chunk_mask_elements(q, k, call: AttnCall) -> int:
     """The elements of the largest mask a windowed call hands SDPA (one chunk of queries, ``_sdpa``)."""
-    left, right = call.window
-    chunk = max(SDPA_WINDOW_CHUNK, left + right + 1)
-    return (q.shape[0] if call.element_masks else 1) * min(q.shape[1], chunk) * min(k.shape[1], chunk + left + right)
+    chunk, batch = _window_chunk(call), q.shape[0] if call.element_masks else 1
+    return batch * min(q.shape[1], chunk) * min(k.shape[1], chunk + sum(call.window))
 
 
 def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> str | None:
@@ -220,8 +225,8 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
             # against 180-280 us for our two launches; on the GPU our split-KV kernel is at best level with SDPA,
             # eval/results/host-overhead-decode-*h200.md): not timed, the difference drowns in the host's noise
             return "sdpa"
-    # (a window: SDPA computes every score, ours only the window's blocks; on the CPU, Gemma-3's sliding layers
-    # ran SDPA 1.4x faster at 1K and ours 2.4x at 4K: timed on every device, kernels/NOTES.md)
+    # (a window: SDPA over each chunk's band and ours over the window's blocks, timed on every device: on the CPU
+    # each wins at some lengths, kernels/NOTES.md)
     others = installed.candidates(q, k, v, call, need_lse) + (["sdpa"] if sdpa_fits else [])
     if not others:
         return path
@@ -421,7 +426,7 @@ def _sdpa(q, k, v, call: AttnCall):
     if call.window is None:
         return _sdpa_part(q, k, v, call, slice(0, Q), slice(0, K)), None
     left, right = call.window
-    chunk = max(SDPA_WINDOW_CHUNK, left + right + 1)
+    chunk = _window_chunk(call)
     outs = []
     for a in range(0, Q, chunk):
         b = min(Q, a + chunk)
