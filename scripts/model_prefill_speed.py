@@ -1,10 +1,11 @@
-"""Whole-model speed of an all-global 0.5B-class decoder (random weights, Qwen2 layout: 24 layers, hidden 896,
-GQA 14/2, head dim 64, as the model of issue 11) with ahfa against sdpa in one run: ahfa as a user gets it
-(the router's choice) and ahfa on its own Triton kernels (AHFA_BACKEND=triton). Random weights and tokens:
-speed only, nothing about quality.
+"""Whole-model speed of a decoder built from a config with random weights, with ahfa against sdpa in one run: ahfa
+as a user gets it (the router's choice) and ahfa on its own Triton kernels (AHFA_BACKEND=triton). Random weights
+and tokens: speed only, nothing about quality. Layouts: ``qwen2`` (the all-global 0.5B model of issue 11: 24
+layers, hidden 896, GQA 14/2, head dim 64) and ``gemma3`` (Gemma-3-270m's shape: 18 layers, hidden 640, 4/1 heads,
+head dim 256, a 512-token window on five layers of every six, 262K-word vocabulary).
 
-    python scripts/model_prefill_speed.py --out-dir OUT [--seq-lens 8192,32768] [--train-lens 2048,8192]
-        [--name model-speed-qwen2-0.5b]
+    python scripts/model_prefill_speed.py --out-dir OUT [--layout qwen2|gemma3] [--seq-lens 8192,32768]
+        [--train-lens 2048,8192] [--prefill-logits all|last] [--name model-speed-qwen2-0.5b]
 """
 
 import argparse
@@ -24,24 +25,37 @@ parser.add_argument("--rounds", type=int, default=2, help="alternating rounds pe
 parser.add_argument("--train-lens", default="", help="lengths of a timed training step (forward+backward), e.g. 2048,8192")
 parser.add_argument("--own-kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="after the routed pass, a second pass with ahfa on its own kernels")
-parser.add_argument("--name", default="model-speed-qwen2-0.5b")
+parser.add_argument("--layout", choices=("qwen2", "gemma3"), default="qwen2")
+parser.add_argument("--prefill-logits", choices=("all", "last"), default="all",
+                    help="the timed prefill's logits: every position's, or the last only (as generate() prefills)")
+parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float32) to try the script")
+parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
 train_lens = [int(x) for x in args.train_lens.split(",") if x]
 
-config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                              num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
-                              max_position_embeddings=max(seq_lens + train_lens) + args.decode_tokens + 8)
+positions = max(seq_lens + train_lens) + args.decode_tokens + 8
+if args.layout == "qwen2":
+    config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                  num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
+                                  max_position_embeddings=positions)
+    name, described = args.name or "model-speed-qwen2-0.5b", "qwen2-0.5b-layout random weights"
+else:
+    config = AutoConfig.for_model("gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                                  vocab_size=262144, max_position_embeddings=positions)
+    name, described = args.name or "model-speed-gemma3-270m-layout", "gemma3-270m-layout random weights"
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
+dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(args.device).eval()
 rows = []
 
 
 def report():
     """The report of the rows so far: written after each pass, so that a run cut by its time limit keeps them."""
     done = sorted(rows, key=lambda r: (r["seq_len"], r["impl"] == "sdpa"))  # the baseline last per length
-    write_model_speed_report(done, {"model": "qwen2-0.5b-layout random weights", "dtype": "bfloat16",
-                                    "decode_tokens": args.decode_tokens}, args.out_dir, args.name)
+    write_model_speed_report(done, {"model": described, "dtype": str(dtype).removeprefix("torch."), "decode_tokens": args.decode_tokens,
+                                    "prefill_logits": args.prefill_logits}, args.out_dir, name)
 
 
 for backend in (None, "triton") if args.own_kernels else (None,):  # the router's choice, then our own kernels
@@ -51,7 +65,8 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     jobs = [(seq_lens, args.decode_tokens, False)] + ([(train_lens, 0, True)] if train_lens else [])
     for lens, decode, train in jobs:
         model.train(train)
-        for row in measure(model, ["ahfa", "sdpa"], lens, decode, train=train, rounds=args.rounds):
+        for row in measure(model, ["ahfa", "sdpa"], lens, decode, train=train, rounds=args.rounds,
+                           last_logits=args.prefill_logits == "last"):
             if row["impl"] == "ahfa":
                 row["impl"] = "ahfa" if backend is None else "ahfa-own-kernels"
             if backend is None or row["impl"] != "sdpa":
@@ -59,4 +74,4 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     model.eval()
     os.environ.pop("AHFA_BACKEND", None)
     report()
-print(open(os.path.join(args.out_dir, f"{args.name}.md")).read())
+print(open(os.path.join(args.out_dir, f"{name}.md")).read())
