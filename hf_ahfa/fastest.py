@@ -23,12 +23,18 @@ def chosen() -> dict[str, str]:
     return {"/".join(map(str, key)): name for key, name in _decided.items()}
 
 
-def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: str, *, device: torch.device,
+Candidates = Callable[[], dict[str, Callable[[], object]]]
+
+
+def fastest(key: tuple, candidates: Candidates, default: str, *, device: torch.device,
             incumbent: str | None = None, margin: float = 0.0) -> str:
-    """The name of the fastest candidate for ``key`` (cached), each running on ``device``. ``incumbent`` (a
-    candidate) keeps the call unless another was timed more than ``margin`` (a fraction) faster. While
-    torch.compile traces or a CUDA graph is captured nothing can be timed: then the cached choice, else
-    ``default``."""
+    """The name of the fastest candidate for ``key`` (cached), each running on ``device``. ``candidates`` makes
+    the ``{name: no-argument callable}`` to time, called only for a key not timed yet (so that a decided call
+    builds nothing). ``incumbent`` (a candidate) keeps the call unless another was timed more than ``margin`` (a
+    fraction) faster. While torch.compile traces or a CUDA graph is captured nothing can be timed: then the
+    cached choice, else ``default``."""
+    if key in _decided:
+        return _decided[key]
     times = timings(key, candidates, device)
     if times is None:
         return default
@@ -40,15 +46,15 @@ def fastest(key: tuple, candidates: dict[str, Callable[[], object]], default: st
     return _decided[key]
 
 
-def timings(key: tuple, candidates: dict[str, Callable[[], object]],
-            device: torch.device) -> dict[str, float] | None:
-    """Milliseconds per call of each candidate for ``key`` on ``device`` (timed on the first ask, cached);
-    ``None`` where nothing was timed yet and nothing can be (torch.compile tracing, CUDA graph capture)."""
+def timings(key: tuple, candidates: Candidates, device: torch.device) -> dict[str, float] | None:
+    """Milliseconds per call of each candidate that ``candidates()`` makes for ``key`` on ``device`` (timed on
+    the first ask, cached); ``None`` where nothing was timed yet and nothing can be (torch.compile tracing, CUDA
+    graph capture)."""
     if key in _times:
         return _times[key]
     if not host_may_wait():
         return None
-    _times[key] = _median_ms(candidates, device)
+    _times[key] = _median_ms(candidates(), device)
     return _times[key]
 
 

@@ -235,7 +235,9 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
            q.shape[3], v.shape[3], call.causal, call.window, call.softcap is not None, call.alibi is not None,
            call.cu_seqlens is not None, call.key_padding_mask is not None, call.attn_mask is not None, grad, path)
-    timed = {name: _timed_call(_exact_fn(name), q, k, v, call, grad) for name in [path, *others]}
+    def timed():  # built only for a key not timed yet
+        return {name: _timed_call(_exact_fn(name), q, k, v, call, grad) for name in [path, *others]}
+
     return fastest(key, timed, default=path, device=q.device, incumbent="sdpa" if sdpa_fits else path,
                    margin=SDPA_MARGIN)
 
@@ -323,13 +325,14 @@ def _auto_runs_exact(q, k, v, call: AttnCall, policy: AdaptivePolicy, exact: Rou
     if q.device.type not in AUTO_TIMED_DEVICES:
         return False
     grad = call.needs_grad(q, k, v)
-    exact_fn = _exact_fn(exact.path)
 
     def sparse_fn(q_, k_, v_, call_):
         return adaptive_attention(q_, k_, v_, call_, policy, kernels=True)
 
-    candidates = {"exact": _timed_call(exact_fn, q, k, v, call, grad),
-                  "adaptive": _timed_call(sparse_fn, q, k, v, call, grad)}
+    def candidates():  # built only for a layer and shape not timed yet
+        return {"exact": _timed_call(_exact_fn(exact.path), q, k, v, call, grad),
+                "adaptive": _timed_call(sparse_fn, q, k, v, call, grad)}
+
     with telemetry.paused():  # the timing runs are not the call's entries
         return fastest(_auto_key(layer, q, k, v, call, policy), candidates, default="adaptive", device=q.device,
                        incumbent="exact", margin=SDPA_MARGIN) == "exact"

@@ -181,11 +181,17 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
     monkeypatch.setattr(fastest, "_median_ms", median_ms)
     monkeypatch.setattr(fastest, "_times", {})
     monkeypatch.setattr(fastest, "_decided", {})
-    candidates = {"a": lambda: "a", "b": lambda: "b"}
+    made = []
+
+    def candidates():
+        made.append(1)
+        return {"a": lambda: "a", "b": lambda: "b"}
+
     cpu = torch.device("cpu")
     assert fastest.fastest(("k",), candidates, default="a", device=cpu) == "b"
     timings["b"] = 3.0
-    assert fastest.fastest(("k",), candidates, default="a", device=cpu) == "b" and len(timed) == 2  # cached
+    # cached: nothing timed again, and the candidates are not even built
+    assert fastest.fastest(("k",), candidates, default="a", device=cpu) == "b" and len(timed) == 2 and len(made) == 1
     assert fastest.chosen() == {"k": "b"}
     # the incumbent keeps the call unless another is faster by more than the margin
     timings.update(a=1.0, b=0.96)
