@@ -3,7 +3,7 @@
 The router asks this for calls that every candidate computes exactly (same function up to rounding), where the
 choice changes speed, never results, and for ``mode="auto"``, which asked for block-sparse attention where it
 pays: whether its selection or exact attention runs a layer's calls of a shape. ``chosen()`` lists the decisions
-(for reports).
+(for reports), ``measured()`` the times behind them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ def chosen() -> dict[str, str]:
 
 
 Candidates = Callable[[], dict[str, Callable[[], object]]]
+
+
+def measured() -> dict[str, dict[str, float]]:
+    """Milliseconds per call of each timed candidate, by shape key (for reports)."""
+    return {"/".join(map(str, key)): times for key, times in _times.items()}
 
 
 def fastest(key: tuple, candidates: Candidates, default: str, *, device: torch.device,

@@ -6,7 +6,8 @@
 # (nothing is pip-installed). Results: one tar in $OUT.
 #   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
-#  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py;
+#  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
+#  (MODEL_TREES="before after": on both trees);
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
 #  alibi: every launch config with ALiBi in each form (AHFA_ALIBI), then the forms timed in the same rounds;
 #  d256: each head-dim-256 forward launch config pinned, checked and timed against cuDNN at Gemma-3's 4/1 heads;
@@ -111,8 +112,12 @@ after timeout ${D256_S:-400} python3 scripts/launch_config_check.py --trees afte
 exit 0
 fi
 if [ "$STAGE" = model ]; then
-# whole model (issue 11): ahfa as routed and on its own kernels against sdpa
-after timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" ${MODEL_ARGS:-} 2>&1 | tail -30
+# whole model (issue 11): ahfa as routed and on its own kernels against sdpa; MODEL_TREES="before after" runs the
+# script (of the current tree) on each tree in turn, reports named <MODEL_NAME>-<tree>
+for t in ${MODEL_TREES:-after}; do
+  PYTHONPATH=/tmp/$t timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" ${MODEL_ARGS:-} \
+    ${MODEL_TREES:+--name ${MODEL_NAME:-model-speed}-$t} 2>&1 | tail -${MODEL_TAIL:-30}
+done
 exit 0
 fi
 # kernels: the sweep before and after, twice, interleaved; after also with ahfa-auto (the router's choice)

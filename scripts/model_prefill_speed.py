@@ -9,12 +9,18 @@ head dim 256, a 512-token window on five layers of every six, 262K-word vocabula
 """
 
 import argparse
+import collections
+import cProfile
+import io
+import json
 import os
+import pstats
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import hf_ahfa  # noqa: F401  (registers "ahfa")
+import hf_ahfa
+from hf_ahfa import fastest
 from hf_ahfa.eval.model_speed import measure, write_model_speed_report
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,6 +35,9 @@ parser.add_argument("--layout", choices=("qwen2", "gemma3"), default="qwen2")
 parser.add_argument("--prefill-logits", choices=("all", "last"), default="all",
                     help="the timed prefill's logits: every position's, or the last only (as generate() prefills)")
 parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float32) to try the script")
+parser.add_argument("--routes", action="store_true",
+                    help="also write <name>-routes.json: each layer's route in one routed prefill per length, the "
+                         "router's timed decisions, and a cProfile of the routed prefill at the first length")
 parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -74,4 +83,27 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     model.eval()
     os.environ.pop("AHFA_BACKEND", None)
     report()
+if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
+    model.set_attn_implementation("ahfa")
+    routes, keep = {}, {"logits_to_keep": 1} if args.prefill_logits == "last" else {}
+    with torch.no_grad():
+        for L in seq_lens:
+            ids = torch.randint(0, config.vocab_size, (1, L), device=args.device)
+            with hf_ahfa.record() as rec:
+                model(ids, **keep)
+            routes[L] = dict(collections.Counter(f"layer {r['layer']}: {r['route']} ({r['backend']})" for r in rec))
+        ids = torch.randint(0, config.vocab_size, (1, seq_lens[0]), device=args.device)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            model(ids, **keep)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+    with open(os.path.join(args.out_dir, f"{name}-routes.json"), "w") as f:
+        json.dump({"routes": routes, "decisions": fastest.chosen(), "timings_ms": fastest.measured(),
+                   f"profile of 20 routed prefills of {seq_lens[0]} tokens": text.getvalue().splitlines()}, f, indent=1)
+    print(json.dumps(routes, indent=1), json.dumps(fastest.measured(), indent=1), text.getvalue()[:6000], sep="\n")
 print(open(os.path.join(args.out_dir, f"{name}.md")).read())
