@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_ahfa import installed, telemetry
-from hf_ahfa.fastest import fastest
+from hf_ahfa.fastest import fastest, host_may_wait
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout, positions_visible
 from hf_ahfa.policy import AdaptivePolicy
@@ -443,15 +443,8 @@ def _sdpa(q, k, v, call: AttnCall):
 
 def _sdpa_part(q, k, v, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
     """SDPA on the queries ``rows`` against the keys ``cols`` of this call: ``out (B, len(rows), Hq, Dv)``."""
-    mask = _sdpa_mask(q, k, call, rows, cols)
+    mask, sees = _sdpa_mask(q, k, call, rows, cols)
     q, k, v = q[:, rows], k[:, cols], v[:, cols]
-    sees = None
-    if mask is not None and not sdpa_zeroes_unseen_rows(q.device):
-        # a row that sees no key must give zeros and zero gradients, as ours do; SDPA's CUDA backends return
-        # other values there (H200: relative error 0.16-0.81 against the reference, tests/test_gpu.py). Such rows
-        # see every key inside SDPA (finite values, finite gradients) and are zeroed after it.
-        sees = mask.any(-1, keepdim=True)
-        mask = mask | ~sees
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                          is_causal=call.causal and q.shape[1] > 1 and mask is None,
                                          scale=call.scale, enable_gqa=q.shape[2] != k.shape[2])
@@ -466,23 +459,64 @@ def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sdpa_mask(q, k, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor | None:
-    """The one boolean mask (True = visible, broadcast to ``(B, H, len(rows), len(cols))``) that gives SDPA the
-    visibility of the queries ``rows`` and keys ``cols`` of this call: the dense mask and the key padding, with
-    causality and the window folded in where a mask is present (SDPA takes ``is_causal`` only without one; the
-    positions' rule is ``masks.positions_visible``, queries bottom-right aligned in the whole call). ``Q == K``
-    when causal without a window (``sdpa_unfit_reason``)."""
+def _sdpa_mask(q, k, call: AttnCall, rows: slice, cols: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(mask, sees)``: the one boolean mask (True = visible, broadcast to ``(B, H, len(rows), len(cols))``) that
+    gives SDPA the visibility of the queries ``rows`` and keys ``cols`` of this call: the dense mask and the key
+    padding, with causality and the window folded in where a mask is present (SDPA takes ``is_causal`` only
+    without one; the positions' rule is ``masks.positions_visible``, queries bottom-right aligned in the whole
+    call). ``Q == K`` when causal without a window (``sdpa_unfit_reason``).
+
+    A row that sees no key must give zeros and zero gradients, as ours do; SDPA's CUDA backends return other
+    values there (H200: relative error 0.16-0.81 against the reference, tests/test_gpu.py). Off the CPU such rows
+    see every key inside SDPA (finite values and gradients) and ``sees`` (``(..., len(rows), 1)``, else ``None``)
+    zeroes them after it."""
     mask = None if call.attn_mask is None else call.attn_mask[:, :, rows, cols]
     if call.key_padding_mask is not None:
         padding = call.key_padding_mask[:, None, None, cols]
         mask = padding if mask is None else mask & padding
     Q, K = q.shape[1], k.shape[1]
-    if call.window is not None or (mask is not None and call.causal and Q > 1):
+    positional = call.window is not None or (mask is not None and call.causal and Q > 1)
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    if positional and mask is None and shape[0] * shape[1] <= BAND_CACHE_MAX_ELEMENTS and host_may_wait():
+        # the band alone: the same for every layer of a forward and every inner chunk (key offset relative to the
+        # query's position), built once per shape instead of a dozen small ops per chunk and layer. Not while
+        # torch.compile traces or a CUDA graph is captured (its kernels do not run then: the tensors would stay
+        # unwritten); inference tensors only for inference mode (autograd may not save them).
+        return _band_mask(q.device, *shape, cols.start - (rows.start + K - Q), call.causal, call.window,
+                          torch.is_inference_mode_enabled())
+    if positional:
         q_pos = torch.arange(rows.start, rows.stop, device=q.device) + (K - Q)
         band = positions_visible(q_pos[:, None], torch.arange(cols.start, cols.stop, device=q.device),
                                  causal=call.causal, window=call.window)
         mask = band if mask is None else mask & band
-    return mask
+    return _zero_unseen(mask, q.device)
+
+
+def _zero_unseen(mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(mask, sees)`` of ``_sdpa_mask`` for ``mask``: rows that see no key made to see every key, off the CPU."""
+    if mask is None or sdpa_zeroes_unseen_rows(device):
+        return mask, None
+    sees = mask.any(-1, keepdim=True)
+    return mask | ~sees, sees
+
+
+# Band masks kept for reuse (``_band_mask``): up to 16 of at most 4M elements (4 MB) each; a forward of one length
+# needs about three (first chunk, inner chunks, last chunk) per window.
+BAND_CACHE_MAX_ELEMENTS = 1 << 22
+
+
+@functools.lru_cache(maxsize=16)
+def _band_mask(device: torch.device, n_rows: int, n_cols: int, shift: int, causal: bool,
+               window: tuple[int, int] | None, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_sdpa_mask``'s ``(mask, sees)`` of positions alone: query ``i`` at position ``i`` sees key ``j`` at
+    position ``j + shift`` (causality, window). Windows are never negative, so a query whose own position lies
+    among the keys sees at least that key: where that holds for every row, ``sees`` is ``None``. ``inference``
+    (``torch.is_inference_mode_enabled()``) only keys the cache."""
+    band = positions_visible(torch.arange(n_rows, device=device)[:, None],
+                             torch.arange(n_cols, device=device) + shift, causal=causal, window=window)
+    if shift <= 0 and n_rows - 1 - shift < n_cols:
+        return band, None
+    return _zero_unseen(band, device)
 
 
 def _run_layout(q, k, v, call: AttnCall, layout: BlockLayout, *, kernels: bool):

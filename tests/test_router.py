@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -346,6 +348,54 @@ def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, sd
     for name, got, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
         err = (got.double() - w.double()).abs().max()
         assert err < 2e-5, f"{name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cached_band_masks_equal_their_definition(monkeypatch, causal):
+    """``_band_mask`` (the positional mask of a chunk, built once per shape) against ``positions_visible`` on every
+    small shape and key shift: the same mask, and where some row sees no key (off the CPU) that row opened and
+    named in ``sees``; ``sees`` is left out only where every row sees a key."""
+    from hf_ahfa import router
+    from hf_ahfa.masks import positions_visible
+
+    monkeypatch.setattr(router, "sdpa_zeroes_unseen_rows", lambda device: False)  # as SDPA's CUDA backends
+    router._band_mask.cache_clear()
+    cpu = torch.device("cpu")
+    for rows, cols, shift, window in itertools.product(range(1, 6), range(1, 7), range(-7, 4),
+                                                       [None, (0, 0), (2, 0), (1, 3)]):
+        want = positions_visible(torch.arange(rows)[:, None], torch.arange(cols) + shift, causal=causal,
+                                 window=window)
+        sees = want.any(-1, keepdim=True)
+        mask, got_sees = router._band_mask(cpu, rows, cols, shift, causal, window, False)
+        if got_sees is None:
+            assert sees.all() and torch.equal(mask, want), (rows, cols, shift, window)
+        else:
+            assert torch.equal(got_sees, sees) and torch.equal(mask, want | ~sees), (rows, cols, shift, window)
+
+
+def test_windowed_sdpa_builds_each_band_once_and_keeps_modes_apart(monkeypatch):
+    """A windowed call through SDPA builds its chunks' band masks on its shape's first call only (every later layer
+    and call reuses them), none while torch.compile traces, and the masks made under inference mode are not reused
+    by a call that autograd records (which would fail to save them for the backward)."""
+    from hf_ahfa import router
+
+    built = []
+    visible = router.positions_visible
+    monkeypatch.setattr(router, "positions_visible", lambda *a, **kw: built.append(1) or visible(*a, **kw))
+    monkeypatch.setattr(router, "SDPA_WINDOW_CHUNK", 4)
+    router._band_mask.cache_clear()
+    q, k, v = _qkv(37, 37, seed=11, requires_grad=True)
+    with torch.inference_mode():
+        hf_ahfa.attention(q.detach(), k.detach(), v.detach(), causal=True, window=5, backend="sdpa")
+    first, chunks = len(built), -(-37 // 6)  # chunks of 6 queries (the band is 6 keys wide)
+    assert 0 < first < chunks  # the masks of the first, inner and last chunks
+    hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa").sum().backward()
+    assert len(built) == 2 * first and q.grad is not None
+    out = hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa")
+    assert len(built) == 2 * first  # nothing built again
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa"), out)
+    assert len(built) >= 2 * first + chunks  # while tracing: built per chunk, not cached
 
 
 def test_a_window_too_large_for_one_mask_never_reaches_sdpa(monkeypatch):
