@@ -14,6 +14,8 @@
                          sliding windows: in chunks of queries over each chunk's band of keys, where timed
                          faster than ours on any device; masks, padding, causality and the window as one
                          boolean mask, _sdpa_mask)
+             "sdpa-whole"  a short windowed call as one SDPA call over its whole mask (CUDA: where timed
+                         faster than ours and the chunks, SDPA_WINDOW_WHOLE_MAX)
              "flash-attn-2" / "flash-attn-3"  an installed flash-attn computes exactly this call (CUDA): where
                          timed faster than SDPA and ours by SDPA_MARGIN (hf_ahfa.installed)
              "decode"    few queries over many keys          -> split-KV Triton kernel
@@ -58,6 +60,12 @@ SDPA_MASK_MAX = 1 << 28
 # computes twice its band's scores; smaller chunks launch more calls for less work each (CPU, one layer at 4K:
 # window 128 in chunks of 129 / 512 queries 25 / 43 ms; window 512 in chunks of 513 / 1024 111 / 149 ms)
 SDPA_WINDOW_CHUNK = 128
+# Off the CPU a short windowed call is also timed as one SDPA call over its whole (cached) mask, "sdpa-whole":
+# there each launch costs host time the work does not (H100, Gemma-3's sliding layer at 1K: our kernel 0.11 ms,
+# SDPA in two chunks 0.19 ms, where Transformers' sdpa runs the layer as one masked call). Up to this many mask
+# elements (a 4K x 4K mask, 16 MB); on the CPU the chunks' smaller work wins (2K: 28 against 58 ms).
+SDPA_WINDOW_WHOLE_MAX = 1 << 24
+SDPA_WHOLE_DEVICES = frozenset({"cuda"})
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
 _SDPA = F.scaled_dot_product_attention
@@ -67,7 +75,7 @@ _said: set[str] = set()
 
 
 class Route(NamedTuple):
-    path: str  # "reference", "flash", "decode", "sdpa", "adaptive" or "layout"
+    path: str  # "reference", "flash", "decode", "sdpa", "sdpa-whole", "adaptive" or "layout"
     backend: str  # "reference", "triton", "sdpa" or "flash-attn"
     reason: str | None = None  # why an adaptive policy ran exact
 
@@ -208,7 +216,7 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
     else:
         path = "flash"
     if requested is None and (best := _fastest_exact(q, k, v, call, path, need_lse)) != path:
-        return Route(best, "sdpa" if best == "sdpa" else "flash-attn", reason)
+        return Route(best, "sdpa" if best.startswith("sdpa") else "flash-attn", reason)
     return Route(path, own, reason)
 
 
@@ -228,6 +236,9 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     # (a window: SDPA over each chunk's band and ours over the window's blocks, timed on every device: on the CPU
     # each wins at some lengths, kernels/NOTES.md)
     others = installed.candidates(q, k, v, call, need_lse) + (["sdpa"] if sdpa_fits else [])
+    if (sdpa_fits and call.window is not None and q.device.type in SDPA_WHOLE_DEVICES
+            and _whole_mask_elements(q, k, call) <= SDPA_WINDOW_WHOLE_MAX):
+        others.append("sdpa-whole")
     if not others:
         return path
     grad = call.needs_grad(q, k, v)
@@ -246,6 +257,8 @@ def _exact_fn(path: str):
     """The function ``fn(q, k, v, call) -> (out, lse or None)`` of an exact route."""
     if path == "sdpa":
         return _sdpa
+    if path == "sdpa-whole":
+        return _sdpa_whole
     if path in _OWN:
         return _OWN[path]
     return functools.partial(installed.run, path)
@@ -441,6 +454,15 @@ def _sdpa(q, k, v, call: AttnCall):
     return torch.cat(outs, 1), None
 
 
+def _sdpa_whole(q, k, v, call: AttnCall):
+    """``_sdpa`` of a windowed call in one SDPA call over its whole mask (``SDPA_WINDOW_WHOLE_MAX``)."""
+    return _sdpa_part(q, k, v, call, slice(0, q.shape[1]), slice(0, k.shape[1])), None
+
+
+def _whole_mask_elements(q, k, call: AttnCall) -> int:
+    return (q.shape[0] if call.element_masks else 1) * q.shape[1] * k.shape[1]
+
+
 def _sdpa_part(q, k, v, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
     """SDPA on the queries ``rows`` against the keys ``cols`` of this call: ``out (B, len(rows), Hq, Dv)``."""
     mask, sees = _sdpa_mask(q, k, call, rows, cols)
@@ -500,12 +522,12 @@ def _zero_unseen(mask: torch.Tensor | None, device: torch.device) -> tuple[torch
     return mask | ~sees, sees
 
 
-# Band masks kept for reuse (``_band_mask``): up to 16 of at most 4M elements (4 MB) each; a forward of one length
-# needs about three (first chunk, inner chunks, last chunk) per window.
-BAND_CACHE_MAX_ELEMENTS = 1 << 22
+# Band masks kept for reuse (``_band_mask``): up to 8 of at most 16M elements (16 MB, the largest "sdpa-whole"
+# mask) each; a forward of one length needs about three per window (first chunk, inner chunks, last chunk) or one.
+BAND_CACHE_MAX_ELEMENTS = SDPA_WINDOW_WHOLE_MAX
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _band_mask(device: torch.device, n_rows: int, n_cols: int, shift: int, causal: bool,
                window: tuple[int, int] | None, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``_sdpa_mask``'s ``(mask, sees)`` of positions alone: query ``i`` at position ``i`` sees key ``j`` at

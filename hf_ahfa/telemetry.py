@@ -19,11 +19,11 @@ def record():
     """Collect one dict per attention call made inside the block (host syncs: for evaluation only).
 
     Keys: ``layer`` (Transformers' ``layer_idx`` or None), ``q_len``, ``k_len``, ``path`` (``"sparse"`` or
-    ``"exact"``), ``route`` (the router's decision: ``"sdpa"``, ``"flash-attn-2"`` / ``"flash-attn-3"``,
-    ``"reference"``, ``"flash"``, ``"decode"``, ``"adaptive"`` or ``"layout"`` for a given ``BlockLayout``),
-    ``backend``, ``reason`` (why an adaptive
-    policy ran exact), and for estimated calls ``density`` (kept share of the visible blocks, mean over batch and heads),
-    ``head_density`` (list per head), ``dense_heads`` (heads that fell back to all blocks).
+    ``"exact"``), ``route`` (the router's decision: ``"sdpa"``, ``"sdpa-whole"``, ``"flash-attn-2"`` /
+    ``"flash-attn-3"``, ``"reference"``, ``"flash"``, ``"decode"``, ``"adaptive"`` or ``"layout"`` for a given
+    ``BlockLayout``), ``backend``, ``reason`` (why an adaptive policy ran exact), and for estimated calls
+    ``density`` (kept share of the visible blocks, mean over batch and heads), ``head_density`` (list per head),
+    ``dense_heads`` (heads that fell back to all blocks).
     """
     global _records
     outer, _records = _records, []

@@ -311,27 +311,30 @@ def test_a_window_that_hides_no_key_is_no_window(Q, K, causal, window, hides):
 
 
 @pytest.mark.parametrize("chunk", [128, 4])  # 4: many chunks, some of which see no key (the last case)
-@pytest.mark.parametrize("sdpa_faster", [True, False])
+@pytest.mark.parametrize("faster", ["sdpa", "sdpa-whole", "ours"])
 @pytest.mark.parametrize("Q,K,causal,window,padded", [
     (37, 37, True, 9, False), (37, 37, True, 9, True),  # a sliding layer's prompt, also padded
     (1, 40, True, 8, False), (7, 30, True, 6, True),  # a decode step and a chunk over a cache (bottom-right)
     (21, 21, False, (3, 5), False), (12, 5, False, (1, 1), False),  # bidirectional; rows that see no key
 ])
-def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, sdpa_faster, Q, K, causal, window,
+def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, faster, Q, K, causal, window,
                                                           padded, chunk):
     """SDPA computes a sliding window's call one chunk of queries at a time, each against the keys its band
-    reaches, with the chunk's part of one boolean mask; our kernels compute the window's blocks: the router times
-    the two once per shape (on every device, the CPU included) and runs the faster, with the same result and
-    gradients either way (queries bottom-right aligned, padding, unseen rows, chunk boundaries)."""
+    reaches, with the chunk's part of one boolean mask, or (a short call, off the CPU) in one call over the whole
+    mask; our kernels compute the window's blocks: the router times them once per shape (on every device, the CPU
+    included) and runs the fastest, with the same result and gradients either way (queries bottom-right aligned,
+    padding, unseen rows, chunk boundaries)."""
     from hf_ahfa import fastest, router
 
     monkeypatch.setattr(router, "SDPA_WINDOW_CHUNK", chunk)
+    monkeypatch.setattr(router, "SDPA_WHOLE_DEVICES", frozenset({DEVICE}))
 
     timed = []
     monkeypatch.setattr(fastest, "_times", {})
     monkeypatch.setattr(fastest, "_decided", {})
     monkeypatch.setattr(fastest, "_median_ms", lambda cands, device: timed.append(sorted(cands)) or {
-        name: (0.5 if (name == "sdpa") == sdpa_faster else 1.0) for name in cands})
+        name: (0.5 if name == faster or (faster == "ours" and not name.startswith("sdpa")) else 1.0)
+        for name in cands})
     q, k, v = _qkv(Q, K, seed=Q * K, requires_grad=True)
     kpm = None
     if padded:
@@ -339,8 +342,8 @@ def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, sd
         kpm[0, :3] = False  # left padding
     with hf_ahfa.record() as rec:
         out = hf_ahfa.attention(q, k, v, causal=causal, window=window, key_padding_mask=kpm)
-    assert len(timed) == 1 and "sdpa" in timed[0]
-    assert (rec[0]["route"] == "sdpa") == sdpa_faster, rec[0]
+    assert len(timed) == 1 and {"sdpa", "sdpa-whole"} <= set(timed[0]) and len(timed[0]) == 3
+    assert rec[0]["route"] == faster if faster != "ours" else not rec[0]["route"].startswith("sdpa"), rec[0]
     want = oracle(q, k, v, causal=causal, window=window, key_padding_mask=kpm)[0]
     gout = torch.randn_like(want)
     grads = torch.autograd.grad(out, (q, k, v), gout.to(out.dtype))
@@ -396,6 +399,25 @@ def test_windowed_sdpa_builds_each_band_once_and_keeps_modes_apart(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa"), out)
     assert len(built) >= 2 * first + chunks  # while tracing: built per chunk, not cached
+
+
+def test_whole_windowed_sdpa_is_a_candidate_for_short_calls_off_the_cpu(monkeypatch):
+    """"sdpa-whole" (a windowed call as one SDPA call over its whole mask) is timed only on SDPA_WHOLE_DEVICES (not
+    the CPU, where the chunks' smaller work wins) and only up to SDPA_WINDOW_WHOLE_MAX mask elements."""
+    from hf_ahfa import fastest, router
+
+    timed = []
+    monkeypatch.setattr(fastest, "_median_ms", lambda cands, device: timed.append(sorted(cands)) or {
+        name: 1.0 for name in cands})
+    q, k, v = _qkv(30, 30, seed=4)
+    for devices, limit, offered in ((router.SDPA_WHOLE_DEVICES, 900, DEVICE != "cpu"), ({DEVICE}, 900, True),
+                                    ({DEVICE}, 899, False)):
+        monkeypatch.setattr(fastest, "_times", {})
+        monkeypatch.setattr(fastest, "_decided", {})
+        monkeypatch.setattr(router, "SDPA_WHOLE_DEVICES", frozenset(devices))
+        monkeypatch.setattr(router, "SDPA_WINDOW_WHOLE_MAX", limit)
+        hf_ahfa.attention(q, k, v, causal=True, window=5)
+        assert ("sdpa-whole" in timed[-1]) == offered and "sdpa" in timed[-1], (devices, limit, timed[-1])
 
 
 def test_a_window_too_large_for_one_mask_never_reaches_sdpa(monkeypatch):
