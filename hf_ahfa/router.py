@@ -14,7 +14,7 @@
                          sliding windows: in chunks of queries over each chunk's band of keys, where timed
                          faster than ours on any device; masks, padding, causality and the window as one
                          boolean mask, _sdpa_mask)
-             "sdpa-whole"  a short windowed call as one SDPA call over its whole mask (CUDA: where timed
+             "sdpa-whole"  a short windowed prompt as one SDPA call over its whole mask (CUDA: where timed
                          faster than ours and the chunks, SDPA_WINDOW_WHOLE_MAX)
              "flash-attn-2" / "flash-attn-3"  an installed flash-attn computes exactly this call (CUDA): where
                          timed faster than SDPA and ours by SDPA_MARGIN (hf_ahfa.installed)
@@ -60,7 +60,7 @@ SDPA_MASK_MAX = 1 << 28
 # computes twice its band's scores; smaller chunks launch more calls for less work each (CPU, one layer at 4K:
 # window 128 in chunks of 129 / 512 queries 25 / 43 ms; window 512 in chunks of 513 / 1024 111 / 149 ms)
 SDPA_WINDOW_CHUNK = 128
-# Off the CPU a short windowed call is also timed as one SDPA call over its whole (cached) mask, "sdpa-whole":
+# Off the CPU a short windowed prompt is also timed as one SDPA call over its whole (cached) mask, "sdpa-whole":
 # there each launch costs host time the work does not (H100, Gemma-3's sliding layer at 1K: our kernel 0.11 ms,
 # SDPA in two chunks 0.19 ms, where Transformers' sdpa runs the layer as one masked call). Up to this many mask
 # elements (a 4K x 4K mask, 16 MB); on the CPU the chunks' smaller work wins (2K: 28 against 58 ms).
@@ -236,7 +236,9 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     # (a window: SDPA over each chunk's band and ours over the window's blocks, timed on every device: on the CPU
     # each wins at some lengths, kernels/NOTES.md)
     others = installed.candidates(q, k, v, call, need_lse) + (["sdpa"] if sdpa_fits else [])
-    if (sdpa_fits and call.window is not None and q.device.type in SDPA_WHOLE_DEVICES
+    # (prompts only, Q == K: a decode step's whole mask grows with the cache, a new mask every step, where its
+    # chunk's band keeps one shape)
+    if (sdpa_fits and call.window is not None and q.device.type in SDPA_WHOLE_DEVICES and q.shape[1] == k.shape[1]
             and _whole_mask_elements(q, k, call) <= SDPA_WINDOW_WHOLE_MAX):
         others.append("sdpa-whole")
     if not others:
