@@ -453,7 +453,7 @@ def _sdpa(q, k, v, call: AttnCall):
         lo = min(K - 1, max(0, a + K - Q - left))
         hi = max(lo + 1, min(K, b + K - Q + right))
         outs.append(_sdpa_part(q, k, v, call, slice(a, b), slice(lo, hi)))
-    return torch.cat(outs, 1), None
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None  # one chunk (a decode step): no copy
 
 
 def _sdpa_whole(q, k, v, call: AttnCall):
