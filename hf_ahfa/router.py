@@ -248,6 +248,7 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
            q.shape[3], v.shape[3], call.causal, call.window, call.softcap is not None, call.alibi is not None,
            call.cu_seqlens is not None, call.key_padding_mask is not None, call.attn_mask is not None, grad, path)
+
     def timed():  # built only for a key not timed yet
         return {name: _timed_call(_exact_fn(name), q, k, v, call, grad) for name in [path, *others]}
 
