@@ -146,7 +146,7 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
         return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
     if call.window is not None and _window_chunk_mask_elements(q, k, call) > SDPA_MASK_MAX:
         return f"a sliding window: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements per chunk"
-    if call.causal and Q > 1 and call.element_masks and q.shape[0] * Q * K > SDPA_MASK_MAX:
+    if call.causal and Q > 1 and call.element_masks and _mask_elements(q, call, Q, K) > SDPA_MASK_MAX:
         return f"causal with a mask: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device.type}"
@@ -162,8 +162,13 @@ def _window_chunk(call: AttnCall) -> int:
 
 def _window_chunk_mask_elements(q, k, call: AttnCall) -> int:
     """The elements of the largest mask a windowed call hands SDPA (one chunk of queries, ``_sdpa``)."""
-    chunk, batch = _window_chunk(call), q.shape[0] if call.element_masks else 1
-    return batch * min(q.shape[1], chunk) * min(k.shape[1], chunk + sum(call.window))
+    chunk = _window_chunk(call)
+    return _mask_elements(q, call, min(q.shape[1], chunk), min(k.shape[1], chunk + sum(call.window)))
+
+
+def _mask_elements(q, call: AttnCall, rows: int, cols: int) -> int:
+    """The elements of a ``rows x cols`` mask of this call for SDPA (one per batch row where element masks apply)."""
+    return (q.shape[0] if call.element_masks else 1) * rows * cols
 
 
 def exact_reason(policy: AdaptivePolicy, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> str | None:
@@ -239,7 +244,7 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     # (prompts only, Q == K: a decode step's whole mask grows with the cache, a new mask every step, where its
     # chunk's band keeps one shape)
     if (sdpa_fits and call.window is not None and q.device.type in SDPA_WHOLE_DEVICES and q.shape[1] == k.shape[1]
-            and _whole_mask_elements(q, k, call) <= SDPA_WINDOW_WHOLE_MAX):
+            and _mask_elements(q, call, q.shape[1], k.shape[1]) <= SDPA_WINDOW_WHOLE_MAX):
         others.append("sdpa-whole")
     if not others:
         return path
@@ -441,9 +446,9 @@ def _sdpa(q, k, v, call: AttnCall):
     A window's call runs one chunk of queries at a time against the keys that chunk's band reaches (the window's
     scores plus a chunk's width, not all ``Q x K``; a decode step over a long cache reads the window's keys only),
     each chunk with its part of the mask."""
-    Q, K = q.shape[1], k.shape[1]
     if call.window is None:
-        return _sdpa_part(q, k, v, call, slice(0, Q), slice(0, K)), None
+        return _sdpa_whole(q, k, v, call)
+    Q, K = q.shape[1], k.shape[1]
     left, right = call.window
     chunk = _window_chunk(call)
     outs = []
@@ -458,12 +463,8 @@ def _sdpa(q, k, v, call: AttnCall):
 
 
 def _sdpa_whole(q, k, v, call: AttnCall):
-    """``_sdpa`` of a windowed call in one SDPA call over its whole mask (``SDPA_WINDOW_WHOLE_MAX``)."""
+    """``_sdpa`` in one SDPA call over every query and key (a windowed call: its whole mask, "sdpa-whole")."""
     return _sdpa_part(q, k, v, call, slice(0, q.shape[1]), slice(0, k.shape[1])), None
-
-
-def _whole_mask_elements(q, k, call: AttnCall) -> int:
-    return (q.shape[0] if call.element_masks else 1) * q.shape[1] * k.shape[1]
 
 
 def _sdpa_part(q, k, v, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:

@@ -63,8 +63,9 @@ rows = []
 def report():
     """The report of the rows so far: written after each pass, so that a run cut by its time limit keeps them."""
     done = sorted(rows, key=lambda r: (r["seq_len"], r["impl"] == "sdpa"))  # the baseline last per length
-    write_model_speed_report(done, {"model": described, "dtype": str(dtype).removeprefix("torch."), "decode_tokens": args.decode_tokens,
-                                    "prefill_logits": args.prefill_logits}, args.out_dir, name)
+    meta = {"model": described, "dtype": str(dtype).removeprefix("torch."), "decode_tokens": args.decode_tokens,
+            "prefill_logits": args.prefill_logits}
+    write_model_speed_report(done, meta, args.out_dir, name)
 
 
 for backend in (None, "triton") if args.own_kernels else (None,):  # the router's choice, then our own kernels
@@ -104,6 +105,7 @@ if args.routes:  # where the routed prefill goes: each layer's route, the timed 
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
     with open(os.path.join(args.out_dir, f"{name}-routes.json"), "w") as f:
         json.dump({"routes": routes, "decisions": fastest.chosen(), "timings_ms": fastest.measured(),
-                   f"profile of 20 routed prefills of {seq_lens[0]} tokens": text.getvalue().splitlines()}, f, indent=1)
+                   f"profile of 20 routed prefills of {seq_lens[0]} tokens": text.getvalue().splitlines()},
+                  f, indent=1)
     print(json.dumps(routes, indent=1), json.dumps(fastest.measured(), indent=1), text.getvalue()[:6000], sep="\n")
 print(open(os.path.join(args.out_dir, f"{name}.md")).read())
