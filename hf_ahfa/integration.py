@@ -144,18 +144,18 @@ def ahfa_attention_forward(
         sliding_window = getattr(module, "sliding_window", None)
     if isinstance(sliding_window, int) and hides_no_key(normalize_window(sliding_window, is_causal and Q > 1),
                                                         is_causal and Q > 1, Q, K):
-        sliding_window = None  # make_call would drop it: the call may take the plain path below
+        sliding_window = None  # make_call would drop it (one memo key for a sliding layer's short calls)
     want_weights = _weights_requested(output_attentions)
     policy = policy_of(getattr(module, "config", None))
     if policy.layers:  # per-layer settings (hf_ahfa.calibrate)
         policy = policy.for_layer(getattr(module, "layer_idx", None), K)
     plain = None
-    if (attention_mask is None and sliding_window is None and softcap is None and s_aux is None and not dropout
-            and cu_seq_lens_q is None and alibi_slopes is None and not want_weights and not (is_causal and 1 < Q < K)
-            and not torch.compiler.is_compiling()):
-        # the common call: once routed to SDPA, the same kind of call skips validation and routing
-        plain = plain_key(query, key, value, is_causal and Q > 1, scaling, policy)
-        out = run_plain(query, key, value, is_causal and Q > 1, scaling, plain)
+    if (attention_mask is None and isinstance(sliding_window, (int, type(None))) and softcap is None
+            and s_aux is None and not dropout and cu_seq_lens_q is None and alibi_slopes is None and not want_weights
+            and not (is_causal and 1 < Q < K) and not torch.compiler.is_compiling()):
+        # the common call: once routed, the same kind of call skips validation and routing
+        plain = plain_key(query, key, value, is_causal and Q > 1, scaling, sliding_window, policy)
+        out = run_plain(query, key, value, is_causal and Q > 1, scaling, sliding_window, plain)
         if out is not None:
             return out.contiguous(), None
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

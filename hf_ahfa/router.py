@@ -43,7 +43,7 @@ from hf_ahfa.fastest import fastest, host_may_wait
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.masks import make_layout, positions_visible
 from hf_ahfa.policy import AdaptivePolicy
-from hf_ahfa.spec import AttnCall
+from hf_ahfa.spec import AttnCall, plain_call
 
 BACKENDS = ("reference", "triton", "sdpa")
 # Split-KV pays when few query rows face many keys; training needs the backward of the dense path.
@@ -284,17 +284,19 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Plain calls (no mask, softcap, sinks, window, dropout or packing; no layout, lse or forced backend) that
-# route() sent to SDPA, remembered by everything that decision and make_call's checks read, so that a model's
-# repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths enter as route() reads
-# them: Q exactly, K by its power of two and the thresholds it tests.
-_plain_sdpa: set[tuple] = set()
+# Plain calls (no mask, softcap, sinks, dropout or packing; no layout, lse or forced backend; a sliding window or
+# none) with the exact path route() chose for them, remembered by everything that decision and make_call's checks
+# read, so that a model's repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths
+# enter as route() reads them: Q exactly, K by its power of two and the thresholds it tests (exactly for a
+# windowed call of several queries, whose window and mask sizes depend on it).
+_plain_routes: dict[tuple, str] = {}
 
 
-def plain_key(query, key, value, causal: bool, scale, policy) -> tuple | None:
-    """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors (``None`` for other
-    ranks: the full path's checks explain those). Plain ints, not slices of ``.shape``: the key is built on every
-    call, and this form costs half as much (2.4 -> 1.2 us on a CPU)."""
+def plain_key(query, key, value, causal: bool, scale, window, policy) -> tuple | None:
+    """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors and a sliding ``window``
+    (as Transformers passes it: an int, or ``None``) (``None`` for other ranks: the full path's checks explain
+    those). Plain ints, not slices of ``.shape``: the key is built on every call, and this form costs half as
+    much (2.4 -> 1.2 us on a CPU)."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return None
     B, H, Q, D = query.shape
@@ -303,23 +305,31 @@ def plain_key(query, key, value, causal: bool, scale, policy) -> tuple | None:
     # an exact policy routes by the call alone (exact_reason reads nothing else): its mode stands for it, and the
     # policy's dataclass hash (0.7 us) is computed only for the others
     rule = "exact" if policy.mode == "exact" else policy
-    return (rule, causal, scale, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
-            B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K, _pow2_ceil(K), K == 0, K >= DECODE_MIN_K,
-            K == Q, torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+    return (rule, causal, scale, window, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
+            B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K, K if window is not None and Q > 1 else _pow2_ceil(K),
+            K == 0, K >= DECODE_MIN_K, K == Q,
+            torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
 
 
-def run_plain(query, key, value, causal: bool, scale, memo: tuple) -> torch.Tensor | None:
-    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) whose ``plain_key`` is ``memo``, run
-    straight through SDPA where ``run`` already routed the same kind of call there: ``out (B, Q, Hq, Dv)``, else
-    ``None`` (the caller takes the full path, which validates, routes and remembers). Not while recording or
-    with AHFA_BACKEND."""
-    if (memo not in _plain_sdpa or telemetry.recording() or os.environ.get("AHFA_BACKEND")
+def run_plain(query, key, value, causal: bool, scale, window, memo: tuple) -> torch.Tensor | None:
+    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) whose ``plain_key`` is ``memo``, run on
+    the exact path ``run`` chose for the same kind of call before: ``out (B, Q, Hq, Dv)``, else ``None`` (the
+    caller takes the full path, which validates, routes and remembers). Not while recording or with
+    AHFA_BACKEND."""
+    path = _plain_routes.get(memo)
+    if (path is None or telemetry.recording() or os.environ.get("AHFA_BACKEND")
             or F.scaled_dot_product_attention is not _SDPA):
         return None
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and query.shape[2] > 1, scale=scale,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2)
+    if path == "sdpa" and window is None:  # SDPA straight on Transformers' layout: no call spec, no transposes
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and query.shape[2] > 1,
+                                             scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2)
+    Q, K = query.shape[2], key.shape[2]
+    call = plain_call(Q, K, query.shape[3], causal=causal, window=window, scale=scale)
+    if path == "sdpa-whole":
+        return _sdpa_heads_first(query, key, value, call, slice(0, Q), slice(0, K)).transpose(1, 2)
+    return _exact_fn(path)(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)[0]
 
 
 # auto runs block-sparse attention only where it was timed faster than the exact route, the estimator and the
@@ -364,7 +374,7 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
         layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Route the call, note the decision, run it: ``(out (B, Q, Hq, Dv), lse (B, Hq, Q) or None)``; ``lse`` is
     ``None`` only where ``need_lse`` was False and the call ran through SDPA. ``remember``: the ``plain_key``
-    of a plain call, kept for ``run_plain`` if the call goes to SDPA. ``layer``: the model layer making the
+    of a plain call, kept for ``run_plain`` with the exact path the call takes. ``layer``: the model layer making the
     call (Transformers' ``layer_idx``), whose ``auto`` decision is its own (``_auto_runs_exact``)."""
     if policy is not None and policy.mode == "pattern" and layout is None:
         layout, policy = pattern_layout(q, call, policy), None
@@ -374,8 +384,10 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
         if (group := active_group()) is not None:
             return engine_attention(q, k, v, call, group, backend=backend, policy=policy, layout=layout)
     r = route(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=need_lse)
-    if remember is not None and r.path == "sdpa" and backend is None and layout is None and not need_lse:
-        _plain_sdpa.add(remember)
+    # (an exact path chosen while nothing could be timed is a default, not a decision: not remembered)
+    if (remember is not None and r.path not in ("adaptive", "layout") and backend is None and not need_lse
+            and host_may_wait()):
+        _plain_routes[remember] = r.path
     if r.path == "adaptive":  # notes its own entry, with the kept blocks
         from hf_ahfa.adaptive import adaptive_attention
 
@@ -469,14 +481,22 @@ def _sdpa_whole(q, k, v, call: AttnCall):
 
 def _sdpa_part(q, k, v, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
     """SDPA on the queries ``rows`` against the keys ``cols`` of this call: ``out (B, len(rows), Hq, Dv)``."""
-    mask, sees = _sdpa_mask(q, k, call, rows, cols)
-    q, k, v = q[:, rows], k[:, cols], v[:, cols]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=call.causal and q.shape[1] > 1 and mask is None,
-                                         scale=call.scale, enable_gqa=q.shape[2] != k.shape[2])
-    if sees is not None:
-        out = torch.where(sees, out, 0.0)
-    return out.transpose(1, 2)
+    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call, rows, cols).transpose(1, 2)
+
+
+def _sdpa_heads_first(query, key, value, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
+    """``_sdpa_part`` on Transformers' layout (``(B, H, T, D)`` tensors, what SDPA takes): ``(B, Hq, len(rows),
+    Dv)``. The memo of plain calls (``run_plain``) runs "sdpa-whole" here without the transposes."""
+    Q, K = query.shape[2], key.shape[2]
+    mask, sees = _sdpa_mask(Q, K, query.device, call, rows, cols)
+    if rows.stop - rows.start < Q:
+        query = query[:, :, rows]
+    if cols.stop - cols.start < K:
+        key, value = key[:, :, cols], value[:, :, cols]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                         is_causal=call.causal and query.shape[2] > 1 and mask is None,
+                                         scale=call.scale, enable_gqa=query.shape[1] != key.shape[1])
+    return out if sees is None else torch.where(sees, out, 0.0)
 
 
 def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
@@ -485,12 +505,13 @@ def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sdpa_mask(q, k, call: AttnCall, rows: slice, cols: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _sdpa_mask(Q: int, K: int, device: torch.device, call: AttnCall, rows: slice,
+               cols: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(mask, sees)``: the one boolean mask (True = visible, broadcast to ``(B, H, len(rows), len(cols))``) that
-    gives SDPA the visibility of the queries ``rows`` and keys ``cols`` of this call: the dense mask and the key
-    padding, with causality and the window folded in where a mask is present (SDPA takes ``is_causal`` only
-    without one; the positions' rule is ``masks.positions_visible``, queries bottom-right aligned in the whole
-    call). ``Q == K`` when causal without a window (``sdpa_unfit_reason``).
+    gives SDPA the visibility of the queries ``rows`` and keys ``cols`` of this call (``Q`` queries, ``K`` keys
+    on ``device``): the dense mask and the key padding, with causality and the window folded in where a mask
+    is present (SDPA takes ``is_causal`` only without one; the positions' rule is ``masks.positions_visible``,
+    queries bottom-right aligned in the whole call). ``Q == K`` when causal without a window (``sdpa_unfit_reason``).
 
     A row that sees no key must give zeros and zero gradients, as ours do; SDPA's CUDA backends return other
     values there (H200: relative error 0.16-0.81 against the reference, tests/test_gpu.py). Off the CPU such rows
@@ -500,7 +521,6 @@ def _sdpa_mask(q, k, call: AttnCall, rows: slice, cols: slice) -> tuple[torch.Te
     if call.key_padding_mask is not None:
         padding = call.key_padding_mask[:, None, None, cols]
         mask = padding if mask is None else mask & padding
-    Q, K = q.shape[1], k.shape[1]
     positional = call.window is not None or (mask is not None and call.causal and Q > 1)
     shape = (rows.stop - rows.start, cols.stop - cols.start)
     if positional and mask is None and shape[0] * shape[1] <= BAND_CACHE_MAX_ELEMENTS and host_may_wait():
@@ -508,14 +528,14 @@ def _sdpa_mask(q, k, call: AttnCall, rows: slice, cols: slice) -> tuple[torch.Te
         # query's position), built once per shape instead of a dozen small ops per chunk and layer. Not while
         # torch.compile traces or a CUDA graph is captured (its kernels do not run then: the tensors would stay
         # unwritten); inference tensors only for inference mode (autograd may not save them).
-        return _band_mask(q.device, *shape, cols.start - (rows.start + K - Q), call.causal, call.window,
+        return _band_mask(device, *shape, cols.start - (rows.start + K - Q), call.causal, call.window,
                           torch.is_inference_mode_enabled())
     if positional:
-        q_pos = torch.arange(rows.start, rows.stop, device=q.device) + (K - Q)
-        band = positions_visible(q_pos[:, None], torch.arange(cols.start, cols.stop, device=q.device),
+        q_pos = torch.arange(rows.start, rows.stop, device=device) + (K - Q)
+        band = positions_visible(q_pos[:, None], torch.arange(cols.start, cols.stop, device=device),
                                  causal=call.causal, window=call.window)
         mask = band if mask is None else mask & band
-    return _zero_unseen(mask, q.device)
+    return _zero_unseen(mask, device)
 
 
 def _zero_unseen(mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -96,16 +96,8 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
             checked = checks.check_cu_values(cu, q, k)  # one host sync: also yields the longest sequences
             max_seqlens = max_seqlens or checked
         max_q, max_k = (int(m) for m in max_seqlens)
-    window = normalize_window(window, causal)
-    if window is not None and hides_no_key(window, causal, max_q, max_k):
-        window = None  # the call routes as plain attention (SDPA where it is faster)
-    if window is not None:
-        # a window wider than every distance between a query and a key is no narrower than that distance: the
-        # kernels' 32-bit positions never see a larger one
-        reach = max_q + max_k
-        window = (min(window[0], reach), min(window[1], reach))
     return AttnCall(
-        causal=causal, window=window,
+        causal=causal, window=_call_window(window, causal, max_q, max_k),
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         # the kernels read sinks with stride 1 (a copy keeps the gradient flowing to a strided view)
         softcap=None if softcap is None else float(softcap), sinks=None if sinks is None else sinks.contiguous(),
@@ -113,3 +105,23 @@ def make_call(q, k, v, *, causal=False, window=None, softcap=None, sinks=None, d
         key_padding_mask=key_padding_mask, attn_mask=attn_mask, cu_seqlens=cu, max_q=max_q, max_k=max_k,
         alibi=None if alibi_slopes is None else alibi_slopes.float().contiguous(),
     )
+
+
+def _call_window(window, causal: bool, max_q: int, max_k: int) -> tuple[int, int] | None:
+    """``AttnCall.window`` of a checked ``window`` argument."""
+    window = normalize_window(window, causal)
+    if window is None or hides_no_key(window, causal, max_q, max_k):
+        return None  # the call routes as plain attention (SDPA where it is faster)
+    # a window wider than every distance between a query and a key is no narrower than that distance: the
+    # kernels' 32-bit positions never see a larger one
+    reach = max_q + max_k
+    return (min(window[0], reach), min(window[1], reach))
+
+
+def plain_call(q_len: int, k_len: int, head_dim: int, *, causal: bool, window, scale) -> AttnCall:
+    """``make_call(q, k, v, causal=causal, window=window, scale=scale)`` without its checks, for a call whose
+    checked properties (dtypes, devices, shapes, argument values) an earlier call of the same kind passed: the
+    router's memo of plain calls (``router.run_plain``)."""
+    return AttnCall(causal=causal, window=_call_window(window, causal, q_len, k_len),
+                    scale=head_dim ** -0.5 if scale is None else float(scale), softcap=None, sinks=None,
+                    dropout_p=0.0, key_padding_mask=None, attn_mask=None, cu_seqlens=None, max_q=q_len, max_k=k_len)

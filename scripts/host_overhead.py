@@ -27,6 +27,10 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--kv-lens", default="16,1024", help="cache lengths, comma-separated")
 parser.add_argument("--q-len", type=int, default=1, help="queries per call (1: decode; K: a prefill of K tokens)")
+parser.add_argument("--window", type=int, default=None,
+                    help="a sliding layer's window (sdpa gets the causal window mask Transformers builds once per "
+                         "forward, ahfa the sliding_window argument)")
+parser.add_argument("--heads", default="9,3,64", help="query heads, key/value heads, head dim (SmolLM2-135M's)")
 parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 1000 calls per implementation")
 parser.add_argument("--out-dir", help="write <name>.json and <name>.md here")
 parser.add_argument("--name", default="host-overhead")
@@ -37,14 +41,21 @@ args = parser.parse_args()
 impls = {"sdpa": sdpa_attention_forward, "ahfa": AttentionInterface._global_mapping["ahfa"]}
 if args.device.startswith("cuda"):  # on a GPU also ahfa held to its own kernels (the split-KV Triton decode)
     impls["ahfa-own-kernels"] = impls["ahfa"]
-# a decoder layer's attention module as the functions read it (SmolLM2-135M's heads: 9 query, 3 key/value)
-module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=3, training=False,
-                         config=SimpleNamespace(_attn_implementation="ahfa", sliding_window=None))
+Hq, Hkv, D = (int(x) for x in args.heads.split(","))
+# a decoder layer's attention module as the functions read it
+module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=Hq // Hkv, training=False,
+                         sliding_window=args.window,
+                         config=SimpleNamespace(_attn_implementation="ahfa", sliding_window=args.window))
 sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 rows, profiles = [], []
 for K in (int(x) for x in args.kv_lens.split(",")):
-    q = torch.randn(1, 9, min(args.q_len, K), 64, device=args.device)
-    k, v = (torch.randn(1, 3, K, 64, device=args.device) for _ in "kv")
+    Q = min(args.q_len, K)
+    q = torch.randn(1, Hq, Q, D, device=args.device)
+    k, v = (torch.randn(1, Hkv, K, D, device=args.device) for _ in "kv")
+    masks = dict(sdpa=None, ahfa=None, **{"ahfa-own-kernels": None})
+    if args.window:  # Transformers' (B, 1, Q, K) mask of a sliding layer, True = visible
+        i, j = torch.arange(K - Q, K, device=args.device)[:, None], torch.arange(K, device=args.device)
+        masks["sdpa"] = ((j <= i) & (i - j < args.window))[None, None]
     times = {name: [] for name in impls}
     for _ in range(args.rounds):
         for name, fn in impls.items():
@@ -52,12 +63,12 @@ for K in (int(x) for x in args.kv_lens.split(",")):
             if name == "ahfa-own-kernels":
                 os.environ["AHFA_BACKEND"] = "triton"
             for _ in range(50):
-                fn(module, q, k, v, None, scaling=0.125, dropout=0.0)
+                fn(module, q, k, v, masks[name], scaling=0.125, dropout=0.0, sliding_window=args.window)
             sync()
             ts = []
             for _ in range(1000):
                 t = time.perf_counter()
-                fn(module, q, k, v, None, scaling=0.125, dropout=0.0)
+                fn(module, q, k, v, masks[name], scaling=0.125, dropout=0.0, sliding_window=args.window)
                 ts.append(time.perf_counter() - t)
             times[name].append(statistics.median(ts) * 1e6)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -66,7 +77,7 @@ for K in (int(x) for x in args.kv_lens.split(",")):
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.profile):
-            impls["ahfa"](module, q, k, v, None, scaling=0.125, dropout=0.0)
+            impls["ahfa"](module, q, k, v, None, scaling=0.125, dropout=0.0, sliding_window=args.window)
         prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
@@ -77,9 +88,11 @@ if args.out_dir:
     out = Path(args.out_dir)
     meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(), machine=platform.machine(),
                 torch=torch.__version__, hf_ahfa=hf_ahfa.__file__, rounds=args.rounds, q_len=args.q_len,
+                heads=args.heads, window=args.window,
                 note="median of 1000 calls per round, rounds interleaved; host time of the whole attention function")
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    title = f"# Host time per attention call ({meta['device']}, torch {torch.__version__}, {args.q_len} queries)"
+    title = (f"# Host time per attention call ({meta['device']}, torch {torch.__version__}, {args.q_len} queries, "
+             f"heads {args.heads}, window {args.window})")
     lines = [title, "", meta["note"], "",
              "| KV length | " + " | ".join(f"{name} us (rounds)" for name in impls) + " | ahfa extra us |",
              "|---|" + "---|" * (len(impls) + 1)]

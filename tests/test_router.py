@@ -232,15 +232,15 @@ def test_routing_leaves_torch_sdpa_settings_alone():
 
 
 def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkeypatch):
-    """Transformers' common call (no mask, softcap, sinks, window, dropout, packing) routed to SDPA once runs
-    straight through SDPA afterwards, with the same result bits; a decode step whose cache grew stays on the
-    memo within its power of two; any change the route reads (dtype, grad, backend, recording) takes the
-    full path again."""
+    """Transformers' common call (no mask, softcap, sinks, dropout, packing) routed to SDPA once runs straight
+    through SDPA afterwards, with the same result bits; a decode step whose cache grew stays on the memo within
+    its power of two; any change the route reads (dtype, grad, backend, recording, window) takes the full path
+    again."""
     from types import SimpleNamespace
 
     from hf_ahfa import integration, router
 
-    monkeypatch.setattr(router, "_plain_sdpa", set())
+    monkeypatch.setattr(router, "_plain_routes", {})
     made = []
     real_make_call = integration.make_call
     monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
@@ -254,7 +254,7 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
 
     k, v = kv(20)
     first = fn(module, q, k, v, None, scaling=0.25)[0]
-    assert len(made) == 1 and len(router._plain_sdpa) == 1
+    assert len(made) == 1 and list(router._plain_routes.values()) == ["sdpa"]
     again = fn(module, q, k, v, None, scaling=0.25)[0]
     assert len(made) == 1 and torch.equal(first, again)  # the memo: no make_call, same bits
     fn(module, q, *kv(29), None, scaling=0.25)  # 29 keys: the same power of two as 20
@@ -270,19 +270,21 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     with hf_ahfa.record() as rec:
         fn(module, q, k, v, None, scaling=0.25)
     assert len(made) == 6 and rec[0]["route"] == "sdpa"
-    # a mask, softcap or window never takes the memo
+    # softcap never takes the memo; a window is a key of its own
+    fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
     fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
-    assert len(made) == 8
+    fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
+    assert len(made) == 9
     # a sliding window as long as the cache hides no key: a plain call (a sliding layer's decode step)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=20)
-    assert len(made) == 8
+    assert len(made) == 9
     # an exact policy enters the key by its mode, any other by itself: a model set to auto is routed afresh once
     auto = SimpleNamespace(is_causal=True, layer_idx=0, config=SimpleNamespace(ahfa={"mode": "auto"}))
-    keys = len(router._plain_sdpa)
+    keys = len(router._plain_routes)
     fn(auto, q, k, v, None, scaling=0.25)
     fn(auto, q, k, v, None, scaling=0.25)
-    assert len(made) == 9 and len(router._plain_sdpa) == keys + 1
+    assert len(made) == 10 and len(router._plain_routes) == keys + 1
     # tensors of another rank have no key: the full path's checks name the argument
     with pytest.raises(ValueError, match="q must have shape"):
         fn(module, q[0], k[0], v[0], None, scaling=0.25)
@@ -355,6 +357,48 @@ def test_windowed_calls_run_where_they_were_timed_faster(monkeypatch, oracle, fa
     for name, got, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
         err = (got.double() - w.double()).abs().max()
         assert err < 2e-5, f"{name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("faster", ["sdpa", "sdpa-whole", "ours"])
+@pytest.mark.parametrize("Q,K,window", [(37, 37, 9), (1, 40, 8)])  # a sliding layer's prompt and decode step
+def test_windowed_transformers_calls_take_the_memo_of_their_route(monkeypatch, oracle, faster, Q, K, window, grad):
+    """A sliding layer's call from Transformers, once routed, runs its route again without make_call's checks or
+    the routing (``run_plain``), whichever exact path was timed faster: the same bits and gradients as the full
+    path, and the oracle's values."""
+    from types import SimpleNamespace
+
+    from hf_ahfa import fastest, integration, router
+
+    monkeypatch.setattr(router, "SDPA_WHOLE_DEVICES", frozenset({DEVICE}))
+    monkeypatch.setattr(router, "_plain_routes", {})
+    monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
+    monkeypatch.setattr(fastest, "_median_ms", lambda cands, device: {
+        name: (0.5 if name == faster or (faster == "ours" and not name.startswith("sdpa")) else 1.0)
+        for name in cands})
+    made = []
+    real_make_call = integration.make_call
+    monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
+    module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
+    q, k, v = (t.transpose(1, 2) for t in _qkv(Q, K, seed=Q + K, requires_grad=grad))  # Transformers' layout
+
+    def call():
+        return integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=window)[0]
+
+    full = call()
+    (route,) = router._plain_routes.values()
+    if faster == "sdpa-whole" and Q != K:
+        faster = "sdpa"  # offered for prompts only
+    assert route == faster if faster != "ours" else not route.startswith("sdpa"), route
+    memo = call()
+    assert len(made) == 1 and torch.equal(memo, full)
+    want = oracle(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, window=window, scale=0.25)[0]
+    torch.testing.assert_close(memo.double(), want, atol=2e-5, rtol=2e-5)
+    if grad:
+        gout = torch.randn_like(full)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(full, (q, k, v), gout),
+                                                     torch.autograd.grad(memo, (q, k, v), gout)))
 
 
 @pytest.mark.parametrize("causal", [True, False])
