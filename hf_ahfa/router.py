@@ -327,8 +327,8 @@ def run_plain(query, key, value, causal: bool, scale, window, memo: tuple) -> to
         return out.transpose(1, 2)
     Q, K = query.shape[2], key.shape[2]
     call = plain_call(Q, K, query.shape[3], causal=causal, window=window, scale=scale)
-    if path == "sdpa-whole":
-        return _sdpa_heads_first(query, key, value, call, slice(0, Q), slice(0, K)).transpose(1, 2)
+    if path in ("sdpa", "sdpa-whole"):
+        return _sdpa_heads_first(query, key, value, call, whole=path == "sdpa-whole").transpose(1, 2)
     return _exact_fn(path)(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)[0]
 
 
@@ -458,9 +458,21 @@ def _sdpa(q, k, v, call: AttnCall):
     A window's call runs one chunk of queries at a time against the keys that chunk's band reaches (the window's
     scores plus a chunk's width, not all ``Q x K``; a decode step over a long cache reads the window's keys only),
     each chunk with its part of the mask."""
-    if call.window is None:
-        return _sdpa_whole(q, k, v, call)
-    Q, K = q.shape[1], k.shape[1]
+    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call).transpose(1, 2), None
+
+
+def _sdpa_whole(q, k, v, call: AttnCall):
+    """``_sdpa`` in one SDPA call over every query and key (a windowed call: its whole mask, "sdpa-whole")."""
+    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call,
+                             whole=True).transpose(1, 2), None
+
+
+def _sdpa_heads_first(query, key, value, call: AttnCall, whole: bool = False) -> torch.Tensor:
+    """``_sdpa`` (``whole``: ``_sdpa_whole``) on Transformers' layout, ``(B, H, T, D)`` tensors as SDPA takes
+    them: ``out (B, Hq, Q, Dv)``. The memo of plain calls (``run_plain``) runs here without transposes."""
+    Q, K = query.shape[2], key.shape[2]
+    if call.window is None or whole:
+        return _sdpa_part(query, key, value, call, slice(0, Q), slice(0, K))
     left, right = call.window
     chunk = _window_chunk(call)
     outs = []
@@ -470,25 +482,15 @@ def _sdpa(q, k, v, call: AttnCall):
         # visible, so that the chunk's rows come out as zeros through SDPA and the autograd graph)
         lo = min(K - 1, max(0, a + K - Q - left))
         hi = max(lo + 1, min(K, b + K - Q + right))
-        outs.append(_sdpa_part(q, k, v, call, slice(a, b), slice(lo, hi)))
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None  # one chunk (a decode step): no copy
+        outs.append(_sdpa_part(query, key, value, call, slice(a, b), slice(lo, hi)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # one chunk (a decode step): no copy
 
 
-def _sdpa_whole(q, k, v, call: AttnCall):
-    """``_sdpa`` in one SDPA call over every query and key (a windowed call: its whole mask, "sdpa-whole")."""
-    return _sdpa_part(q, k, v, call, slice(0, q.shape[1]), slice(0, k.shape[1])), None
-
-
-def _sdpa_part(q, k, v, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
-    """SDPA on the queries ``rows`` against the keys ``cols`` of this call: ``out (B, len(rows), Hq, Dv)``."""
-    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call, rows, cols).transpose(1, 2)
-
-
-def _sdpa_heads_first(query, key, value, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
-    """``_sdpa_part`` on Transformers' layout (``(B, H, T, D)`` tensors, what SDPA takes): ``(B, Hq, len(rows),
-    Dv)``. The memo of plain calls (``run_plain``) runs "sdpa-whole" here without the transposes."""
+def _sdpa_part(query, key, value, call: AttnCall, rows: slice, cols: slice) -> torch.Tensor:
+    """SDPA on the queries ``rows`` against the keys ``cols`` of this call, on Transformers' layout:
+    ``out (B, Hq, len(rows), Dv)``."""
     Q, K = query.shape[2], key.shape[2]
-    mask, sees = _sdpa_mask(Q, K, query.device, call, rows, cols)
+    mask, sees = _sdpa_mask(Q, K, query.device, query.dtype, call, rows, cols)
     if rows.stop - rows.start < Q:
         query = query[:, :, rows]
     if cols.stop - cols.start < K:
@@ -505,13 +507,14 @@ def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _sdpa_mask(Q: int, K: int, device: torch.device, call: AttnCall, rows: slice,
+def _sdpa_mask(Q: int, K: int, device: torch.device, dtype: torch.dtype, call: AttnCall, rows: slice,
                cols: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(mask, sees)``: the one boolean mask (True = visible, broadcast to ``(B, H, len(rows), len(cols))``) that
-    gives SDPA the visibility of the queries ``rows`` and keys ``cols`` of this call (``Q`` queries, ``K`` keys
-    on ``device``): the dense mask and the key padding, with causality and the window folded in where a mask
-    is present (SDPA takes ``is_causal`` only without one; the positions' rule is ``masks.positions_visible``,
-    queries bottom-right aligned in the whole call). ``Q == K`` when causal without a window (``sdpa_unfit_reason``).
+    """``(mask, sees)``: the one mask (boolean, True = visible, or additive in the queries' ``dtype`` where cached:
+    ``_band_mask``; broadcast to ``(B, H, len(rows), len(cols))``) that gives SDPA the visibility of the queries
+    ``rows`` and keys ``cols`` of this call (``Q`` queries, ``K`` keys on ``device``): the dense mask and the key
+    padding, with causality and the window folded in where a mask is present (SDPA takes ``is_causal`` only
+    without one; the positions' rule is ``masks.positions_visible``, queries bottom-right aligned in the whole
+    call). ``Q == K`` when causal without a window (``sdpa_unfit_reason``).
 
     A row that sees no key must give zeros and zero gradients, as ours do; SDPA's CUDA backends return other
     values there (H200: relative error 0.16-0.81 against the reference, tests/test_gpu.py). Off the CPU such rows
@@ -528,7 +531,7 @@ def _sdpa_mask(Q: int, K: int, device: torch.device, call: AttnCall, rows: slice
         # query's position), built once per shape instead of a dozen small ops per chunk and layer. Not while
         # torch.compile traces or a CUDA graph is captured (its kernels do not run then: the tensors would stay
         # unwritten); inference tensors only for inference mode (autograd may not save them).
-        return _band_mask(device, *shape, cols.start - (rows.start + K - Q), call.causal, call.window,
+        return _band_mask(device, dtype, *shape, cols.start - (rows.start + K - Q), call.causal, call.window,
                           torch.is_inference_mode_enabled())
     if positional:
         q_pos = torch.arange(rows.start, rows.stop, device=device) + (K - Q)
@@ -546,23 +549,28 @@ def _zero_unseen(mask: torch.Tensor | None, device: torch.device) -> tuple[torch
     return mask | ~sees, sees
 
 
-# Band masks kept for reuse (``_band_mask``): up to 8 of at most 16M elements (16 MB, the largest "sdpa-whole"
-# mask) each; a forward of one length needs about three per window (first chunk, inner chunks, last chunk) or one.
+# Band masks kept for reuse (``_band_mask``): up to 8 of at most 16M elements (the largest "sdpa-whole" mask: 32 MB
+# in bf16 / fp16, 64 MB in fp32) each; a forward of one length needs about three per window (first chunk, inner
+# chunks, last chunk) or one.
 BAND_CACHE_MAX_ELEMENTS = SDPA_WINDOW_WHOLE_MAX
 
 
 @functools.lru_cache(maxsize=8)
-def _band_mask(device: torch.device, n_rows: int, n_cols: int, shift: int, causal: bool,
+def _band_mask(device: torch.device, dtype: torch.dtype, n_rows: int, n_cols: int, shift: int, causal: bool,
                window: tuple[int, int] | None, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``_sdpa_mask``'s ``(mask, sees)`` of positions alone: query ``i`` at position ``i`` sees key ``j`` at
     position ``j + shift`` (causality, window). Windows are never negative, so a query whose own position lies
     among the keys sees at least that key: where that holds for every row, ``sees`` is ``None``. ``inference``
-    (``torch.is_inference_mode_enabled()``) only keys the cache."""
+    (``torch.is_inference_mode_enabled()``) only keys the cache.
+
+    The mask is additive, in the queries' ``dtype`` (0 where visible, -inf elsewhere): what SDPA makes of a
+    boolean mask on every call (two more kernels per call), made once here; the same result bits."""
     band = positions_visible(torch.arange(n_rows, device=device)[:, None],
                              torch.arange(n_cols, device=device) + shift, causal=causal, window=window)
-    if shift <= 0 and n_rows - 1 - shift < n_cols:
-        return band, None
-    return _zero_unseen(band, device)
+    sees = None
+    if not (shift <= 0 and n_rows - 1 - shift < n_cols):
+        band, sees = _zero_unseen(band, device)
+    return torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, float("-inf")), sees
 
 
 def _run_layout(q, k, v, call: AttnCall, layout: BlockLayout, *, kernels: bool):

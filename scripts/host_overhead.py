@@ -86,7 +86,8 @@ for K in (int(x) for x in args.kv_lens.split(",")):
     print(f"K={K}: " + ", ".join(f"{name} {us:.1f} us" for name, us in med.items()) + " per call")
 if args.out_dir:
     out = Path(args.out_dir)
-    meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(), machine=platform.machine(),
+    meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                machine=platform.machine(),
                 torch=torch.__version__, hf_ahfa=hf_ahfa.__file__, rounds=args.rounds, q_len=args.q_len,
                 heads=args.heads, window=args.window,
                 note="median of 1000 calls per round, rounds interleaved; host time of the whole attention function")

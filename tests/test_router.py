@@ -403,25 +403,50 @@ def test_windowed_transformers_calls_take_the_memo_of_their_route(monkeypatch, o
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_cached_band_masks_equal_their_definition(monkeypatch, causal):
-    """``_band_mask`` (the positional mask of a chunk, built once per shape) against ``positions_visible`` on every
-    small shape and key shift: the same mask, and where some row sees no key (off the CPU) that row opened and
-    named in ``sees``; ``sees`` is left out only where every row sees a key."""
+    """``_band_mask`` (the positional mask of a chunk, built once per shape, additive in the queries' dtype) against
+    ``positions_visible`` on every small shape and key shift: 0 exactly where visible, -inf elsewhere, and where
+    some row sees no key (off the CPU) that row opened and named in ``sees``; ``sees`` is left out only where every
+    row sees a key."""
     from hf_ahfa import router
     from hf_ahfa.masks import positions_visible
 
     monkeypatch.setattr(router, "sdpa_zeroes_unseen_rows", lambda device: False)  # as SDPA's CUDA backends
     router._band_mask.cache_clear()
     cpu = torch.device("cpu")
-    for rows, cols, shift, window in itertools.product(range(1, 6), range(1, 7), range(-7, 4),
-                                                       [None, (0, 0), (2, 0), (1, 3)]):
+    for rows, cols, shift, window, dtype in itertools.product(range(1, 6), range(1, 7), range(-7, 4),
+                                                              [None, (0, 0), (2, 0), (1, 3)],
+                                                              [torch.float32, torch.float16]):
         want = positions_visible(torch.arange(rows)[:, None], torch.arange(cols) + shift, causal=causal,
                                  window=window)
         sees = want.any(-1, keepdim=True)
-        mask, got_sees = router._band_mask(cpu, rows, cols, shift, causal, window, False)
+        mask, got_sees = router._band_mask(cpu, dtype, rows, cols, shift, causal, window, False)
+        assert mask.dtype == dtype and bool(((mask == 0) | (mask == float("-inf"))).all())
         if got_sees is None:
-            assert sees.all() and torch.equal(mask, want), (rows, cols, shift, window)
+            assert sees.all() and torch.equal(mask == 0, want), (rows, cols, shift, window)
         else:
-            assert torch.equal(got_sees, sees) and torch.equal(mask, want | ~sees), (rows, cols, shift, window)
+            assert torch.equal(got_sees, sees) and torch.equal(mask == 0, want | ~sees), (rows, cols, shift, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cached_additive_band_masks_give_sdpa_the_bits_of_its_boolean_masks(dtype):
+    """SDPA over a cached additive band mask returns the bits it returns over the boolean mask (which it turns
+    into the same additive mask on every call), outputs and gradients."""
+    from hf_ahfa import router
+    from hf_ahfa.masks import positions_visible
+
+    g = torch.Generator(DEVICE).manual_seed(7)
+    q = torch.randn(1, 4, 45, 16, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
+    k, v = (torch.randn(1, 2, 45, 16, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in "kv")
+    mask, sees = router._band_mask(q.device, dtype, 45, 45, 0, True, (9, 0), False)
+    boolean = positions_visible(torch.arange(45, device=DEVICE)[:, None], torch.arange(45, device=DEVICE),
+                                causal=True, window=(9, 0))
+    assert sees is None
+    gout = torch.randn(1, 4, 45, 16, device=DEVICE, dtype=dtype, generator=g)
+    outs = []
+    for m in (mask, boolean):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), gout)))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 def test_windowed_sdpa_builds_each_band_once_and_keeps_modes_apart(monkeypatch):
