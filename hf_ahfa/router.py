@@ -266,7 +266,7 @@ def _exact_fn(path: str):
     if path == "sdpa":
         return _sdpa
     if path == "sdpa-whole":
-        return _sdpa_whole
+        return _SDPA_WHOLE
     if path in _OWN:
         return _OWN[path]
     return functools.partial(installed.run, path)
@@ -293,9 +293,9 @@ _plain_routes: dict[tuple, str] = {}
 
 
 def plain_key(query, key, value, causal: bool, scale, window, policy) -> tuple | None:
-    """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors and a sliding ``window``
-    (as Transformers passes it: an int, or ``None``) (``None`` for other ranks: the full path's checks explain
-    those). Plain ints, not slices of ``.shape``: the key is built on every call, and this form costs half as
+    """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors and its sliding
+    ``window`` as Transformers passes it (an int or ``None``); ``None`` for other ranks (the full path's checks
+    explain those). Plain ints, not slices of ``.shape``: the key is built on every call, and this form costs half as
     much (2.4 -> 1.2 us on a CPU)."""
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return None
@@ -448,7 +448,7 @@ def _flash(q, k, v, call: AttnCall):
 _OWN = {"reference": _reference, "decode": _decode, "flash": _flash}
 
 
-def _sdpa(q, k, v, call: AttnCall):
+def _sdpa(q, k, v, call: AttnCall, whole: bool = False):
     """PyTorch's scaled_dot_product_attention on this call (``sdpa_unfit_reason`` is None): ``(out, None)``.
 
     PyTorch's own choice among its backends, exactly what ``attn_implementation="sdpa"`` gets; its global
@@ -457,19 +457,17 @@ def _sdpa(q, k, v, call: AttnCall):
 
     A window's call runs one chunk of queries at a time against the keys that chunk's band reaches (the window's
     scores plus a chunk's width, not all ``Q x K``; a decode step over a long cache reads the window's keys only),
-    each chunk with its part of the mask."""
-    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call).transpose(1, 2), None
+    each chunk with its part of the mask; ``whole``: in one SDPA call over its whole mask ("sdpa-whole")."""
+    out = _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call, whole)
+    return out.transpose(1, 2), None
 
 
-def _sdpa_whole(q, k, v, call: AttnCall):
-    """``_sdpa`` in one SDPA call over every query and key (a windowed call: its whole mask, "sdpa-whole")."""
-    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), call,
-                             whole=True).transpose(1, 2), None
+_SDPA_WHOLE = functools.partial(_sdpa, whole=True)  # the route "sdpa-whole"
 
 
 def _sdpa_heads_first(query, key, value, call: AttnCall, whole: bool = False) -> torch.Tensor:
-    """``_sdpa`` (``whole``: ``_sdpa_whole``) on Transformers' layout, ``(B, H, T, D)`` tensors as SDPA takes
-    them: ``out (B, Hq, Q, Dv)``. The memo of plain calls (``run_plain``) runs here without transposes."""
+    """``_sdpa`` on Transformers' layout, ``(B, H, T, D)`` tensors as SDPA takes them: ``out (B, Hq, Q, Dv)``.
+    The memo of plain calls (``run_plain``) runs here without transposes."""
     Q, K = query.shape[2], key.shape[2]
     if call.window is None or whole:
         return _sdpa_part(query, key, value, call, slice(0, Q), slice(0, K))

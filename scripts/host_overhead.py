@@ -52,7 +52,7 @@ for K in (int(x) for x in args.kv_lens.split(",")):
     Q = min(args.q_len, K)
     q = torch.randn(1, Hq, Q, D, device=args.device)
     k, v = (torch.randn(1, Hkv, K, D, device=args.device) for _ in "kv")
-    masks = dict(sdpa=None, ahfa=None, **{"ahfa-own-kernels": None})
+    masks = dict.fromkeys(impls)
     if args.window:  # Transformers' (B, 1, Q, K) mask of a sliding layer, True = visible
         i, j = torch.arange(K - Q, K, device=args.device)[:, None], torch.arange(K, device=args.device)
         masks["sdpa"] = ((j <= i) & (i - j < args.window))[None, None]
