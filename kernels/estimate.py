@@ -8,6 +8,7 @@ from hf_ahfa.kernels import configs
 from hf_ahfa.kernels.estimate_kernels import estimate_mass_kernel
 from hf_ahfa.kernels.common import Scores, cdiv, mask_args, precision, tensor_arg
 from hf_ahfa.kernels.flash import LOG2E
+from hf_ahfa.kernels.launch import launch
 
 
 @torch.library.custom_op("hf_ahfa::estimate_mass", mutates_args=(), device_types=("cuda", "cpu"))
@@ -27,12 +28,11 @@ def estimate_mass(
     tile_max = torch.full((B, H, NR, nkb), float("-inf"), dtype=torch.float32, device=qs.device)
     tile_sum = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
     block_r = 16 if configs.interpreting() else 64
-    estimate_mass_kernel[(cdiv(NR, block_r), nkb, B * H)](
-        tensor_arg(qs), tensor_arg(k), mask_args(key_padding_mask, None)[0], tile_max, tile_sum,
-        NR, q_len, K, H, H // HKV, nkb, stride, Scores(scale * LOG2E, softcap, win_left, win_right),
-        D=D, CAUSAL=causal, PRECISION=precision(qs.dtype), BLOCK_R=block_r,
-        BLOCK_N=block_k, num_warps=1 if configs.interpreting() else 4, num_stages=1,
-    )
+    launch(estimate_mass_kernel, (cdiv(NR, block_r), nkb, B * H),
+           (tensor_arg(qs), tensor_arg(k), mask_args(key_padding_mask, None)[0], tile_max, tile_sum,
+            NR, q_len, K, H, H // HKV, nkb, stride, Scores(scale * LOG2E, softcap, win_left, win_right)),
+           dict(D=D, CAUSAL=causal, PRECISION=precision(qs.dtype), BLOCK_R=block_r, BLOCK_N=block_k,
+                num_warps=1 if configs.interpreting() else 4, num_stages=1))
     # softmax mass per block: each tile's sum rescaled to the row's max, over the row's total
     row_max = tile_max.amax(-1, keepdim=True)
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)

@@ -25,6 +25,7 @@ from hf_ahfa.kernels.flash_kernels import (
     flash_decode_kernel,
     flash_fwd_kernel,
 )
+from hf_ahfa.kernels.launch import launch
 from hf_ahfa.kernels.tuning import launch_tuned
 
 LOG2E = 1.4426950408889634
@@ -124,10 +125,10 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     consts = _constexprs(c, causal, blocks)
     modes = tma_modes(k, v)
 
-    def launch(cfg):
+    def launch_fwd(cfg):
         bm, bn, warps, stages, tma = cfg
-        grid = (cdiv(c["max_q"], bm), c["nseq"] * c["H"])
-        flash_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages)
+        launch(flash_fwd_kernel, (cdiv(c["max_q"], bm), c["nseq"] * c["H"]), args,
+               dict(consts, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages))
 
     cands = configs.candidates(configs.FWD, q.device, c["D"])
     if lists is not None:
@@ -136,7 +137,7 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     cands = [(*cfg, tma) for tma in modes for cfg in cands]
     key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, alibi, sinks,
                       key_padding_mask, attn_mask, cu_seqlens_q) + (modes,)
-    launch_tuned(key, cands, launch)
+    launch_tuned(key, cands, launch_fwd)
     return out, lse
 
 
@@ -171,8 +172,8 @@ def _delta(grad_out, out):
     delta = torch.empty(B, H, Q, dtype=torch.float32, device=out.device)
     block_dv = block_size(DV)
     bm = 16 if configs.interpreting() else 64 if block_dv <= 128 else 32
-    flash_bwd_delta_kernel[(cdiv(Q, bm), B * H)](tensor_arg(out), tensor_arg(grad_out), delta, Q, H, DV=DV,
-                                                 BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4)
+    launch(flash_bwd_delta_kernel, (cdiv(Q, bm), B * H), (tensor_arg(out), tensor_arg(grad_out), delta, Q, H),
+           dict(DV=DV, BLOCK_M=bm, BLOCK_DV=block_dv, num_warps=4))
     return delta
 
 
@@ -196,18 +197,16 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         grid = (cdiv(c["max_k"], bn), c["nseq"] * c["HKV"])
-        flash_bwd_dkdv_kernel[grid](
-            *inputs, tensor_arg(dk), tensor_arg(dv), *masks, _lists(cols), c["Q"], c["K"], c["H"], c["HKV"], G, scores,
-            **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-        )
+        launch(flash_bwd_dkdv_kernel, grid,
+               (*inputs, tensor_arg(dk), tensor_arg(dv), *masks, _lists(cols), c["Q"], c["K"], c["H"], c["HKV"], G,
+                scores), dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     def launch_dq(cfg):
         bn, bm, warps, stages = cfg  # the dq kernel holds queries: the table's roles swap
         grid = (cdiv(c["max_q"], bm), c["nseq"] * c["H"])
-        flash_bwd_dq_kernel[grid](
-            *inputs, tensor_arg(dq), *masks, _lists(rows), c["Q"], c["K"], c["H"], G, scores,
-            **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-        )
+        launch(flash_bwd_dq_kernel, grid,
+               (*inputs, tensor_arg(dq), *masks, _lists(rows), c["Q"], c["K"], c["H"], G, scores),
+               dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     cands = configs.candidates(configs.BWD, q.device, c["D"])
     dkdv_cands = dq_cands = cands
@@ -303,22 +302,20 @@ def run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, wi
     args = (tensor_arg(q), tensor_arg(k), tensor_arg(v), o_part, lse_part, *mask_args(key_padding_mask, attn_mask),
             _alibi(alibi), Q, c["K"], HKV, G, split_len, scores)
 
-    def launch(cfg):
+    def launch_decode(cfg):
         bn, warps, stages = cfg
-        flash_decode_kernel[(splits, B * HKV)](
-            *args, D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages,
-        )
+        launch(flash_decode_kernel, (splits, B * HKV), args,
+               dict(D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=bn,
+                    num_warps=warps, num_stages=stages))
 
     launch_tuned(_tuning_key("decode", q, c, causal, scores, alibi, sinks, key_padding_mask, attn_mask) + (rows,),
-                 cands, launch)
+                 cands, launch_decode)
     out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
-    flash_decode_combine_kernel[(B * HKV * G * Q,)](
-        o_part, lse_part, sinks, tensor_arg(out), lse, Q, H, HKV, G, splits, ROWS=rows, DV=c["DV"],
-        BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_DV=block_size(c["DV"]),
-        num_warps=1,
-    )
+    launch(flash_decode_combine_kernel, (B * HKV * G * Q,),
+           (o_part, lse_part, sinks, tensor_arg(out), lse, Q, H, HKV, G, splits),
+           dict(ROWS=rows, DV=c["DV"], BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_DV=block_size(c["DV"]),
+                num_warps=1))
     return out, lse
 
 

@@ -4,9 +4,9 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|model|sweep|cost|alibi
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
-#  host: host time per attention call; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
+#  host: host time per attention call; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
 #  (MODEL_TREES="before after": on both trees);
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
 #  alibi: every launch config with ALiBi in each form (AHFA_ALIBI), then the forms timed in the same rounds;
@@ -29,7 +29,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, model, sweep, cost, alibi, d256 or d256bwd}
+STAGE=${1:?tests, tests+sweep, diag, host, launch, model, sweep, cost, alibi, d256 or d256bwd}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -79,6 +79,22 @@ after python3 scripts/host_overhead.py --device cuda --kv-lens 16,1024,8192 --q-
   --name host-overhead-decode-h200 2>&1 | tail -5
 after python3 scripts/host_overhead.py --device cuda --kv-lens 64,1024 --q-len 16 --out-dir "$R" \
   --name host-overhead-q16-h200 2>&1 | tail -4
+exit 0
+fi
+if [ "$STAGE" = launch ]; then
+# direct launches (kernels/launch.py): host time per call of a Gemma-3 sliding layer (4/1 heads, D=256, window 512,
+# bf16) with them and through Triton, profiled; then the GPU tests and the router suite on CUDA with them
+for direct in 1 0; do
+  AHFA_DIRECT_LAUNCH=$direct AHFA_AUTOTUNE=0 after timeout ${HOST_S:-150} python3 scripts/host_overhead.py --device cuda \
+    --dtype bfloat16 --heads 4,1,256 --q-len 128 --kv-lens 128,2048 --window 512 --profile 2000 --out-dir "$R" \
+    --name "host-overhead-gemma3-sliding-direct$direct" 2>&1 | tail -4
+done
+AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-4} \
+  --tb=short -rfE -m gpu tests/test_gpu.py > "$R/gpu-tests.log" 2>&1
+grep -E "^(FAILED|ERROR) |passed|failed" "$R/gpu-tests.log" | tail -15
+after timeout -s INT -k 15 ${ROUTER_S:-150} python3 -m pytest -q -p no:cacheprovider -n 4 --tb=short -rfE \
+  tests/test_router.py tests/test_launch.py > "$R/router-cuda.log" 2>&1
+grep -E "^(FAILED|ERROR) |passed|failed" "$R/router-cuda.log" | tail -15
 exit 0
 fi
 if [ "$STAGE" = alibi ]; then

@@ -31,11 +31,13 @@ parser.add_argument("--window", type=int, default=None,
                     help="a sliding layer's window (sdpa gets the causal window mask Transformers builds once per "
                          "forward, ahfa the sliding_window argument)")
 parser.add_argument("--heads", default="9,3,64", help="query heads, key/value heads, head dim (SmolLM2-135M's)")
+parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 1000 calls per implementation")
 parser.add_argument("--out-dir", help="write <name>.json and <name>.md here")
 parser.add_argument("--name", default="host-overhead")
 parser.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also write <name>-profile.txt: cProfile of N routed ahfa calls per KV length (by own time)")
+                    help="also write <name>-profile.txt: cProfile of N ahfa calls per KV length and ahfa "
+                         "implementation (by own time)")
 args = parser.parse_args()
 
 impls = {"sdpa": sdpa_attention_forward, "ahfa": AttentionInterface._global_mapping["ahfa"]}
@@ -50,8 +52,9 @@ sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: No
 rows, profiles = [], []
 for K in (int(x) for x in args.kv_lens.split(",")):
     Q = min(args.q_len, K)
-    q = torch.randn(1, Hq, Q, D, device=args.device)
-    k, v = (torch.randn(1, Hkv, K, D, device=args.device) for _ in "kv")
+    dtype = getattr(torch, args.dtype)
+    q = torch.randn(1, Hq, Q, D, device=args.device, dtype=dtype)
+    k, v = (torch.randn(1, Hkv, K, D, device=args.device, dtype=dtype) for _ in "kv")
     masks = dict.fromkeys(impls)
     if args.window:  # Transformers' (B, 1, Q, K) mask of a sliding layer, True = visible
         i, j = torch.arange(K - Q, K, device=args.device)[:, None], torch.arange(K, device=args.device)
@@ -72,16 +75,19 @@ for K in (int(x) for x in args.kv_lens.split(",")):
                 ts.append(time.perf_counter() - t)
             times[name].append(statistics.median(ts) * 1e6)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    os.environ.pop("AHFA_BACKEND", None)
-    if args.profile:  # where the routed call's host time goes (functions by own time)
+    for name in [n for n in impls if n.startswith("ahfa")] if args.profile else []:
+        # where the call's host time goes (functions by own time)
+        if name == "ahfa-own-kernels":
+            os.environ["AHFA_BACKEND"] = "triton"
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.profile):
-            impls["ahfa"](module, q, k, v, None, scaling=0.125, dropout=0.0, sliding_window=args.window)
+            impls[name](module, q, k, v, None, scaling=0.125, dropout=0.0, sliding_window=args.window)
         prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-        profiles.append(f"## KV length {K}, {args.profile} routed ahfa calls\n{text.getvalue()}")
+        profiles.append(f"## KV length {K}, {args.profile} calls of {name}\n{text.getvalue()}")
+    os.environ.pop("AHFA_BACKEND", None)
     rows.append(dict(kv_len=K, us=times, median_us=med, ahfa_extra_us=med["ahfa"] - med["sdpa"]))
     print(f"K={K}: " + ", ".join(f"{name} {us:.1f} us" for name, us in med.items()) + " per call")
 if args.out_dir:
@@ -89,11 +95,13 @@ if args.out_dir:
     meta = dict(device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                 machine=platform.machine(),
                 torch=torch.__version__, hf_ahfa=hf_ahfa.__file__, rounds=args.rounds, q_len=args.q_len,
-                heads=args.heads, window=args.window,
+                heads=args.heads, window=args.window, dtype=args.dtype,
+                direct_launch=os.environ.get("AHFA_DIRECT_LAUNCH", "1"),
                 note="median of 1000 calls per round, rounds interleaved; host time of the whole attention function")
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     title = (f"# Host time per attention call ({meta['device']}, torch {torch.__version__}, {args.q_len} queries, "
-             f"heads {args.heads}, window {args.window})")
+             f"heads {args.heads}, window {args.window}, {args.dtype}, "
+             f"AHFA_DIRECT_LAUNCH={meta['direct_launch']})")
     lines = [title, "", meta["note"], "",
              "| KV length | " + " | ".join(f"{name} us (rounds)" for name in impls) + " | ahfa extra us |",
              "|---|" + "---|" * (len(impls) + 1)]
