@@ -5,6 +5,7 @@ the first is the default, the rest are tried once per shape by ``tuning.launch_t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,7 +69,10 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+@functools.cache
 def arch(device: torch.device) -> str:
+    """``sm90`` (Hopper and newer) or ``sm80`` (Ampere, Ada): the launch tables' key. Read once per device: the
+    property lookup costs ~10 us of host time, and every launch asks."""
     major, _ = torch.cuda.get_device_capability(device)
     if major >= 9:
         return "sm90"

@@ -37,7 +37,8 @@ parser.add_argument("--prefill-logits", choices=("all", "last"), default="all",
 parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float32) to try the script")
 parser.add_argument("--routes", action="store_true",
                     help="also write <name>-routes.json: each layer's route in one routed prefill per length, the "
-                         "router's timed decisions, and a cProfile of the routed prefill at the first length")
+                         "router's timed decisions, and cProfiles of the routed and the sdpa prefill at the first "
+                         "length")
 parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -94,18 +95,23 @@ if args.routes:  # where the routed prefill goes: each layer's route, the timed 
                 model(ids, **keep)
             routes[L] = dict(collections.Counter(f"layer {r['layer']}: {r['route']} ({r['backend']})" for r in rec))
         ids = torch.randint(0, config.vocab_size, (1, seq_lens[0]), device=args.device)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(20):
+        profiles = {}
+        for impl in ("ahfa", "sdpa"):  # the same prefills under each: where the host's time differs
+            model.set_attn_implementation(impl)
             model(ids, **keep)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                model(ids, **keep)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+            profiles[f"profile of 20 prefills of {seq_lens[0]} tokens, {impl}"] = text.getvalue().splitlines()
     with open(os.path.join(args.out_dir, f"{name}-routes.json"), "w") as f:
-        json.dump({"routes": routes, "decisions": fastest.chosen(), "timings_ms": fastest.measured(),
-                   f"profile of 20 routed prefills of {seq_lens[0]} tokens": text.getvalue().splitlines()},
+        json.dump({"routes": routes, "decisions": fastest.chosen(), "timings_ms": fastest.measured(), **profiles},
                   f, indent=1)
-    print(json.dumps(routes, indent=1), json.dumps(fastest.measured(), indent=1), text.getvalue()[:6000], sep="\n")
+    print(json.dumps(routes, indent=1), json.dumps(fastest.measured(), indent=1),
+          *("\n".join(lines[:50]) for lines in profiles.values()), sep="\n")
 print(open(os.path.join(args.out_dir, f"{name}.md")).read())
