@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 import hf_ahfa
-from hf_ahfa.eval.report import markdown_table, or_na, provenance, write_atomic, write_json
+from hf_ahfa.eval.report import markdown_table, or_na, paired_change, provenance, write_atomic, write_json
 
 
 def predict(config, seq_len: int, dtype_bytes: int, impl: str) -> dict:
@@ -113,6 +113,51 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
     return rows
 
 
+def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, vocab=None,
+                   progress=True) -> dict[tuple[str, int], dict]:
+    """Each implementation's prefill against the last one's (the baseline), timed as single calls taking turns.
+
+    A host-bound model's prefill time drifts between rounds by more than the differences in question (on the H100
+    machine's host, 24-46 ms for the same prefill of a Gemma-3-shaped model, `kernels/NOTES.md`); calls that take
+    turns (A B, B A, ...) meet the same drift, and the paired bootstrap interval (``report.paired_change``) says
+    what the difference is worth. ``impls``: Transformers implementations, the baseline last. Returns, for each
+    other implementation and length, ``speedup`` (the baseline's mean time over its own), ``low`` / ``high`` (the
+    95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
+    """
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.get_text_config().vocab_size
+    keep = {"logits_to_keep": 1} if last_logits else {}
+    base = impls[-1]
+
+    def once(impl, ids):
+        model.set_attn_implementation(impl)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    results = {}
+    for L in tqdm(seq_lens, desc="paired prefill", disable=not progress):
+        ids = torch.randint(0, vocab, (1, L), device=device)
+        times = {impl: [] for impl in impls}
+        with torch.no_grad():
+            for impl in impls:  # warm-up: compiles and the router's timed choices
+                once(impl, ids)
+            for i in range(pairs):
+                for impl in impls if i % 2 == 0 else impls[::-1]:
+                    times[impl].append(once(impl, ids))
+        for impl in impls[:-1]:
+            change = paired_change(times[impl], times[base])
+            results[impl, L] = dict(speedup=1 / (1 + change["change"]), low=1 / (1 + change["high"]),
+                                    high=1 / (1 + change["low"]), pairs=pairs,
+                                    median_s=statistics.median(times[impl]),
+                                    base_median_s=statistics.median(times[base]))
+    return results
+
+
 def _measure_one(model, ids, row, device, decode_tokens, train, last_logits=False) -> None:
     """Fill ``row`` with prefill, decode and (``train``) training-step measurements of one input."""
     keep = {"logits_to_keep": 1} if last_logits else {}
@@ -156,6 +201,12 @@ def _decode_seconds(model, ids, n: int, device, repeat: int = 3) -> float:
     return sorted(times[1:])[repeat // 2]
 
 
+def _paired_text(result: dict | None) -> str | None:
+    if not result:
+        return None
+    return f"{result['speedup']:.3f} ({result['low']:.3f}-{result['high']:.3f}, {result['pairs']} pairs)"
+
+
 def _gib(n_bytes: int | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**30
 
@@ -168,6 +219,7 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], meta, rows, config=config)
     base = list(dict.fromkeys(r["impl"] for r in rows))[-1]
+    paired = any("prefill_paired" in r for r in rows)  # paired_prefill's results, attached by the caller
     by = {(r["impl"], r["seq_len"], "train_step_s" in r): r for r in rows}
     lines = []
     for r in rows:
@@ -182,14 +234,15 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
         lines.append([r["impl"], r["seq_len"], r.get("prefill_s"), peak, r.get("decode_tokens_per_s"),
                       r.get("train_step_s"), r["attn_flops"] / 1e12, r["attn_extra_memory"] / 2**30,
                       speedup("prefill_s"), speedup("decode_tokens_per_s", rate=True), speedup("train_step_s"),
-                      r.get("error")])
+                      r.get("error")] + ([_paired_text(r.get("prefill_paired"))] if paired else []))
     md = [f"# Whole-model speed and memory: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
           f"torch {meta['torch']}, transformers {meta['transformers']}, commit {meta['commit'][:12]}, {meta['date']}, "
           f"dtype {config['dtype']}, batch 1. Predicted columns come from the complexity analyzer "
           f"(`hf_ahfa.eval.model_speed.predict`). Rows with a train step ran in training mode (their prefill too).", "",
           markdown_table(["impl", "tokens", "prefill s", "prefill peak GiB", "decode tok/s", "train step s",
                           "pred. attn TFLOP", "pred. extra GiB", f"prefill vs {base}", f"decode vs {base}",
-                          f"train step vs {base}", "error"], lines)]
+                          f"train step vs {base}", "error"]
+                         + ([f"prefill vs {base}, calls taking turns (95% interval)"] if paired else []), lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     _plot(rows, config["model"], paths["png"])
     return paths

@@ -52,6 +52,16 @@ def write_json(path: Path, meta: dict, rows: list[dict], **extra) -> None:
     write_atomic(path, json.dumps({"meta": meta, **extra, "rows": rows}, indent=1) + "\n")
 
 
+def paired_change(test: list[float], base: list[float], rounds: int = 2000, seed: int = 0) -> dict:
+    """Relative change of the mean of ``test`` over the mean of ``base`` (paired values: the same training steps,
+    or calls timed in turn) and its 95% paired bootstrap interval, the pairs resampled with replacement."""
+    t, b = torch.tensor(test, dtype=torch.float64), torch.tensor(base, dtype=torch.float64)
+    pick = torch.randint(len(t), (rounds, len(t)), generator=torch.Generator().manual_seed(seed))
+    changes = t[pick].mean(1) / b[pick].mean(1) - 1
+    lo, hi = torch.quantile(changes, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return dict(change=float(t.mean() / b.mean() - 1), low=lo, high=hi)
+
+
 def or_na(value):
     """``value``, or "n/a" where the figure does not exist (an exact run's kept blocks, CPU peak memory)."""
     return "n/a" if value is None else value

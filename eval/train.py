@@ -31,7 +31,7 @@ from hf_ahfa.eval.perplexity import (
 )
 from hf_ahfa.eval.perplexity_data import document_start_token, joined_books
 from hf_ahfa.eval.perplexity_protocols import max_positions, switch_attention
-from hf_ahfa.eval.report import markdown_table, provenance, write_atomic, write_json
+from hf_ahfa.eval.report import markdown_table, paired_change, provenance, write_atomic, write_json
 from hf_ahfa.eval.runs import plain_causal_lm, process_device
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command
 
@@ -149,16 +149,6 @@ def _train(base_model, variant, data: torch.Tensor, args, work: Path) -> dict:
                 median_step_s=statistics.median(times[args.warmup_steps:]),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 kept_share=sum(kept) / len(kept) if kept else None)
-
-
-def paired_change(test: list[float], base: list[float], rounds: int = 2000, seed: int = 0) -> dict:
-    """Relative change of the mean loss of ``test`` over ``base`` (the same steps) and its 95% paired bootstrap
-    interval, the steps resampled with replacement."""
-    t, b = torch.tensor(test, dtype=torch.float64), torch.tensor(base, dtype=torch.float64)
-    pick = torch.randint(len(t), (rounds, len(t)), generator=torch.Generator().manual_seed(seed))
-    changes = t[pick].mean(1) / b[pick].mean(1) - 1
-    lo, hi = torch.quantile(changes, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return dict(change=float(t.mean() / b.mean() - 1), low=lo, high=hi)
 
 
 def run(args) -> dict[str, Path]:

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
 from hf_ahfa import fastest
-from hf_ahfa.eval.model_speed import measure, write_model_speed_report
+from hf_ahfa.eval.model_speed import measure, paired_prefill, write_model_speed_report
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out-dir", required=True)
@@ -39,6 +39,9 @@ parser.add_argument("--routes", action="store_true",
                     help="also write <name>-routes.json: each layer's route in one routed prefill per length, the "
                          "router's timed decisions, and cProfiles of the routed and the sdpa prefill at the first "
                          "length")
+parser.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="also time routed ahfa and sdpa prefills as N pairs of single calls taking turns, and "
+                         "report the speed-up's 95%% paired interval (a host-bound model's rounds drift)")
 parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -84,6 +87,12 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
                 rows.append(row)
     model.eval()
     os.environ.pop("AHFA_BACKEND", None)
+    report()
+if args.paired:
+    pairs = paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired, last_logits=args.prefill_logits == "last")
+    for row in rows:
+        if row["impl"] == "ahfa" and "train_step_s" not in row:
+            row["prefill_paired"] = pairs[row["impl"], row["seq_len"]]
     report()
 if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
     model.set_attn_implementation("ahfa")

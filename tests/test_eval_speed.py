@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from hf_ahfa.eval.speed import Row, attention_flops, ratios
@@ -124,6 +125,41 @@ def test_model_speed_prefill_of_the_last_logits_only():
     last, kept[:] = list(kept), []
     measure(model, ["ahfa"], [16], decode_tokens=0, train=False, progress=False)
     assert set(last) == {1} and set(kept) == {None}, (last, kept)
+
+
+def test_paired_prefill_takes_turns_and_bounds_the_speedup(monkeypatch, tmp_path):
+    """Single prefills taking turns (A B, B A, ...) after one warm-up call each; the speed-up is the baseline's
+    mean time over the other's, with its paired bootstrap interval; the report gets a column for it."""
+    from types import SimpleNamespace
+
+    from hf_ahfa.eval import model_speed
+
+    model = _tiny_gemma3()
+    clock, order, cost = [0.0], [], {"ahfa": [2.0], "sdpa": [3.0]}
+    forward = model.forward
+
+    def timed(*args, **kwargs):  # each call advances the clock by its implementation's next cost
+        impl = model.config._attn_implementation
+        order.append(impl)
+        clock[0] += cost[impl][len([o for o in order if o == impl]) % len(cost[impl])]
+        return forward(*args, **kwargs)
+
+    model.forward = timed
+    monkeypatch.setattr(model_speed, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    got = model_speed.paired_prefill(model, ["ahfa", "sdpa"], [16], pairs=4, progress=False)
+    assert order == ["ahfa", "sdpa"] + ["ahfa", "sdpa", "sdpa", "ahfa"] * 2
+    assert got["ahfa", 16] == dict(speedup=pytest.approx(1.5), low=pytest.approx(1.5), high=pytest.approx(1.5),
+                                   pairs=4, median_s=2.0, base_median_s=3.0)
+    cost["ahfa"] = [1.0, 3.0]  # the same mean, spread: the interval widens around it
+    order.clear()
+    noisy = model_speed.paired_prefill(model, ["ahfa", "sdpa"], [16], pairs=8, progress=False)["ahfa", 16]
+    assert noisy["speedup"] == pytest.approx(1.5) and noisy["low"] < noisy["speedup"] < noisy["high"]
+    base = {"attn_flops": 0, "attn_extra_memory": 0, "seq_len": 16}
+    rows = [{**base, "impl": "ahfa", "prefill_s": 2.0, "prefill_paired": got["ahfa", 16]},
+            {**base, "impl": "sdpa", "prefill_s": 3.0}]
+    md = model_speed.write_model_speed_report(rows, {"model": "t", "dtype": "float32"}, tmp_path, "p")["md"]
+    text = md.read_text()
+    assert "prefill vs sdpa, calls taking turns (95% interval)" in text and "1.500 (1.500-1.500, 4 pairs)" in text
 
 
 def _tiny_gemma3():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_ahfa.eval import cli, train
+from hf_ahfa.eval.report import paired_change
 from hf_ahfa.eval.usage import UsageError
 
 
@@ -24,11 +25,11 @@ def test_windows_are_consecutive_and_start_with_the_document_token():
 
 def test_paired_change_interval():
     base = [3.0, 2.5, 2.0, 1.8]
-    same = train.paired_change(base, base)
+    same = paired_change(base, base)
     assert same == dict(change=0.0, low=0.0, high=0.0)
-    up = train.paired_change([x * 1.02 for x in base], base)
+    up = paired_change([x * 1.02 for x in base], base)
     assert up["change"] == pytest.approx(0.02) and up["low"] == pytest.approx(0.02) and up["high"] == pytest.approx(0.02)
-    noisy = train.paired_change([3.1, 2.4, 2.1, 1.7], base)
+    noisy = paired_change([3.1, 2.4, 2.1, 1.7], base)
     assert noisy["low"] < noisy["change"] < noisy["high"]
 
 
