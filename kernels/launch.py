@@ -9,10 +9,12 @@ compile to the same kernel. The key is everything Triton's compiled-kernel cache
 cheaply: the current device; the constexpr keyword arguments (``BLOCK_M``, ``num_warps``, ...); the values the
 kernel's ``@triton.heuristics`` derive, as Triton derives them; and the positional arguments' specialization by
 Triton's own ``native_specialize_impl`` (dtypes; 16-byte alignment of pointers; ints equal to 1, divisible by 16,
-or past 32 bits; ``None``), taken at its finest (every argument specialized, as no parameter of ours opts out).
+or past 32 bits; ``None``), taken at its finest (a parameter that opts out of specialization only makes Triton's
+key coarser than ours). Globals that decide a variant (``common.NAN_GUARD``, ``TMA``, ``ALIBI_FORM``) reach the
+kernels as constexpr arguments or through the heuristics, so they are in the key.
 
-Not done on this path: Triton's pre-run hooks and its check that a global a kernel read has not changed since it
-was compiled (ours read module constants fixed at import). ``AHFA_DIRECT_LAUNCH=0`` launches through Triton every
+Not done on this path: Triton's pre-run hooks and its check that a global a kernel reads has not changed since it
+was compiled (ours read constants fixed at import, such as ``common.LOG2E``). ``AHFA_DIRECT_LAUNCH=0`` launches through Triton every
 time (for comparisons); the interpreter always does.
 """
 
