@@ -79,10 +79,8 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
     position's logits only (``logits_to_keep=1``, as ``generate`` prefills), else every position's.
     """
     device = next(model.parameters()).device
-    vocab = vocab or model.config.get_text_config().vocab_size
     policies = policies or {}
-    inputs = {L: (torch.tensor(tokens[:L], device=device)[None] if tokens is not None
-                  else torch.randint(0, vocab, (1, L), device=device)) for L in seq_lens}
+    inputs = _inputs(model, seq_lens, vocab, tokens)
     runs: dict[tuple[str, int], list[dict]] = {(label, L): [] for L in seq_lens for label in impls}
     jobs = [(label, L) for r in range(rounds) for L in seq_lens for label in (impls if r % 2 == 0 else impls[::-1])]
     for label, L in tqdm(jobs, desc="model speed", disable=not progress):
@@ -113,49 +111,61 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
     return rows
 
 
-def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, vocab=None,
-                   progress=True) -> dict[tuple[str, int], dict]:
+def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, vocab=None, progress=True,
+                   policies=None, tokens=None) -> dict[tuple[str, int], dict]:
     """Each implementation's prefill against the last one's (the baseline), timed as single calls taking turns.
 
     A host-bound model's prefill time drifts between rounds by more than the differences in question (on the H100
     machine's host, 24-46 ms for the same prefill of a Gemma-3-shaped model, `kernels/NOTES.md`); calls that take
     turns (A B, B A, ...) meet the same drift, and the paired bootstrap interval (``report.paired_change``) says
-    what the difference is worth. ``impls``: Transformers implementations, the baseline last. Returns, for each
-    other implementation and length, ``speedup`` (the baseline's mean time over its own), ``low`` / ``high`` (the
-    95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
+    what the difference is worth. ``impls``, ``policies``, ``tokens``, ``last_logits``: as ``measure``'s, the
+    baseline last. Returns, for each other label and length, ``speedup`` (the baseline's mean time over its own),
+    ``low`` / ``high`` (the 95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
     """
+    if pairs < 1:
+        raise ValueError(f"pairs must be at least 1, got {pairs}")
     device = next(model.parameters()).device
-    vocab = vocab or model.config.get_text_config().vocab_size
+    policies = policies or {}
     keep = {"logits_to_keep": 1} if last_logits else {}
     base = impls[-1]
 
-    def once(impl, ids):
+    def once(label, ids):
+        impl, fields = policies.get(label, (label, None))
         model.set_attn_implementation(impl)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        with hf_ahfa.override(**fields) if fields else contextlib.nullcontext():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
 
     results = {}
-    for L in tqdm(seq_lens, desc="paired prefill", disable=not progress):
-        ids = torch.randint(0, vocab, (1, L), device=device)
-        times = {impl: [] for impl in impls}
+    for L, ids in tqdm(_inputs(model, seq_lens, vocab, tokens).items(), desc="paired prefill", disable=not progress):
+        times = {label: [] for label in impls}
         with torch.no_grad():
-            for impl in impls:  # warm-up: compiles and the router's timed choices
-                once(impl, ids)
+            for label in impls:  # warm-up: compiles and the router's timed choices
+                once(label, ids)
             for i in range(pairs):
-                for impl in impls if i % 2 == 0 else impls[::-1]:
-                    times[impl].append(once(impl, ids))
-        for impl in impls[:-1]:
-            change = paired_change(times[impl], times[base])
-            results[impl, L] = dict(speedup=1 / (1 + change["change"]), low=1 / (1 + change["high"]),
+                for label in impls if i % 2 == 0 else impls[::-1]:
+                    times[label].append(once(label, ids))
+        for label in impls[:-1]:
+            change = paired_change(times[label], times[base])
+            results[label, L] = dict(speedup=1 / (1 + change["change"]), low=1 / (1 + change["high"]),
                                     high=1 / (1 + change["low"]), pairs=pairs,
-                                    median_s=statistics.median(times[impl]),
+                                    median_s=statistics.median(times[label]),
                                     base_median_s=statistics.median(times[base]))
     return results
+
+
+def _inputs(model, seq_lens, vocab=None, tokens=None) -> dict[int, torch.Tensor]:
+    """Per length ``L`` the ``(1, L)`` prompt: the first ``L`` of ``tokens``, else random ids below ``vocab`` (the
+    model's vocabulary size by default)."""
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.get_text_config().vocab_size
+    return {L: (torch.tensor(tokens[:L], device=device)[None] if tokens is not None
+                else torch.randint(0, vocab, (1, L), device=device)) for L in seq_lens}
 
 
 def _measure_one(model, ids, row, device, decode_tokens, train, last_logits=False) -> None:

@@ -58,6 +58,10 @@ def add_parser(subparsers) -> None:
     whole.add_argument("--rounds", type=int, default=2,
                        help="measure every implementation this many times in alternating order (A B, B A, ...) and "
                             "report the median, so that drift does not favour whichever runs first")
+    whole.add_argument("--paired", type=int, default=0, metavar="N",
+                       help="also time each ahfa variant's prefill against the baseline's as N pairs of single "
+                            "calls taking turns, with the speed-up's 95%% paired interval (rounds of a host-bound "
+                            "model drift by more than a few percent)")
     whole.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     whole.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: bfloat16 on CUDA, float32 elsewhere")
@@ -129,7 +133,7 @@ def _text_tokens(args, tokenizer, n: int) -> list[int]:
 
 
 def _model_speed(args) -> dict[str, Path]:
-    from hf_ahfa.eval.model_speed import measure, write_model_speed_report
+    from hf_ahfa.eval.model_speed import measure, paired_prefill, write_model_speed_report
     from hf_ahfa.eval.runs import load_causal_lm, resolve_dtype
 
     variants = _variants(args)
@@ -142,12 +146,21 @@ def _model_speed(args) -> dict[str, Path]:
               "prefill_logits": args.prefill_logits}
     if args.attention:
         return _attention_speed(args, model, tokens, variants, config, max_pos)
+    if args.paired < 0:
+        raise UsageError(f"--paired takes a number of pairs (0: none), got {args.paired}")
     too_long = [L for L in args.seq_lens if max_pos and L + args.decode_tokens > max_pos]
     if too_long:
         raise UsageError(f"--seq-lens {too_long} plus --decode-tokens exceed the model's "
                          f"max_position_embeddings ({max_pos})")
-    rows = measure(model, [*variants, args.baseline], args.seq_lens, args.decode_tokens, train=not args.no_train,
-                   policies=variants, tokens=tokens, rounds=args.rounds, last_logits=args.prefill_logits == "last")
+    labels, last = [*variants, args.baseline], args.prefill_logits == "last"
+    rows = measure(model, labels, args.seq_lens, args.decode_tokens, train=not args.no_train, policies=variants,
+                   tokens=tokens, rounds=args.rounds, last_logits=last)
+    if args.paired:
+        pairs = paired_prefill(model, labels, args.seq_lens, args.paired, last_logits=last, policies=variants,
+                               tokens=tokens)
+        for row in rows:
+            if (row["impl"], row["seq_len"]) in pairs and "train_step_s" not in row:
+                row["prefill_paired"] = pairs[row["impl"], row["seq_len"]]
     paths = write_model_speed_report(rows, config, args.out_dir, args.name)
     print(paths["md"].read_text())
     return paths

@@ -162,6 +162,19 @@ def test_paired_prefill_takes_turns_and_bounds_the_speedup(monkeypatch, tmp_path
     assert "prefill vs sdpa, calls taking turns (95% interval)" in text and "1.500 (1.500-1.500, 4 pairs)" in text
 
 
+def test_speed_command_paired_prefill_column(tiny_llama, tmp_path):
+    """``ahfa-eval speed --model ... --paired N``: each ahfa variant's prefill row carries its paired speed-up."""
+    from hf_ahfa.eval import cli
+
+    cli.main(["speed", "--model", str(tiny_llama), "--seq-lens", "16", "--decode-tokens", "2", "--no-train",
+              "--rounds", "1", "--paired", "3", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "s"])
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    paired = rows["ahfa"]["prefill_paired"]
+    assert paired["pairs"] == 3 and paired["low"] <= paired["speedup"] <= paired["high"]
+    assert "prefill_paired" not in rows["sdpa"]
+    assert "calls taking turns" in (tmp_path / "s.md").read_text()
+
+
 def _tiny_gemma3():
     from transformers import AutoConfig, AutoModelForCausalLM
 
