@@ -65,8 +65,9 @@ def _stand_in_driver(arch: int) -> None:
 
     JITFunction.run = compile_only
 
-    from hf_ahfa.kernels import configs, flash
+    from hf_ahfa.kernels import configs, flash, launch
 
+    launch.DIRECT = False  # every call through Triton's run, which here compiles and launches nothing
     configs.arch = lambda device: _table(arch)
     flash.check_supported = lambda q: None
     # the split-KV decode sizes its splits by the SM count
