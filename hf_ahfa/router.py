@@ -66,6 +66,11 @@ SDPA_WINDOW_CHUNK = 128
 # elements (a 4K x 4K mask, 16 MB); on the CPU the chunks' smaller work wins (2K: 28 against 58 ms).
 SDPA_WINDOW_WHOLE_MAX = 1 << 24
 SDPA_WHOLE_DEVICES = frozenset({"cuda"})
+# Devices where SDPA runs a masked GQA call (``enable_gqa`` with ``attn_mask``) on its math backend: CUDA's fused
+# kernels refuse that pair, and the fallback materializes the scores in float32 with several kernels per call
+# (Transformers' sdpa repeats the key/value heads for masked calls for this reason). There the masked calls get
+# their key/value heads repeated instead (``_repeat_heads``).
+SDPA_MASKED_GQA_REPEAT_DEVICES = frozenset({"cuda"})
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
 _SDPA = F.scaled_dot_product_attention
@@ -493,10 +498,22 @@ def _sdpa_part(query, key, value, call: AttnCall, rows: slice, cols: slice) -> t
         query = query[:, :, rows]
     if cols.stop - cols.start < K:
         key, value = key[:, :, cols], value[:, :, cols]
+    if (mask is not None and query.shape[1] != key.shape[1]
+            and query.device.type in SDPA_MASKED_GQA_REPEAT_DEVICES):
+        key, value = _repeat_heads(key, query.shape[1]), _repeat_heads(value, query.shape[1])
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                          is_causal=call.causal and query.shape[2] > 1 and mask is None,
                                          scale=call.scale, enable_gqa=query.shape[1] != key.shape[1])
     return out if sees is None else torch.where(sees, out, 0.0)
+
+
+def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``t (B, Hkv, T, D)`` with each head repeated for its ``heads // Hkv`` query heads: ``(B, heads, T, D)``, a
+    view of stride 0 where there is one key/value head (SDPA's fused CUDA kernels take it), else a copy."""
+    B, Hkv, T, D = t.shape
+    if Hkv == 1:
+        return t.expand(B, heads, T, D)
+    return t[:, :, None].expand(B, Hkv, heads // Hkv, T, D).reshape(B, heads, T, D)
 
 
 def sdpa_zeroes_unseen_rows(device: torch.device) -> bool:

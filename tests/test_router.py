@@ -510,3 +510,41 @@ def test_a_window_too_large_for_one_mask_never_reaches_sdpa(monkeypatch):
     assert rec[0]["route"] != "sdpa" and fastest._times == {}
     with pytest.raises(ValueError, match="backend 'sdpa'.*sliding window: SDPA would need a dense mask"):
         hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa")
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_masked_gqa_through_sdpa_repeats_the_key_value_heads(monkeypatch, kv_heads):
+    """Where SDPA would run a masked GQA call on its math backend (CUDA), the masked calls get the key/value heads
+    repeated instead of ``enable_gqa`` (a stride-0 view for one key/value head); unmasked calls keep SDPA's own
+    broadcast. The same outputs and gradients either way (float64: the two differ only in rounding)."""
+    from hf_ahfa import router
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((kw["attn_mask"] is not None, kw["enable_gqa"], k.shape[1], k.stride(1)))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(router.F, "scaled_dot_product_attention", spy)
+    g = torch.Generator(DEVICE).manual_seed(kv_heads)
+    q = torch.randn(2, 29, 4, 16, device=DEVICE, dtype=torch.float64, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 29, kv_heads, 16, device=DEVICE, dtype=torch.float64, generator=g).requires_grad_()
+            for _ in "kv")
+    padding = torch.ones(2, 29, dtype=torch.bool, device=DEVICE)
+    padding[1, :5] = False
+    results = {}
+    for devices in (frozenset(), frozenset({DEVICE})):
+        monkeypatch.setattr(router, "SDPA_MASKED_GQA_REPEAT_DEVICES", devices)
+        calls.clear()
+        out = hf_ahfa.attention(q, k, v, causal=True, window=6, key_padding_mask=padding, backend="sdpa")
+        plain = hf_ahfa.attention(q, k, v, causal=True, backend="sdpa")
+        results[devices] = (out, plain, *torch.autograd.grad((out.sum(), plain.sum()), (q, k, v)))
+        masked = [c for c in calls if c[0]]
+        assert masked and all(c[2] == (kv_heads if not devices else 4) for c in masked)
+        assert all(c[1] == (not devices) for c in masked)
+        if devices and kv_heads == 1:
+            assert all(c[3] == 0 for c in masked)  # a view, no copy
+        assert all(c[1] and c[2] == kv_heads for c in calls if not c[0])  # unmasked: SDPA's own broadcast
+    for a, b in zip(*results.values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
