@@ -56,11 +56,7 @@ def _timed(fn, device, repeat: int = 3, min_seconds: float = 0.25,
         torch.cuda.reset_peak_memory_stats()
     times = []
     while len(times) < repeat or (sum(times) < min_seconds and len(times) < max_repeat):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(_seconds(fn, device))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return statistics.median(times), peak
 
@@ -134,12 +130,8 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
         model.set_attn_implementation(impl)
         with hf_ahfa.override(**fields) if fields else contextlib.nullcontext():
             if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
+                torch.cuda.synchronize()  # nothing of the previous call left on the device
+            return _seconds(lambda: model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1), device)
 
     results = {}
     for L, ids in tqdm(_inputs(model, seq_lens, vocab, tokens).items(), desc="paired prefill", disable=not progress):
@@ -157,6 +149,23 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
                                     median_s=statistics.median(times[label]),
                                     base_median_s=statistics.median(times[base]))
     return results
+
+
+def attach_paired(rows: list[dict], pairs: dict[tuple[str, int], dict]) -> None:
+    """Put ``paired_prefill``'s results on the prefill rows of ``measure`` they belong to (``prefill_paired``, a
+    column of the report)."""
+    for row in rows:
+        if (row["impl"], row["seq_len"]) in pairs and "train_step_s" not in row:
+            row["prefill_paired"] = pairs[row["impl"], row["seq_len"]]
+
+
+def _seconds(fn, device) -> float:
+    """Seconds of one call of ``fn()``, the device's work included."""
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _inputs(model, seq_lens, vocab=None, tokens=None) -> dict[int, torch.Tensor]:

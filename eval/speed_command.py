@@ -133,9 +133,11 @@ def _text_tokens(args, tokenizer, n: int) -> list[int]:
 
 
 def _model_speed(args) -> dict[str, Path]:
-    from hf_ahfa.eval.model_speed import measure, paired_prefill, write_model_speed_report
+    from hf_ahfa.eval.model_speed import attach_paired, measure, paired_prefill, write_model_speed_report
     from hf_ahfa.eval.runs import load_causal_lm, resolve_dtype
 
+    if args.paired < 0:
+        raise UsageError(f"--paired takes a number of pairs (0: none), got {args.paired}")
     variants = _variants(args)
     dtype = resolve_dtype(args.dtype, args.device)
     model, tokenizer = load_causal_lm(args.model, "ahfa", dtype, args.device, args.gguf_file)
@@ -146,8 +148,6 @@ def _model_speed(args) -> dict[str, Path]:
               "prefill_logits": args.prefill_logits}
     if args.attention:
         return _attention_speed(args, model, tokens, variants, config, max_pos)
-    if args.paired < 0:
-        raise UsageError(f"--paired takes a number of pairs (0: none), got {args.paired}")
     too_long = [L for L in args.seq_lens if max_pos and L + args.decode_tokens > max_pos]
     if too_long:
         raise UsageError(f"--seq-lens {too_long} plus --decode-tokens exceed the model's "
@@ -158,9 +158,7 @@ def _model_speed(args) -> dict[str, Path]:
     if args.paired:
         pairs = paired_prefill(model, labels, args.seq_lens, args.paired, last_logits=last, policies=variants,
                                tokens=tokens)
-        for row in rows:
-            if (row["impl"], row["seq_len"]) in pairs and "train_step_s" not in row:
-                row["prefill_paired"] = pairs[row["impl"], row["seq_len"]]
+        attach_paired(rows, pairs)
     paths = write_model_speed_report(rows, config, args.out_dir, args.name)
     print(paths["md"].read_text())
     return paths

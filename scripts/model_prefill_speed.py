@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
 from hf_ahfa import fastest
-from hf_ahfa.eval.model_speed import measure, paired_prefill, write_model_speed_report
+from hf_ahfa.eval.model_speed import attach_paired, measure, paired_prefill, write_model_speed_report
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out-dir", required=True)
@@ -89,10 +89,8 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     os.environ.pop("AHFA_BACKEND", None)
     report()
 if args.paired:
-    pairs = paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired, last_logits=args.prefill_logits == "last")
-    for row in rows:
-        if row["impl"] == "ahfa" and "train_step_s" not in row:
-            row["prefill_paired"] = pairs[row["impl"], row["seq_len"]]
+    attach_paired(rows, paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired,
+                                       last_logits=args.prefill_logits == "last"))
     report()
 if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
     model.set_attn_implementation("ahfa")
