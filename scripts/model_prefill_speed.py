@@ -38,7 +38,7 @@ parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float
 parser.add_argument("--routes", action="store_true",
                     help="also write <name>-routes.json: each layer's route in one routed prefill per length, the "
                          "router's timed decisions, and cProfiles of the routed and the sdpa prefill at the first "
-                         "length")
+                         "length (on CUDA also their device kernels, from torch.profiler)")
 parser.add_argument("--paired", type=int, default=0, metavar="N",
                     help="also time routed ahfa and sdpa prefills as N pairs of single calls taking turns, and "
                          "report the speed-up's 95%% paired interval (a host-bound model's rounds drift)")
@@ -116,6 +116,13 @@ if args.routes:  # where the routed prefill goes: each layer's route, the timed 
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
             profiles[f"profile of 20 prefills of {seq_lens[0]} tokens, {impl}"] = text.getvalue().splitlines()
+            if args.device == "cuda":  # the device's side: which kernels each implementation runs, and how long
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kernels:
+                    for _ in range(5):
+                        model(ids, **keep)
+                    torch.cuda.synchronize()
+                table = kernels.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+                profiles[f"device kernels of 5 prefills of {seq_lens[0]} tokens, {impl}"] = table.splitlines()
     with open(os.path.join(args.out_dir, f"{name}-routes.json"), "w") as f:
         json.dump({"routes": routes, "decisions": fastest.chosen(), "timings_ms": fastest.measured(), **profiles},
                   f, indent=1)
