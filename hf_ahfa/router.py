@@ -502,7 +502,9 @@ def _sdpa_part(query, key, value, call: AttnCall, rows: slice, cols: slice) -> t
             and query.device.type in SDPA_MASKED_GQA_REPEAT_DEVICES):
         key, value = _repeat_heads(key, query.shape[1]), _repeat_heads(value, query.shape[1])
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                         is_causal=call.causal and query.shape[2] > 1 and mask is None,
+                                         # a window's band is its mask (None only where nothing is hidden)
+                                         is_causal=call.causal and query.shape[2] > 1 and mask is None
+                                         and call.window is None,
                                          scale=call.scale, enable_gqa=query.shape[1] != key.shape[1])
     return out if sees is None else torch.where(sees, out, 0.0)
 
@@ -579,9 +581,12 @@ def _band_mask(device: torch.device, dtype: torch.dtype, n_rows: int, n_cols: in
     (``torch.is_inference_mode_enabled()``) only keys the cache.
 
     The mask is additive, in the queries' ``dtype`` (0 where visible, -inf elsewhere): what SDPA makes of a
-    boolean mask on every call (two more kernels per call), made once here; the same result bits."""
+    boolean mask on every call (two more kernels per call), made once here; the same result bits. ``None`` where
+    every key is visible to every query (one host wait per shape, which the cache keeps)."""
     band = positions_visible(torch.arange(n_rows, device=device)[:, None],
                              torch.arange(n_cols, device=device) + shift, causal=causal, window=window)
+    if bool(band.all()):  # nothing to mask (a decode step over its window's keys): SDPA's unmasked kernels run
+        return None, None
     sees = None
     if not (shift <= 0 and n_rows - 1 - shift < n_cols):
         band, sees = _zero_unseen(band, device)

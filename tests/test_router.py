@@ -406,7 +406,7 @@ def test_cached_band_masks_equal_their_definition(monkeypatch, causal):
     """``_band_mask`` (the positional mask of a chunk, built once per shape, additive in the queries' dtype) against
     ``positions_visible`` on every small shape and key shift: 0 exactly where visible, -inf elsewhere, and where
     some row sees no key (off the CPU) that row opened and named in ``sees``; ``sees`` is left out only where every
-    row sees a key."""
+    row sees a key, and the mask where every key is visible to every row."""
     from hf_ahfa import router
     from hf_ahfa.masks import positions_visible
 
@@ -420,6 +420,9 @@ def test_cached_band_masks_equal_their_definition(monkeypatch, causal):
                                  window=window)
         sees = want.any(-1, keepdim=True)
         mask, got_sees = router._band_mask(cpu, dtype, rows, cols, shift, causal, window, False)
+        if bool(want.all()):
+            assert mask is None and got_sees is None, (rows, cols, shift, window)
+            continue
         assert mask.dtype == dtype and bool(((mask == 0) | (mask == float("-inf"))).all())
         if got_sees is None:
             assert sees.all() and torch.equal(mask == 0, want), (rows, cols, shift, window)
@@ -447,6 +450,28 @@ def test_cached_additive_band_masks_give_sdpa_the_bits_of_its_boolean_masks(dtyp
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
         outs.append((out, *torch.autograd.grad(out, (q, k, v), gout)))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_windowed_decode_step_through_sdpa_passes_no_mask(monkeypatch):
+    """A decode step over a window's keys hides nothing, so SDPA gets no mask (its unmasked kernels may run), while a
+    prompt's chunks keep their bands; both equal the reference."""
+    from hf_ahfa import router
+
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(router.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: masks.append((kw["attn_mask"], kw["is_causal"])) or sdpa(*a, **kw))
+    router._band_mask.cache_clear()
+    for Q in (1, 9):
+        q, k, v = _qkv(Q, 40, seed=Q)
+        masks.clear()
+        out = hf_ahfa.attention(q, k, v, causal=True, window=5, backend="sdpa")
+        want = hf_ahfa.attention(q, k, v, causal=True, window=5, backend="reference")
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+        if Q == 1:
+            assert masks == [(None, False)]
+        else:
+            assert masks and all(m is not None and not causal for m, causal in masks)
 
 
 def test_windowed_sdpa_builds_each_band_once_and_keeps_modes_apart(monkeypatch):
