@@ -9,7 +9,7 @@
              "layout"    also a policy's mode="pattern" (its layout built per call shape, hf_ahfa.patterns)
              "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse (mode "auto":
                          exact, routed again, where that was not timed faster per layer and shape, _auto_runs_exact)
-             "sdpa"      PyTorch's SDPA computes exactly this call (CPU and few-query calls: always; CUDA
+             "sdpa"      PyTorch's SDPA computes exactly this call (CPU, and few-query calls without a mask: always; CUDA
                          prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest;
                          sliding windows: in chunks of queries over each chunk's band of keys, where timed
                          faster than ours on any device; masks, padding, causality and the window as one
@@ -146,17 +146,24 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
         return "packed sequences"
     if Q == 0 or K == 0:
         return "an empty query or key sequence"
-    # a window reaches SDPA as a mask (which also aligns causality bottom-right)
-    if call.causal and Q > 1 and Q != K and call.window is None:
-        return "causal with K != Q (SDPA aligns top-left, ahfa bottom-right)"
+    # a window, and causality over K != Q keys (SDPA's is_causal aligns top-left, ahfa bottom-right), reach SDPA as
+    # a mask (_sdpa_mask)
     if call.window is not None and _window_chunk_mask_elements(q, k, call) > SDPA_MASK_MAX:
         return f"a sliding window: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements per chunk"
+    if _causal_needs_mask(Q, K, call) and _mask_elements(q, call, Q, K) > SDPA_MASK_MAX:
+        return f"causal with K != Q: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if call.causal and Q > 1 and call.element_masks and _mask_elements(q, call, Q, K) > SDPA_MASK_MAX:
         return f"causal with a mask: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device.type}"
     # rows that see no key come out as zeros with zero gradients, as in ours (``_sdpa``)
     return None
+
+
+def _causal_needs_mask(Q: int, K: int, call: AttnCall) -> bool:
+    """Whether this call's causality reaches SDPA as a mask rather than ``is_causal`` (top-left aligned): several
+    queries over another number of keys, without a window (whose band is a mask anyway)."""
+    return call.causal and Q > 1 and Q != K and call.window is None
 
 
 def _window_chunk(call: AttnCall) -> int:
@@ -238,7 +245,7 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     if sdpa_fits and call.window is None:
         if not q.is_cuda:  # the reference is several times slower than torch's CPU kernels
             return "sdpa"
-        if path == "decode":
+        if path == "decode" and not _causal_needs_mask(q.shape[1], k.shape[1], call):
             # few queries: the host's time per call decides, and SDPA's is the smaller (H200 host: 120-200 us
             # against 180-280 us for our two launches; on the GPU our split-KV kernel is at best level with SDPA,
             # eval/results/host-overhead-decode-*h200.md): not timed, the difference drowns in the host's noise
@@ -325,7 +332,9 @@ def run_plain(query, key, value, causal: bool, scale, window, memo: tuple) -> to
     if (path is None or telemetry.recording() or os.environ.get("AHFA_BACKEND")
             or F.scaled_dot_product_attention is not _SDPA):
         return None
-    if path == "sdpa" and window is None:  # SDPA straight on Transformers' layout: no call spec, no transposes
+    if path == "sdpa" and window is None and not (causal and 1 < query.shape[2] != key.shape[2]):
+        # SDPA straight on Transformers' layout: no call spec, no transposes (causality bottom-right over K != Q
+        # keys needs the mask that _sdpa_heads_first builds)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
         out = F.scaled_dot_product_attention(query, key, value, is_causal=causal and query.shape[2] > 1,
                                              scale=scale, enable_gqa=query.shape[1] != key.shape[1])
@@ -531,7 +540,7 @@ def _sdpa_mask(Q: int, K: int, device: torch.device, dtype: torch.dtype, call: A
     ``rows`` and keys ``cols`` of this call (``Q`` queries, ``K`` keys on ``device``): the dense mask and the key
     padding, with causality and the window folded in where a mask is present (SDPA takes ``is_causal`` only
     without one; the positions' rule is ``masks.positions_visible``, queries bottom-right aligned in the whole
-    call). ``Q == K`` when causal without a window (``sdpa_unfit_reason``).
+    call).
 
     A row that sees no key must give zeros and zero gradients, as ours do; SDPA's CUDA backends return other
     values there (H200: relative error 0.16-0.81 against the reference, tests/test_gpu.py). Off the CPU such rows
@@ -541,7 +550,7 @@ def _sdpa_mask(Q: int, K: int, device: torch.device, dtype: torch.dtype, call: A
     if call.key_padding_mask is not None:
         padding = call.key_padding_mask[:, None, None, cols]
         mask = padding if mask is None else mask & padding
-    positional = call.window is not None or (mask is not None and call.causal and Q > 1)
+    positional = call.window is not None or (call.causal and Q > 1 and (mask is not None or Q != K))
     shape = (rows.stop - rows.start, cols.stop - cols.start)
     if positional and mask is None and shape[0] * shape[1] <= BAND_CACHE_MAX_ELEMENTS and host_may_wait():
         # the band alone: the same for every layer of a forward and every inner chunk (key offset relative to the

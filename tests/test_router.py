@@ -157,7 +157,7 @@ def test_sdpa_rows_that_see_no_key_are_zeros_on_any_backend(monkeypatch, oracle)
 
 @pytest.mark.parametrize("kw,why", [
     (dict(softcap=2.0), "softcap"), (dict(sinks=torch.zeros(4)), "sinks"),
-    (dict(dropout_p=0.5), "dropout"), (dict(causal=True, K=12), "top-left"), (dict(return_lse=True), "log-sum-exp"),
+    (dict(dropout_p=0.5), "dropout"), (dict(return_lse=True), "log-sum-exp"),
     (dict(cu_seqlens=torch.tensor([0, 4, 9])), "packed"),
 ])
 def test_calls_sdpa_cannot_compute_exactly_run_our_code(kw, why):
@@ -168,6 +168,28 @@ def test_calls_sdpa_cannot_compute_exactly_run_our_code(kw, why):
     assert rec[0]["route"] != "sdpa"
     with pytest.raises(ValueError, match=f"backend 'sdpa'.*{why}"):
         hf_ahfa.attention(q, k, v, backend="sdpa", **kw)
+
+
+@pytest.mark.parametrize("Q,K", [(9, 12), (9, 40), (12, 9)])
+def test_causal_calls_over_another_number_of_keys_reach_sdpa_as_a_mask(monkeypatch, Q, K):
+    """Causality over K != Q keys (a prompt continuing a cache; more queries than keys) is aligned bottom-right and
+    reaches SDPA (whose is_causal aligns top-left) as the positional mask: outputs and gradients equal the
+    reference, and the CPU routes it there; above SDPA_MASK_MAX mask elements SDPA is not asked."""
+    from hf_ahfa import router
+
+    q, k, v = _qkv(Q, K, seed=Q + K, requires_grad=True)
+    gout = torch.randn(q.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3))
+    results = []
+    for backend in ("sdpa", "reference"):
+        out = hf_ahfa.attention(q, k, v, causal=True, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), gout)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    if DEVICE == "cpu":
+        assert _routed(None, q, k, v)[0]["route"] == "sdpa"
+    monkeypatch.setattr(router, "SDPA_MASK_MAX", Q * K - 1)
+    with pytest.raises(ValueError, match="backend 'sdpa'.*causal with K != Q"):
+        hf_ahfa.attention(q, k, v, causal=True, backend="sdpa")
 
 
 def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
