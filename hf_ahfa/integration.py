@@ -130,8 +130,9 @@ def ahfa_attention_forward(
     """Transformers attention function. Returns ``(out (B, Q, Hq, Dv) contiguous, weights or None)``.
     ``alibi_slopes``: not from Transformers (whose ALiBi models compute attention in their own code), for the
     patches of ``hf_ahfa.patches`` that route such a model here."""
-    unsupported = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None}
-    if unsupported:
+    # (a set test first: the common call passes only ignored keywords, and this runs on every call)
+    if not kwargs.keys() <= _IGNORED_KWARGS and (unsupported := {k: v for k, v in kwargs.items()
+                                                                 if k not in _IGNORED_KWARGS and v is not None}):
         raise TypeError(
             f"ahfa attention cannot honour the keyword argument(s) {sorted(unsupported)} passed by "
             f"{type(module).__name__}; use another attn_implementation for this model"

@@ -15,11 +15,11 @@ import pstats
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 import hf_ahfa
 
@@ -44,10 +44,12 @@ impls = {"sdpa": sdpa_attention_forward, "ahfa": AttentionInterface._global_mapp
 if args.device.startswith("cuda"):  # on a GPU also ahfa held to its own kernels (the split-KV Triton decode)
     impls["ahfa-own-kernels"] = impls["ahfa"]
 Hq, Hkv, D = (int(x) for x in args.heads.split(","))
-# a decoder layer's attention module as the functions read it
-module = SimpleNamespace(is_causal=True, layer_idx=0, num_key_value_groups=Hq // Hkv, training=False,
-                         sliding_window=args.window,
-                         config=SimpleNamespace(_attn_implementation="ahfa", sliding_window=args.window))
+# a decoder layer's attention module, Transformers' own on a real config: the functions read its attributes and
+# its config as in a model (a stand-in namespace hid the ~2 us that a missing config attribute cost ahfa per call)
+config = AutoConfig.for_model("qwen2", hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hkv,
+                              head_dim=D, num_hidden_layers=1, intermediate_size=64, vocab_size=64)
+module = Qwen2Attention(config, layer_idx=0).eval()
+module.sliding_window = args.window
 sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 rows, profiles = [], []
 for K in (int(x) for x in args.kv_lens.split(",")):

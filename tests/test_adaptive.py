@@ -324,6 +324,51 @@ def test_policy_of_reuses_the_policy_and_sees_every_change():
     assert layered.for_layer(0).mode == "exact" and layered.for_layer(1) is layered
 
 
+def test_policy_of_reads_config_ahfa_however_the_config_supplies_it():
+    """policy_of reads config.ahfa from the instance's __dict__ (a missing attribute is slow on PreTrainedConfig);
+    a policy on a real config, a class attribute, a property, an attribute map and __getattr__ still reach it."""
+    from transformers import AutoConfig
+
+    from hf_ahfa.policy import policy_of
+
+    stored = hf_ahfa.AdaptivePolicy(mode="adaptive", tau=0.9).to_dict()
+    config = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2)
+    assert policy_of(config) == hf_ahfa.AdaptivePolicy()
+    hf_ahfa.configure(config, mode="adaptive", tau=0.9)
+    assert policy_of(config).tau == 0.9
+
+    class ClassAttribute:
+        ahfa = stored
+
+    class Property:
+        ahfa = property(lambda self: stored)
+
+    class Mapped:
+        attribute_map = {"ahfa": "policy"}
+
+        def __init__(self):
+            self.policy = stored
+
+        def __getattribute__(self, name):
+            return super().__getattribute__(self.attribute_map.get(name, name) if name != "attribute_map" else name)
+
+    class Dynamic:
+        def __getattr__(self, name):
+            if name == "ahfa":
+                return stored
+            raise AttributeError(name)
+
+    class Slots:
+        __slots__ = ("ahfa",)
+
+        def __init__(self):
+            self.ahfa = stored
+
+    for kind in (ClassAttribute, Property, Mapped, Dynamic, Slots):
+        assert policy_of(kind()).tau == 0.9, kind.__name__
+
+
 def test_generate_decodes_exact_after_sparse_prefill(monkeypatch):
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     model = _tiny_llama()
