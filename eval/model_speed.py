@@ -118,11 +118,32 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
     baseline last. Returns, for each other label and length, ``speedup`` (the baseline's mean time over its own),
     ``low`` / ``high`` (the 95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
     """
+    device = next(model.parameters()).device
+    keep = {"logits_to_keep": 1} if last_logits else {}
+
+    def prefill(ids):
+        return _seconds(lambda: model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1), device)
+
+    return _paired(model, impls, seq_lens, pairs, prefill, vocab, progress, policies, tokens, "paired prefill")
+
+
+def paired_decode(model, impls, seq_lens, pairs: int = 25, decode_tokens: int = 16, vocab=None, progress=True,
+                  policies=None, tokens=None) -> dict[tuple[str, int], dict]:
+    """``paired_prefill`` for decoding: each sample is ``decode_tokens`` greedy steps on the cache of an untimed
+    prefill of ``L`` tokens (``_decode_once``); ``speedup`` is then the ratio of tokens per second."""
+    if decode_tokens < 1:
+        raise ValueError(f"decode_tokens must be at least 1, got {decode_tokens}")
+    device = next(model.parameters()).device
+    return _paired(model, impls, seq_lens, pairs, lambda ids: _decode_once(model, ids, decode_tokens, device),
+                   vocab, progress, policies, tokens, "paired decode")
+
+
+def _paired(model, impls, seq_lens, pairs, run, vocab, progress, policies, tokens, desc):
+    """``paired_prefill``'s turns and statistics for any timed ``run(ids) -> seconds``."""
     if pairs < 1:
         raise ValueError(f"pairs must be at least 1, got {pairs}")
     device = next(model.parameters()).device
     policies = policies or {}
-    keep = {"logits_to_keep": 1} if last_logits else {}
     base = impls[-1]
 
     def once(label, ids):
@@ -131,10 +152,10 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
         with hf_ahfa.override(**fields) if fields else contextlib.nullcontext():
             if device.type == "cuda":
                 torch.cuda.synchronize()  # nothing of the previous call left on the device
-            return _seconds(lambda: model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1), device)
+            return run(ids)
 
     results = {}
-    for L, ids in tqdm(_inputs(model, seq_lens, vocab, tokens).items(), desc="paired prefill", disable=not progress):
+    for L, ids in tqdm(_inputs(model, seq_lens, vocab, tokens).items(), desc=desc, disable=not progress):
         times = {label: [] for label in impls}
         with torch.no_grad():
             for label in impls:  # warm-up: compiles and the router's timed choices
@@ -151,12 +172,12 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
     return results
 
 
-def attach_paired(rows: list[dict], pairs: dict[tuple[str, int], dict]) -> None:
-    """Put ``paired_prefill``'s results on the prefill rows of ``measure`` they belong to (``prefill_paired``, a
-    column of the report)."""
+def attach_paired(rows: list[dict], pairs: dict[tuple[str, int], dict], metric: str = "prefill") -> None:
+    """Put ``paired_prefill``'s (``metric="prefill"``) or ``paired_decode``'s (``"decode"``) results on the rows of
+    ``measure`` they belong to (``<metric>_paired``, a column of the report)."""
     for row in rows:
         if (row["impl"], row["seq_len"]) in pairs and "train_step_s" not in row:
-            row["prefill_paired"] = pairs[row["impl"], row["seq_len"]]
+            row[f"{metric}_paired"] = pairs[row["impl"], row["seq_len"]]
 
 
 def _seconds(fn, device) -> float:
@@ -202,22 +223,25 @@ def _decode_seconds(model, ids, n: int, device, repeat: int = 3) -> float:
     """Median seconds of ``n`` greedy one-token steps on the cache of a prefill of ``ids``, after one warm-up;
     the prefills are not timed (a generate() time minus a separately timed prefill is mostly the prefill's noise
     on a CPU)."""
+    times = [_decode_once(model, ids, n, device) for _ in range(repeat + 1)]
+    return sorted(times[1:])[repeat // 2]
+
+
+def _decode_once(model, ids, n: int, device) -> float:
+    """Seconds of ``n`` greedy one-token steps on the cache of an untimed prefill of ``ids``."""
     # Transformers 5.25 renamed the forward's past_key_values to cache (the old name warns, to go in 5.40)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    times = []
-    for _ in range(repeat + 1):
-        out = model(ids, use_cache=True)
-        cache, token = out[name], out.logits[:, -1:].argmax(-1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            out = model(token, use_cache=True, **{name: cache})
-            token = out.logits[:, -1:].argmax(-1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeat // 2]
+    out = model(ids, use_cache=True)
+    cache, token = out[name], out.logits[:, -1:].argmax(-1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        out = model(token, use_cache=True, **{name: cache})
+        token = out.logits[:, -1:].argmax(-1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _paired_text(result: dict | None) -> str | None:
@@ -238,7 +262,8 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], meta, rows, config=config)
     base = list(dict.fromkeys(r["impl"] for r in rows))[-1]
-    paired = any("prefill_paired" in r for r in rows)  # paired_prefill's results, attached by the caller
+    # paired_prefill's and paired_decode's results, attached by the caller
+    paired = [m for m in ("prefill", "decode") if any(f"{m}_paired" in r for r in rows)]
     by = {(r["impl"], r["seq_len"], "train_step_s" in r): r for r in rows}
     lines = []
     for r in rows:
@@ -253,7 +278,7 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
         lines.append([r["impl"], r["seq_len"], r.get("prefill_s"), peak, r.get("decode_tokens_per_s"),
                       r.get("train_step_s"), r["attn_flops"] / 1e12, r["attn_extra_memory"] / 2**30,
                       speedup("prefill_s"), speedup("decode_tokens_per_s", rate=True), speedup("train_step_s"),
-                      r.get("error")] + ([_paired_text(r.get("prefill_paired"))] if paired else []))
+                      r.get("error")] + [_paired_text(r.get(f"{m}_paired")) for m in paired])
     md = [f"# Whole-model speed and memory: {config['model']} on {meta['gpu'] or meta['cpu']}", "",
           f"torch {meta['torch']}, transformers {meta['transformers']}, commit {meta['commit'][:12]}, {meta['date']}, "
           f"dtype {config['dtype']}, batch 1. Predicted columns come from the complexity analyzer "
@@ -261,7 +286,7 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
           markdown_table(["impl", "tokens", "prefill s", "prefill peak GiB", "decode tok/s", "train step s",
                           "pred. attn TFLOP", "pred. extra GiB", f"prefill vs {base}", f"decode vs {base}",
                           f"train step vs {base}", "error"]
-                         + ([f"prefill vs {base}, calls taking turns (95% interval)"] if paired else []), lines)]
+                         + [f"{m} vs {base}, calls taking turns (95% interval)" for m in paired], lines)]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     _plot(rows, config["model"], paths["png"])
     return paths

@@ -59,9 +59,9 @@ def add_parser(subparsers) -> None:
                        help="measure every implementation this many times in alternating order (A B, B A, ...) and "
                             "report the median, so that drift does not favour whichever runs first")
     whole.add_argument("--paired", type=int, default=0, metavar="N",
-                       help="also time each ahfa variant's prefill against the baseline's as N pairs of single "
-                            "calls taking turns, with the speed-up's 95%% paired interval (rounds of a host-bound "
-                            "model drift by more than a few percent)")
+                       help="also time each ahfa variant's prefill (and its --decode-tokens steps of decoding) "
+                            "against the baseline's as N pairs of single calls taking turns, with the speed-up's 95%% "
+                            "paired interval (rounds of a host-bound model drift by more than a few percent)")
     whole.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     whole.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: bfloat16 on CUDA, float32 elsewhere")
@@ -133,7 +133,7 @@ def _text_tokens(args, tokenizer, n: int) -> list[int]:
 
 
 def _model_speed(args) -> dict[str, Path]:
-    from hf_ahfa.eval.model_speed import attach_paired, measure, paired_prefill, write_model_speed_report
+    from hf_ahfa.eval.model_speed import attach_paired, measure, paired_decode, paired_prefill, write_model_speed_report
     from hf_ahfa.eval.runs import load_causal_lm, resolve_dtype
 
     if args.paired < 0:
@@ -159,6 +159,10 @@ def _model_speed(args) -> dict[str, Path]:
         pairs = paired_prefill(model, labels, args.seq_lens, args.paired, last_logits=last, policies=variants,
                                tokens=tokens)
         attach_paired(rows, pairs)
+        if args.decode_tokens:
+            pairs = paired_decode(model, labels, args.seq_lens, args.paired, args.decode_tokens, policies=variants,
+                                  tokens=tokens)
+            attach_paired(rows, pairs, "decode")
     paths = write_model_speed_report(rows, config, args.out_dir, args.name)
     print(paths["md"].read_text())
     return paths

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
 from hf_ahfa import fastest
-from hf_ahfa.eval.model_speed import attach_paired, measure, paired_prefill, write_model_speed_report
+from hf_ahfa.eval.model_speed import attach_paired, measure, paired_decode, paired_prefill, write_model_speed_report
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out-dir", required=True)
@@ -40,8 +40,9 @@ parser.add_argument("--routes", action="store_true",
                          "router's timed decisions, and cProfiles of the routed and the sdpa prefill at the first "
                          "length (on CUDA also their device kernels, from torch.profiler)")
 parser.add_argument("--paired", type=int, default=0, metavar="N",
-                    help="also time routed ahfa and sdpa prefills as N pairs of single calls taking turns, and "
-                         "report the speed-up's 95%% paired interval (a host-bound model's rounds drift)")
+                    help="also time routed ahfa and sdpa prefills (and --decode-tokens steps of decoding) as N "
+                         "pairs of single calls taking turns, and report the speed-up's 95%% paired interval (a "
+                         "host-bound model's rounds drift)")
 parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -91,6 +92,9 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
 if args.paired:
     attach_paired(rows, paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired,
                                        last_logits=args.prefill_logits == "last"))
+    if args.decode_tokens:
+        attach_paired(rows, paired_decode(model, ["ahfa", "sdpa"], seq_lens, args.paired, args.decode_tokens),
+                      "decode")
     report()
 if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
     model.set_attn_implementation("ahfa")

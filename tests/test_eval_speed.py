@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -169,10 +170,41 @@ def test_speed_command_paired_prefill_column(tiny_llama, tmp_path):
     cli.main(["speed", "--model", str(tiny_llama), "--seq-lens", "16", "--decode-tokens", "2", "--no-train",
               "--rounds", "1", "--paired", "3", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "s"])
     rows = {r["impl"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
-    paired = rows["ahfa"]["prefill_paired"]
-    assert paired["pairs"] == 3 and paired["low"] <= paired["speedup"] <= paired["high"]
-    assert "prefill_paired" not in rows["sdpa"]
-    assert "calls taking turns" in (tmp_path / "s.md").read_text()
+    for metric in ("prefill", "decode"):
+        paired = rows["ahfa"][f"{metric}_paired"]
+        assert paired["pairs"] == 3 and paired["low"] <= paired["speedup"] <= paired["high"]
+        assert f"{metric}_paired" not in rows["sdpa"]
+        assert f"{metric} vs sdpa, calls taking turns" in (tmp_path / "s.md").read_text()
+
+
+def test_paired_decode_times_the_steps_alone(monkeypatch):
+    """paired_decode: each sample is the decode steps on the cache of an untimed prefill, the implementations
+    taking turns; the speed-up is the ratio of the steps' times."""
+    from types import SimpleNamespace
+
+    from hf_ahfa.eval import model_speed
+
+    model = _tiny_gemma3()
+    clock, calls, cost = [0.0], [], {"ahfa": 2.0, "sdpa": 3.0}
+    forward = model.forward
+
+    @functools.wraps(forward)  # (the forward's signature names the cache argument)
+    def timed(*args, **kwargs):  # each forward advances the clock by its implementation's cost
+        impl = model.config._attn_implementation
+        calls.append((impl, args[0].shape[1] if args else kwargs["input_ids"].shape[1]))
+        clock[0] += cost[impl]
+        return forward(*args, **kwargs)
+
+    model.forward = timed
+    monkeypatch.setattr(model_speed, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    got = model_speed.paired_decode(model, ["ahfa", "sdpa"], [16], pairs=2, decode_tokens=3, progress=False)
+    assert got["ahfa", 16] == dict(speedup=pytest.approx(1.5), low=pytest.approx(1.5), high=pytest.approx(1.5),
+                                   pairs=2, median_s=6.0, base_median_s=9.0)
+    one = [(16,), (1,) * 3]  # a prefill of 16 tokens, then three steps of one
+    assert [n for _, n in calls] == [n for _ in range(6) for part in one for n in part]
+    assert [impl for impl, n in calls if n == 16] == ["ahfa", "sdpa", "ahfa", "sdpa", "sdpa", "ahfa"]
+    with pytest.raises(ValueError, match="decode_tokens"):
+        model_speed.paired_decode(model, ["ahfa", "sdpa"], [16], decode_tokens=0)
 
 
 def _tiny_gemma3():
