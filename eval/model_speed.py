@@ -130,11 +130,11 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
 def paired_decode(model, impls, seq_lens, pairs: int = 25, decode_tokens: int = 16, vocab=None, progress=True,
                   policies=None, tokens=None) -> dict[tuple[str, int], dict]:
     """``paired_prefill`` for decoding: each sample is ``decode_tokens`` greedy steps on the cache of an untimed
-    prefill of ``L`` tokens (``_decode_once``); ``speedup`` is then the ratio of tokens per second."""
+    prefill of ``L`` tokens (``decode_once``); ``speedup`` is then the ratio of tokens per second."""
     if decode_tokens < 1:
         raise ValueError(f"decode_tokens must be at least 1, got {decode_tokens}")
     device = next(model.parameters()).device
-    return _paired(model, impls, seq_lens, pairs, lambda ids: _decode_once(model, ids, decode_tokens, device),
+    return _paired(model, impls, seq_lens, pairs, lambda ids: decode_once(model, ids, decode_tokens, device),
                    vocab, progress, policies, tokens, "paired decode")
 
 
@@ -223,25 +223,27 @@ def _decode_seconds(model, ids, n: int, device, repeat: int = 3) -> float:
     """Median seconds of ``n`` greedy one-token steps on the cache of a prefill of ``ids``, after one warm-up;
     the prefills are not timed (a generate() time minus a separately timed prefill is mostly the prefill's noise
     on a CPU)."""
-    times = [_decode_once(model, ids, n, device) for _ in range(repeat + 1)]
+    times = [decode_once(model, ids, n, device) for _ in range(repeat + 1)]
     return sorted(times[1:])[repeat // 2]
 
 
-def _decode_once(model, ids, n: int, device) -> float:
-    """Seconds of ``n`` greedy one-token steps on the cache of an untimed prefill of ``ids``."""
+def decode_once(model, ids, n: int, device, around=None) -> float:
+    """Seconds of ``n`` greedy one-token steps on the cache of an untimed prefill of ``ids``; the steps alone run
+    inside the context manager ``around`` where given (a profiler)."""
     # Transformers 5.25 renamed the forward's past_key_values to cache (the old name warns, to go in 5.40)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(ids, use_cache=True)
     cache, token = out[name], out.logits[:, -1:].argmax(-1)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        out = model(token, use_cache=True, **{name: cache})
-        token = out.logits[:, -1:].argmax(-1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    with around or contextlib.nullcontext():
+        start = time.perf_counter()
+        for _ in range(n):
+            out = model(token, use_cache=True, **{name: cache})
+            token = out.logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
 
 def _paired_text(result: dict | None) -> str | None:

@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
 from hf_ahfa import fastest
-from hf_ahfa.eval.model_speed import attach_paired, measure, paired_decode, paired_prefill, write_model_speed_report
+from hf_ahfa.eval.model_speed import (attach_paired, decode_once, measure, paired_decode, paired_prefill,
+                                      write_model_speed_report)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out-dir", required=True)
@@ -37,8 +38,8 @@ parser.add_argument("--prefill-logits", choices=("all", "last"), default="all",
 parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float32) to try the script")
 parser.add_argument("--routes", action="store_true",
                     help="also write <name>-routes.json: each layer's route in one routed prefill per length, the "
-                         "router's timed decisions, and cProfiles of the routed and the sdpa prefill at the first "
-                         "length (on CUDA also their device kernels, from torch.profiler)")
+                         "router's timed decisions, and cProfiles of the routed and the sdpa prefill (and decode "
+                         "steps) at the first length (on CUDA also the prefills' device kernels, from torch.profiler)")
 parser.add_argument("--paired", type=int, default=0, metavar="N",
                     help="also time routed ahfa and sdpa prefills (and --decode-tokens steps of decoding) as N "
                          "pairs of single calls taking turns, and report the speed-up's 95%% paired interval (a "
@@ -127,6 +128,14 @@ if args.routes:  # where the routed prefill goes: each layer's route, the timed 
                     torch.cuda.synchronize()
                 table = kernels.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
                 profiles[f"device kernels of 5 prefills of {seq_lens[0]} tokens, {impl}"] = table.splitlines()
+            if args.decode_tokens:  # the decode steps on the prompt's cache, the host's side
+                decode_once(model, ids, args.decode_tokens, torch.device(args.device))
+                prof = cProfile.Profile()
+                decode_once(model, ids, args.decode_tokens, torch.device(args.device), around=prof)
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+                profiles[f"profile of {args.decode_tokens} decode steps after {seq_lens[0]} tokens, {impl}"] = \
+                    text.getvalue().splitlines()
     with open(os.path.join(args.out_dir, f"{name}-routes.json"), "w") as f:
         json.dump({"routes": routes, "decisions": fastest.chosen(), "timings_ms": fastest.measured(), **profiles},
                   f, indent=1)
