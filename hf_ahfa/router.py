@@ -9,11 +9,11 @@
              "layout"    also a policy's mode="pattern" (its layout built per call shape, hf_ahfa.patterns)
              "adaptive"  the adaptive policy applies         -> estimate, select, block-sparse (mode "auto":
                          exact, routed again, where that was not timed faster per layer and shape, _auto_runs_exact)
-             "sdpa"      PyTorch's SDPA computes exactly this call (CPU, and few-query calls without a mask: always; CUDA
-                         prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape, hf_ahfa.fastest;
-                         sliding windows: in chunks of queries over each chunk's band of keys, where timed
-                         faster than ours on any device; masks, padding, causality and the window as one
-                         boolean mask, _sdpa_mask)
+             "sdpa"      PyTorch's SDPA computes exactly this call (CPU, and few-query calls without a mask:
+                         always; CUDA prefill: unless our kernel was timed SDPA_MARGIN faster, once per shape,
+                         hf_ahfa.fastest; sliding windows: in chunks of queries over each chunk's band of keys,
+                         where timed faster than ours on any device; masks, padding, causality and the window as
+                         one boolean mask, _sdpa_mask)
              "sdpa-whole"  a short windowed prompt as one SDPA call over its whole mask (CUDA: where timed
                          faster than ours and the chunks, SDPA_WINDOW_WHOLE_MAX)
              "flash-attn-2" / "flash-attn-3"  an installed flash-attn computes exactly this call (CUDA): where
@@ -510,11 +510,10 @@ def _sdpa_part(query, key, value, call: AttnCall, rows: slice, cols: slice) -> t
     if (mask is not None and query.shape[1] != key.shape[1]
             and query.device.type in SDPA_MASKED_GQA_REPEAT_DEVICES):
         key, value = _repeat_heads(key, query.shape[1]), _repeat_heads(value, query.shape[1])
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                         # a window's band is its mask (None only where nothing is hidden)
-                                         is_causal=call.causal and query.shape[2] > 1 and mask is None
-                                         and call.window is None,
-                                         scale=call.scale, enable_gqa=query.shape[1] != key.shape[1])
+    # is_causal only where SDPA's top-left alignment is ours; elsewhere causality is in the mask (or hides nothing)
+    causal = call.causal and Q > 1 and Q == K and call.window is None and mask is None
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=call.scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])
     return out if sees is None else torch.where(sees, out, 0.0)
 
 
