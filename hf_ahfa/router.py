@@ -150,7 +150,7 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
     # a mask (_sdpa_mask)
     if call.window is not None and _window_chunk_mask_elements(q, k, call) > SDPA_MASK_MAX:
         return f"a sliding window: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements per chunk"
-    if _causal_needs_mask(Q, K, call) and _mask_elements(q, call, Q, K) > SDPA_MASK_MAX:
+    if _causal_needs_mask(Q, K, call.causal, call.window) and _mask_elements(q, call, Q, K) > SDPA_MASK_MAX:
         return f"causal with K != Q: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
     if call.causal and Q > 1 and call.element_masks and _mask_elements(q, call, Q, K) > SDPA_MASK_MAX:
         return f"causal with a mask: SDPA would need a dense mask of more than {SDPA_MASK_MAX} elements"
@@ -160,10 +160,10 @@ def sdpa_unfit_reason(q, k, call: AttnCall, need_lse: bool) -> str | None:
     return None
 
 
-def _causal_needs_mask(Q: int, K: int, call: AttnCall) -> bool:
-    """Whether this call's causality reaches SDPA as a mask rather than ``is_causal`` (top-left aligned): several
+def _causal_needs_mask(Q: int, K: int, causal: bool, window) -> bool:
+    """Whether a call's causality reaches SDPA as a mask rather than ``is_causal`` (top-left aligned): several
     queries over another number of keys, without a window (whose band is a mask anyway)."""
-    return call.causal and Q > 1 and Q != K and call.window is None
+    return causal and Q > 1 and Q != K and window is None
 
 
 def _window_chunk(call: AttnCall) -> int:
@@ -245,7 +245,7 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     if sdpa_fits and call.window is None:
         if not q.is_cuda:  # the reference is several times slower than torch's CPU kernels
             return "sdpa"
-        if path == "decode" and not _causal_needs_mask(q.shape[1], k.shape[1], call):
+        if path == "decode" and not _causal_needs_mask(q.shape[1], k.shape[1], call.causal, call.window):
             # few queries: the host's time per call decides, and SDPA's is the smaller (H200 host: 120-200 us
             # against 180-280 us for our two launches; on the GPU our split-KV kernel is at best level with SDPA,
             # eval/results/host-overhead-decode-*h200.md): not timed, the difference drowns in the host's noise
@@ -332,7 +332,7 @@ def run_plain(query, key, value, causal: bool, scale, window, memo: tuple) -> to
     if (path is None or telemetry.recording() or os.environ.get("AHFA_BACKEND")
             or F.scaled_dot_product_attention is not _SDPA):
         return None
-    if path == "sdpa" and window is None and not (causal and 1 < query.shape[2] != key.shape[2]):
+    if path == "sdpa" and window is None and not _causal_needs_mask(query.shape[2], key.shape[2], causal, window):
         # SDPA straight on Transformers' layout: no call spec, no transposes (causality bottom-right over K != Q
         # keys needs the mask that _sdpa_heads_first builds)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
