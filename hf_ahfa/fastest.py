@@ -51,6 +51,19 @@ def fastest(key: tuple, candidates: Candidates, default: str, *, device: torch.d
     return _decided[key]
 
 
+def prefer(names: tuple[str, ...]) -> int:
+    """Where one of ``names`` was among a decided key's timed candidates, decide the fastest of those instead (an
+    A/B of routes on a model: the decision timed back-to-back against another that a whole model's run may
+    favour). Returns how many decisions changed; keys decided later are timed as usual."""
+    changed = 0
+    for key, times in _times.items():
+        among = [name for name in times if name in names]
+        if among and key in _decided and _decided[key] not in among:
+            _decided[key] = min(among, key=times.get)
+            changed += 1
+    return changed
+
+
 def timings(key: tuple, candidates: Candidates, device: torch.device) -> dict[str, float] | None:
     """Milliseconds per call of each candidate that ``candidates()`` makes for ``key`` on ``device`` (timed on
     the first ask, cached); ``None`` where nothing was timed yet and nothing can be (torch.compile tracing, CUDA

@@ -84,17 +84,18 @@ fi
 if [ "$STAGE" = launch ]; then
 # direct launches (kernels/launch.py): host time per call of a Gemma-3 sliding layer (4/1 heads, D=256, window 512,
 # bf16) with them and through Triton, profiled; then the GPU tests and the router suite on CUDA with them
-for direct in 1 0; do
+for direct in $([ "${LAUNCH_HOST:-1}" = 1 ] && echo 1 0); do  # LAUNCH_HOST=0: the tests only
   AHFA_DIRECT_LAUNCH=$direct AHFA_AUTOTUNE=0 after timeout ${HOST_S:-150} python3 scripts/host_overhead.py --device cuda \
     --dtype bfloat16 --heads 4,1,256 --q-len 128 --kv-lens 128,2048 --window 512 --profile 2000 --out-dir "$R" \
     --name "host-overhead-gemma3-sliding-direct$direct" 2>&1 | tail -4
 done
+# the two suites side by side (together they fit an H100's memory: the router suite's tensors are small)
 AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-4} \
-  --tb=short -rfE -m gpu tests/test_gpu.py > "$R/gpu-tests.log" 2>&1
-grep -E "^(FAILED|ERROR) |passed|failed" "$R/gpu-tests.log" | tail -15
+  --tb=short -rfE -m gpu tests/test_gpu.py > "$R/gpu-tests.log" 2>&1 &
 after timeout -s INT -k 15 ${ROUTER_S:-150} python3 -m pytest -q -p no:cacheprovider -n 4 --tb=short -rfE \
-  tests/test_router.py tests/test_launch.py > "$R/router-cuda.log" 2>&1
-grep -E "^(FAILED|ERROR) |passed|failed" "$R/router-cuda.log" | tail -15
+  tests/test_router.py tests/test_launch.py > "$R/router-cuda.log" 2>&1 &
+wait
+for f in "$R/gpu-tests.log" "$R/router-cuda.log"; do echo "== $f"; grep -E "^(FAILED|ERROR) |passed|failed" "$f" | tail -15; done
 exit 0
 fi
 if [ "$STAGE" = alibi ]; then

@@ -44,6 +44,9 @@ parser.add_argument("--paired", type=int, default=0, metavar="N",
                     help="also time routed ahfa and sdpa prefills (and --decode-tokens steps of decoding) as N "
                          "pairs of single calls taking turns, and report the speed-up's 95%% paired interval (a "
                          "host-bound model's rounds drift)")
+parser.add_argument("--prefer", default="", metavar="NAMES",
+                    help="after the rounds, every timed decision with one of these candidates (e.g. sdpa,sdpa-whole) "
+                         "takes the fastest of them (hf_ahfa.fastest.prefer) for --paired and --routes")
 parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
@@ -90,6 +93,8 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     model.eval()
     os.environ.pop("AHFA_BACKEND", None)
     report()
+if args.prefer:
+    print("decisions changed by --prefer:", fastest.prefer(tuple(args.prefer.split(","))))
 if args.paired:
     attach_paired(rows, paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired,
                                        last_logits=args.prefill_logits == "last"))

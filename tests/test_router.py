@@ -226,6 +226,16 @@ def test_fastest_times_once_per_key_and_defaults_while_compiling(monkeypatch):
     assert fastest.fastest(("other",), candidates, default="a", device=cpu) == "a" and len(timed) == 6
 
 
+def test_fastest_prefer_moves_decisions_to_the_fastest_of_the_named_candidates(monkeypatch):
+    from hf_ahfa import fastest
+
+    monkeypatch.setattr(fastest, "_times", {("w",): {"flash": 1.0, "sdpa": 3.0, "sdpa-whole": 2.0},
+                                            ("p",): {"flash": 1.0, "sdpa": 0.5}, ("o",): {"flash": 1.0}})
+    monkeypatch.setattr(fastest, "_decided", {("w",): "flash", ("p",): "sdpa", ("o",): "flash"})
+    assert fastest.prefer(("sdpa", "sdpa-whole")) == 1
+    assert fastest.chosen() == {"w": "sdpa-whole", "p": "sdpa", "o": "flash"}  # no SDPA candidate: kept
+
+
 def test_fastest_times_cpu_calls_on_the_host_clock():
     """On the CPU (no device to wait for) the candidates are timed by the host's clock, one call per batch when a
     call is long: a candidate 3 ms slower per call loses, and each ran a handful of times, not hundreds."""
