@@ -580,7 +580,7 @@ def test_masked_gqa_through_sdpa_repeats_the_key_value_heads(monkeypatch, kv_hea
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
-        calls.append((kw["attn_mask"] is not None, kw["enable_gqa"], k.shape[1], k.stride(1)))
+        calls.append((kw["attn_mask"] is not None, kw.get("enable_gqa", False), k.shape[1], k.stride(1)))
         return sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(router.F, "scaled_dot_product_attention", spy)
@@ -605,3 +605,55 @@ def test_masked_gqa_through_sdpa_repeats_the_key_value_heads(monkeypatch, kv_hea
         assert all(c[1] and c[2] == kv_heads for c in calls if not c[0])  # unmasked: SDPA's own broadcast
     for a, b in zip(*results.values()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gqa_decode_steps_reach_sdpa_packed_where_that_is_faster(monkeypatch, oracle, padded):
+    """A decode step (one query per head) of a GQA call reaches SDPA on SDPA_PACKED_DECODE_DEVICES as each
+    key/value head's query heads stacked as its rows (one read of each cache), through the full route and
+    Transformers' memo alike; outputs and gradients equal the oracle and the enable_gqa form."""
+    from types import SimpleNamespace
+
+    from hf_ahfa import integration, router
+
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        shapes.append((tuple(q.shape), kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(router.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(router, "_plain_routes", {})
+    g = torch.Generator(DEVICE).manual_seed(3)
+    q = torch.randn(2, 1, 6, 16, device=DEVICE, dtype=torch.float64, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 37, 2, 16, device=DEVICE, dtype=torch.float64, generator=g).requires_grad_()
+            for _ in "kv")
+    padding = None
+    if padded:
+        padding = torch.ones(2, 37, dtype=torch.bool, device=DEVICE)
+        padding[1, :9] = False
+    want = oracle(q, k, v, key_padding_mask=padding)[0]
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    results = {}
+    for devices in (frozenset({DEVICE}), frozenset()):
+        monkeypatch.setattr(router, "SDPA_PACKED_DECODE_DEVICES", devices)
+        shapes.clear()
+        out = hf_ahfa.attention(q, k, v, key_padding_mask=padding, backend="sdpa")
+        results[devices] = (out, *torch.autograd.grad(out.sum(), (q, k, v)))
+        assert shapes == [((2, 2, 3, 16), False) if devices else ((2, 6, 1, 16), True)]
+    for got in results.values():
+        torch.testing.assert_close(got[0], want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got[1:], want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if padded:
+        return
+    # Transformers' layout, the second call through the memo of plain calls
+    monkeypatch.setattr(router, "SDPA_PACKED_DECODE_DEVICES", frozenset({DEVICE}))
+    module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
+    heads_first = [t.detach().transpose(1, 2) for t in (q, k, v)]
+    for _ in range(2):
+        shapes.clear()
+        out = integration.ahfa_attention_forward(module, *heads_first, None)[0]
+        assert shapes == [((2, 2, 3, 16), False)]
+        torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-12)
