@@ -74,7 +74,8 @@ SDPA_MASKED_GQA_REPEAT_DEVICES = frozenset({"cuda"})
 # Devices where a GQA call with one query per head (a decode step) reaches SDPA packed: each key/value head's
 # query heads as that head's query rows, so that its keys and values are read once, not once per query head.
 # CPU, one step of 14/2 heads, D=64: 2.3x faster than enable_gqa at 1K keys, 2.9-3.7x at 4K-16K; 32/8 heads,
-# D=128: 1.7-3.0x (eval/results/decode-gqa-pack-cpu.md).
+# D=128: 1.7-3.0x (eval/results/decode-gqa-pack-cpu.md). Not on CUDA, where SDPA's decode kernel splits the keys
+# over blocks per query head and the packed call runs on a few heads' blocks: 0.03-0.5x (decode-gqa-pack-h100.md).
 SDPA_PACKED_DECODE_DEVICES = frozenset({"cpu"})
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine

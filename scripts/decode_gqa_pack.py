@@ -49,6 +49,20 @@ def host_ms(fn, calls):
 
 cuda = args.device == "cuda"
 dtype, timer = (torch.bfloat16, device_ms) if cuda else (torch.float32, host_ms)
+def write_markdown(result: dict, path: str) -> None:
+    """The rows of ``result`` (this script's JSON) as a Markdown table."""
+    lines = [f"# One decode step's attention through SDPA: enable_gqa against packed query heads ({result['device']})",
+             "", f"`scripts/decode_gqa_pack.py`; {result['device']}, torch {result['torch']}, {result['dtype']}, "
+             f"batch 1, {result['timing']}. Packed: each key/value head's query heads as its query rows "
+             "(`hf_ahfa.router.SDPA_PACKED_DECODE_DEVICES`).", "",
+             "| Hq/Hkv, D | keys | enable_gqa ms | packed ms | packed speed-up | max abs diff |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['Hq']}/{r['Hkv']}, {r['D']} | {r['kv_len']} | {r['gqa_ms']:.4f} | {r['packed_ms']:.4f} | "
+              f"{r['packed_speedup']:.2f}x | {r['max_abs_diff']:.1e} |" for r in result["rows"]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 rows = []
 for heads in args.heads:
     Hq, Hkv, D = map(int, heads.split(","))
@@ -72,7 +86,11 @@ for heads in args.heads:
         row["packed_speedup"] = row["gqa_ms"] / row["packed_ms"]
         rows.append(row)
         print(json.dumps(row))
-if args.out:
-    json.dump({"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, open(args.out, "w"),
-              indent=1)
+if args.out:  # and a Markdown table beside it
+    result = {"device": torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, "
+              f"{torch.get_num_threads()} threads", "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+              "timing": "device time of queued calls (CUDA events), median of 3 alternating batches" if cuda
+              else "wall time, median of 5 alternating batches", "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    write_markdown(result, args.out.removesuffix(".json") + ".md")

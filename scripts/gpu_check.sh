@@ -19,6 +19,7 @@ R=/tmp/ahfa-results
 mkdir -p "$R" "$FINAL"
 trap 'tar cf "$FINAL/results.tar" -C "$R" .' EXIT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
+GPU_TAG=$(grep -o -m1 'H[0-9]00' "$R/gpu.txt" | tr 'H' 'h')  # report names carry the card that measured them
 layout() {  # $1: destination, $2: a source tree with hf_ahfa/ kernels/ patches/ eval/
   mkdir -p "$1" && cp -r "$2/hf_ahfa" "$1/" && for s in kernels patches eval; do cp -r "$2/$s" "$1/hf_ahfa/$s"; done
 }
@@ -76,9 +77,9 @@ if [ "$STAGE" = host ]; then
 # host time per attention call (issue 11): decode (1 query) with a profile of the routed call, and 16 queries
 export AHFA_AUTOTUNE=0
 after python3 scripts/host_overhead.py --device cuda --kv-lens 16,1024,8192 --q-len 1 --profile 3000 --out-dir "$R" \
-  --name host-overhead-decode-h200 2>&1 | tail -5
+  --name host-overhead-decode-${GPU_TAG:-gpu} 2>&1 | tail -5
 after python3 scripts/host_overhead.py --device cuda --kv-lens 64,1024 --q-len 16 --out-dir "$R" \
-  --name host-overhead-q16-h200 2>&1 | tail -4
+  --name host-overhead-q16-${GPU_TAG:-gpu} 2>&1 | tail -4
 exit 0
 fi
 if [ "$STAGE" = launch ]; then

@@ -66,14 +66,14 @@ else:
 torch.manual_seed(0)
 dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(args.device).eval()
-rows = []
+rows, preferred = [], {}
 
 
 def report():
     """The report of the rows so far: written after each pass, so that a run cut by its time limit keeps them."""
     done = sorted(rows, key=lambda r: (r["seq_len"], r["impl"] == "sdpa"))  # the baseline last per length
     meta = {"model": described, "dtype": str(dtype).removeprefix("torch."), "decode_tokens": args.decode_tokens,
-            "prefill_logits": args.prefill_logits}
+            "prefill_logits": args.prefill_logits, **preferred}
     write_model_speed_report(done, meta, args.out_dir, name)
 
 
@@ -93,8 +93,9 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     model.eval()
     os.environ.pop("AHFA_BACKEND", None)
     report()
-if args.prefer:
-    print("decisions changed by --prefer:", fastest.prefer(tuple(args.prefer.split(","))))
+if args.prefer:  # noted in the report: a run where nothing changed is the routed run again
+    preferred["prefer"] = f"{args.prefer}: {fastest.prefer(tuple(args.prefer.split(',')))} decisions changed"
+    print(preferred["prefer"])
 if args.paired:
     attach_paired(rows, paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired,
                                        last_logits=args.prefill_logits == "last"))

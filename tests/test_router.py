@@ -641,7 +641,10 @@ def test_gqa_decode_steps_reach_sdpa_packed_where_that_is_faster(monkeypatch, or
         shapes.clear()
         out = hf_ahfa.attention(q, k, v, key_padding_mask=padding, backend="sdpa")
         results[devices] = (out, *torch.autograd.grad(out.sum(), (q, k, v)))
-        assert shapes == [((2, 2, 3, 16), False) if devices else ((2, 6, 1, 16), True)]
+        # (masked GQA calls get their heads repeated where SDPA would run them on its math backend: CUDA)
+        unpacked = ((2, 6, 1, 16), not (padded and DEVICE in router.SDPA_MASKED_GQA_REPEAT_DEVICES))
+        # (on CUDA the route is timed first: each candidate's runs reach SDPA in the same form)
+        assert shapes and set(shapes) == {((2, 2, 3, 16), False) if devices else unpacked}
     for got in results.values():
         torch.testing.assert_close(got[0], want, rtol=1e-12, atol=1e-12)
         for a, b in zip(got[1:], want_grads):
@@ -655,5 +658,5 @@ def test_gqa_decode_steps_reach_sdpa_packed_where_that_is_faster(monkeypatch, or
     for _ in range(2):
         shapes.clear()
         out = integration.ahfa_attention_forward(module, *heads_first, None)[0]
-        assert shapes == [((2, 2, 3, 16), False)]
+        assert shapes and set(shapes) == {((2, 2, 3, 16), False)}
         torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-12)
