@@ -525,8 +525,9 @@ def _sdpa_call(query, key, value, mask: torch.Tensor | None, causal: bool, scale
     if Hq == Hkv:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale)
     if (Q == 1 and not causal and query.device.type in SDPA_PACKED_DECODE_DEVICES
-            and (mask is None or mask.shape[1] == 1)):
-        # one query row per head: a KV head's query heads become its rows, which share the mask's one row
+            and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1)):
+        # one query row per head: a KV head's query heads become its rows, which share the mask's one row (a mask
+        # that differs per head cannot follow them)
         out = F.scaled_dot_product_attention(query.reshape(B, Hkv, Hq // Hkv, D), key, value, attn_mask=mask,
                                              is_causal=False, scale=scale)
         return out.reshape(B, Hq, 1, value.shape[-1])

@@ -44,6 +44,9 @@ parser.add_argument("--paired", type=int, default=0, metavar="N",
                     help="also time routed ahfa and sdpa prefills (and --decode-tokens steps of decoding) as N "
                          "pairs of single calls taking turns, and report the speed-up's 95%% paired interval (a "
                          "host-bound model's rounds drift)")
+parser.add_argument("--paired-aa", action="store_true",
+                    help="with --paired: also sdpa against itself (an A/A run: the paired measurement's own bias and "
+                         "spread on this host), in the report's notes")
 parser.add_argument("--prefer", default="", metavar="NAMES",
                     help="after the rounds, every timed decision with one of these candidates (e.g. sdpa,sdpa-whole) "
                          "takes the fastest of them (hf_ahfa.fastest.prefer) for --paired and --routes")
@@ -102,6 +105,17 @@ if args.paired:
     if args.decode_tokens:
         attach_paired(rows, paired_decode(model, ["ahfa", "sdpa"], seq_lens, args.paired, args.decode_tokens),
                       "decode")
+    if args.paired_aa:  # two labels of one implementation: what "no difference" measures here
+        same = {"sdpa-again": ("sdpa", None)}
+        aa = paired_prefill(model, ["sdpa-again", "sdpa"], seq_lens, args.paired,
+                            last_logits=args.prefill_logits == "last", policies=same)
+        if args.decode_tokens:
+            aa.update({(f"{label} decode", L): r for (label, L), r in
+                       paired_decode(model, ["sdpa-again", "sdpa"], seq_lens, args.paired, args.decode_tokens,
+                                     policies=same).items()})
+        preferred["a/a"] = {f"{label} {L}": f"{r['speedup']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
+                            for (label, L), r in aa.items()}
+        print("A/A:", preferred["a/a"])
     report()
 if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
     model.set_attn_implementation("ahfa")
