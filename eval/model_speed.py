@@ -79,7 +79,7 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
     policies = policies or {}
     inputs = _inputs(model, seq_lens, vocab, tokens)
     runs: dict[tuple[str, int], list[dict]] = {(label, L): [] for L in seq_lens for label in impls}
-    jobs = [(label, L) for r in range(rounds) for L in seq_lens for label in (impls if r % 2 == 0 else impls[::-1])]
+    jobs = [(label, L) for r in range(rounds) for L in seq_lens for label in _turn(impls, r)]
     for label, L in tqdm(jobs, desc="model speed", disable=not progress):
         impl, fields = policies.get(label, (label, None))
         model.set_attn_implementation(impl)
@@ -162,7 +162,7 @@ def _paired(model, impls, seq_lens, pairs, run, vocab, progress, policies, token
             for label in impls:  # warm-up: compiles and the router's timed choices
                 once(label, ids)
             for i in range(pairs):
-                for label in impls if i % 2 == 0 else impls[::-1]:
+                for label in _turn(impls, i):
                     times[label].append(once(label, ids))
         for label in impls[:-1]:
             change = paired_change(times[label], times[base])
@@ -171,6 +171,14 @@ def _paired(model, impls, seq_lens, pairs, run, vocab, progress, policies, token
                                     median_s=statistics.median(times[label]),
                                     base_median_s=statistics.median(times[base]))
     return results
+
+
+def _turn(impls: list[str], i: int) -> list[str]:
+    """The order of round or pair ``i``: ``impls`` rotated by ``i`` (A B, B A, ...; A B C, B C A, C A B, ...), so
+    that each takes each place equally often. (Forward and reversed turns kept a third label always in the middle:
+    on the CPU machine an A/A pairing there measured 0.968x, `eval/results/model-decode-qwen2-0.5b-packed-cpu.md`.)"""
+    k = i % len(impls)
+    return impls[k:] + impls[:k]
 
 
 def attach_paired(rows: list[dict], pairs: dict[tuple[str, int], dict], metric: str = "prefill") -> None:

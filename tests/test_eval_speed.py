@@ -151,6 +151,10 @@ def test_paired_prefill_takes_turns_and_bounds_the_speedup(monkeypatch, tmp_path
     assert order == ["ahfa", "sdpa"] + ["ahfa", "sdpa", "sdpa", "ahfa"] * 2
     assert got["ahfa", 16] == dict(speedup=pytest.approx(1.5), low=pytest.approx(1.5), high=pytest.approx(1.5),
                                    pairs=4, median_s=2.0, base_median_s=3.0)
+    order.clear()  # three: each takes each place in turn (with forward and reversed turns one stays in the middle)
+    cost["eager"] = [3.0]
+    model_speed.paired_prefill(model, ["ahfa", "eager", "sdpa"], [16], pairs=3, progress=False)
+    assert order == ["ahfa", "eager", "sdpa"] * 2 + ["eager", "sdpa", "ahfa", "sdpa", "ahfa", "eager"]
     cost["ahfa"] = [1.0, 3.0]  # the same mean, spread: the interval widens around it
     order.clear()
     noisy = model_speed.paired_prefill(model, ["ahfa", "sdpa"], [16], pairs=8, progress=False)["ahfa", 16]
