@@ -4,9 +4,9 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|sweep|cost|alibi
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|next|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
-#  host: host time per attention call; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
+#  host: host time per attention call; next: the checks kernels/NOTES.md lists first; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
 #  (MODEL_TREES="before after": on both trees);
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
 #  alibi: every launch config with ALiBi in each form (AHFA_ALIBI), then the forms timed in the same rounds;
@@ -30,7 +30,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, launch, model, sweep, cost, alibi, d256 or d256bwd}
+STAGE=${1:?tests, tests+sweep, diag, host, launch, model, next, sweep, cost, alibi, d256 or d256bwd}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -97,6 +97,29 @@ after timeout -s INT -k 15 ${ROUTER_S:-150} python3 -m pytest -q -p no:cacheprov
   tests/test_router.py tests/test_launch.py > "$R/router-cuda.log" 2>&1 &
 wait
 for f in "$R/gpu-tests.log" "$R/router-cuda.log"; do echo "== $f"; grep -E "^(FAILED|ERROR) |passed|failed" "$f" | tail -15; done
+exit 0
+fi
+if [ "$STAGE" = next ]; then
+# the twenty-first session's open checks (kernels/NOTES.md): the packed-decode router test on CUDA, an A/A pairing of
+# the paired decode (is Qwen2's 0.93 the measurement's own?), and the route and host time of a 16-query call
+after timeout -s INT -k 20 ${ROUTER_S:-90} python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_router.py \
+  -k "packed or masked_gqa or plain_transformers" 2>&1 | tail -4
+after timeout ${MODEL_S:-150} python3 scripts/model_prefill_speed.py --out-dir "$R" --layout qwen2 --seq-lens 1024 \
+  --rounds 1 --decode-tokens 16 --prefill-logits last --no-own-kernels --paired 20 --paired-aa \
+  --name "model-speed-qwen2-0.5b-aa-${GPU_TAG:-gpu}" 2>&1 | tail -6
+AHFA_AUTOTUNE=0 after timeout ${HOST_S:-120} python3 scripts/host_overhead.py --device cuda --kv-lens 64,1024 --q-len 16 \
+  --profile 2000 --out-dir "$R" --name "host-overhead-q16-${GPU_TAG:-gpu}" 2>&1 | tail -4
+after python3 - <<'PY'
+import torch, hf_ahfa
+from hf_ahfa import fastest
+q = torch.randn(1, 16, 9, 64, device="cuda")
+for K in (64, 1024):
+    k, v = (torch.randn(1, K, 3, 64, device="cuda") for _ in "kv")
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k[:, :16], v[:, :16], causal=True)
+    print(K, rec[0]["route"], rec[0]["backend"])
+print(fastest.measured())
+PY
 exit 0
 fi
 if [ "$STAGE" = alibi ]; then
