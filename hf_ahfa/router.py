@@ -522,20 +522,18 @@ def _sdpa_call(query, key, value, mask: torch.Tensor | None, causal: bool, scale
     ``mask``: broadcast to ``(B, Hq, Q, K)``; ``causal`` is SDPA's (top-left) ``is_causal``."""
     B, Hq, Q, D = query.shape
     Hkv = key.shape[1]
-    if Hq == Hkv:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale)
-    if (Q == 1 and not causal and query.device.type in SDPA_PACKED_DECODE_DEVICES
+    gqa = Hq != Hkv
+    if (gqa and Q == 1 and not causal and query.device.type in SDPA_PACKED_DECODE_DEVICES
             and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1)):
         # one query row per head: a KV head's query heads become its rows, which share the mask's one row (a mask
         # that differs per head cannot follow them)
         out = F.scaled_dot_product_attention(query.reshape(B, Hkv, Hq // Hkv, D), key, value, attn_mask=mask,
                                              is_causal=False, scale=scale)
         return out.reshape(B, Hq, 1, value.shape[-1])
-    if mask is not None and query.device.type in SDPA_MASKED_GQA_REPEAT_DEVICES:
-        key, value = _repeat_heads(key, Hq), _repeat_heads(value, Hq)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale)
+    if gqa and mask is not None and query.device.type in SDPA_MASKED_GQA_REPEAT_DEVICES:
+        key, value, gqa = _repeat_heads(key, Hq), _repeat_heads(value, Hq), False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=True)
+                                          enable_gqa=gqa)
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -69,14 +69,14 @@ else:
 torch.manual_seed(0)
 dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(args.device).eval()
-rows, preferred = [], {}
+rows, notes = [], {}  # notes: the run's --prefer and --paired-aa results, in the report
 
 
 def report():
     """The report of the rows so far: written after each pass, so that a run cut by its time limit keeps them."""
     done = sorted(rows, key=lambda r: (r["seq_len"], r["impl"] == "sdpa"))  # the baseline last per length
     meta = {"model": described, "dtype": str(dtype).removeprefix("torch."), "decode_tokens": args.decode_tokens,
-            "prefill_logits": args.prefill_logits, **preferred}
+            "prefill_logits": args.prefill_logits, **notes}
     write_model_speed_report(done, meta, args.out_dir, name)
 
 
@@ -97,8 +97,8 @@ for backend in (None, "triton") if args.own_kernels else (None,):  # the router'
     os.environ.pop("AHFA_BACKEND", None)
     report()
 if args.prefer:  # noted in the report: a run where nothing changed is the routed run again
-    preferred["prefer"] = f"{args.prefer}: {fastest.prefer(tuple(args.prefer.split(',')))} decisions changed"
-    print(preferred["prefer"])
+    notes["prefer"] = f"{args.prefer}: {fastest.prefer(tuple(args.prefer.split(',')))} decisions changed"
+    print(notes["prefer"])
 if args.paired:
     attach_paired(rows, paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired,
                                        last_logits=args.prefill_logits == "last"))
@@ -113,9 +113,9 @@ if args.paired:
             aa.update({(f"{label} decode", L): r for (label, L), r in
                        paired_decode(model, ["sdpa-again", "sdpa"], seq_lens, args.paired, args.decode_tokens,
                                      policies=same).items()})
-        preferred["a/a"] = {f"{label} {L}": f"{r['speedup']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
+        notes["a/a"] = {f"{label} {L}": f"{r['speedup']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
                             for (label, L), r in aa.items()}
-        print("A/A:", preferred["a/a"])
+        print("A/A:", notes["a/a"])
     report()
 if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
     model.set_attn_implementation("ahfa")
