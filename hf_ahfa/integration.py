@@ -24,7 +24,7 @@ except ImportError:
 
 from hf_ahfa import patches, telemetry
 from hf_ahfa.masks import hides_no_key, make_layout, normalize_window
-from hf_ahfa.policy import policy_of
+from hf_ahfa.policy import eager_policy_of, policy_of
 from hf_ahfa.reference import reference_attention_probs
 from hf_ahfa.router import plain_key, run_plain
 from hf_ahfa.router import run as run_call
@@ -139,26 +139,46 @@ def ahfa_attention_forward(
         )
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    plain = policy = None
+    if attention_mask is None:
+        if sliding_window is None:  # (set by ahfa_mask's callers or the module)
+            sliding_window = getattr(module, "sliding_window", None)
+        if (softcap is None and s_aux is None and not dropout and cu_seq_lens_q is None and alibi_slopes is None
+                and not _weights_requested(output_attentions) and not torch.compiler.is_compiling()):
+            # The common call: once routed, the same kind of call skips validation and routing. This runs on every
+            # call of a model, where each operation costs about three times what it costs in a loop of its own
+            # (a decode step's host time is what ahfa must not add to, kernels/NOTES.md).
+            policy = eager_policy_of(getattr(module, "config", None))
+            if policy.layers:
+                policy = _layer_policy(module, key, policy)
+            plain = plain_key(query, key, value, is_causal, scaling, sliding_window, policy)
+            if plain is not None and (out := run_plain(query, key, value, plain)) is not None:
+                return out.contiguous(), None
+    return _routed(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap,
+                   s_aux, output_attentions, cu_seq_lens_q, cu_seq_lens_k, alibi_slopes, kwargs, policy, plain)
+
+
+def _layer_policy(module, key: torch.Tensor, policy=None):
+    """The policy of the layer ``module`` for a call over ``key``'s keys (``policy``: its model's, where known)."""
+    policy = policy or policy_of(getattr(module, "config", None))
+    if policy.layers:  # per-layer settings (hf_ahfa.calibrate)
+        policy = policy.for_layer(getattr(module, "layer_idx", None), key.shape[-2])
+    return policy
+
+
+def _routed(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap, s_aux,
+            output_attentions, cu_seq_lens_q, cu_seq_lens_k, alibi_slopes, kwargs, policy, plain):
+    """``ahfa_attention_forward`` past its memo: validated and routed (``plain``: the memo's key of a plain
+    call, under which the router keeps its decision)."""
     Q, K = query.shape[-2], key.shape[-2]
     padded = is_padding_vector(attention_mask, Q, K)
-    if (attention_mask is None or padded) and sliding_window is None:  # (set by ahfa_mask's callers or the module)
+    if padded and sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
     if isinstance(sliding_window, int) and hides_no_key(normalize_window(sliding_window, is_causal and Q > 1),
                                                         is_causal and Q > 1, Q, K):
-        sliding_window = None  # make_call would drop it (one memo key for a sliding layer's short calls)
+        sliding_window = None
     want_weights = _weights_requested(output_attentions)
-    policy = policy_of(getattr(module, "config", None))
-    if policy.layers:  # per-layer settings (hf_ahfa.calibrate)
-        policy = policy.for_layer(getattr(module, "layer_idx", None), K)
-    plain = None
-    if (attention_mask is None and isinstance(sliding_window, (int, type(None))) and softcap is None
-            and s_aux is None and not dropout and cu_seq_lens_q is None and alibi_slopes is None and not want_weights
-            and not (is_causal and 1 < Q < K) and not torch.compiler.is_compiling()):
-        # the common call: once routed, the same kind of call skips validation and routing
-        plain = plain_key(query, key, value, is_causal and Q > 1, scaling, sliding_window, policy)
-        out = run_plain(query, key, value, is_causal and Q > 1, scaling, sliding_window, plain)
-        if out is not None:
-            return out.contiguous(), None
+    policy = _layer_policy(module, key, policy)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     padding = attention_mask[:, 0, 0] if padded else None
     if attention_mask is not None and not padded:

@@ -193,11 +193,31 @@ def policy_of(config) -> AdaptivePolicy:
     if torch.compiler.is_compiling():
         stored = getattr(config, "ahfa", None) if config is not None else None
         return AdaptivePolicy.from_dict({**(stored or {}), **(_override or {})})
-    stored = _stored(config)
+    return eager_policy_of(config)
+
+
+def eager_policy_of(config) -> AdaptivePolicy:
+    """``policy_of`` outside torch.compile's tracing (which cannot follow its memo of object ids). Every attention
+    call asks (the attention function's memo path calls it directly): one function, no helpers.
+
+    ``config.ahfa`` is read from the instance's ``__dict__`` where nothing else could supply it: a missing
+    attribute costs ~2 us through PreTrainedConfig's ``__getattribute__`` (the exception it raises). Building the
+    policy costs ~8 us on a CPU: it is reused while the stored dict (the same object, equal to the copy taken) and
+    the override are unchanged, so that edits in place are seen."""
+    stored = None
+    if config is not None:
+        try:  # past the class's own __getattribute__ (two Python-level layers on PreTrainedConfig)
+            own = object.__getattribute__(config, "__dict__")
+        except AttributeError:
+            own = None
+        cls = type(config)
+        dynamic = _dynamic_classes.get(cls)
+        if dynamic is None:  # a class attribute or property, an attribute map or __getattr__ may answer instead
+            dynamic = _dynamic_classes[cls] = (any("ahfa" in vars(c) or "__getattr__" in vars(c) for c in cls.__mro__)
+                                               or "ahfa" in (getattr(cls, "attribute_map", None) or {}))
+        stored = getattr(config, "ahfa", None) if dynamic or own is None else own.get("ahfa")
     if not stored and not _override:
         return _DEFAULT
-    # Every attention call asks; building the policy costs ~8 us on a CPU. Reused while the stored dict (the
-    # same object, equal to the copy taken) and the override are unchanged: edits in place are seen.
     hit = _built.get(id(stored))
     if hit is not None and hit[1] is _override and hit[0] == stored:
         return hit[2]
@@ -206,26 +226,6 @@ def policy_of(config) -> AdaptivePolicy:
         _built.clear()
     _built[id(stored)] = (dict(stored or {}), _override, policy)
     return policy
-
-
-def _stored(config) -> dict | None:
-    """``config.ahfa`` (``None`` where absent), read from the instance's ``__dict__`` where nothing else could
-    supply it: every attention call asks, and a missing attribute costs ~2 us through PreTrainedConfig's
-    ``__getattribute__`` (the exception it raises), a third of ahfa's host time per call on a CPU."""
-    if config is None:
-        return None
-    try:  # past the class's own __getattribute__ (two Python-level layers on PreTrainedConfig)
-        own = object.__getattribute__(config, "__dict__")
-    except AttributeError:
-        own = None
-    cls = type(config)
-    dynamic = _dynamic_classes.get(cls)
-    if dynamic is None:  # a class attribute or property, an attribute map or __getattr__ may answer instead
-        dynamic = _dynamic_classes[cls] = (any("ahfa" in vars(c) or "__getattr__" in vars(c) for c in cls.__mro__)
-                                           or "ahfa" in (getattr(cls, "attribute_map", None) or {}))
-    if dynamic or own is None:
-        return getattr(config, "ahfa", None)
-    return own.get("ahfa")
 
 
 _dynamic_classes: dict[type, bool] = {}

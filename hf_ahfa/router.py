@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from hf_ahfa import installed, telemetry
 from hf_ahfa.fastest import fastest, host_may_wait
 from hf_ahfa.block_layout import BlockLayout
-from hf_ahfa.masks import make_layout, positions_visible
+from hf_ahfa.masks import hides_no_key, make_layout, normalize_window, positions_visible
 from hf_ahfa.policy import AdaptivePolicy
 from hf_ahfa.spec import AttnCall, plain_call
 
@@ -307,47 +307,78 @@ def _pow2_ceil(n: int) -> int:
 # read, so that a model's repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths
 # enter as route() reads them: Q exactly, K by its power of two and the thresholds it tests (exactly for a
 # windowed call of several queries, whose window and mask sizes depend on it).
-_plain_routes: dict[tuple, str] = {}
+_plain_routes: dict[tuple, tuple[str, Callable | None]] = {}  # key -> (path, its one SDPA call or None)
 
 
-def plain_key(query, key, value, causal: bool, scale, window, policy) -> tuple | None:
-    """The ``run_plain`` key of a plain call with Transformers' ``(B, H, T, D)`` tensors and its sliding
-    ``window`` as Transformers passes it (an int or ``None``); ``None`` for other ranks (the full path's checks
-    explain those). Plain ints, not slices of ``.shape``: the key is built on every call, and this form costs half as
-    much (2.4 -> 1.2 us on a CPU)."""
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+def plain_key(query, key, value, is_causal: bool, scale, window, policy) -> tuple | None:
+    """The ``run_plain`` key of a plain call from Transformers: ``(B, H, T, D)`` tensors, the layer's ``is_causal``
+    and its sliding ``window`` as Transformers passes them (an int or ``None``). ``None`` where the call needs the
+    full path every time: other ranks (whose checks name the argument), other windows, and causal calls of several
+    queries over more keys (Transformers' top-left alignment: the full path drops the keys past the queries).
+
+    Plain ints, not slices of ``.shape``, and no helper calls: the key is built on every call of a model."""
+    try:
+        B, H, Q, D = query.shape
+        Bk, Hk, K, Dk = key.shape
+        Bv, Hv, Kv, Dv = value.shape
+    except ValueError:
         return None
-    B, H, Q, D = query.shape
-    Bk, Hk, K, Dk = key.shape
-    Bv, Hv, Kv, Dv = value.shape
+    causal = is_causal and Q > 1
+    if causal and Q < K:
+        return None
+    if window is not None:
+        if not isinstance(window, int):
+            return None
+        if hides_no_key(normalize_window(window, causal), causal, Q, K):
+            window = None  # make_call would drop it (one key for a sliding layer's short calls)
     # an exact policy routes by the call alone (exact_reason reads nothing else): its mode stands for it, and the
     # policy's dataclass hash (0.7 us) is computed only for the others
     rule = "exact" if policy.mode == "exact" else policy
     return (rule, causal, scale, window, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
-            B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K, K if window is not None and Q > 1 else _pow2_ceil(K),
+            B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K,
+            K if window is not None and Q > 1 else 1 << max(K - 1, 0).bit_length(),  # (_pow2_ceil, inlined)
             K == 0, K >= DECODE_MIN_K, K == Q,
             torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
 
 
-def run_plain(query, key, value, causal: bool, scale, window, memo: tuple) -> torch.Tensor | None:
+def run_plain(query, key, value, memo: tuple) -> torch.Tensor | None:
     """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) whose ``plain_key`` is ``memo``, run on
     the exact path ``run`` chose for the same kind of call before: ``out (B, Q, Hq, Dv)``, else ``None`` (the
     caller takes the full path, which validates, routes and remembers). Not while recording or with
     AHFA_BACKEND."""
-    path = _plain_routes.get(memo)
-    if (path is None or telemetry.recording() or os.environ.get("AHFA_BACKEND")
+    entry = _plain_routes.get(memo)
+    if (entry is None or telemetry.recording() or _ENVIRON.get(_BACKEND_KEY)
             or F.scaled_dot_product_attention is not _SDPA):
         return None
-    if path == "sdpa" and window is None and not _causal_needs_mask(query.shape[2], key.shape[2], causal, window):
-        # SDPA straight on Transformers' layout: no call spec, no transposes (causality bottom-right over K != Q
-        # keys needs the mask that _sdpa_heads_first builds)
-        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)  # as make_call: the same bits as run()
-        return _sdpa_call(query, key, value, None, causal and query.shape[2] > 1, scale).transpose(1, 2)
-    Q, K = query.shape[2], key.shape[2]
-    call = plain_call(Q, K, query.shape[3], causal=causal, window=window, scale=scale)
+    path, sdpa = entry
+    if sdpa is not None:  # SDPA straight on Transformers' layout: no call spec, no transposes
+        return sdpa(query, key, value).transpose(1, 2)
+    _, causal, scale, window = memo[:4]
+    call = plain_call(query.shape[2], key.shape[2], query.shape[3], causal=causal, window=window, scale=scale)
     if path in ("sdpa", "sdpa-whole"):
         return _sdpa_heads_first(query, key, value, call, whole=path == "sdpa-whole").transpose(1, 2)
     return _exact_fn(path)(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)[0]
+
+
+def _remember(memo: tuple, path: str, q, k, call: AttnCall) -> None:
+    """Keep ``path`` for ``run_plain`` under ``memo``, with the one SDPA call on Transformers' layout that runs it
+    where ``_sdpa_heads_first`` would make exactly that call (no window; causality top-left or none), its
+    arguments worked out once rather than on each of a model's calls. Everything they depend on is in the key."""
+    Q, K, Hq, Hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    sdpa = None
+    if path == "sdpa" and call.window is None and not _causal_needs_mask(Q, K, call.causal, call.window):
+        causal = call.causal and Q > 1
+        form = _sdpa_form(q.device, Q, Hq, Hkv, causal, None)
+        sdpa = (functools.partial(_SDPA, is_causal=causal, scale=call.scale, enable_gqa=form == "gqa")
+                if form in ("same", "gqa") else
+                functools.partial(_sdpa_call, mask=None, causal=causal, scale=call.scale, form=form))
+    _plain_routes[memo] = (path, sdpa)
+
+
+# AHFA_BACKEND as run_plain reads it on every call: from the dict that os.environ keeps (its writes go there), as
+# os.environ.get of an unset variable costs ~1 us (two exceptions inside os._Environ) and this ~0.05 us
+_ENVIRON, _BACKEND_KEY = ((os.environ._data, os.environ.encodekey("AHFA_BACKEND")) if hasattr(os.environ, "_data")
+                          else (os.environ, "AHFA_BACKEND"))
 
 
 # auto runs block-sparse attention only where it was timed faster than the exact route, the estimator and the
@@ -405,7 +436,7 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
     # (an exact path chosen while nothing could be timed is a default, not a decision: not remembered)
     if (remember is not None and r.path not in ("adaptive", "layout") and backend is None and not need_lse
             and host_may_wait()):
-        _plain_routes[remember] = r.path
+        _remember(remember, r.path, q, k, call)
     if r.path == "adaptive":  # notes its own entry, with the kept blocks
         from hf_ahfa.adaptive import adaptive_attention
 
@@ -517,23 +548,40 @@ def _sdpa_part(query, key, value, call: AttnCall, rows: slice, cols: slice) -> t
     return out if sees is None else torch.where(sees, out, 0.0)
 
 
-def _sdpa_call(query, key, value, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+def _sdpa_call(query, key, value, mask: torch.Tensor | None, causal: bool, scale: float,
+               form: str | None = None) -> torch.Tensor:
     """One SDPA call on ``(B, H, T, D)`` tensors, GQA in the form the device runs fastest: ``out (B, Hq, Q, Dv)``.
-    ``mask``: broadcast to ``(B, Hq, Q, K)``; ``causal`` is SDPA's (top-left) ``is_causal``."""
-    B, Hq, Q, D = query.shape
-    Hkv = key.shape[1]
-    gqa = Hq != Hkv
-    if (gqa and Q == 1 and not causal and query.device.type in SDPA_PACKED_DECODE_DEVICES
-            and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1)):
-        # one query row per head: a KV head's query heads become its rows, which share the mask's one row (a mask
-        # that differs per head cannot follow them)
+    ``mask``: broadcast to ``(B, Hq, Q, K)``; ``causal`` is SDPA's (top-left) ``is_causal``; ``form``:
+    ``_sdpa_form``'s answer for this call where the caller kept it."""
+    if form is None:
+        form = _sdpa_form(query.device, query.shape[2], query.shape[1], key.shape[1], causal, mask)
+    if form == "packed":
+        # one query row per head: a KV head's query heads become its rows, which share the mask's one row
+        B, Hq, _, D = query.shape
+        Hkv = key.shape[1]
         out = F.scaled_dot_product_attention(query.reshape(B, Hkv, Hq // Hkv, D), key, value, attn_mask=mask,
                                              is_causal=False, scale=scale)
         return out.reshape(B, Hq, 1, value.shape[-1])
-    if gqa and mask is not None and query.device.type in SDPA_MASKED_GQA_REPEAT_DEVICES:
-        key, value, gqa = _repeat_heads(key, Hq), _repeat_heads(value, Hq), False
+    if form == "repeat":
+        Hq = query.shape[1]
+        key, value, form = _repeat_heads(key, Hq), _repeat_heads(value, Hq), "same"
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=gqa)
+                                          enable_gqa=form == "gqa")
+
+
+def _sdpa_form(device: torch.device, Q: int, Hq: int, Hkv: int, causal: bool, mask: torch.Tensor | None) -> str:
+    """How ``_sdpa_call`` gives SDPA the key/value heads of a call of ``Q`` queries: ``"same"`` (as many as query
+    heads), ``"packed"`` (a decode step on ``SDPA_PACKED_DECODE_DEVICES`` with one mask row for every head, which
+    the packed rows can share), ``"repeat"`` (masked GQA on ``SDPA_MASKED_GQA_REPEAT_DEVICES``) or ``"gqa"``
+    (SDPA's ``enable_gqa``)."""
+    if Hq == Hkv:
+        return "same"
+    if (Q == 1 and not causal and device.type in SDPA_PACKED_DECODE_DEVICES
+            and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1)):
+        return "packed"
+    if mask is not None and device.type in SDPA_MASKED_GQA_REPEAT_DEVICES:
+        return "repeat"
+    return "gqa"
 
 
 def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -286,7 +286,7 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
 
     k, v = kv(20)
     first = fn(module, q, k, v, None, scaling=0.25)[0]
-    assert len(made) == 1 and list(router._plain_routes.values()) == ["sdpa"]
+    assert len(made) == 1 and [path for path, _ in router._plain_routes.values()] == ["sdpa"]
     again = fn(module, q, k, v, None, scaling=0.25)[0]
     assert len(made) == 1 and torch.equal(first, again)  # the memo: no make_call, same bits
     fn(module, q, *kv(29), None, scaling=0.25)  # 29 keys: the same power of two as 20
@@ -320,6 +320,44 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     # tensors of another rank have no key: the full path's checks name the argument
     with pytest.raises(ValueError, match="q must have shape"):
         fn(module, q[0], k[0], v[0], None, scaling=0.25)
+
+
+@pytest.mark.parametrize("Q,K", [(1, 1024), (24, 24)])  # a decode step, a prompt
+def test_a_remembered_transformers_call_enters_few_python_functions(monkeypatch, Q, K):
+    """The memo path runs on every call of a model, where each Python call costs a host-bound decode step about
+    three times its cost in a loop of its own (kernels/NOTES.md): a remembered call enters these functions of
+    hf_ahfa and no others (a new helper on this path is a measured decision, not an accident)."""
+    import sys
+
+    from transformers import AutoConfig
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    from hf_ahfa import integration, router
+
+    monkeypatch.setattr(router, "_plain_routes", {})
+    monkeypatch.setattr(router, "_fastest_exact", lambda *args: "sdpa")  # (a GPU may time ours faster on a prompt)
+    config = AutoConfig.for_model("qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, num_hidden_layers=1, intermediate_size=32, vocab_size=32)
+    module = Qwen2Attention(config, layer_idx=0).to(DEVICE)
+    q = torch.randn(1, 4, Q, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, K, 16, device=DEVICE) for _ in "kv")
+    integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25)  # routed and remembered
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("hf_ahfa"):
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25)
+    finally:
+        sys.setprofile(None)
+    (path, sdpa), = router._plain_routes.values()
+    assert path == "sdpa" and sdpa is not None
+    packed = Q == 1 and DEVICE in router.SDPA_PACKED_DECODE_DEVICES
+    assert entered == ["ahfa_attention_forward", "_weights_requested", "eager_policy_of", "plain_key", "run_plain",
+                       "recording", *(["_sdpa_call"] if packed else [])]
 
 
 @pytest.mark.parametrize("Q,K,causal,window,hides", [
@@ -419,7 +457,7 @@ def test_windowed_transformers_calls_take_the_memo_of_their_route(monkeypatch, o
         return integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=window)[0]
 
     full = call()
-    (route,) = router._plain_routes.values()
+    ((route, _),) = router._plain_routes.values()
     if faster == "sdpa-whole" and Q != K:
         faster = "sdpa"  # offered for prompts only
     assert route == faster if faster != "ours" else not route.startswith("sdpa"), route
