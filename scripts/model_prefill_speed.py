@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_ahfa
-from hf_ahfa import fastest
+from hf_ahfa import fastest, router
 from hf_ahfa.eval.model_speed import (attach_paired, decode_once, measure, paired_decode, paired_prefill,
                                       write_model_speed_report)
 
@@ -32,7 +32,11 @@ parser.add_argument("--rounds", type=int, default=2, help="alternating rounds pe
 parser.add_argument("--train-lens", default="", help="lengths of a timed training step (forward+backward), e.g. 2048,8192")
 parser.add_argument("--own-kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="after the routed pass, a second pass with ahfa on its own kernels")
-parser.add_argument("--layout", choices=("qwen2", "gemma3"), default="qwen2")
+parser.add_argument("--layout", choices=("qwen2", "qwen2-host", "gemma3"), default="qwen2",
+                    help="qwen2-host: the Qwen2 layout's 24 layers and 14/2 heads at tiny widths (hidden 64, head "
+                         "dim 8), where a decode step is the host's time: what ahfa adds per call")
+parser.add_argument("--no-packed-decode", action="store_true",
+                    help="GQA decode steps through SDPA's enable_gqa on every device (as on CUDA), not packed")
 parser.add_argument("--prefill-logits", choices=("all", "last"), default="all",
                     help="the timed prefill's logits: every position's, or the last only (as generate() prefills)")
 parser.add_argument("--device", default="cuda", help="cuda (bf16), or cpu (float32) to try the script")
@@ -61,6 +65,11 @@ if args.layout == "qwen2":
                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=32000,
                                   max_position_embeddings=positions)
     name, described = args.name or "model-speed-qwen2-0.5b", "qwen2-0.5b-layout random weights"
+elif args.layout == "qwen2-host":
+    config = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=64, num_hidden_layers=24,
+                                  num_attention_heads=14, num_key_value_heads=2, head_dim=8, vocab_size=128,
+                                  max_position_embeddings=positions)
+    name, described = args.name or "model-speed-qwen2-host", "qwen2-layout host-bound (tiny widths) random weights"
 else:
     config = AutoConfig.for_model("gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
@@ -70,6 +79,9 @@ torch.manual_seed(0)
 dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(args.device).eval()
 rows, notes = [], {}  # notes: the run's --prefer and --paired-aa results, in the report
+if args.no_packed_decode:
+    router.SDPA_PACKED_DECODE_DEVICES = frozenset()
+    notes["packed decode"] = "off"
 
 
 def report():
