@@ -307,7 +307,8 @@ def _pow2_ceil(n: int) -> int:
 # read, so that a model's repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths
 # enter as route() reads them: Q exactly, K by its power of two and the thresholds it tests (exactly for a
 # windowed call of several queries, whose window and mask sizes depend on it).
-_plain_routes: dict[tuple, tuple[str, Callable | None]] = {}  # key -> (path, its one SDPA call or None)
+# key -> (path, its one SDPA call or None, its AttnCall or None): _remember
+_plain_routes: dict[tuple, tuple[str, Callable | None, AttnCall | None]] = {}
 
 
 def plain_key(query, key, value, is_causal: bool, scale, window, policy) -> tuple | None:
@@ -350,20 +351,22 @@ def run_plain(query, key, value, memo: tuple) -> torch.Tensor | None:
     if (entry is None or telemetry.recording() or _ENVIRON.get(_BACKEND_KEY)
             or F.scaled_dot_product_attention is not _SDPA):
         return None
-    path, sdpa = entry
+    path, sdpa, call = entry
     if sdpa is not None:  # SDPA straight on Transformers' layout: no call spec, no transposes
         return sdpa(query, key, value).transpose(1, 2)
-    _, causal, scale, window = memo[:4]
-    call = plain_call(query.shape[2], key.shape[2], query.shape[3], causal=causal, window=window, scale=scale)
+    if call is None:  # the key holds the keys' length by its power of two: this call's own spec
+        _, causal, scale, window = memo[:4]
+        call = plain_call(query.shape[2], key.shape[2], query.shape[3], causal=causal, window=window, scale=scale)
     if path in ("sdpa", "sdpa-whole"):
         return _sdpa_heads_first(query, key, value, call, whole=path == "sdpa-whole").transpose(1, 2)
     return _exact_fn(path)(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)[0]
 
 
 def _remember(memo: tuple, path: str, q, k, call: AttnCall) -> None:
-    """Keep ``path`` for ``run_plain`` under ``memo``, with the one SDPA call on Transformers' layout that runs it
-    where ``_sdpa_heads_first`` would make exactly that call (no window; causality top-left or none), its
-    arguments worked out once rather than on each of a model's calls. Everything they depend on is in the key."""
+    """Keep ``path`` for ``run_plain`` under ``memo``, with what it can work out once rather than on each of a
+    model's calls (everything it depends on is in the key): the one SDPA call on Transformers' layout where
+    ``_sdpa_heads_first`` would make exactly that call (no window; causality top-left or none), else the call's spec
+    where the key fixes the keys' length (a prompt, ``Q == K``; several queries under a window)."""
     Q, K, Hq, Hkv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     sdpa = None
     if path == "sdpa" and call.window is None and not _causal_needs_mask(Q, K, call.causal, call.window):
@@ -372,7 +375,8 @@ def _remember(memo: tuple, path: str, q, k, call: AttnCall) -> None:
         sdpa = (functools.partial(_SDPA, is_causal=causal, scale=call.scale, enable_gqa=form == "gqa")
                 if form in ("same", "gqa") else
                 functools.partial(_sdpa_call, mask=None, causal=causal, scale=call.scale, form=form))
-    _plain_routes[memo] = (path, sdpa)
+    exact_k = K == Q or (memo[3] is not None and Q > 1)  # as plain_key keys the length
+    _plain_routes[memo] = (path, sdpa, call if sdpa is None and exact_k else None)
 
 
 # AHFA_BACKEND as run_plain reads it on every call: from the dict that os.environ keeps (its writes go there), as

@@ -286,7 +286,7 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
 
     k, v = kv(20)
     first = fn(module, q, k, v, None, scaling=0.25)[0]
-    assert len(made) == 1 and [path for path, _ in router._plain_routes.values()] == ["sdpa"]
+    assert len(made) == 1 and [entry[0] for entry in router._plain_routes.values()] == ["sdpa"]
     again = fn(module, q, k, v, None, scaling=0.25)[0]
     assert len(made) == 1 and torch.equal(first, again)  # the memo: no make_call, same bits
     fn(module, q, *kv(29), None, scaling=0.25)  # 29 keys: the same power of two as 20
@@ -353,7 +353,7 @@ def test_a_remembered_transformers_call_enters_few_python_functions(monkeypatch,
         integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25)
     finally:
         sys.setprofile(None)
-    (path, sdpa), = router._plain_routes.values()
+    (path, sdpa, _), = router._plain_routes.values()
     assert path == "sdpa" and sdpa is not None
     packed = Q == 1 and DEVICE in router.SDPA_PACKED_DECODE_DEVICES
     assert entered == ["ahfa_attention_forward", "_weights_requested", "eager_policy_of", "plain_key", "run_plain",
@@ -457,7 +457,7 @@ def test_windowed_transformers_calls_take_the_memo_of_their_route(monkeypatch, o
         return integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=window)[0]
 
     full = call()
-    ((route, _),) = router._plain_routes.values()
+    ((route, *_),) = router._plain_routes.values()
     if faster == "sdpa-whole" and Q != K:
         faster = "sdpa"  # offered for prompts only
     assert route == faster if faster != "ours" else not route.startswith("sdpa"), route
