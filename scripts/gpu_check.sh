@@ -4,9 +4,9 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|next|sweep|cost|alibi
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|next|hostpath|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
-#  host: host time per attention call; next: the checks kernels/NOTES.md lists first; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
+#  host: host time per attention call; next: the checks kernels/NOTES.md lists first; hostpath: the memo path before/after; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
 #  (MODEL_TREES="before after": on both trees);
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
 #  alibi: every launch config with ALiBi in each form (AHFA_ALIBI), then the forms timed in the same rounds;
@@ -30,7 +30,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, launch, model, next, sweep, cost, alibi, d256 or d256bwd}
+STAGE=${1:?tests, tests+sweep, diag, host, launch, model, next, hostpath, sweep, cost, alibi, d256 or d256bwd}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -120,6 +120,21 @@ for K in (64, 1024):
     print(K, rec[0]["route"], rec[0]["backend"])
 print(fastest.measured())
 PY
+exit 0
+fi
+if [ "$STAGE" = hostpath ]; then
+# the twenty-second session's memo-path change (kernels/NOTES.md): whole-model decode and prefill paired against sdpa
+# on the tree before it (.stage-before/before.tar: `git archive 6220f85 hf_ahfa kernels patches eval`) and this one,
+# then the host time per decode call of each tree
+for t in before after; do
+  PYTHONPATH=/tmp/$t timeout ${MODEL_S:-150} python3 scripts/model_prefill_speed.py --out-dir "$R" --layout qwen2 \
+    --seq-lens ${SEQ_LENS:-1024,4096} --rounds 1 --decode-tokens 16 --prefill-logits last --no-own-kernels --paired 20 \
+    --name "model-speed-qwen2-0.5b-hostpath-$t-${GPU_TAG:-gpu}" 2>&1 | grep -v "^|---" | tail -5
+done
+for t in before after; do
+  PYTHONPATH=/tmp/$t timeout 40 python3 scripts/host_overhead.py --device cuda --kv-lens 1024,4096 --heads 14,2,64 \
+    --dtype bfloat16 --rounds 3 --out-dir "$R" --name "host-overhead-decode-hostpath-$t-${GPU_TAG:-gpu}" 2>&1 | tail -2
+done
 exit 0
 fi
 if [ "$STAGE" = alibi ]; then
