@@ -298,8 +298,10 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
                           "pred. attn TFLOP", "pred. extra GiB", f"prefill vs {base}", f"decode vs {base}",
                           f"train step vs {base}", "error"]
                          + [f"{m} vs {base}, calls taking turns (95% interval)" for m in paired], lines)]
-    # a script's notes on the run (model_prefill_speed.py: decisions it moved, an A/A pairing of the baseline)
-    md += [f"\n{key}: {json.dumps(config[key])}" for key in ("prefer", "a/a") if key in config]
+    # a script's notes on the run (model_prefill_speed.py: decisions it moved, an A/A pairing of the baseline, the
+    # floor of a bare SDPA call, packing off)
+    md += [f"\n{key}: {json.dumps(config[key])}" for key in ("prefer", "a/a", "floor", "packed decode")
+           if key in config]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     _plot(rows, config["model"], paths["png"])
     return paths

@@ -17,7 +17,10 @@ import os
 import pstats
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_ahfa
 from hf_ahfa import fastest, router
@@ -35,6 +38,9 @@ parser.add_argument("--own-kernels", action=argparse.BooleanOptionalAction, defa
 parser.add_argument("--layout", choices=("qwen2", "qwen2-host", "gemma3"), default="qwen2",
                     help="qwen2-host: the Qwen2 layout's 24 layers and 14/2 heads at tiny widths (hidden 64, head "
                          "dim 8), where a decode step is the host's time: what ahfa adds per call")
+parser.add_argument("--floor", action="store_true",
+                    help="with --paired: also a bare SDPA call in Transformers' place (no attention function's host "
+                         "time) paired against sdpa, noted in the report: the floor of a host-bound run")
 parser.add_argument("--no-packed-decode", action="store_true",
                     help="GQA decode steps through SDPA's enable_gqa on every device (as on CUDA), not packed")
 parser.add_argument("--prefill-logits", choices=("all", "last"), default="all",
@@ -92,6 +98,37 @@ def report():
     write_model_speed_report(done, meta, args.out_dir, name)
 
 
+def paired_note(label, policies=None):
+    """``label`` paired against sdpa, prefill and (with decode tokens) decode: ``{"<label> [decode ]<L>": ratio}``."""
+    found = paired_prefill(model, [label, "sdpa"], seq_lens, args.paired, last_logits=args.prefill_logits == "last",
+                           policies=policies)
+    if args.decode_tokens:
+        found.update({(f"{name} decode", L): r for (name, L), r in
+                      paired_decode(model, [label, "sdpa"], seq_lens, args.paired, args.decode_tokens,
+                                    policies=policies).items()})
+    note = {f"{name} {L}": f"{r['speedup']:.3f} ({r['low']:.3f}-{r['high']:.3f})" for (name, L), r in found.items()}
+    print(label, note)
+    return note
+
+
+def bare_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``--floor``: Transformers' plain calls (no mask: causal prompts, decode steps) as one SDPA call and the
+    transpose, nothing else; every other call through Transformers' sdpa function."""
+    if attention_mask is not None or dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    Q, K = query.shape[2], key.shape[2]
+    if getattr(module, "is_causal", True) and 1 < Q < K:  # top-left causal (a static cache's empty tail)
+        key, value = key[:, :, :Q], value[:, :, :Q]
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=Q > 1 and getattr(module, "is_causal", True),
+                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+if args.floor:
+    AttentionInterface.register("sdpa-bare", bare_sdpa)
+    AttentionMaskInterface.register("sdpa-bare", sdpa_mask)
+
 for backend in (None, "triton") if args.own_kernels else (None,):  # the router's choice, then our own kernels
     if backend:
         os.environ["AHFA_BACKEND"] = backend
@@ -118,16 +155,9 @@ if args.paired:
         attach_paired(rows, paired_decode(model, ["ahfa", "sdpa"], seq_lens, args.paired, args.decode_tokens),
                       "decode")
     if args.paired_aa:  # two labels of one implementation: what "no difference" measures here
-        same = {"sdpa-again": ("sdpa", None)}
-        aa = paired_prefill(model, ["sdpa-again", "sdpa"], seq_lens, args.paired,
-                            last_logits=args.prefill_logits == "last", policies=same)
-        if args.decode_tokens:
-            aa.update({(f"{label} decode", L): r for (label, L), r in
-                       paired_decode(model, ["sdpa-again", "sdpa"], seq_lens, args.paired, args.decode_tokens,
-                                     policies=same).items()})
-        notes["a/a"] = {f"{label} {L}": f"{r['speedup']:.3f} ({r['low']:.3f}-{r['high']:.3f})"
-                            for (label, L), r in aa.items()}
-        print("A/A:", notes["a/a"])
+        notes["a/a"] = paired_note("sdpa-again", {"sdpa-again": ("sdpa", None)})
+    if args.floor:  # the attention function's host time taken away: what no attention function can beat
+        notes["floor"] = paired_note("sdpa-bare")
     report()
 if args.routes:  # where the routed prefill goes: each layer's route, the timed choices, the host's time
     model.set_attn_implementation("ahfa")

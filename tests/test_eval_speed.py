@@ -273,3 +273,27 @@ def test_attention_report_lines():
     assert "8192 tokens (3 attention layers, 1 without a window)" in text
     assert "| ahfa-adaptive-tau0.9 | 2 | 1 | 0.5 | 1.50x | 1.50x | 3.00x | 3.00x | 2.00x | 2.00x |" in text
     assert "| sdpa-cudnn | 3 | 1.5 | n/a |" in text  # no kept-block share where nothing ran block-sparse
+
+
+def test_model_speed_script_pairs_the_floor_and_the_baseline_with_itself(tmp_path):
+    """scripts/model_prefill_speed.py on the CPU, host-bound layout, packing off: ahfa paired against sdpa, the A/A
+    pairing and the floor (a bare SDPA call in Transformers' place) are in the report's JSON and Markdown."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "model_prefill_speed.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--layout", "qwen2-host", "--seq-lens", "40",
+                           "--rounds", "1", "--decode-tokens", "2", "--prefill-logits", "last", "--no-own-kernels",
+                           "--paired", "2", "--paired-aa", "--floor", "--no-packed-decode", "--out-dir", str(tmp_path),
+                           "--name", "m"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "m.json").read_text())
+    config = data["config"]
+    assert config["packed decode"] == "off"
+    assert set(config["a/a"]) == {"sdpa-again 40", "sdpa-again decode 40"}
+    assert set(config["floor"]) == {"sdpa-bare 40", "sdpa-bare decode 40"}
+    ahfa = [r for r in data["rows"] if r["impl"] == "ahfa"]
+    assert len(ahfa) == 1 and ahfa[0]["prefill_paired"]["pairs"] == 2 and ahfa[0]["decode_paired"]["pairs"] == 2
+    md = (tmp_path / "m.md").read_text()
+    assert "\nfloor: " in md and "\na/a: " in md and "\npacked decode: " in md
