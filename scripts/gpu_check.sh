@@ -127,7 +127,7 @@ if [ "$STAGE" = hostpath ]; then
 # on the tree before it (.stage-before/before.tar: `git archive 6220f85 hf_ahfa kernels patches eval`) and this one,
 # then the host time per decode call of each tree
 for t in before after; do
-  PYTHONPATH=/tmp/$t timeout ${MODEL_S:-150} python3 scripts/model_prefill_speed.py --out-dir "$R" --layout qwen2 \
+  PYTHONPATH=/tmp/$t timeout ${MODEL_S:-240} python3 scripts/model_prefill_speed.py --out-dir "$R" --layout qwen2 \
     --seq-lens ${SEQ_LENS:-1024,4096} --rounds 1 --decode-tokens 16 --prefill-logits last --no-own-kernels \
     --paired 20 --floor \
     --name "model-speed-qwen2-0.5b-hostpath-$t-${GPU_TAG:-gpu}" 2>&1 | grep -v "^|---" | tail -5
