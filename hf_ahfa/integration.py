@@ -176,7 +176,7 @@ def _routed(module, query, key, value, attention_mask, dropout, scaling, is_caus
         sliding_window = getattr(module, "sliding_window", None)
     if isinstance(sliding_window, int) and hides_no_key(normalize_window(sliding_window, is_causal and Q > 1),
                                                         is_causal and Q > 1, Q, K):
-        sliding_window = None
+        sliding_window = None  # a window that hides no key is none (as make_call and plain_key take it)
     want_weights = _weights_requested(output_attentions)
     policy = _layer_policy(module, key, policy)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

@@ -84,7 +84,7 @@ else:
 torch.manual_seed(0)
 dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(args.device).eval()
-rows, notes = [], {}  # notes: the run's --prefer and --paired-aa results, in the report
+rows, notes = [], {}  # notes on the run in the report: --prefer, --paired-aa, --floor, --no-packed-decode
 if args.no_packed_decode:
     router.SDPA_PACKED_DECODE_DEVICES = frozenset()
     notes["packed decode"] = "off"
@@ -118,10 +118,11 @@ def bare_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     Q, K = query.shape[2], key.shape[2]
-    if getattr(module, "is_causal", True) and 1 < Q < K:  # top-left causal (a static cache's empty tail)
+    causal = Q > 1 and getattr(module, "is_causal", True)
+    if causal and Q < K:  # top-left causal (a static cache's empty tail)
         key, value = key[:, :, :Q], value[:, :, :Q]
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=Q > 1 and getattr(module, "is_causal", True),
-                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
