@@ -1,32 +1,65 @@
-"""Where the time of a block-sparse call goes (GPU): wall time of 30 calls against exact, the host-side
-time alone, and torch.profiler's top operators. Shapes of one SmolLM2 layer at 8K tokens."""
-import time
+"""Where the time of a block-sparse call goes (GPU): wall time of a call against exact attention, the
+estimator and the selection alone (CUDA events around each, eager), and torch.profiler's top device
+operators of the estimate + select step. Default shapes: one layer of the Qwen2.5-0.5B layout.
+
+    python scripts/profile_adaptive.py --seq-lens 8192,32768 --heads 14,2,64
+"""
+import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hf_ahfa
+from hf_ahfa.adaptive import _select
+from hf_ahfa.estimate import estimate_row_mass
+from hf_ahfa.spec import make_call
 
-T, H, HKV, D = 8192, 9, 3, 64
-torch.manual_seed(0)
-q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) * 2
-k, v = (torch.randn(1, T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-policy = hf_ahfa.AdaptivePolicy(mode="adaptive")
-calls = {"adaptive": lambda: hf_ahfa.attention(q, k, v, causal=True, policy=policy),
-         "exact": lambda: hf_ahfa.attention(q, k, v, causal=True)}
-for name, fn in calls.items():
+
+def timed(fn, reps):
+    """Median milliseconds of ``fn`` over ``reps`` calls (after 3 warm-up calls), CUDA events."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(30):
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    host = time.perf_counter() - t
-    torch.cuda.synchronize()
-    print(f"{name}: 30 calls {1e3 * (time.perf_counter() - t):.1f} ms, host side {1e3 * host:.1f} ms")
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    for _ in range(10):
-        calls["adaptive"]()
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-lens", default="8192,32768")
+    ap.add_argument("--heads", default="14,2,64", help="query heads, key/value heads, head dim")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="print the profiler's table of estimate + select")
+    args = ap.parse_args()
+    H, HKV, D = (int(x) for x in args.heads.split(","))
+    policy = hf_ahfa.AdaptivePolicy(mode="adaptive")
+    for T in (int(x) for x in args.seq_lens.split(",")):
+        torch.manual_seed(0)
+        q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) * 2
+        k, v = (torch.randn(1, T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        call = make_call(q, k, v, causal=True)
+        steps = {
+            "exact (routed)": lambda: hf_ahfa.attention(q, k, v, causal=True),
+            "adaptive (graph)": lambda: hf_ahfa.attention(q, k, v, causal=True, policy=policy),
+            "estimator": lambda: estimate_row_mass(q, k, call, policy, kernels=True),
+            "estimator + selection": lambda: _select(q, k, call, policy, backward=False),
+            "estimator + selection (backward lists)": lambda: _select(q, k, call, policy, backward=True),
+        }
+        ms = {name: timed(fn, args.reps) for name, fn in steps.items()}
+        print(f"T={T} H={H}/{HKV} D={D}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in ms.items()), flush=True)
+        if args.profile:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    _select(q, k, call, policy, backward=False)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
