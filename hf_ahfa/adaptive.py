@@ -11,9 +11,9 @@ from __future__ import annotations
 from hf_ahfa import graphs, telemetry
 from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.block_sparse import sparse_kernels, sparse_reference
-from hf_ahfa.estimate import estimate_row_mass
+from hf_ahfa.estimate import estimate_row_mass, estimate_row_tiles
 from hf_ahfa.policy import AdaptivePolicy
-from hf_ahfa.select import select_layout
+from hf_ahfa.select import select_layout, select_layout_of_tiles
 from hf_ahfa.router import choose_backend, requested_backend
 from hf_ahfa.spec import AttnCall, make_call
 
@@ -35,11 +35,12 @@ def adaptive_attention(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kerne
 
 
 def _select(q, k, call: AttnCall, policy: AdaptivePolicy, *, backward: bool, kernels: bool = True):
-    """``select_layout`` of the estimated mass: the kernel-ready layout, the fallen-back heads, the visible
-    blocks."""
-    mass = estimate_row_mass(q, k, call, policy, kernels=kernels)
-    return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
-                         element_masks=call.element_masks, backward=backward)
+    """The estimate and the selection: the kernel-ready layout, the fallen-back heads, the visible blocks; on the
+    Triton kernels (``kernels``) or by the references."""
+    shape = dict(causal=call.causal, window=call.window, element_masks=call.element_masks, backward=backward)
+    if kernels:
+        return select_layout_of_tiles(estimate_row_tiles(q, k, call, policy), q.shape[1], k.shape[1], policy, **shape)
+    return select_layout(estimate_row_mass(q, k, call, policy), q.shape[1], k.shape[1], policy, **shape)
 
 
 def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool):
@@ -69,6 +70,4 @@ def estimate_layout(q, k, policy: AdaptivePolicy, *, causal: bool = False, windo
     call = make_call(q, k, k, causal=causal, window=window, softcap=softcap, scale=scale,
                      key_padding_mask=key_padding_mask)
     kernels = choose_backend(q, requested_backend(backend)) == "triton"
-    mass = estimate_row_mass(q, k, call, policy, kernels=kernels)
-    return select_layout(mass, q.shape[1], k.shape[1], policy, causal=call.causal, window=call.window,
-                         element_masks=call.element_masks, backward=False)[0]
+    return _select(q, k, call, policy, backward=False, kernels=kernels)[0]

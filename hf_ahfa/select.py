@@ -2,8 +2,9 @@
 
 Per (batch, head, query block) the union over its sampled query rows of each row's fewest key blocks whose
 estimated mass reaches ``tau``, plus the anchors (sink and local blocks); a head whose selection is denser
-than ``density_limit`` keeps all its visible blocks (per-head fallback). Block geometry per call shape is
-cached, built without host syncs.
+than ``density_limit`` keeps all its visible blocks (per-head fallback). ``select_layout`` is the PyTorch
+reference; on the Triton kernels ``select_layout_of_tiles`` does the same in two launches
+(``hf_ahfa::select_lists``). Block geometry per call shape is cached, built without host syncs.
 """
 
 from __future__ import annotations
@@ -63,13 +64,42 @@ def select_blocks(mass: torch.Tensor, touched: torch.Tensor, anchors: torch.Tens
 def select_layout(mass: torch.Tensor, q_len: int, k_len: int, policy: AdaptivePolicy, *, causal: bool,
                   window, element_masks: bool, backward: bool) -> tuple[BlockLayout, torch.Tensor, torch.Tensor]:
     """The kernel-ready layout of the kept blocks of ``mass`` (``hf_ahfa.estimate.estimate_row_mass``), the
-    fallen-back heads ``(B, H)`` and the visible blocks ``(1, 1, NQ, NK)`` (for telemetry)."""
+    fallen-back heads ``(B, H)`` and the visible blocks ``(1, 1, NQ, NK)`` (for telemetry). The reference of
+    ``select_layout_of_tiles``."""
     bs = policy.block_size
     band = band_of_shape(q_len, k_len, bs, bs, causal, window, mass.device)
     keep, dense = select_blocks(mass, band[0], anchor_blocks_of_shape(q_len, k_len, policy, causal, mass.device),
                                 policy.tau, policy.density_limit, bs // policy.stride)
     layout = fit_to_band(keep, None, band, bs, bs, q_len, k_len, element_masks=element_masks, backward=backward)
     return layout, dense, band[0]
+
+
+def select_layout_of_tiles(tiles: tuple[torch.Tensor, torch.Tensor], q_len: int, k_len: int, policy: AdaptivePolicy,
+                           *, causal: bool, window, element_masks: bool,
+                           backward: bool) -> tuple[BlockLayout, torch.Tensor, torch.Tensor]:
+    """``select_layout`` on the Triton kernels, from the estimator's tiles (``hf_ahfa.estimate.estimate_row_tiles``)
+    instead of the mass: the same three results, without a host sync."""
+    from hf_ahfa.kernels.select import select_lists
+
+    touched, full, anchors, limit, visible = _kernel_band(q_len, k_len, policy, causal, window, tiles[0].device)
+    *lists, kept = select_lists(*tiles, touched, full, anchors, limit, policy.tau, policy.block_size // policy.stride,
+                                element_masks, backward)
+    names = ("kv_count", "kv_index", "full_count", "full_index", "q_count", "q_index", "full_q_count", "full_q_index")
+    bs = policy.block_size
+    layout = BlockLayout(block_q=bs, block_k=bs, q_len=q_len, k_len=k_len, **dict(zip(names, lists)))
+    return layout, kept > limit, visible
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_band(q_len, k_len, policy, causal, window, device):
+    """What ``select_lists`` takes of one call shape: the visible, wholly visible and anchor blocks as uint8
+    ``(NQ, NK)``, the dense fallback's limit (0-d float32) and the visible blocks as ``band_of_shape`` gives them."""
+    bs = policy.block_size
+    touched, full = band_of_shape(q_len, k_len, bs, bs, causal, window, device)
+    anchors = anchor_blocks_of_shape(q_len, k_len, policy, causal, device)
+    as_bytes = [x[0, 0].contiguous().view(torch.uint8) for x in (touched, full, anchors)]
+    limit = policy.density_limit * touched.sum().clamp_min(1).float()
+    return (*as_bytes, limit, touched)
 
 
 @functools.lru_cache(maxsize=64)

@@ -98,7 +98,7 @@ def masses(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[dict[str, to
     del s, p
     # ahfa's estimator, through the library ((B, T, H, D) layout)
     qt, kt = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
-    est = estimate_row_mass(qt, kt, make_call(qt, kt, kt, causal=True, scale=scale), policy, kernels=False)[0]
+    est = estimate_row_mass(qt, kt, make_call(qt, kt, kt, causal=True, scale=scale), policy)[0]
     out["rows-union"] = est.double()  # per sampled row (H, NR, NK)
     out["rows"] = normalise(out["rows-union"].view(est.shape[0], nb, bs // S, -1).mean(2))
     # antidiagonals S apart: query rows r mod S against key columns S-1-r mod S

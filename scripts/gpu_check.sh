@@ -4,9 +4,9 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|next|hostpath|sweep|cost|alibi
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|next|hostpath|select|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
-#  host: host time per attention call; next: the checks kernels/NOTES.md lists first; hostpath: the memo path before/after; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
+#  host: host time per attention call; next: the checks kernels/NOTES.md lists first; hostpath: the memo path before/after; select: the selection kernels' tests and profile, before/after; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
 #  (MODEL_TREES="before after": on both trees);
 #  sweep: the interleaved kernel sweeps; cost: scripts/kernel_cost.py on every .stage-before/*.tar and the current tree;
 #  alibi: every launch config with ALiBi in each form (AHFA_ALIBI), then the forms timed in the same rounds;
@@ -30,7 +30,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, launch, model, next, hostpath, sweep, cost, alibi, d256 or d256bwd}
+STAGE=${1:?tests, tests+sweep, diag, host, launch, model, next, hostpath, select, sweep, cost, alibi, d256 or d256bwd}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -135,6 +135,18 @@ done
 for t in before after; do
   PYTHONPATH=/tmp/$t timeout 40 python3 scripts/host_overhead.py --device cuda --kv-lens 1024,4096 --heads 14,2,64 \
     --dtype bfloat16 --rounds 3 --out-dir "$R" --name "host-overhead-decode-hostpath-$t-${GPU_TAG:-gpu}" 2>&1 | tail -2
+done
+exit 0
+fi
+if [ "$STAGE" = select ]; then
+# the selection kernels (twenty-third session): the adaptive suite on CUDA, then where an adaptive call's time goes
+# (estimator, selection, the whole call against exact) on the tree before them and this one
+after timeout -s INT -k 15 ${SELECT_TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider -n 4 --tb=short -rfE \
+  tests/test_adaptive.py > "$R/adaptive-cuda.log" 2>&1
+grep -E "^(FAILED|ERROR) |passed|failed" "$R/adaptive-cuda.log" | tail -15
+for t in before after; do
+  PYTHONPATH=/tmp/$t timeout ${PROFILE_S:-100} python3 scripts/profile_adaptive.py --seq-lens ${SEQ_LENS:-8192,32768,131072} \
+    --profile > "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt" 2>&1; grep "^T=" "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt"
 done
 exit 0
 fi

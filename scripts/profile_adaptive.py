@@ -10,9 +10,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hf_ahfa
+from hf_ahfa import estimate
 from hf_ahfa.adaptive import _select
-from hf_ahfa.estimate import estimate_row_mass
 from hf_ahfa.spec import make_call
+
+
+def estimator(q, k, call, policy):
+    """The estimator's kernel alone (on trees before the selection kernels: with its softmax epilogue)."""
+    if hasattr(estimate, "estimate_row_tiles"):
+        return estimate.estimate_row_tiles(q, k, call, policy)
+    return estimate.estimate_row_mass(q, k, call, policy, kernels=True)
 
 
 def timed(fn, reps):
@@ -47,7 +54,7 @@ def main():
         steps = {
             "exact (routed)": lambda: hf_ahfa.attention(q, k, v, causal=True),
             "adaptive (graph)": lambda: hf_ahfa.attention(q, k, v, causal=True, policy=policy),
-            "estimator": lambda: estimate_row_mass(q, k, call, policy, kernels=True),
+            "estimator": lambda: estimator(q, k, call, policy),
             "estimator + selection": lambda: _select(q, k, call, policy, backward=False),
             "estimator + selection (backward lists)": lambda: _select(q, k, call, policy, backward=True),
         }

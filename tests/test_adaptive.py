@@ -111,6 +111,66 @@ def test_select_blocks_every_sampled_row_reaches_tau(seed):
     assert (share[mass.sum(-1) > 0] >= tau - 1e-6).all()
 
 
+LISTS = ("kv_count", "kv_index", "full_count", "full_index", "q_count", "q_index", "full_q_count", "full_q_index")
+
+
+def _tiles(B, H, NR, NK, seed):
+    """Random estimator tiles: log2-domain maxima (some blocks unseen: -inf, sum 0) and sums of exponentials; head
+    ``h``'s maxima spread ``2 + 4 h`` (flat to peaked heads)."""
+    g = torch.Generator().manual_seed(seed)
+    tile_max = torch.randn(B, H, NR, NK, generator=g) * (2 + 4 * torch.arange(H))[:, None, None]
+    tile_sum = torch.rand(B, H, NR, NK, generator=g) * 8 + 1
+    unseen = torch.rand(B, H, NR, NK, generator=g) < 0.2
+    return tile_max.masked_fill(unseen, float("-inf")).to(DEVICE), tile_sum.masked_fill(unseen, 0.0).to(DEVICE)
+
+
+@pytest.mark.parametrize("Q,K,bs,stride,causal,window,element_masks,tau,density_limit", [
+    (200, 260, 32, 8, True, None, False, 0.9, 1.0),  # keys past the queries, a short last query block
+    (96, 96, 16, 4, False, (40, 10), False, 0.8, 1.0),  # a two-sided window
+    (130, 130, 32, 16, True, (70, 0), True, 0.95, 1.0),  # one sampled row per block's edge; element masks
+    (160, 160, 32, 8, True, None, False, 0.9, 0.95),  # some heads fall back to every visible block
+    (128, 384, 16, 8, True, None, False, 0.7, 1.0),  # 24 key blocks, a sparse selection
+    (96, 128, 32, 8, False, None, False, 1.0, 1.0),  # tau 1: every visible block
+])
+@pytest.mark.parametrize("backward", [False, True])
+def test_selection_kernels_match_the_reference(Q, K, bs, stride, causal, window, element_masks, tau, density_limit,
+                                               backward):
+    from hf_ahfa.kernels.estimate import mass_of_tiles
+    from hf_ahfa.select import select_layout, select_layout_of_tiles
+
+    B, H = 2, 3
+    policy = _policy(block_size=bs, stride=stride, tau=tau, density_limit=density_limit)
+    tiles = _tiles(B, H, -(-Q // stride), -(-K // bs), seed=Q + K + bs)
+    shape = dict(causal=causal, window=window, element_masks=element_masks, backward=backward)
+    want, want_dense, want_visible = select_layout(mass_of_tiles(*tiles), Q, K, policy, **shape)
+    got, got_dense, got_visible = select_layout_of_tiles(tiles, Q, K, policy, **shape)
+    assert torch.equal(got_dense, want_dense) and torch.equal(got_visible, want_visible)
+    if density_limit < 1.0:
+        assert 0 < want_dense.sum() < B * H  # the case covers both kinds of head
+    for name in LISTS:
+        w, g = getattr(want, name), getattr(got, name)
+        assert (g is None) == (w is None) == (not backward and name.startswith(("q_", "full_q"))), name
+        if w is not None:
+            assert g.dtype == torch.int32 and g.is_contiguous() and torch.equal(g, w), name
+    assert got.to_dense().any() and (tau == 1.0 or not torch.equal(got.to_dense(), want_visible.expand(B, H, -1, -1)))
+
+
+def test_selection_kernel_keeps_every_block_tied_at_the_threshold():
+    # one row: 0.4 and three blocks of 0.2; tau 0.5 needs 0.4 and one 0.2. The reference's sort keeps one of the
+    # tied blocks, the kernel (a threshold on the mass) all three. (Block 4 is also the query block's diagonal,
+    # the one anchor kept here: 16 queries aligned bottom-right against 80 keys.)
+    from hf_ahfa.select import select_layout, select_layout_of_tiles
+
+    mass = torch.tensor([0.0, 0.2, 0.2, 0.2, 0.4]).to(DEVICE)
+    tiles = (torch.where(mass > 0, 0.0, float("-inf"))[None, None, None], mass[None, None, None] * 3)
+    policy = _policy(block_size=16, stride=16, tau=0.5, density_limit=1.0, sink_blocks=0, local_blocks=1)
+    shape = dict(causal=False, window=None, element_masks=False, backward=False)
+    got = select_layout_of_tiles(tiles, 16, 80, policy, **shape)[0].to_dense()[0, 0, 0].tolist()
+    want = select_layout(tiles[1] / 3, 16, 80, policy, **shape)[0].to_dense()[0, 0, 0].tolist()
+    assert got == [False, True, True, True, True]
+    assert want[4] and not want[0] and sum(want) == 2
+
+
 def test_anchor_blocks_sink_and_local():
     policy = hf_ahfa.AdaptivePolicy(block_size=16, stride=8, sink_blocks=1, local_blocks=2)
     a = anchor_blocks(64, 64, policy, True, "cpu")[0, 0]
