@@ -11,6 +11,10 @@ from hf_ahfa.kernels.common import Scores, cdiv, mask_args, precision, tensor_ar
 from hf_ahfa.kernels.flash import LOG2E
 from hf_ahfa.kernels.launch import launch
 
+# key blocks per estimator program: its rows' tile is loaded once per chunk (1: once per key block, as before the
+# twenty-third session); enough programs remain to fill the GPU (32K tokens: 16 chunks x 32 row tiles x heads)
+ESTIMATE_CHUNK = 16
+
 
 @torch.library.custom_op("hf_ahfa::estimate_tiles", mutates_args=(), device_types=("cuda", "cpu"))
 def estimate_tiles(
@@ -29,11 +33,13 @@ def estimate_tiles(
     tile_max = torch.full((B, H, NR, nkb), float("-inf"), dtype=torch.float32, device=qs.device)
     tile_sum = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
     block_r = 16 if configs.interpreting() else 64
-    launch(estimate_mass_kernel, (cdiv(NR, block_r), nkb, B * H),
+    launch(estimate_mass_kernel, (cdiv(NR, block_r), cdiv(nkb, ESTIMATE_CHUNK), B * H),
            (tensor_arg(qs), tensor_arg(k), mask_args(key_padding_mask, None)[0], tile_max, tile_sum,
             NR, q_len, K, H, H // HKV, nkb, stride, Scores(scale * LOG2E, softcap, win_left, win_right)),
            dict(D=D, CAUSAL=causal, PRECISION=precision(qs.dtype), BLOCK_R=block_r, BLOCK_N=block_k,
-                num_warps=1 if configs.interpreting() else 4, num_stages=1))
+                CHUNK=ESTIMATE_CHUNK, num_warps=1 if configs.interpreting() else 4,
+                # two key tiles in flight where they fit sm80's shared memory with room to spare
+                num_stages=1 if configs.interpreting() or block_k * D > 128 * 128 else 2))
     return tile_max, tile_sum
 
 

@@ -31,8 +31,12 @@ def _policy(**kw):
     (64, 64, 16, 32, True, (40, 0), 5.0, False),
     (50, 70, 8, 16, True, None, None, True),
 ])
-def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, kpm):
+@pytest.mark.parametrize("chunk", [3, 16])  # key blocks per program: several chunks per row tile, or one
+def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, kpm, chunk, monkeypatch):
+    from hf_ahfa.kernels import estimate
     from hf_ahfa.kernels.estimate import estimate_mass
+
+    monkeypatch.setattr(estimate, "ESTIMATE_CHUNK", chunk)
 
     q, k, _ = _qk(2, Q, K, 4, 2, 40, seed=Q + K)
     q = q * 2  # peaked attention: the selection below is not a coin toss
