@@ -146,7 +146,8 @@ after timeout -s INT -k 15 ${SELECT_TESTS_S:-180} python3 -m pytest -q -p no:cac
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/adaptive-cuda.log" | tail -15
 for t in before after; do
   PYTHONPATH=/tmp/$t timeout ${PROFILE_S:-100} python3 scripts/profile_adaptive.py --seq-lens ${SEQ_LENS:-8192,32768,131072} \
-    --profile > "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt" 2>&1; grep "^T=" "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt"
+    --strides ${STRIDES:-16,8} --profile --out-dir "$R" --label $t --name "profile-adaptive-$t-${GPU_TAG:-gpu}" \
+    > "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt" 2>&1; grep "^T=" "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt"
 done
 exit 0
 fi

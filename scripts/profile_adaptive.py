@@ -41,31 +41,62 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", default="8192,32768")
     ap.add_argument("--heads", default="14,2,64", help="query heads, key/value heads, head dim")
+    ap.add_argument("--strides", default="16", help="estimator strides to time (policy.stride), e.g. 16,8")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print the profiler's table of estimate + select")
+    ap.add_argument("--out-dir", help="write <name>.json and <name>.md there")
+    ap.add_argument("--name", default="profile-adaptive")
+    ap.add_argument("--label", default="", help="a label for the tree measured (a column of the report)")
     args = ap.parse_args()
     H, HKV, D = (int(x) for x in args.heads.split(","))
-    policy = hf_ahfa.AdaptivePolicy(mode="adaptive")
+    strides = [int(x) for x in args.strides.split(",")]
+    rows = []
     for T in (int(x) for x in args.seq_lens.split(",")):
         torch.manual_seed(0)
         q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) * 2
         k, v = (torch.randn(1, T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         call = make_call(q, k, v, causal=True)
-        steps = {
-            "exact (routed)": lambda: hf_ahfa.attention(q, k, v, causal=True),
-            "adaptive (graph)": lambda: hf_ahfa.attention(q, k, v, causal=True, policy=policy),
-            "estimator": lambda: estimator(q, k, call, policy),
-            "estimator + selection": lambda: _select(q, k, call, policy, backward=False),
-            "estimator + selection (backward lists)": lambda: _select(q, k, call, policy, backward=True),
-        }
+        steps = {"exact (routed)": lambda: hf_ahfa.attention(q, k, v, causal=True)}
+        for stride in strides:
+            p = hf_ahfa.AdaptivePolicy(mode="adaptive", stride=stride)
+            tag = "" if len(strides) == 1 else f" stride {stride}"
+            steps.update({
+                f"adaptive (graph){tag}": lambda p=p: hf_ahfa.attention(q, k, v, causal=True, policy=p),
+                f"estimator{tag}": lambda p=p: estimator(q, k, call, p),
+                f"estimator + selection{tag}": lambda p=p: _select(q, k, call, p, backward=False),
+                f"estimator + selection (backward lists){tag}": lambda p=p: _select(q, k, call, p, backward=True),
+            })
+        policy = hf_ahfa.AdaptivePolicy(mode="adaptive", stride=strides[0])
         ms = {name: timed(fn, args.reps) for name, fn in steps.items()}
         print(f"T={T} H={H}/{HKV} D={D}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in ms.items()), flush=True)
+        rows += [dict(label=args.label, seq_len=T, step=n, ms=t, of_exact=t / ms["exact (routed)"]) for n, t in ms.items()]
         if args.profile:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     _select(q, k, call, policy, backward=False)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+    if args.out_dir:
+        write(args, rows, (H, HKV, D))
+
+
+def write(args, rows, heads):
+    """``<name>.json`` (the rows, the GPU, the versions) and ``<name>.md`` (one table) under ``--out-dir``."""
+    import json
+    import pathlib
+
+    import triton
+
+    out = pathlib.Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                heads=heads, reps=args.reps, dtype="bfloat16", causal=True)
+    (out / f"{args.name}.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    lines = [f"# Adaptive call, where the time goes: {meta['gpu']}, heads {heads[0]}/{heads[1]}, D={heads[2]}, bf16, "
+             f"causal, batch 1 (median of {args.reps} CUDA-event timings per step)", "",
+             "| tree | tokens | step | ms | of exact (routed) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['seq_len']} | {r['step']} | {r['ms']:.3f} | {r['of_exact']:.3f} |" for r in rows]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
