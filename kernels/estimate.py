@@ -12,8 +12,18 @@ from hf_ahfa.kernels.flash import LOG2E
 from hf_ahfa.kernels.launch import launch
 
 # key blocks per estimator program: its rows' tile is loaded once per chunk (1: once per key block, as before the
-# twenty-third session); enough programs remain to fill the GPU (32K tokens: 16 chunks x 32 row tiles x heads)
+# twenty-third session), halved while fewer than MIN_PROGRAMS programs would run (short calls keep the GPU filled:
+# ~16 per SM of an H100; 32K tokens and 14 heads keep all 16: 7168 programs)
 ESTIMATE_CHUNK = 16
+MIN_PROGRAMS = 2048
+
+
+def estimate_chunk(programs: int) -> int:
+    """Key blocks per program for a call that would run ``programs`` programs at one key block each."""
+    chunk = ESTIMATE_CHUNK
+    while chunk > 1 and programs // chunk < MIN_PROGRAMS:
+        chunk //= 2
+    return chunk
 
 
 @torch.library.custom_op("hf_ahfa::estimate_tiles", mutates_args=(), device_types=("cuda", "cpu"))
@@ -33,11 +43,12 @@ def estimate_tiles(
     tile_max = torch.full((B, H, NR, nkb), float("-inf"), dtype=torch.float32, device=qs.device)
     tile_sum = torch.zeros(B, H, NR, nkb, dtype=torch.float32, device=qs.device)
     block_r = 16 if configs.interpreting() else 64
-    launch(estimate_mass_kernel, (cdiv(NR, block_r), cdiv(nkb, ESTIMATE_CHUNK), B * H),
+    chunk = estimate_chunk(cdiv(NR, block_r) * nkb * B * H)
+    launch(estimate_mass_kernel, (cdiv(NR, block_r), cdiv(nkb, chunk), B * H),
            (tensor_arg(qs), tensor_arg(k), mask_args(key_padding_mask, None)[0], tile_max, tile_sum,
             NR, q_len, K, H, H // HKV, nkb, stride, Scores(scale * LOG2E, softcap, win_left, win_right)),
            dict(D=D, CAUSAL=causal, PRECISION=precision(qs.dtype), BLOCK_R=block_r, BLOCK_N=block_k,
-                CHUNK=ESTIMATE_CHUNK, num_warps=1 if configs.interpreting() else 4,
+                CHUNK=chunk, num_warps=1 if configs.interpreting() else 4,
                 # two key tiles in flight where they fit sm80's shared memory with room to spare
                 num_stages=1 if configs.interpreting() or block_k * D > 128 * 128 else 2))
     return tile_max, tile_sum

@@ -37,6 +37,7 @@ def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, 
     from hf_ahfa.kernels.estimate import estimate_mass
 
     monkeypatch.setattr(estimate, "ESTIMATE_CHUNK", chunk)
+    monkeypatch.setattr(estimate, "MIN_PROGRAMS", 0)  # these calls are tiny: keep the chunk asked for
 
     q, k, _ = _qk(2, Q, K, 4, 2, 40, seed=Q + K)
     q = q * 2  # peaked attention: the selection below is not a coin toss
@@ -59,6 +60,15 @@ def test_estimator_matches_reference(Q, K, stride, bk, causal, window, softcap, 
         pick = [select_blocks(e, touched, anchors, 0.9, 1.0, bk // stride)[0]
                 for e in (got, want)]
         assert torch.equal(*pick)
+
+
+def test_estimator_chunks_shrink_where_the_gpu_would_go_idle():
+    from hf_ahfa.kernels.estimate import MIN_PROGRAMS, estimate_chunk
+
+    assert estimate_chunk(32 * 256 * 14) == 16  # 32K tokens, 14 heads: 7168 programs of 16 key blocks
+    assert estimate_chunk(8 * 64 * 9) == 2  # 8K, 9 heads: 2304 programs of 2
+    assert estimate_chunk(MIN_PROGRAMS - 1) == 1
+    assert all(estimate_chunk(n) * MIN_PROGRAMS <= max(n, MIN_PROGRAMS) for n in (1, 3000, 5000, 40000, 10**6))
 
 
 def test_sample_queries_takes_the_last_row_of_each_group():
