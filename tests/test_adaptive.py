@@ -169,6 +169,23 @@ def test_selection_kernels_match_the_reference(Q, K, bs, stride, causal, window,
     assert got.to_dense().any() and (tau == 1.0 or not torch.equal(got.to_dense(), want_visible.expand(B, H, -1, -1)))
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_estimator_and_selection_opcheck(backward):
+    """The ops' schemas and fake tensors (what torch.compile traces) agree with what they compute."""
+    from hf_ahfa.kernels.estimate import estimate_tiles
+    from hf_ahfa.kernels.select import select_lists
+    from hf_ahfa.select import _kernel_band
+
+    q, k, _ = _qk(1, 64, 80, 2, 1, 16, seed=3)
+    qs = sample_queries(q, 8)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(estimate_tiles, (qs, k, None, 64, 8, 16, True, -1, -1, 0.0, 0.25), test_utils=utils)
+    tiles = estimate_tiles(qs, k, None, 64, 8, 16, True, -1, -1, 0.0, 0.25)
+    touched, full, anchors, limit, _ = _kernel_band(64, 80, _policy(tau=0.9), True, None, q.device)
+    torch.library.opcheck(select_lists, (*tiles, touched, full, anchors, limit, 0.9, 2, False, backward),
+                          test_utils=utils)
+
+
 def test_selection_kernel_keeps_every_block_tied_at_the_threshold():
     # one row: 0.4 and three blocks of 0.2; tau 0.5 needs 0.4 and one 0.2. The reference's sort keeps one of the
     # tied blocks, the kernel (a threshold on the mass) all three. (Block 4 is also the query block's diagonal,
