@@ -31,8 +31,11 @@ def select_lists(
     keep = torch.empty(B, H, NQ, NK, dtype=torch.uint8, device=tile_max.device)
     kept = torch.zeros(B, H, dtype=torch.int32, device=tile_max.device)
     warps = 1 if configs.interpreting() else 4
+    rows_p2, block = next_power_of_2(rows_per_block), next_power_of_2(NK)
+    # the rows' masses stay in registers: ~32 values per thread at most (up to 16 warps)
     launch(keep_blocks_kernel, (NQ, B * H), (tile_max, tile_sum, touched, anchors, keep, kept, NR, NQ, NK, tau),
-           dict(ROWS=rows_per_block, ALL=tau >= 1.0, BLOCK=next_power_of_2(NK), num_warps=warps))
+           dict(ROWS=rows_per_block, ROWS_P2=rows_p2, ALL=tau >= 1.0, BLOCK=block,
+                num_warps=1 if configs.interpreting() else min(16, max(warps, rows_p2 * block // 1024))))
     # forward lists: per query block (row i of the grid); backward: per key block (column j)
     shapes = [(NQ, NK, NK, 1)] + ([(NK, NQ, 1, NK)] if backward else [])
     out = []

@@ -11,7 +11,7 @@ scatters (~60 small launches, three sorts over ``B * H * NQ * NK``).
 Top-p without a sort: a row keeps block ``i`` iff the blocks with more mass than it hold less than ``tau`` of
 the total, ``sum(m_j for m_j > m_i) < tau * sum(m)``. That sum falls as the threshold rises, so the smallest
 threshold ``t`` meeting it is found by bisection over the bit patterns of non-negative float32 (their order is
-the integers'), 31 passes over the row; the row keeps ``m_i >= t``. This is the reference's set except that
+the integers'), 31 passes over the query block's rows at once; a row keeps ``m_i >= t``. This is the reference's set except that
 blocks tied at the threshold are all kept (the reference's sort keeps some of them).
 """
 
@@ -22,11 +22,12 @@ import triton.language as tl
 @triton.jit
 def keep_blocks_kernel(
     TM, TS, TOUCHED, ANCHORS, KEEP, KEPT, NR, NQ, NK, tau,
-    ROWS: tl.constexpr, ALL: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, ROWS_P2: tl.constexpr, ALL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # one program: query block i of one (batch, head). TM/TS (B*H, NR, NK) float32: each sampled row's tile max
-    # (log2 domain) and sum of exp2 per key block (the estimator's output); TOUCHED/ANCHORS (NQ, NK) uint8;
-    # KEEP (B*H, NQ, NK) uint8 out; KEPT (B*H,) int32, this head's kept blocks added
+    # one program: query block i of one (batch, head), its ROWS sampled rows side by side (one bisection for all).
+    # TM/TS (B*H, NR, NK) float32: each sampled row's tile max (log2 domain) and sum of exp2 per key block (the
+    # estimator's output); TOUCHED/ANCHORS (NQ, NK) uint8; KEEP (B*H, NQ, NK) uint8 out; KEPT (B*H,) int32, this
+    # head's kept blocks added
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -35,27 +36,27 @@ def keep_blocks_kernel(
     if ALL:  # tau >= 1: every visible block
         keep = touched
     else:
-        keep = tl.load(ANCHORS + i * NK + offs, mask=inside, other=0) != 0
-        for j in range(ROWS):
-            r = i * ROWS + j
-            if r < NR:
-                row = (bh * NR + r) * NK
-                tile_max = tl.load(TM + row + offs, mask=inside, other=float("-inf"))
-                tile_sum = tl.load(TS + row + offs, mask=inside, other=0.0)
-                row_max = tl.max(tile_max, 0)
-                row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-                mass = tile_sum * tl.exp2(tile_max - row_max)  # 0 where the row sees nothing of the block
-                target = tau * tl.sum(mass, 0)
-                # invariant: the mass above lo holds >= target, above hi < target (hi: the row's largest mass)
-                lo = tl.zeros([], dtype=tl.int32)
-                hi = tl.max(mass, 0).to(tl.int32, bitcast=True)
-                for _ in range(31):
-                    mid = lo + (hi - lo) // 2
-                    above = tl.sum(tl.where(mass > mid.to(tl.float32, bitcast=True), mass, 0.0), 0)
-                    lo = tl.where(above < target, lo, mid)
-                    hi = tl.where(above < target, mid, hi)
-                keep = keep | ((mass >= hi.to(tl.float32, bitcast=True)) & (mass > 0))
-        keep = keep & touched
+        r = tl.arange(0, ROWS_P2)
+        rows = i * ROWS + r
+        at = (bh * NR + rows)[:, None] * NK + offs[None, :]
+        live = ((r < ROWS) & (rows < NR))[:, None] & inside[None, :]
+        tile_max = tl.load(TM + at, mask=live, other=float("-inf"))
+        tile_sum = tl.load(TS + at, mask=live, other=0.0)
+        row_max = tl.max(tile_max, 1)
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        mass = tile_sum * tl.exp2(tile_max - row_max[:, None])  # 0 where a row sees nothing of the block
+        target = tau * tl.sum(mass, 1)
+        # per row: the mass above lo holds >= target, above hi < target (hi starts at the row's largest mass)
+        lo = tl.zeros([ROWS_P2], dtype=tl.int32)
+        hi = tl.max(mass, 1).to(tl.int32, bitcast=True)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            above = tl.sum(tl.where(mass > mid.to(tl.float32, bitcast=True)[:, None], mass, 0.0), 1)
+            lo = tl.where(above < target, lo, mid)
+            hi = tl.where(above < target, mid, hi)
+        row_keeps = (mass >= hi.to(tl.float32, bitcast=True)[:, None]) & (mass > 0)
+        union = tl.max(row_keeps.to(tl.int32), 0) != 0
+        keep = (union | (tl.load(ANCHORS + i * NK + offs, mask=inside, other=0) != 0)) & touched
     tl.store(KEEP + (bh * NQ + i) * NK + offs, keep.to(tl.uint8), mask=inside)
     tl.atomic_add(KEPT + bh, tl.sum(keep.to(tl.int32), 0))
 

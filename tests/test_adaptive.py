@@ -144,6 +144,7 @@ def _tiles(B, H, NR, NK, seed):
     (130, 130, 32, 16, True, (70, 0), True, 0.95, 1.0),  # one sampled row per block's edge; element masks
     (160, 160, 32, 8, True, None, False, 0.9, 0.95),  # some heads fall back to every visible block
     (128, 384, 16, 8, True, None, False, 0.7, 1.0),  # 24 key blocks, a sparse selection
+    (170, 200, 48, 16, True, None, False, 0.8, 1.0),  # three sampled rows per block (not a power of two)
     (96, 128, 32, 8, False, None, False, 1.0, 1.0),  # tau 1: every visible block
 ])
 @pytest.mark.parametrize("backward", [False, True])
