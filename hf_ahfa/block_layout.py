@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 
 
+# the layout's lists, in the order the block-sparse kernels and hf_ahfa::select_lists take them
+LIST_FIELDS = ("kv_count", "kv_index", "full_count", "full_index", "q_count", "q_index", "full_q_count", "full_q_index")
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Selected tiles of a ``q_len x k_len`` attention in blocks of ``block_q x block_k``.

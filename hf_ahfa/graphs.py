@@ -2,7 +2,8 @@
 
 The estimator, the selection and the sparse kernels are a dozen and more launches (~70, ~2 ms of host time, before
 the selection kernels) whose host-side cost can exceed the GPU work, so an inference call of the Triton path
-replays a graph captured once per call shape (inputs copied into its buffers). Set ``ENABLED = False`` to run eagerly (tests compare both).
+replays a graph captured once per call shape (inputs copied into its buffers). Set ``ENABLED = False`` to run
+eagerly (tests compare both).
 """
 
 from __future__ import annotations

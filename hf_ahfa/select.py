@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from hf_ahfa.block_layout import BlockLayout, band_blocks, fit_to_band
+from hf_ahfa.block_layout import LIST_FIELDS, BlockLayout, band_blocks, fit_to_band
 from hf_ahfa.policy import AdaptivePolicy
 
 
@@ -84,9 +84,8 @@ def select_layout_of_tiles(tiles: tuple[torch.Tensor, torch.Tensor], q_len: int,
     touched, full, anchors, limit, visible = _kernel_band(q_len, k_len, policy, causal, window, tiles[0].device)
     *lists, kept = select_lists(*tiles, touched, full, anchors, limit, policy.tau, policy.block_size // policy.stride,
                                 element_masks, backward)
-    names = ("kv_count", "kv_index", "full_count", "full_index", "q_count", "q_index", "full_q_count", "full_q_index")
     bs = policy.block_size
-    layout = BlockLayout(block_q=bs, block_k=bs, q_len=q_len, k_len=k_len, **dict(zip(names, lists)))
+    layout = BlockLayout(block_q=bs, block_k=bs, q_len=q_len, k_len=k_len, **dict(zip(LIST_FIELDS, lists)))
     return layout, kept > limit, visible
 
 

@@ -35,7 +35,7 @@ def select_lists(
     # the rows' masses stay in registers: ~32 values per thread at most (up to 16 warps)
     launch(keep_blocks_kernel, (NQ, B * H), (tile_max, tile_sum, touched, anchors, keep, kept, NR, NQ, NK, tau),
            dict(ROWS=rows_per_block, ROWS_P2=rows_p2, ALL=tau >= 1.0, BLOCK=block,
-                num_warps=1 if configs.interpreting() else min(16, max(warps, rows_p2 * block // 1024))))
+                num_warps=warps if warps == 1 else min(16, max(warps, rows_p2 * block // 1024))))
     # forward lists: per query block (row i of the grid); backward: per key block (column j)
     shapes = [(NQ, NK, NK, 1)] + ([(NK, NQ, 1, NK)] if backward else [])
     out = []

@@ -11,8 +11,8 @@ scatters (~60 small launches, three sorts over ``B * H * NQ * NK``).
 Top-p without a sort: a row keeps block ``i`` iff the blocks with more mass than it hold less than ``tau`` of
 the total, ``sum(m_j for m_j > m_i) < tau * sum(m)``. That sum falls as the threshold rises, so the smallest
 threshold ``t`` meeting it is found by bisection over the bit patterns of non-negative float32 (their order is
-the integers'), 31 passes over the query block's rows at once; a row keeps ``m_i >= t``. This is the reference's set except that
-blocks tied at the threshold are all kept (the reference's sort keeps some of them).
+the integers'), 31 passes over the query block's rows at once; a row keeps ``m_i >= t``. This is the reference's
+set except that blocks tied at the threshold are all kept (the reference's sort keeps some of them).
 """
 
 import triton

@@ -69,7 +69,8 @@ def main():
         policy = hf_ahfa.AdaptivePolicy(mode="adaptive", stride=strides[0])
         ms = {name: timed(fn, args.reps) for name, fn in steps.items()}
         print(f"T={T} H={H}/{HKV} D={D}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in ms.items()), flush=True)
-        rows += [dict(label=args.label, seq_len=T, step=n, ms=t, of_exact=t / ms["exact (routed)"]) for n, t in ms.items()]
+        exact = ms["exact (routed)"]
+        rows += [dict(label=args.label, seq_len=T, step=n, ms=t, of_exact=t / exact) for n, t in ms.items()]
         if args.profile:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):

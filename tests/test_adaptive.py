@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hf_ahfa
 from hf_ahfa.estimate import estimate_mass_reference, sample_queries
 from hf_ahfa.select import anchor_blocks, select_blocks
-from hf_ahfa.block_layout import band_blocks
+from hf_ahfa.block_layout import LIST_FIELDS, band_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,9 +125,6 @@ def test_select_blocks_every_sampled_row_reaches_tau(seed):
     assert (share[mass.sum(-1) > 0] >= tau - 1e-6).all()
 
 
-LISTS = ("kv_count", "kv_index", "full_count", "full_index", "q_count", "q_index", "full_q_count", "full_q_index")
-
-
 def _tiles(B, H, NR, NK, seed):
     """Random estimator tiles: log2-domain maxima (some blocks unseen: -inf, sum 0) and sums of exponentials; head
     ``h``'s maxima spread ``2 + 4 h`` (flat to peaked heads)."""
@@ -162,7 +159,7 @@ def test_selection_kernels_match_the_reference(Q, K, bs, stride, causal, window,
     assert torch.equal(got_dense, want_dense) and torch.equal(got_visible, want_visible)
     if density_limit < 1.0:
         assert 0 < want_dense.sum() < B * H  # the case covers both kinds of head
-    for name in LISTS:
+    for name in LIST_FIELDS:
         w, g = getattr(want, name), getattr(got, name)
         assert (g is None) == (w is None) == (not backward and name.startswith(("q_", "full_q"))), name
         if w is not None:
