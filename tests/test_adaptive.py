@@ -266,8 +266,8 @@ def test_exact_reasons_and_all_dense_heads():
 
 
 def _fake_timings(monkeypatch, times: dict):
-    """The router's timing (hf_ahfa.fastest) on the CPU: each candidate takes ``times[name]`` ms; returns the list
-    of timed candidate sets. Auto times off the GPU here only (``router.AUTO_TIMED_DEVICES``)."""
+    """The router's timing (hf_ahfa.fastest) on the suite's device: each candidate takes ``times[name]`` ms; returns
+    the list of timed candidate sets. Auto times on the CPU here too (``router.AUTO_TIMED_DEVICES``)."""
     from hf_ahfa import fastest, router
 
     timed = []
@@ -275,7 +275,7 @@ def _fake_timings(monkeypatch, times: dict):
     monkeypatch.setattr(fastest, "_decided", {})
     monkeypatch.setattr(fastest, "_median_ms",
                         lambda cands, device: timed.append(sorted(cands)) or {n: times[n] for n in cands})
-    monkeypatch.setattr(router, "AUTO_TIMED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(router, "AUTO_TIMED_DEVICES", frozenset({DEVICE}))
     return timed
 
 
@@ -313,7 +313,7 @@ def test_auto_decides_per_layer_and_runs_as_selected_where_nothing_is_timed(monk
     runs as selected, or exact without the kernels."""
     from types import SimpleNamespace
 
-    from hf_ahfa import integration
+    from hf_ahfa import integration, router
 
     monkeypatch.setenv("AHFA_BACKEND", "triton")
     fields = dict(mode="auto", block_size=16, stride=8, min_length=32, tau=0.3, density_limit=1.0)
@@ -331,7 +331,9 @@ def test_auto_decides_per_layer_and_runs_as_selected_where_nothing_is_timed(monk
                               policy=hf_ahfa.AdaptivePolicy(**fields))
         return rec[0]["route"]
 
-    assert layer_call(3) == "adaptive" and plain_call() == "adaptive"  # nothing timed on the CPU by default
+    assert router.AUTO_TIMED_DEVICES == {"cuda"}  # the interpreter's timings would say nothing about a GPU's
+    monkeypatch.setattr(router, "AUTO_TIMED_DEVICES", frozenset())  # (on CUDA too: no real timing in this test)
+    assert layer_call(3) == "adaptive" and plain_call() == "adaptive"
     timed = _fake_timings(monkeypatch, {"exact": 1.0, "adaptive": 0.5})
     assert [layer_call(3), layer_call(3), layer_call(4), plain_call(), plain_call()] == ["adaptive"] * 5
     assert len(timed) == 3  # layer 3, layer 4, no layer
