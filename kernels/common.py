@@ -1,8 +1,8 @@
 """Triton helpers shared by every kernel family (flash forward and backward, split-KV decode, estimator).
 
 The visibility rule of ``hf_ahfa.masks`` lives here once at element level (``visible``) and once at
-block level (``key_span``); ``finite_values`` / ``poison_seen`` keep a NaN or inf in an unseen value away
-from the queries of a masked tile (decode always, flash forward/backward with ``NAN_GUARD``). Two bundles
+block level (``key_span``, ``key_blocks``); ``finite_values`` / ``poison_seen`` keep a NaN or inf in an unseen
+value away from the queries of a masked tile (decode always, flash forward/backward with ``NAN_GUARD``). Two bundles
 keep the helpers' parameter lists short:
 
 * ``Flags``: the compile-time switches of a launch, one ``tl.constexpr`` namedtuple that the kernels'
@@ -350,6 +350,32 @@ def key_span(first, end, cx, F: tl.constexpr):
         if not F.causal:
             hi = tl.minimum(hi, end + cx.win_right)
     return lo, tl.maximum(hi, 0)
+
+
+@triton.jit
+def key_blocks(first, end, cx, F: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` that query positions ``[first, end)`` may see, in whole ``BLOCK_N`` blocks from ``lo``,
+    and inside them ``[f_lo, f_hi)``, the blocks every one of those queries fully sees. Only the blocks outside
+    the latter (the causal diagonal, window edges, the ragged end) need a mask; with a key-padding or dense mask
+    every block does. Positions are bottom-right aligned (query ``i`` sits at ``i + k_len - q_len``)."""
+    lo, hi = key_span(first, end, cx, F)
+    if F.kpm:  # key blocks wholly outside the batch row's visible span are skipped
+        lo = tl.maximum(lo, cx.kpm_lo)
+        hi = tl.minimum(hi, cx.kpm_hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    f_hi = (cx.k_len // BLOCK_N) * BLOCK_N
+    f_lo = lo
+    if F.causal:
+        f_hi = tl.minimum(f_hi, ((first + 1) // BLOCK_N) * BLOCK_N)
+    if F.window:
+        f_lo = tl.maximum(lo, tl.cdiv(end - 1 - cx.win_left, BLOCK_N) * BLOCK_N)
+        if not F.causal:
+            f_hi = tl.minimum(f_hi, ((first + cx.win_right + 1) // BLOCK_N) * BLOCK_N)
+    if F.kpm or F.am:
+        f_lo = hi
+    f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
+    return lo, f_lo, f_hi, hi
 
 
 @triton.jit

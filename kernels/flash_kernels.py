@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from hf_ahfa.kernels.common import (
-    LOG2E, alibi_bias, alibi_key_term, alibi_row_term, alibi_slope, finite_values, flags, head_view, key_span,
-    load_tile, logits, make_ctx, natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
+    LOG2E, alibi_bias, alibi_key_term, alibi_row_term, alibi_slope, finite_values, flags, head_view, key_blocks,
+    key_span, load_tile, logits, make_ctx, natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
 )
 
 
@@ -71,35 +71,9 @@ def _lists(LISTS, b, h, H, block):
 
 
 @triton.jit
-def _key_blocks(start_m, cx, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key range ``[lo, hi)`` that queries ``start_m .. + BLOCK_M`` may see, and inside it ``[f_lo, f_hi)``
-    that every one of them fully sees. Only the blocks outside the latter (the causal diagonal, window
-    edges, the ragged end) need a mask; with a key-padding or dense mask every block does."""
-    shift = cx.k_len - cx.q_len  # bottom-right alignment: query i sits at position i + shift
-    lo, hi = key_span(start_m + shift, start_m + BLOCK_M + shift, cx, F)
-    if F.kpm:  # key blocks wholly outside the batch row's visible span are skipped
-        lo = tl.maximum(lo, cx.kpm_lo)
-        hi = tl.minimum(hi, cx.kpm_hi)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    f_hi = (cx.k_len // BLOCK_N) * BLOCK_N
-    f_lo = lo
-    if F.causal:
-        f_hi = tl.minimum(f_hi, ((start_m + shift + 1) // BLOCK_N) * BLOCK_N)
-    if F.window:
-        f_lo = tl.maximum(lo, tl.cdiv(start_m + BLOCK_M - 1 + shift - cx.win_left, BLOCK_N) * BLOCK_N)
-        if not F.causal:
-            f_hi = tl.minimum(f_hi, ((start_m + shift + cx.win_right + 1) // BLOCK_N) * BLOCK_N)
-    if F.kpm or F.am:
-        f_lo = hi
-    f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
-    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
-    return lo, f_lo, f_hi, hi
-
-
-@triton.jit
 def _query_blocks(start_n, cx, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query range ``[lo, hi)`` that may see keys ``start_n .. + BLOCK_N``, and inside it ``[f_lo, f_hi)``
-    that fully sees them (the transpose of ``_key_blocks``)."""
+    that fully sees them (the transpose of ``key_blocks``)."""
     shift = cx.k_len - cx.q_len
     lo = 0
     hi = cx.q_len
@@ -269,7 +243,8 @@ def flash_fwd_kernel(
         acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, 0, n_full, full, offs_m, cx, F,
                                              BLOCK_N, False)
     else:
-        lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
+        first = start_m + cx.k_len - cx.q_len  # bottom-right alignment
+        lo, f_lo, f_hi, hi = key_blocks(first, first + BLOCK_M, cx, F, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
         acc, l_i, m_i, dropped = _fwd_blocks(acc, l_i, m_i, dropped, q, kv, tma, lo, f_lo, None, offs_m, cx, F,
                                              BLOCK_N, True)
@@ -481,7 +456,8 @@ def flash_bwd_dq_kernel(
         dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_masked, masked, offs_m, cx, F, BLOCK_N, True)
         dq = _dq_blocks(dq, q, do, lse2, delta, kv, 0, n_full, full, offs_m, cx, F, BLOCK_N, False)
     else:
-        lo, f_lo, f_hi, hi = _key_blocks(start_m, cx, F, BLOCK_M, BLOCK_N)
+        first = start_m + cx.k_len - cx.q_len  # bottom-right alignment
+        lo, f_lo, f_hi, hi = key_blocks(first, first + BLOCK_M, cx, F, BLOCK_N)
         # masked window edge, unmasked interior, masked diagonal / ragged end
         dq = _dq_blocks(dq, q, do, lse2, delta, kv, lo, f_lo, None, offs_m, cx, F, BLOCK_N, True)
         dq = _dq_blocks(dq, q, do, lse2, delta, kv, f_lo, f_hi, None, offs_m, cx, F, BLOCK_N, False)
