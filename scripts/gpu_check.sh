@@ -145,10 +145,13 @@ if [ "$STAGE" = select ]; then
 after timeout -s INT -k 15 ${SELECT_TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} --tb=short \
   -rfE tests/test_adaptive.py > "$R/adaptive-cuda.log" 2>&1
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/adaptive-cuda.log" | tail -15
+# KEPT (e.g. 0.2,0.4,0.6): the block-sparse kernels alone at those kept shares, on the current tree
 for t in before after; do
+  KEPT_ARG=(); [ "$t" = after ] && [ -n "${KEPT:-}" ] && KEPT_ARG=(--kept "$KEPT")
   PYTHONPATH=/tmp/$t timeout ${PROFILE_S:-100} python3 scripts/profile_adaptive.py --seq-lens ${SEQ_LENS:-8192,32768,131072} \
-    --strides ${STRIDES:-16,8} --profile --out-dir "$R" --label $t --name "profile-adaptive-$t-${GPU_TAG:-gpu}" \
-    > "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt" 2>&1; grep "^T=" "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt"
+    --strides ${STRIDES:-16,8} "${KEPT_ARG[@]}" --profile --out-dir "$R" --label $t \
+    --name "profile-adaptive-$t-${GPU_TAG:-gpu}" > "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt" 2>&1
+  grep "^T=" "$R/profile-adaptive-$t-${GPU_TAG:-gpu}.txt"
 done
 exit 0
 fi

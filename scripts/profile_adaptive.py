@@ -1,8 +1,11 @@
 """Where the time of a block-sparse call goes (GPU): wall time of a call against exact attention, the
 estimator and the selection alone (CUDA events around each, eager), and torch.profiler's top device
-operators of the estimate + select step. Default shapes: one layer of the Qwen2.5-0.5B layout.
+operators of the estimate + select step. Default shapes: one layer of the Qwen2.5-0.5B layout. ``--kept`` adds the
+block-sparse kernels alone on layouts keeping that share of each query block's visible blocks (random per head,
+the sink and diagonal blocks always): what the sparse part of an adaptive call costs at a kept share, which random
+inputs (flat attention: nearly every block kept) cannot show.
 
-    python scripts/profile_adaptive.py --seq-lens 8192,32768 --heads 14,2,64
+    python scripts/profile_adaptive.py --seq-lens 8192,32768 --heads 14,2,64 --kept 0.25,0.5
 """
 import argparse
 
@@ -12,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 import hf_ahfa
 from hf_ahfa import estimate
 from hf_ahfa.adaptive import _select
+from hf_ahfa.block_layout import BlockLayout
 from hf_ahfa.spec import make_call
 
 
@@ -20,6 +24,18 @@ def estimator(q, k, call, policy):
     if hasattr(estimate, "estimate_row_tiles"):
         return estimate.estimate_row_tiles(q, k, call, policy)
     return estimate.estimate_row_mass(q, k, call, policy, kernels=True)
+
+
+def kept_layout(T, H, block, share, seed=0, device="cuda"):
+    """A causal ``BlockLayout`` of one sequence keeping about ``share`` of each query block's visible key blocks,
+    drawn per head, plus block 0 and the diagonal; blocks below the diagonal need no element mask."""
+    n = -(-T // block)
+    g = torch.Generator().manual_seed(seed)
+    below = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    keep = (torch.rand(1, H, n, n, generator=g) < share) & below
+    keep[..., 0] = True
+    keep = (keep & below) | torch.eye(n, dtype=torch.bool)
+    return BlockLayout.from_dense(keep.to(device), block, block, T, T, full=(keep & below).to(device))
 
 
 def timed(fn, reps):
@@ -42,6 +58,7 @@ def main():
     ap.add_argument("--seq-lens", default="8192,32768")
     ap.add_argument("--heads", default="14,2,64", help="query heads, key/value heads, head dim")
     ap.add_argument("--strides", default="16", help="estimator strides to time (policy.stride), e.g. 16,8")
+    ap.add_argument("--kept", default="", help="kept shares to time the block-sparse kernels alone at, e.g. 0.25,0.5")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print the profiler's table of estimate + select")
     ap.add_argument("--out-dir", help="write <name>.json and <name>.md there")
@@ -67,6 +84,12 @@ def main():
                 f"estimator + selection (backward lists){tag}": lambda p=p: _select(q, k, call, p, backward=True),
             })
         policy = hf_ahfa.AdaptivePolicy(mode="adaptive", stride=strides[0])
+        for share in (float(x) for x in args.kept.split(",") if x):
+            lay = kept_layout(T, H, policy.block_size, share)
+            n = lay.to_dense().shape[-1]
+            kept = lay.to_dense().sum().item() / (H * n * (n + 1) / 2)  # of the causal blocks
+            steps[f"block-sparse kernel, {kept:.0%} of blocks kept"] = (
+                lambda lay=lay: hf_ahfa.attention(q, k, v, causal=True, layout=lay))
         ms = {name: timed(fn, args.reps) for name, fn in steps.items()}
         print(f"T={T} H={H}/{HKV} D={D}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in ms.items()), flush=True)
         exact = ms["exact (routed)"]
