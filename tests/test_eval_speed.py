@@ -297,3 +297,25 @@ def test_model_speed_script_pairs_the_floor_and_the_baseline_with_itself(tmp_pat
     assert len(ahfa) == 1 and ahfa[0]["prefill_paired"]["pairs"] == 2 and ahfa[0]["decode_paired"]["pairs"] == 2
     md = (tmp_path / "m.md").read_text()
     assert "\nfloor: " in md and "\na/a: " in md and "\npacked decode: " in md
+
+
+def test_profile_script_kept_layout_keeps_the_share_asked():
+    """scripts/profile_adaptive.py --kept: a causal layout with about the asked share of the visible blocks, always
+    the sink and the diagonal, nothing above the diagonal, the blocks below it listed as needing no mask."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "profile_adaptive.py"
+    spec = importlib.util.spec_from_file_location("profile_adaptive", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    T, H, block = 128 * 64 - 5, 3, 128
+    lay = script.kept_layout(T, H, block, 0.3, device="cpu")
+    keep, n = lay.to_dense(), 64
+    below = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    assert keep.shape == (1, H, n, n) and not (keep & ~below & ~torch.eye(n, dtype=torch.bool)).any()
+    assert keep[..., 0].all() and keep.diagonal(dim1=-2, dim2=-1).all()
+    assert torch.equal(lay.to_dense(full=True), keep & below)
+    share = keep.sum().item() / (H * n * (n + 1) / 2)
+    assert 0.3 < share < 0.4  # 0.3 of the blocks below the diagonal, plus the sink and diagonal blocks
+    assert not torch.equal(keep[0, 0], keep[0, 1])  # drawn per head
