@@ -143,7 +143,7 @@ if [ "$STAGE" = select ]; then
 # (estimator, selection, the whole call against exact) on the tree before them and this one
 # (8 workers: the suite's tensors are small; 4 left 4 of its 53 tests unfinished after 150 s, mostly compiling)
 after timeout -s INT -k 15 ${SELECT_TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} --tb=short \
-  -rfE tests/test_adaptive.py > "$R/adaptive-cuda.log" 2>&1
+  -rfE ${SELECT_K:+-k "$SELECT_K"} tests/test_adaptive.py > "$R/adaptive-cuda.log" 2>&1
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/adaptive-cuda.log" | tail -15
 # KEPT (e.g. 0.2,0.4,0.6): the block-sparse kernels alone at those kept shares, on the current tree
 for t in before after; do
