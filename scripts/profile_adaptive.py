@@ -1,8 +1,8 @@
 """Where the time of a block-sparse call goes (GPU): wall time of a call against exact attention, the
 estimator and the selection alone (CUDA events around each, eager), and torch.profiler's top device
 operators of the estimate + select step. Default shapes: one layer of the Qwen2.5-0.5B layout. ``--kept`` adds the
-block-sparse kernels alone on layouts keeping that share of each query block's visible blocks (random per head,
-the sink and diagonal blocks always): what the sparse part of an adaptive call costs at a kept share, which random
+block-sparse kernels alone on layouts keeping about that share of the causal blocks (``ahfa-eval speed``'s
+``ahfa-sparse-D`` layouts: random per head, the sink and diagonal blocks always): what the sparse part of an adaptive call costs at a kept share, which random
 inputs (flat attention: nearly every block kept) cannot show.
 
     python scripts/profile_adaptive.py --seq-lens 8192,32768 --heads 14,2,64 --kept 0.25,0.5
@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 import hf_ahfa
 from hf_ahfa import estimate
 from hf_ahfa.adaptive import _select
-from hf_ahfa.block_layout import BlockLayout
+from hf_ahfa.eval.speed import random_layout, visible_blocks
 from hf_ahfa.spec import make_call
 
 
@@ -24,18 +24,6 @@ def estimator(q, k, call, policy):
     if hasattr(estimate, "estimate_row_tiles"):
         return estimate.estimate_row_tiles(q, k, call, policy)
     return estimate.estimate_row_mass(q, k, call, policy, kernels=True)
-
-
-def kept_layout(T, H, block, share, seed=0, device="cuda"):
-    """A causal ``BlockLayout`` of one sequence keeping about ``share`` of each query block's visible key blocks,
-    drawn per head, plus block 0 and the diagonal; blocks below the diagonal need no element mask."""
-    n = -(-T // block)
-    g = torch.Generator().manual_seed(seed)
-    below = torch.ones(n, n, dtype=torch.bool).tril(-1)
-    keep = (torch.rand(1, H, n, n, generator=g) < share) & below
-    keep[..., 0] = True
-    keep = (keep & below) | torch.eye(n, dtype=torch.bool)
-    return BlockLayout.from_dense(keep.to(device), block, block, T, T, full=(keep & below).to(device))
 
 
 def timed(fn, reps):
@@ -85,9 +73,8 @@ def main():
             })
         policy = hf_ahfa.AdaptivePolicy(mode="adaptive", stride=strides[0])
         for share in (float(x) for x in args.kept.split(",") if x):
-            lay = kept_layout(T, H, policy.block_size, share)
-            n = lay.to_dense().shape[-1]
-            kept = lay.to_dense().sum().item() / (H * n * (n + 1) / 2)  # of the causal blocks
+            lay = random_layout(1, H, T, share, True, "cuda", block=policy.block_size)
+            kept = lay.density(visible_blocks(T, True, "cuda", policy.block_size))
             steps[f"block-sparse kernel, {kept:.0%} of blocks kept"] = (
                 lambda lay=lay: hf_ahfa.attention(q, k, v, causal=True, layout=lay))
         ms = {name: timed(fn, args.reps) for name, fn in steps.items()}

@@ -299,23 +299,23 @@ def test_model_speed_script_pairs_the_floor_and_the_baseline_with_itself(tmp_pat
     assert "\nfloor: " in md and "\na/a: " in md and "\npacked decode: " in md
 
 
-def test_profile_script_kept_layout_keeps_the_share_asked():
-    """scripts/profile_adaptive.py --kept: a causal layout with about the asked share of the visible blocks, always
-    the sink and the diagonal, nothing above the diagonal, the blocks below it listed as needing no mask."""
-    import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "profile_adaptive.py"
-    spec = importlib.util.spec_from_file_location("profile_adaptive", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    T, H, block = 128 * 64 - 5, 3, 128
-    lay = script.kept_layout(T, H, block, 0.3, device="cpu")
-    keep, n = lay.to_dense(), 64
-    below = torch.ones(n, n, dtype=torch.bool).tril(-1)
-    assert keep.shape == (1, H, n, n) and not (keep & ~below & ~torch.eye(n, dtype=torch.bool)).any()
-    assert keep[..., 0].all() and keep.diagonal(dim1=-2, dim2=-1).all()
-    assert torch.equal(lay.to_dense(full=True), keep & below)
-    share = keep.sum().item() / (H * n * (n + 1) / 2)
-    assert 0.3 < share < 0.4  # 0.3 of the blocks below the diagonal, plus the sink and diagonal blocks
+@pytest.mark.parametrize("T,causal", [(128 * 16, True), (128 * 16 - 5, True), (128 * 12 + 1, False)])
+def test_random_layout_lists_as_full_only_tiles_every_query_fully_sees(T, causal):
+    """``ahfa-sparse-D``'s layouts (also ``scripts/profile_adaptive.py --kept``): about the share asked, the sink
+    and diagonal kept, and a tile listed as needing no mask only where every query of it sees every key."""
+    from hf_ahfa.eval.speed import random_layout, visible_blocks
+
+    B, H, block = 1, 3, 128
+    lay = random_layout(B, H, T, 0.4, causal, "cpu", block=block)
+    keep, full = lay.to_dense(), lay.to_dense(full=True)
+    n = -(-T // block)
+    assert keep[..., 0].all() and keep.diagonal(dim1=-2, dim2=-1).all() and (full & ~keep).sum() == 0
     assert not torch.equal(keep[0, 0], keep[0, 1])  # drawn per head
+    assert 0.4 < lay.density(visible_blocks(T, causal, "cpu", block)) < 0.65  # with the sink and the diagonal
+    pos = torch.arange(n * block)
+    seen = (pos[None, :] <= pos[:, None]) if causal else torch.ones(n * block, n * block, dtype=torch.bool)
+    seen = seen & (pos[None, :] < T)
+    whole = seen.reshape(n, block, n, block).all(3).all(1)  # tiles every query (row) fully sees
+    assert (full <= whole).all() and full.any()
+    assert torch.equal(full, keep & whole)  # every such kept tile is listed as full
