@@ -11,9 +11,9 @@ scatters (~60 small launches, three sorts over ``B * H * NQ * NK``).
 Top-p without a sort: a row keeps block ``i`` iff the blocks with more mass than it hold less than ``tau`` of
 the total, ``sum(m_j for m_j > m_i) < tau * sum(m)``. That sum falls as the threshold rises, so the smallest
 threshold ``t`` meeting it is found by bisection over the bit patterns of non-negative float32 (their order is
-the integers'), at most 32 passes over the query block's rows at once, fewer once no row has a mass left inside its
-bracket; a row keeps ``m_i >= t``. This is the reference's
-set except that blocks tied at the threshold are all kept (the reference's sort keeps some of them).
+the integers'), at most 32 passes over the query block's rows at once, fewer once no row has a mass left inside
+its bracket; a row keeps ``m_i >= t``. This is the reference's set except that blocks tied at the threshold are all
+kept (the reference's sort keeps some of them).
 """
 
 import triton
@@ -27,8 +27,8 @@ def keep_blocks_kernel(
 ):
     # one program: query block i of one (batch, head), its ROWS sampled rows side by side (one bisection for all).
     # TM/TS (B*H, NR, NK) float32: each sampled row's tile max (log2 domain) and sum of exp2 per key block (the
-    # estimator's output: -inf / 0 in the blocks the row's query block does not touch, which are not read); TOUCHED/ANCHORS (NQ, NK) uint8; KEEP (B*H, NQ, NK) uint8 out; KEPT (B*H,) int32, this
-    # head's kept blocks added
+    # estimator's output: -inf / 0 in the blocks the row's query block does not touch, which are not read);
+    # TOUCHED/ANCHORS (NQ, NK) uint8; KEEP (B*H, NQ, NK) uint8 out; KEPT (B*H,) int32, this head's kept blocks added
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -52,7 +52,8 @@ def keep_blocks_kernel(
         lo = tl.zeros([ROWS_P2], dtype=tl.int32)
         hi = tl.max(mass, 1).to(tl.int32, bitcast=True)
         # 31 halvings close every bracket; once no mass lies strictly inside any row's bracket, the set kept
-        # (mass >= hi) cannot change any more: checked every 8 passes (typical rows need ~10-20)
+        # (mass >= hi) cannot change any more: checked every 8 passes (how many a row needs depends on how
+        # closely its masses lie around its threshold; 32 is harmless: a closed bracket stays as it is)
         between = tl.full([], 1, tl.int32)
         for _ in range(4):
             if between > 0:
