@@ -82,14 +82,16 @@ def host_may_wait() -> bool:
     return not (torch.compiler.is_compiling() or capturing)
 
 
-def _median_ms(candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+def _median_ms(candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
                batches: int = 5, batch_ms: float = 2.0) -> dict[str, float]:
     """Milliseconds per call of each candidate as an eager model sees it: wall time of back-to-back calls up to
     the device's end, median over ``batches``, the candidates taking turns batch by batch (so that the host's
     drift does not favour one). Host time counts: a kernel that is quick on the GPU but slow to launch loses
     where the GPU work is tiny (decode), and the GPU time decides where it is not. Each batch lasts about
-    ``batch_ms`` (3 to 20 calls on a GPU, whose launches queue; 1 to 20 on the CPU, where a call of a model's
-    length takes milliseconds and the whole timing is paid by the first call of its shape)."""
+    ``batch_ms`` (3 to 20 calls on a GPU, whose launches queue; 1 to 20 on the CPU). Where a single call
+    already lasts ``batch_ms`` (a long prompt: the device's time decides, and its spread is far below the
+    router's margins) it is three single calls: a model pays the whole timing in the first call of a shape (of
+    each layer, in auto mode), which at 128K tokens had been 18 runs of each candidate."""
     cuda = torch.device(device).type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     for fn in candidates.values():
@@ -97,13 +99,15 @@ def _median_ms(candidates: dict[str, Callable[[], object]], device: torch.device
             fn()
     sync()
     single = []
-    for fn in candidates.values():
+    for fn in candidates.values():  # (a second warm run, and the length of a call)
         start = time.perf_counter()
         fn()
         sync()
         single.append((time.perf_counter() - start) * 1e3)
-    fewest = 3 if cuda else 1
-    calls = max(fewest, min(20, math.ceil(batch_ms / max(max(single), 1e-3))))
+    if max(single) >= batch_ms:
+        calls, batches = 1, 3
+    else:
+        calls = max(3 if cuda else 1, min(20, math.ceil(batch_ms / max(max(single), 1e-3))))
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(batches):
         for name, fn in candidates.items():

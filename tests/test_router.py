@@ -237,8 +237,9 @@ def test_fastest_prefer_moves_decisions_to_the_fastest_of_the_named_candidates(m
 
 
 def test_fastest_times_cpu_calls_on_the_host_clock():
-    """On the CPU (no device to wait for) the candidates are timed by the host's clock, one call per batch when a
-    call is long: a candidate 3 ms slower per call loses, and each ran a handful of times, not hundreds."""
+    """On the CPU (no device to wait for) the candidates are timed by the host's clock: a candidate 3 ms slower
+    per call loses. A call as long as a batch is timed as three single calls (five runs in all, the first paid by
+    a model's first call of that shape); short calls in batches of several."""
     import time
 
     from hf_ahfa import fastest
@@ -251,7 +252,13 @@ def test_fastest_times_cpu_calls_on_the_host_clock():
     times = fastest._median_ms({"quick": candidate("quick", 1.0), "slow": candidate("slow", 4.0)},
                                torch.device("cpu"))
     assert times["slow"] - times["quick"] > 2.0, times
-    assert runs["quick"] == runs["slow"] <= 8, runs  # 2 warm-up, 1 single, 5 batches of one call
+    assert runs["quick"] == runs["slow"] == 5, runs  # 1 warm-up, 1 single, 3 batches of one call
+    runs.update(quick=0, slow=0)
+    times = fastest._median_ms({"quick": candidate("quick", 0.05), "slow": candidate("slow", 0.3)},
+                               torch.device("cpu"))
+    assert times["slow"] > times["quick"], times
+    batched = runs["quick"] - 2  # 5 batches of as many calls as fill 2 ms (7 while a sleep takes 0.3 ms)
+    assert runs["quick"] == runs["slow"] and batched % 5 == 0 and batched > 5, runs
 
 
 def test_routing_leaves_torch_sdpa_settings_alone():
