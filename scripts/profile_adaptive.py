@@ -2,8 +2,8 @@
 estimator and the selection alone (CUDA events around each, eager), and torch.profiler's top device
 operators of the estimate + select step. Default shapes: one layer of the Qwen2.5-0.5B layout. ``--kept`` adds the
 block-sparse kernels alone on layouts keeping about that share of the causal blocks (``ahfa-eval speed``'s
-``ahfa-sparse-D`` layouts: random per head, the sink and diagonal blocks always): what the sparse part of an adaptive call costs at a kept share, which random
-inputs (flat attention: nearly every block kept) cannot show.
+``ahfa-sparse-D`` layouts: random per head, the sink and diagonal blocks always): what the sparse part of an
+adaptive call costs at a kept share, which random inputs (flat attention: nearly every block kept) cannot show.
 
     python scripts/profile_adaptive.py --seq-lens 8192,32768 --heads 14,2,64 --kept 0.25,0.5
 """
