@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 import hf_ahfa
+from hf_ahfa.select import band_of_shape
 
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -77,17 +78,14 @@ def visible_blocks(T: int, causal: bool, device, block: int = 128) -> torch.Tens
 
 def random_layout(B, H, T, density, causal, device, block=128, seed=0):
     """A layout keeping about ``density`` of the visible 128x128 blocks, plus sink and diagonal blocks; the kept
-    blocks that every query of theirs fully sees (below a causal diagonal, inside the last whole key block) are
-    listed as needing no element mask, as the adaptive selection lists them."""
+    blocks that every query of theirs fully sees are listed as needing no element mask, by the rule the adaptive
+    selection uses (``band_of_shape``)."""
     n = -(-T // block)
     g = torch.Generator(device=device).manual_seed(seed)
-    touched = visible_blocks(T, causal, device, block)
+    touched, full = band_of_shape(T, T, block, block, causal, None, device)
     keep = torch.rand(B, H, n, n, generator=g, device=device) < density
     keep[..., 0] = True
     keep |= torch.eye(n, dtype=torch.bool, device=device)
-    full = touched & ~torch.eye(n, dtype=torch.bool, device=device) if causal else touched.clone()
-    if T % block:  # the ragged last key block is masked
-        full[..., -1] = False
     return hf_ahfa.BlockLayout.from_dense(keep & touched, block, block, T, T, full=keep & full)
 
 
