@@ -112,6 +112,9 @@ def add_mode_arguments(g, default: str) -> None:
     g.add_argument("--block-size", type=int, help="adaptive/auto: block edge in tokens (default: the policy's)")
     g.add_argument("--sample-stride", type=int, help="adaptive/auto: the estimator takes every N-th query row "
                    "(divides the block size; default: the policy's)")
+    g.add_argument("--skip-mass", type=float_list, help="adaptive/auto, inference: inside the kept blocks, skip "
+                   "the P @ V product of tiles while every row has left out at most this share of its attention mass "
+                   "(AdaptivePolicy.skip_mass), comma-separated for a sweep (default: the policy's, 0 = off)")
 
 
 def add_adaptive_comparison_arguments(p) -> None:
@@ -135,16 +138,18 @@ def checked_comparison(args):
 
 def checked_variants(args):
     """``perplexity_protocols.variants(args)``, an invalid policy value reported as the options that set it."""
-    if args.mode == "saved":
-        given = [f"--{name.replace('_', '-')}" for name in ("tau", "min_sparse_len", "block_size", "sample_stride")
-                 if getattr(args, name) is not None]
-        if given:
-            raise UsageError(f"--mode saved runs the policy stored in the model's config; {', '.join(given)} would "
-                             "change it (configure the model instead, or use --mode adaptive/auto)")
+    given = [f"--{name.replace('_', '-')}" for name in ("tau", "min_sparse_len", "block_size", "sample_stride",
+                                                     "skip_mass") if getattr(args, name) is not None]
+    if given and args.mode == "saved":
+        raise UsageError(f"--mode saved runs the policy stored in the model's config; {', '.join(given)} would "
+                         "change it (configure the model instead, or use --mode adaptive/auto)")
+    if given and args.mode == "exact":
+        raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
+                         "adaptive or auto")
     try:
         return variants(args)
     except ValueError as err:
-        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len: {err}") from err
+        raise UsageError(f"--mode/--tau/--block-size/--sample-stride/--min-sparse-len/--skip-mass: {err}") from err
 
 
 def _check_args(args) -> None:

@@ -49,8 +49,8 @@ def variants(args) -> tuple[list[Variant], Variant]:
         extra = {"min_length": args.min_sparse_len} if args.min_sparse_len else {}
         extra |= {"block_size": args.block_size} if args.block_size else {}
         extra |= {"stride": args.sample_stride} if args.sample_stride else {}
-        tests = [Variant(label, "ahfa", tuple(fields.items()))
-                 for label, fields in adaptive_variants(args.mode, args.tau, **extra).items()]
+        sweep = adaptive_variants(args.mode, args.tau, args.skip_mass, **extra)
+        tests = [Variant(label, "ahfa", tuple(fields.items())) for label, fields in sweep.items()]
     return tests, exact(args.baseline)
 
 

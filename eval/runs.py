@@ -158,16 +158,19 @@ def save_causal_lm(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def adaptive_variants(mode: str, taus: list[float] | None, **extra) -> dict[str, dict]:
-    """ahfa's adaptive/auto variants of a sweep: label ``ahfa-<mode>-tau<t>`` -> policy fields, one per
-    tau (default: the policy's), with ``extra`` fields set in each. Invalid values raise ``ValueError``."""
+def adaptive_variants(mode: str, taus: list[float] | None, skip_masses: list[float] | None = None,
+                      **extra) -> dict[str, dict]:
+    """ahfa's adaptive/auto variants of a sweep: label ``ahfa-<mode>-tau<t>`` (``-skip<s>`` where ``skip_mass``
+    is set) -> policy fields, one per tau (default: the policy's) and per skip mass (default: the policy's), with
+    ``extra`` fields set in each. Invalid values raise ``ValueError``."""
     import hf_ahfa
 
     out = {}
     for tau in taus or [hf_ahfa.AdaptivePolicy().tau]:
-        fields = {"mode": mode, "tau": tau, **extra}
-        hf_ahfa.AdaptivePolicy(**fields)
-        out[f"ahfa-{mode}-tau{tau:g}"] = fields
+        for skip in skip_masses or [None]:
+            fields = {"mode": mode, "tau": tau, **({"skip_mass": skip} if skip else {}), **extra}
+            hf_ahfa.AdaptivePolicy(**fields)
+            out[f"ahfa-{mode}-tau{tau:g}" + (f"-skip{skip:g}" if skip else "")] = fields
     return out
 
 

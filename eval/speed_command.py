@@ -76,6 +76,9 @@ def add_parser(subparsers) -> None:
                        help="also measure ahfa in this mode (one variant per --tau)")
     whole.add_argument("--tau", type=float_list, help="adaptive/auto: mass target(s), comma-separated "
                        "(default: the policy's)")
+    whole.add_argument("--skip-mass", type=float_list, help="adaptive/auto: in-kernel skipping's bound on the "
+                       "dropped mass per row (AdaptivePolicy.skip_mass; inference only), comma-separated: one variant "
+                       "per tau and skip mass (default: the policy's, 0 = off)")
     sp.set_defaults(run=run)
 
 
@@ -105,15 +108,19 @@ def _kernel_speed(args) -> dict[str, Path]:
 
 
 def _variants(args) -> dict[str, tuple[str, dict]]:
-    """ahfa's variants to measure: exact, plus one per ``--tau`` in adaptive/auto mode."""
+    """ahfa's variants to measure: exact, plus one per ``--tau`` (and ``--skip-mass``) in adaptive/auto mode."""
     from hf_ahfa.eval.runs import adaptive_variants
 
     out = {"ahfa": ("ahfa", {"mode": "exact"})}
+    given = [option for option, value in (("--tau", args.tau), ("--skip-mass", args.skip_mass)) if value is not None]
+    if given and args.mode == "exact":
+        raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
+                         "adaptive or auto")
     if args.mode != "exact":  # invalid values fail here, before the model loads
         try:
-            fields = adaptive_variants(args.mode, args.tau)
+            fields = adaptive_variants(args.mode, args.tau, args.skip_mass)
         except ValueError as err:
-            raise UsageError(f"--mode/--tau: {err}") from err
+            raise UsageError(f"--mode/--tau/--skip-mass: {err}") from err
         out.update({label: ("ahfa", f) for label, f in fields.items()})
     return out
 

@@ -74,6 +74,9 @@ def _check_args(args) -> None:
     if args.dtype not in ("auto", "float32"):
         raise UsageError(f"--dtype {args.dtype}: train keeps float32 weights and LoRA (bf16 autocast on CUDA); "
                          "leave --dtype at auto or float32")
+    if args.skip_mass:
+        raise UsageError("--skip-mass is for inference: a training step computes every tile of the kept blocks "
+                         "(the backward needs them)")
 
 
 def windows(ids: list[int], seq_len: int, steps: int, start: int | None) -> torch.Tensor:

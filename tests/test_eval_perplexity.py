@@ -458,6 +458,29 @@ def test_adaptive_tau_sweep_long_protocol(tiny_llama, books, tmp_path, monkeypat
     assert (tmp_path / "sweep-tau.png").stat().st_size > 0 and "Kept blocks per layer" in (tmp_path / "sweep.md").read_text()
 
 
+def test_skip_mass_sweep_is_one_variant_per_tau_and_skip_mass(tiny_llama, books, tmp_path, monkeypatch, capsys):
+    # --skip-mass 0 is the policy's default (no suffix, no field); a positive one is its own variant, recorded in the
+    # report's config; adaptive knobs with --mode exact are refused instead of dropped
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
+    _run("--model", tiny_llama, "--device", "cpu", "--protocol", "long", "--data-files", books[0],
+         "--context-lengths", "256", "--score-tokens", "16", "--mode", "adaptive", "--tau", "1", "--skip-mass",
+         "0,0.2", "--block-size", "32", "--sample-stride", "8", "--baseline", "ahfa", "--out-dir", tmp_path,
+         "--name", "skip")
+    data = json.loads((tmp_path / "skip.json").read_text())
+    tested = {v["label"]: v.get("skip_mass") for v in data["config"]["attention"]["variants"] if v["mode"] != "exact"}
+    assert tested == {"ahfa-adaptive-tau1": None, "ahfa-adaptive-tau1-skip0.2": 0.2}
+    (ctx,) = data["summary"]["by_context"]
+    assert ctx["ppl"]["ahfa-adaptive-tau1"] == pytest.approx(ctx["ppl"]["ahfa-exact"], rel=1e-5)
+    assert ctx["ppl"]["ahfa-adaptive-tau1-skip0.2"] > 0
+    for knob in (["--tau", "0.9"], ["--skip-mass", "0.01"]):
+        _usage_error(capsys, f"{knob[0]} set the adaptive mode, which --mode exact does not run", "--model",
+                     tiny_llama, "--device", "cpu", "--protocol", "long", "--data-files", books[0], "--mode", "exact",
+                     *knob, "--baseline", "sdpa", "--out-dir", tmp_path)
+    _usage_error(capsys, "skip_mass must be in", "--model", tiny_llama, "--device", "cpu", "--protocol", "long",
+                 "--data-files", books[0], "--mode", "adaptive", "--skip-mass", "1.5", "--baseline", "ahfa",
+                 "--out-dir", tmp_path)
+
+
 def test_saved_mode_runs_the_models_own_calibrated_layers(tiny_llama, books, tmp_path, monkeypatch, capsys):
     """--mode saved runs the policy stored in the model's config (per-layer entries, as `ahfa-eval calibrate
     --save-to` writes them) against ahfa exact, whose override turns those entries off; knobs that would change the

@@ -319,3 +319,23 @@ def test_random_layout_lists_as_full_only_tiles_every_query_fully_sees(T, causal
     whole = seen.reshape(n, block, n, block).all(3).all(1)  # tiles every query (row) fully sees
     assert (full <= whole).all() and full.any()
     assert torch.equal(full, keep & whole)  # every such kept tile is listed as full
+
+
+def test_speed_variants_one_per_tau_and_skip_mass_and_knobs_refused_in_exact_mode():
+    import argparse
+
+    from hf_ahfa.eval.usage import UsageError
+    from hf_ahfa.eval.speed_command import _variants
+
+    def variants(**kw):
+        return _variants(argparse.Namespace(**{"mode": "adaptive", "tau": None, "skip_mass": None, **kw}))
+
+    got = variants(tau=[0.99, 0.95], skip_mass=[0.0, 0.01])
+    assert list(got) == ["ahfa", "ahfa-adaptive-tau0.99", "ahfa-adaptive-tau0.99-skip0.01", "ahfa-adaptive-tau0.95",
+                         "ahfa-adaptive-tau0.95-skip0.01"]
+    assert got["ahfa-adaptive-tau0.95-skip0.01"] == ("ahfa", {"mode": "adaptive", "tau": 0.95, "skip_mass": 0.01})
+    assert "skip_mass" not in got["ahfa-adaptive-tau0.99"][1]
+    with pytest.raises(UsageError, match="--skip-mass set the adaptive mode, which --mode exact does not run"):
+        variants(mode="exact", skip_mass=[0.01])
+    with pytest.raises(UsageError, match="skip_mass must be in"):
+        variants(skip_mass=[1.0])

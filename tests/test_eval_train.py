@@ -71,6 +71,7 @@ def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
     (["--seq-len", "512"], "above the model's 256 positions"),
     (["--steps", "1000"], "--steps 1000 windows of --seq-len 64 need 64000"),
     (["--dtype", "bfloat16"], "train keeps float32 weights"),
+    (["--skip-mass", "0.01"], "--skip-mass is for inference"),
 ])
 def test_bad_input_is_one_line(tiny_llama, tiny_text, tmp_path, capsys, argv, match):
     book = tmp_path / "book.txt"
