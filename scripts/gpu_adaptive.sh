@@ -42,21 +42,22 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
   TAUS=${TAUS:-0.9,0.95,0.98,0.99}  # MODE: adaptive (default) or auto, the policy mode of the tested rows
   SCORE=${SCORE:-4096}  # scored tokens per context: 4096 resolve a 0.5% change (issue 12)
   STRIDE=${SAMPLE_STRIDE:+--sample-stride $SAMPLE_STRIDE}  # the estimator's row stride (default: the policy's)
+  SKIP_ARG=${SKIP:+--skip-mass $SKIP}  # in-kernel skipping's bounds, e.g. 0,0.001 (inference steps; default: off)
   G="--model /root/models --gguf-file gemma.gguf"
   # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run
   step ppl && ev ${PPL_S:-300} perplexity --protocol long $G --device cuda --data-files .stage-data/austen_*.txt \
     --context-lengths 8192,16384,32768 --score-tokens $SCORE --window-start bos --mode ${MODE:-adaptive} --tau $TAUS $STRIDE \
-    --baseline ahfa --name ppl-adaptive-gemma3${SUFFIX:-}
+    $SKIP_ARG --baseline ahfa --name ppl-adaptive-gemma3${SUFFIX:-}
   # pass-key retrieval: adaptive at NEEDLE_TAU against exact
   step needle && ev ${NEEDLE_S:-150} needle $G --device cuda --data-files .stage-data/austen_*.txt \
     --context-lengths 8192,16384,32768 --window-start bos --mode ${MODE:-adaptive} --tau ${NEEDLE_TAU:-0.99} $STRIDE \
     --baseline ahfa --name needle-gemma3${SUFFIX:-}
   # attention of one prefill over Emma, replayed per provider (estimator included)
   step attn && ev 120 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --attention --seq-lens 8192,16384,32768 \
-    --mode ${MODE:-adaptive} --tau $TAUS --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3${SUFFIX:-}
+    --mode ${MODE:-adaptive} --tau $TAUS $SKIP_ARG --providers sdpa-cudnn sdpa-flash --name attn-speed-gemma3${SUFFIX:-}
   # whole-model prefill (time to first token), real text
   step model && ev 100 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
-    --mode ${MODE:-adaptive} --tau $TAUS --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3${SUFFIX:-}
+    --mode ${MODE:-adaptive} --tau $TAUS $SKIP_ARG --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3${SUFFIX:-}
   # LoRA fine-tune (issue 12 item 7): the block-sparse backward against exact, same windows and initialisation
   # (not in the default STEPS: STEPS="train")
   step train && ev ${TRAIN_S:-400} train $G --device cuda --data-files .stage-data/austen_*.txt --seq-len ${TRAIN_LEN:-16384} \
