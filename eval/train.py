@@ -4,7 +4,7 @@ baseline, in one run: the loss of every step on the same windows, and the time o
 Every variant starts from the same weights and the same LoRA initialisation (peft, --seed) and trains with
 transformers.Trainer on the same windows in the same order: --steps windows of --seq-len tokens cut one
 after the other from the --data-files books (each window's first token is the document start per
---window-start). CUDA: float32 weights and LoRA, bf16 autocast (the attention runs in bf16); CPU: float32.
+--window-start); where the books hold fewer, the steps go over them again (epochs). CUDA: float32 weights and LoRA, bf16 autocast (the attention runs in bf16); CPU: float32.
 Reported per variant: loss per step, median step time after --warmup-steps (kernel compiles and autotuning
 fall in those), peak GPU memory, the kept share of the adaptive mode; against the baseline: the mean loss
 change over the steps with a 95% paired bootstrap interval (steps resampled; each step's windows are the
@@ -80,12 +80,14 @@ def _check_args(args) -> None:
 
 
 def windows(ids: list[int], seq_len: int, steps: int, start: int | None) -> torch.Tensor:
-    """``(steps, seq_len)`` token windows cut one after the other from ``ids`` (``start`` replacing each
-    window's first token when given). Raises ``UsageError`` where the text is too short."""
-    if len(ids) < steps * seq_len:
-        raise UsageError(f"--data-files hold {len(ids)} tokens: --steps {steps} windows of --seq-len {seq_len} "
-                         f"need {steps * seq_len}")
-    out = torch.tensor(ids[:steps * seq_len]).view(steps, seq_len)
+    """``(n, seq_len)`` token windows cut one after the other from ``ids`` (``start`` replacing each window's first
+    token when given), ``n = min(steps, len(ids) // seq_len)``: a fine-tune of more steps than the text holds windows
+    goes over them again (Trainer's epochs, in an order the seed fixes: the same for every variant). Raises
+    ``UsageError`` where the text holds less than one window."""
+    n = min(steps, len(ids) // seq_len)
+    if n == 0:
+        raise UsageError(f"--data-files hold {len(ids)} tokens, less than one window of --seq-len {seq_len}")
+    out = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
     if start is not None:
         out[:, 0] = start
     return out
@@ -172,7 +174,7 @@ def run(args) -> dict[str, Path]:
               "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr, "lora_r": args.lora_r,
               "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "seed": args.seed,
               "gradient_checkpointing": args.gradient_checkpointing, "data": [str(p) for p in args.data_files],
-              "variants": [v.label for v in (*tests, base)], "threshold": args.threshold}
+              "windows": len(data), "variants": [v.label for v in (*tests, base)], "threshold": args.threshold}
     with tempfile.TemporaryDirectory() as work:
         rows = [_train(model, v, data, args, Path(work)) for v in (base, *tests)]
     by = {r["impl"]: r for r in rows}
