@@ -39,13 +39,18 @@ def _run(*argv):
     cli.main(["train", *map(str, argv)])
 
 
+def _fine_tune(model, book, out, name, steps=4, *extra):
+    """adaptive tau 1 (every block kept) against ahfa exact, 64-token windows; the report's JSON."""
+    _run("--model", model, "--data-files", book, "--seq-len", 64, "--steps", steps, "--warmup-steps", 1,
+         "--mode", "adaptive", "--tau", "1.0", "--block-size", 16, "--lora-r", 4, "--device", "cpu",
+         "--out-dir", out, "--name", name, *extra)
+    return json.loads((out / f"{name}.json").read_text())
+
+
 def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
     book = tmp_path / "book.txt"
     book.write_text(tiny_text(2000, 3))
-    _run("--model", tiny_llama, "--data-files", book, "--seq-len", 64, "--steps", 4, "--warmup-steps", 1,
-         "--mode", "adaptive", "--tau", "1.0", "--block-size", 16, "--lora-r", 4, "--device", "cpu",
-         "--out-dir", tmp_path, "--name", "t")
-    data = json.loads((tmp_path / "t.json").read_text())
+    data = _fine_tune(tiny_llama, book, tmp_path, "t")
     rows = {r["impl"]: r for r in data["rows"]}
     assert set(rows) == {"ahfa-adaptive-tau1", "ahfa-exact"}
     for r in rows.values():
@@ -59,18 +64,12 @@ def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
     assert (tmp_path / "t.png").stat().st_size > 5000 and "95% interval" in (tmp_path / "t.md").read_text()
     assert "wrote" in capsys.readouterr().out
     # recomputing activations in the backward trains the same
-    _run("--model", tiny_llama, "--data-files", book, "--seq-len", 64, "--steps", 4, "--warmup-steps", 1,
-         "--mode", "adaptive", "--tau", "1.0", "--block-size", 16, "--lora-r", 4, "--device", "cpu",
-         "--gradient-checkpointing", "--out-dir", tmp_path, "--name", "t2")
-    again = {r["impl"]: r for r in json.loads((tmp_path / "t2.json").read_text())["rows"]}
+    again = {r["impl"]: r for r in _fine_tune(tiny_llama, book, tmp_path, "t2", 4, "--gradient-checkpointing")["rows"]}
     assert again["ahfa-exact"]["losses"] == pytest.approx(rows["ahfa-exact"]["losses"], abs=2e-4)
     # a text of fewer windows than steps: the steps go over them again, in the same order for both variants
     short = tmp_path / "short.txt"
     short.write_text(tiny_text(150, 3))
-    _run("--model", tiny_llama, "--data-files", short, "--seq-len", 64, "--steps", 5, "--warmup-steps", 1,
-         "--mode", "adaptive", "--tau", "1.0", "--block-size", 16, "--lora-r", 4, "--device", "cpu",
-         "--out-dir", tmp_path, "--name", "t3")
-    data = json.loads((tmp_path / "t3.json").read_text())
+    data = _fine_tune(tiny_llama, short, tmp_path, "t3", 5)
     assert 1 <= data["config"]["windows"] < 5
     cycled = {r["impl"]: r["losses"] for r in data["rows"]}
     assert all(len(v) == 5 for v in cycled.values())
