@@ -77,7 +77,7 @@ def test_helpers_raise_usage_error_not_system_exit():
 
 def test_speed_bad_tau_and_missing_model_are_one_line(capsys, tmp_path):
     for argv, message in ((["speed", "--model", str(tmp_path / "none")], r"--model path .*none does not exist"),
-                          (["speed", "--model", "x", "--mode", "adaptive", "--tau", "2"], r"--mode/--tau: ")):
+                          (["speed", "--model", "x", "--mode", "adaptive", "--tau", "2"], r"--mode/--tau/--skip-mass: tau must be in")):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         err = capsys.readouterr().err
