@@ -143,11 +143,15 @@ if [ "$STAGE" = select ]; then
 # the selection kernels (twenty-third session): the adaptive suite on CUDA, then where an adaptive call's time goes
 # (estimator, selection, the whole call against exact) on the tree before them and this one
 # (8 workers: the suite's tensors are small; 4 left 4 of its 53 tests unfinished after 150 s, mostly compiling)
+# (SELECT_TESTS_S=0: no tests; PROFILE_TREES: the trees profiled, e.g. "after": calls that carry a model part each
+# can share the stage out)
+if [ "${SELECT_TESTS_S:-180}" != 0 ]; then
 after timeout -s INT -k 15 ${SELECT_TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider -n ${WORKERS:-8} --tb=short \
   -rfE ${SELECT_K:+-k "$SELECT_K"} tests/test_adaptive.py > "$R/adaptive-cuda.log" 2>&1
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/adaptive-cuda.log" | tail -15
+fi
 # KEPT (e.g. 0.2,0.4,0.6): the block-sparse kernels alone at those kept shares, on the current tree
-for t in before after; do
+for t in ${PROFILE_TREES:-before after}; do
   KEPT_ARG=(); [ "$t" = after ] && [ -n "${KEPT:-}" ] && KEPT_ARG=(--kept "$KEPT")
   PYTHONPATH=/tmp/$t timeout ${PROFILE_S:-100} python3 scripts/profile_adaptive.py --seq-lens ${SEQ_LENS:-8192,32768,131072} \
     --strides ${STRIDES:-16,8} "${KEPT_ARG[@]}" --profile --out-dir "$R" --label $t \
