@@ -41,7 +41,7 @@ import torch
 from hf_ahfa.eval.perplexity_data import document_start_token, load_documents
 from hf_ahfa.eval.perplexity_protocols import run_long, run_wikitext, switch_attention, variants
 from hf_ahfa.eval.perplexity_report import write_report
-from hf_ahfa.eval.runs import load_causal_lm, process_device, resolve_dtype
+from hf_ahfa.eval.runs import check_skip_mass, load_causal_lm, process_device, resolve_dtype
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command, float_list, int_list
 from hf_ahfa.policy import policy_of
 
@@ -146,6 +146,7 @@ def checked_variants(args):
     if given and args.mode == "exact":
         raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
                          "adaptive or auto")
+    check_skip_mass(args.skip_mass, args.device)
     try:
         return variants(args)
     except ValueError as err:

@@ -174,6 +174,18 @@ def adaptive_variants(mode: str, taus: list[float] | None, skip_masses: list[flo
     return out
 
 
+def check_skip_mass(skip_masses: list[float] | None, device: str) -> None:
+    """In-kernel skipping (``--skip-mass``) runs on the Triton kernels only: refuse it where the adaptive calls would
+    take the reference backend, which computes every kept tile (the variant would measure nothing)."""
+    from hf_ahfa.router import requested_backend
+
+    backend = requested_backend(None) or ("triton" if str(device).startswith("cuda") else "reference")
+    if any(skip_masses or []) and backend != "triton":
+        raise UsageError(f"--skip-mass: in-kernel skipping runs on the Triton kernels (CUDA, or AHFA_BACKEND=triton "
+                         f"on the CPU); on {device} this run's adaptive calls take the {backend} backend, which "
+                         "computes every kept tile")
+
+
 def relative_change(ours: float, base: float) -> float:
     """``(ours - base) / |base|``: the quantity the verdict thresholds."""
     return (ours - base) / abs(base) if base else float("inf")

@@ -109,7 +109,7 @@ def _kernel_speed(args) -> dict[str, Path]:
 
 def _variants(args) -> dict[str, tuple[str, dict]]:
     """ahfa's variants to measure: exact, plus one per ``--tau`` (and ``--skip-mass``) in adaptive/auto mode."""
-    from hf_ahfa.eval.runs import adaptive_variants
+    from hf_ahfa.eval.runs import adaptive_variants, check_skip_mass
 
     out = {"ahfa": ("ahfa", {"mode": "exact"})}
     given = [option for option, value in (("--tau", args.tau), ("--skip-mass", args.skip_mass)) if value is not None]
@@ -117,6 +117,7 @@ def _variants(args) -> dict[str, tuple[str, dict]]:
         raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
                          "adaptive or auto")
     if args.mode != "exact":  # invalid values fail here, before the model loads
+        check_skip_mass(args.skip_mass, args.device)
         try:
             fields = adaptive_variants(args.mode, args.tau, args.skip_mass)
         except ValueError as err:

@@ -479,6 +479,11 @@ def test_skip_mass_sweep_is_one_variant_per_tau_and_skip_mass(tiny_llama, books,
     _usage_error(capsys, "skip_mass must be in", "--model", tiny_llama, "--device", "cpu", "--protocol", "long",
                  "--data-files", books[0], "--mode", "adaptive", "--skip-mass", "1.5", "--baseline", "ahfa",
                  "--out-dir", tmp_path)
+    # the reference backend computes every kept tile: a skip-mass variant there would measure nothing
+    monkeypatch.delenv("AHFA_BACKEND")
+    _usage_error(capsys, "--skip-mass: in-kernel skipping runs on the Triton kernels .* reference backend", "--model",
+                 tiny_llama, "--device", "cpu", "--protocol", "long", "--data-files", books[0], "--mode", "adaptive",
+                 "--skip-mass", "0.01", "--baseline", "ahfa", "--out-dir", tmp_path)
 
 
 def test_saved_mode_runs_the_models_own_calibrated_layers(tiny_llama, books, tmp_path, monkeypatch, capsys):

@@ -321,14 +321,19 @@ def test_random_layout_lists_as_full_only_tiles_every_query_fully_sees(T, causal
     assert torch.equal(full, keep & whole)  # every such kept tile is listed as full
 
 
-def test_speed_variants_one_per_tau_and_skip_mass_and_knobs_refused_in_exact_mode():
+def test_speed_variants_one_per_tau_and_skip_mass_and_knobs_refused_in_exact_mode(monkeypatch):
     import argparse
 
-    from hf_ahfa.eval.usage import UsageError
     from hf_ahfa.eval.speed_command import _variants
+    from hf_ahfa.eval.usage import UsageError
 
     def variants(**kw):
-        return _variants(argparse.Namespace(**{"mode": "adaptive", "tau": None, "skip_mass": None, **kw}))
+        return _variants(argparse.Namespace(**{"mode": "adaptive", "tau": None, "skip_mass": None, "device": "cpu",
+                                                **kw}))
+
+    with pytest.raises(UsageError, match="--skip-mass: in-kernel skipping runs on the Triton kernels"):
+        variants(skip_mass=[0.01])  # the CPU's default backend is the reference
+    monkeypatch.setenv("AHFA_BACKEND", "triton")
 
     got = variants(tau=[0.99, 0.95], skip_mass=[0.0, 0.01])
     assert list(got) == ["ahfa", "ahfa-adaptive-tau0.99", "ahfa-adaptive-tau0.99-skip0.01", "ahfa-adaptive-tau0.95",
