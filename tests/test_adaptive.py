@@ -559,3 +559,32 @@ def test_tile_skipping_is_for_inference_only():
         sparse_fwd(q, q, q, None, None, None, None, None, 32, 32, True, -1, -1, 0.0, 0.1, 0, 0.25, **lists,
                    t_count=None, t_index=None, t_full_count=None, t_full_index=None, block_q=16, block_k=16,
                    skip_mass=0.01)
+
+
+@pytest.mark.parametrize("Q,K,window", [(128, 128, None), (96, 160, None), (128, 128, (40, 0))])
+def test_tile_skipping_matches_its_reference_tile_by_tile(Q, K, window):
+    """The kernel's skipping rule replayed in PyTorch (``skip_reference``, the interpreter's 16 x 16 tiles, two
+    tiles per layout block each way): same output at every bound, same tiles left out (a tile decided otherwise
+    moves the output by far more than the tolerance), and some tiles are left out at the larger bounds."""
+    from hf_ahfa.block_layout import BlockLayout
+    from hf_ahfa.block_sparse import layout_band, skip_reference, sparse_kernels, sparse_reference
+    from hf_ahfa.spec import make_call
+
+    if DEVICE != "cpu":
+        pytest.skip("the reference replays the interpreter's 16 x 16 tiles")
+    g = torch.Generator().manual_seed(Q + K)
+    q = torch.randn(1, Q, 2, 16, generator=g) * 1.5  # peaked rows: faint tiles to skip
+    k, v = torch.randn(1, K, 1, 16, generator=g), torch.randn(1, K, 1, 16, generator=g)
+    call = make_call(q, k, v, causal=True, window=window)
+    sel = torch.rand(1, 2, -(-Q // 32), -(-K // 32), generator=g) < 0.7
+    band = layout_band(call, 32, 32, Q, K, "cpu")
+    lay = BlockLayout.from_dense(sel, 32, 32, Q, K).resolve(band, element_masks=False, backward=False)
+    exact, _ = sparse_reference(q, k, v, lay, call)
+    shares = []
+    for skip_mass in (0.0, 0.002, 0.05, 0.3):
+        out, _ = sparse_kernels(q, k, v, lay, call, skip_mass=skip_mass)
+        ref, share = skip_reference(q, k, v, lay, call, skip_mass, 16, 16)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        assert (ref - exact).abs().max() <= 2 * skip_mass * v.abs().max() + 1e-5
+        shares.append(share)
+    assert shares[0] == 0 and shares == sorted(shares) and shares[-1] > 0.1
