@@ -12,7 +12,7 @@ kernel (or ``estimate_mass``) turns them into each row's softmax mass per block.
 import triton
 import triton.language as tl
 
-from hf_ahfa.kernels.common import flags, head_view, key_blocks, load_tile, logits, make_ctx, visible
+from hf_ahfa.kernels.common import flags, head_view, key_span, load_tile, logits, make_ctx, visible
 
 
 @triton.jit
@@ -40,39 +40,20 @@ def estimate_mass_kernel(
     cx = make_ctx(KPM, None, S, b, h, 0, 0, T_Q, T_K, bh, 0.0, F)
     first = _sampled_pos(pid_r * BLOCK_R, T_Q, T_K, STRIDE)
     last = _sampled_pos(tl.minimum(pid_r * BLOCK_R + BLOCK_R, NR) - 1, T_Q, T_K, STRIDE)
-    lo, f_lo, f_hi, hi = key_blocks(first, last + 1, cx, F, BLOCK_N)
-    c_lo = chunk * CHUNK * BLOCK_N  # this program's keys
-    c_hi = c_lo + CHUNK * BLOCK_N
+    lo, hi = key_span(first, last + 1, cx, F)
+    kb_lo = tl.maximum(chunk * CHUNK, lo // BLOCK_N)
+    kb_hi = tl.minimum(tl.minimum(chunk * CHUNK + CHUNK, NKB), tl.cdiv(hi, BLOCK_N))
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, F.block_d)
     qs = load_tile(head_view(QS, b, h, 0), offs_r, offs_d, NR, F.d)
     qpos = _sampled_pos(offs_r, T_Q, T_K, STRIDE)[:, None]
-    kh = head_view(K, b, h // GROUP, 0)
     out = (bh.to(tl.int64) * NR + offs_r) * NKB
-    # masked window edge, blocks every row fully sees (no mask arithmetic), masked diagonal / ragged end
-    _tiles(qs, kh, M, L, out, qpos, offs_r, offs_d, tl.maximum(lo, c_lo), tl.minimum(f_lo, c_hi), NR, cx, F,
-           BLOCK_N, True)
-    _tiles(qs, kh, M, L, out, qpos, offs_r, offs_d, tl.maximum(f_lo, c_lo), tl.minimum(f_hi, c_hi), NR, cx, F,
-           BLOCK_N, False)
-    _tiles(qs, kh, M, L, out, qpos, offs_r, offs_d, tl.maximum(f_hi, c_lo), tl.minimum(hi, c_hi), NR, cx, F,
-           BLOCK_N, True)
-
-
-@triton.jit
-def _tiles(qs, kh, M, L, out, qpos, offs_r, offs_d, start, end, NR, cx, F: tl.constexpr, BLOCK_N: tl.constexpr,
-           MASKED: tl.constexpr):
-    """Each key block in ``[start, end)``: the rows' max and sum of exp2 into ``M`` / ``L``. ``MASKED=False`` for
-    blocks every row fully sees."""
-    for n in range(start, end, BLOCK_N):
-        offs_n = n + tl.arange(0, BLOCK_N)
-        k = load_tile(kh, offs_n, offs_d, cx.k_len, F.d)
+    for kb in range(kb_lo, kb_hi):
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(head_view(K, b, h // GROUP, 0), offs_n, offs_d, T_K, F.d)
         s, _ = logits(qs, k, cx, F)  # [BR, D] @ [D, BN] -> [BR, BN]
-        if MASKED:
-            s = tl.where(visible(qpos, offs_n, offs_r, NR, cx.k_len, offs_r.to(tl.int64), cx, F), s, float("-inf"))
+        s = tl.where(visible(qpos, offs_n, offs_r, NR, T_K, offs_r.to(tl.int64), cx, F), s, float("-inf"))
         m = tl.max(s, 1)
-        m_safe = m
-        if MASKED:
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-        kb = n // BLOCK_N
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
         tl.store(M + out + kb, m, mask=offs_r < NR)
         tl.store(L + out + kb, tl.sum(tl.exp2(s - m_safe[:, None]), 1), mask=offs_r < NR)

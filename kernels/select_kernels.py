@@ -11,9 +11,8 @@ scatters (~60 small launches, three sorts over ``B * H * NQ * NK``).
 Top-p without a sort: a row keeps block ``i`` iff the blocks with more mass than it hold less than ``tau`` of
 the total, ``sum(m_j for m_j > m_i) < tau * sum(m)``. That sum falls as the threshold rises, so the smallest
 threshold ``t`` meeting it is found by bisection over the bit patterns of non-negative float32 (their order is
-the integers'), at most 32 passes over the query block's rows at once, fewer once no row has a mass left inside
-its bracket; a row keeps ``m_i >= t``. This is the reference's set except that blocks tied at the threshold are all
-kept (the reference's sort keeps some of them).
+the integers'), 31 passes over the query block's rows at once; a row keeps ``m_i >= t``. This is the reference's
+set except that blocks tied at the threshold are all kept (the reference's sort keeps some of them).
 """
 
 import triton
@@ -27,8 +26,8 @@ def keep_blocks_kernel(
 ):
     # one program: query block i of one (batch, head), its ROWS sampled rows side by side (one bisection for all).
     # TM/TS (B*H, NR, NK) float32: each sampled row's tile max (log2 domain) and sum of exp2 per key block (the
-    # estimator's output: -inf / 0 in the blocks the row's query block does not touch, which are not read);
-    # TOUCHED/ANCHORS (NQ, NK) uint8; KEEP (B*H, NQ, NK) uint8 out; KEPT (B*H,) int32, this head's kept blocks added
+    # estimator's output); TOUCHED/ANCHORS (NQ, NK) uint8; KEEP (B*H, NQ, NK) uint8 out; KEPT (B*H,) int32, this
+    # head's kept blocks added
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -40,8 +39,7 @@ def keep_blocks_kernel(
         r = tl.arange(0, ROWS_P2)
         rows = i * ROWS + r
         at = (bh * NR + rows)[:, None] * NK + offs[None, :]
-        # a block the query block does not touch is -inf / 0 in every row: not read
-        live = ((r < ROWS) & (rows < NR))[:, None] & touched[None, :]
+        live = ((r < ROWS) & (rows < NR))[:, None] & inside[None, :]
         tile_max = tl.load(TM + at, mask=live, other=float("-inf"))
         tile_sum = tl.load(TS + at, mask=live, other=0.0)
         row_max = tl.max(tile_max, 1)
@@ -51,20 +49,11 @@ def keep_blocks_kernel(
         # per row: the mass above lo holds >= target, above hi < target (hi starts at the row's largest mass)
         lo = tl.zeros([ROWS_P2], dtype=tl.int32)
         hi = tl.max(mass, 1).to(tl.int32, bitcast=True)
-        # 31 halvings close every bracket; once no mass lies strictly inside any row's bracket, the set kept
-        # (mass >= hi) cannot change any more: checked every 8 passes (how many a row needs depends on how
-        # closely its masses lie around its threshold; 32 is harmless: a closed bracket stays as it is)
-        between = tl.full([], 1, tl.int32)
-        for _ in range(4):
-            if between > 0:
-                for _ in range(8):
-                    mid = lo + (hi - lo) // 2
-                    above = tl.sum(tl.where(mass > mid.to(tl.float32, bitcast=True)[:, None], mass, 0.0), 1)
-                    lo = tl.where(above < target, lo, mid)
-                    hi = tl.where(above < target, mid, hi)
-                lo_f = lo.to(tl.float32, bitcast=True)[:, None]
-                hi_f = hi.to(tl.float32, bitcast=True)[:, None]
-                between = tl.sum(tl.sum(((mass > lo_f) & (mass < hi_f)).to(tl.int32), 1), 0)
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            above = tl.sum(tl.where(mass > mid.to(tl.float32, bitcast=True)[:, None], mass, 0.0), 1)
+            lo = tl.where(above < target, lo, mid)
+            hi = tl.where(above < target, mid, hi)
         row_keeps = (mass >= hi.to(tl.float32, bitcast=True)[:, None]) & (mass > 0)
         union = tl.max(row_keeps.to(tl.int32), 0) != 0
         keep = (union | (tl.load(ANCHORS + i * NK + offs, mask=inside, other=0) != 0)) & touched
