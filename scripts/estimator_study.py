@@ -39,26 +39,20 @@ import platform
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_ahfa
+from hf_ahfa.eval.recorded import add_recording_arguments, record_prefills
 from hf_ahfa.eval.runs import load_causal_lm
 from hf_ahfa.estimate import estimate_row_mass
 from hf_ahfa.select import anchor_blocks_of_shape, band_of_shape, select_blocks
 from hf_ahfa.spec import make_call
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", required=True, help="a model folder (or a folder holding --gguf-file)")
-parser.add_argument("--gguf-file", help="GGUF weights in --model's folder (de-quantized to float32)")
-parser.add_argument("--books", nargs="+", required=True, help="plain-text files; one prefill per book")
-parser.add_argument("--tokens", type=int, default=4096, help="prefill length (from each book's start)")
+add_recording_arguments(parser, "estimator-study")
 parser.add_argument("--block-size", type=int, default=64)
 parser.add_argument("--stride", type=int, default=16, help="rows / antidiagonal stride of the estimators")
 parser.add_argument("--taus", default="0.9,0.95,0.99")
 parser.add_argument("--guards", default="", help="comma-separated G of the rows-union-guardG methods")
-parser.add_argument("--out-dir", type=Path)
-parser.add_argument("--name", default="estimator-study")
 args = parser.parse_args()
 taus = [float(t) for t in args.taus.split(",")]
 bs, S, T = args.block_size, args.stride, args.tokens
@@ -153,16 +147,12 @@ def cost(method: str) -> float:
 
 
 model, tokenizer = load_causal_lm(args.model, "sdpa", torch.float32, "cpu", args.gguf_file)
-studied = set()  # layers with global attention
 captured = {(m, t): [] for m in METHODS for t in taus}
 row_captured = {(m, t): [] for m in METHODS for t in taus}
 kept = {(m, t): [0, 0] for m in METHODS for t in taus}
 
 
-def recording(module, query, key, value, attention_mask, **kw):
-    if kw.get("sliding_window") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-    studied.add(module.layer_idx)
+def study(module, query, key, value, **kw):
     B, H, _, D = query.shape
     k = key.repeat_interleave(H // key.shape[1], 1)
     m, per_row = masses(query[0].float(), k[0].float(), kw.get("scaling") or D**-0.5)
@@ -184,18 +174,9 @@ def recording(module, query, key, value, attention_mask, **kw):
             captured[method, tau].append(got.float())
             kept[method, tau][0] += int(keep.sum())
             kept[method, tau][1] += int(band.sum()) * H
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
 
-AttentionInterface.register("study", recording)
-model.set_attn_implementation("study")
-with torch.inference_mode():
-    for book in args.books:
-        ids = tokenizer(Path(book).read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :T]
-        if ids.shape[1] < T:
-            raise SystemExit(f"{book}: {ids.shape[1]} tokens, fewer than --tokens {T}")
-        model(ids, use_cache=False)
-        print(f"{book}: done", flush=True)
+studied = record_prefills(args, study, model, tokenizer)  # layers with global attention
 
 rows = []
 for method in METHODS:

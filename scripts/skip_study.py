@@ -23,69 +23,51 @@ import platform
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_ahfa
 from hf_ahfa.block_sparse import layout_band, skip_reference
-from hf_ahfa.eval.runs import load_causal_lm
+from hf_ahfa.eval.recorded import add_recording_arguments, record_prefills
 from hf_ahfa.eval.speed import visible_blocks
 from hf_ahfa.spec import make_call
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--model", required=True, help="a model folder (or a folder holding --gguf-file)")
-parser.add_argument("--gguf-file", help="GGUF weights in --model's folder (de-quantized to float32)")
-parser.add_argument("--books", nargs="+", required=True, help="plain-text files; one prefill per book")
-parser.add_argument("--tokens", type=int, default=4096, help="prefill length (from each book's start)")
+add_recording_arguments(parser, "skip-study")
 parser.add_argument("--skip-masses", default="0.0001,0.001,0.01")
 parser.add_argument("--tiles", default="128x128,128x64", help="kernel tiles BLOCK_MxBLOCK_N, comma-separated")
-parser.add_argument("--out-dir", type=Path)
-parser.add_argument("--name", default="skip-study")
 args = parser.parse_args()
 bounds = [float(x) for x in args.skip_masses.split(",")]
 tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
 policy = hf_ahfa.AdaptivePolicy()
-model, tokenizer = load_causal_lm(args.model, "sdpa", torch.float32, "cpu", args.gguf_file)
-studied = set()
 stats = {(t, s): {"skipped": [], "change": []} for t in tiles for s in bounds}
 kept = []
 
 
-def recording(module, query, key, value, attention_mask, **kw):
-    if kw.get("sliding_window") is None:  # the adaptive mode leaves sliding layers' bands as they are
-        studied.add(module.layer_idx)
-        q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))  # (B, T, H, D), as hf_ahfa takes them
-        call = make_call(q, k, v, causal=True, scale=kw.get("scaling"))
-        T = q.shape[1]
-        lay = hf_ahfa.estimate_layout(q, k, policy, causal=True, scale=call.scale)
-        lay = lay.resolve(layout_band(call, lay.block_q, lay.block_k, T, T, q.device), element_masks=False,
-                          backward=False)
-        kept.append(lay.density(visible_blocks(T, True, q.device, policy.block_size)))
-        for tile in tiles:
-            exact, _ = skip_reference(q, k, v, lay, call, 0.0, *tile)
-            for s in bounds:
-                out, share = skip_reference(q, k, v, lay, call, s, *tile)
-                stats[tile, s]["skipped"].append(share)
-                stats[tile, s]["change"].append(float((out - exact).abs().max() / v.abs().max()))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+def study(module, query, key, value, **kw):
+    q, k, v = (x.transpose(1, 2).float() for x in (query, key, value))  # (B, T, H, D), as hf_ahfa takes them
+    call = make_call(q, k, v, causal=True, scale=kw.get("scaling"))
+    T = q.shape[1]
+    lay = hf_ahfa.estimate_layout(q, k, policy, causal=True, scale=call.scale)
+    lay = lay.resolve(layout_band(call, lay.block_q, lay.block_k, T, T, q.device), element_masks=False,
+                      backward=False)
+    kept.append(lay.density(visible_blocks(T, True, q.device, policy.block_size)))
+    for tile in tiles:
+        exact, _ = skip_reference(q, k, v, lay, call, 0.0, *tile)
+        for s in bounds:
+            out, share = skip_reference(q, k, v, lay, call, s, *tile)
+            stats[tile, s]["skipped"].append(share)
+            stats[tile, s]["change"].append(float((out - exact).abs().max() / v.abs().max()))
+    print(f"layer {module.layer_idx}: {kept[-1]:.0%} kept, skipped "
+          + ", ".join(f"{s:g}: {stats[tiles[0], s]['skipped'][-1]:.3f}" for s in bounds), flush=True)
 
 
-AttentionInterface.register("skip-study", recording)
-model.set_attn_implementation("skip-study")
-with torch.inference_mode():
-    for book in args.books:
-        ids = tokenizer(Path(book).read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :args.tokens]
-        if ids.shape[1] < args.tokens:
-            raise SystemExit(f"{book}: {ids.shape[1]} tokens, fewer than --tokens {args.tokens}")
-        model(ids, use_cache=False)
-        print(f"{book}: done", flush=True)
+studied = record_prefills(args, study)
+model_name = Path(args.gguf_file or args.model).name
 
 rows = []
 for (tile, s), st in stats.items():
     sk = torch.tensor(st["skipped"])
     rows.append(dict(tile=f"{tile[0]}x{tile[1]}", skip_mass=s, skipped_mean=float(sk.mean()),
                      skipped_min=float(sk.min()), skipped_max=float(sk.max()), change_max=max(st["change"])))
-model_name = Path(args.gguf_file or args.model).name
 lines = [f"# Tile skipping on recorded attention: {model_name}, {len(args.books)} books x {args.tokens} tokens, "
          f"{len(studied)} global layers, default policy (tau {policy.tau}, blocks of {policy.block_size}): "
          f"{sum(kept) / len(kept):.0%} of the causal blocks kept", "",
