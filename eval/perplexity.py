@@ -41,7 +41,9 @@ import torch
 from hf_ahfa.eval.perplexity_data import document_start_token, load_documents
 from hf_ahfa.eval.perplexity_protocols import run_long, run_wikitext, switch_attention, variants
 from hf_ahfa.eval.perplexity_report import write_report
-from hf_ahfa.eval.runs import check_skip_mass, load_causal_lm, process_device, resolve_dtype
+from hf_ahfa.eval.runs import (
+    check_skip_mass, load_causal_lm, process_device, refuse_knobs_in_exact_mode, resolve_dtype,
+)
 from hf_ahfa.eval.usage import DEFAULT_OUT, UsageError, add_command, float_list, int_list
 from hf_ahfa.policy import policy_of
 
@@ -143,9 +145,7 @@ def checked_variants(args):
     if given and args.mode == "saved":
         raise UsageError(f"--mode saved runs the policy stored in the model's config; {', '.join(given)} would "
                          "change it (configure the model instead, or use --mode adaptive/auto)")
-    if given and args.mode == "exact":
-        raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
-                         "adaptive or auto")
+    refuse_knobs_in_exact_mode(given, args.mode)
     check_skip_mass(args.skip_mass, args.device)
     try:
         return variants(args)

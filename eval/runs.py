@@ -174,6 +174,13 @@ def adaptive_variants(mode: str, taus: list[float] | None, skip_masses: list[flo
     return out
 
 
+def refuse_knobs_in_exact_mode(given: list[str], mode: str) -> None:
+    """Adaptive options (``given``: their names as typed) under ``--mode exact`` would be dropped: refuse them."""
+    if given and mode == "exact":
+        raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
+                         "adaptive or auto")
+
+
 def check_skip_mass(skip_masses: list[float] | None, device: str) -> None:
     """In-kernel skipping (``--skip-mass``) runs on the Triton kernels only: refuse it where the adaptive calls would
     take the reference backend, which computes every kept tile (the variant would measure nothing)."""

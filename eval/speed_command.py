@@ -109,13 +109,11 @@ def _kernel_speed(args) -> dict[str, Path]:
 
 def _variants(args) -> dict[str, tuple[str, dict]]:
     """ahfa's variants to measure: exact, plus one per ``--tau`` (and ``--skip-mass``) in adaptive/auto mode."""
-    from hf_ahfa.eval.runs import adaptive_variants, check_skip_mass
+    from hf_ahfa.eval.runs import adaptive_variants, check_skip_mass, refuse_knobs_in_exact_mode
 
     out = {"ahfa": ("ahfa", {"mode": "exact"})}
     given = [option for option, value in (("--tau", args.tau), ("--skip-mass", args.skip_mass)) if value is not None]
-    if given and args.mode == "exact":
-        raise UsageError(f"{', '.join(given)} set the adaptive mode, which --mode exact does not run; pass --mode "
-                         "adaptive or auto")
+    refuse_knobs_in_exact_mode(given, args.mode)
     if args.mode != "exact":  # invalid values fail here, before the model loads
         check_skip_mass(args.skip_mass, args.device)
         try:
