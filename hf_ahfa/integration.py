@@ -137,6 +137,14 @@ def ahfa_attention_forward(
             f"ahfa attention cannot honour the keyword argument(s) {sorted(unsupported)} passed by "
             f"{type(module).__name__}; use another attn_implementation for this model"
         )
+    if torch.is_autocast_enabled(device := query.device.type):
+        # As sdpa under autocast: q, k, v in autocast's dtype (mixed-precision training leaves rotated q, k in
+        # float32 beside a bf16 v), and the attention's own arithmetic outside autocast
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return ahfa_attention_forward(
+                module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, dropout, scaling, is_causal,
+                sliding_window, softcap, s_aux, output_attentions, cu_seq_lens_q, cu_seq_lens_k, alibi_slopes, **kwargs)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     plain = policy = None

@@ -649,6 +649,32 @@ def test_peft_lora_step_and_grads_match_eager(family, targets, tmp_path):
         assert changed == p.requires_grad, f"{n}: changed={changed}, trainable={p.requires_grad}"
 
 
+@pytest.mark.parametrize("family,baseline", [("llama", "sdpa"), ("gemma2", "eager")])
+def test_mixed_precision_autocast_matches_the_baseline(family, baseline, tmp_path):
+    # float32 weights under bf16 autocast (Trainer's bf16=True, ahfa-eval train on CUDA): rotary embeddings leave
+    # q, k in float32 beside a bf16 v, which the attention must take as sdpa does (in autocast's dtype)
+    models = make_models(family, ["ahfa", baseline])
+    batch = train_batch(family)
+    device = torch.empty(0).device.type
+    runs = {}
+    for impl, model in models.items():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            runs[impl] = grads_of(model, batch)
+    exact_loss, exact = grads_of(copy.deepcopy(models[baseline]).double(), batch)
+    # bf16 rounding on both sides: ahfa may be no further from the float64 model than twice the baseline is
+    for name, (what, ahfa, base, truth) in {"loss": ("loss", runs["ahfa"][0], runs[baseline][0], exact_loss),
+                                            **{n: (f"{n}.grad", runs["ahfa"][1][n], runs[baseline][1][n], g)
+                                               for n, g in exact.items()}}.items():
+        err, base_err = ((x.double() - truth).abs().max().item() for x in (ahfa, base))
+        assert err <= 2 * base_err + 1e-6 * truth.abs().max().item(), f"{family} {what}: {err} vs {baseline} {base_err}"
+
+    # one Trainer step in bf16 mixed precision (the configuration that failed on a GPU)
+    model = models["ahfa"]
+    out = Trainer(model=model, args=training_args(tmp_path, bf16=True, learning_rate=1e-2),
+                  train_dataset=TinyDataset(family)).train()
+    assert math.isfinite(out.training_loss)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
 def test_gradient_checkpointing_grads_equal(family, ahfa_calls):
     model = make_models(family, ["ahfa"])["ahfa"]
