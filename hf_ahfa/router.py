@@ -437,9 +437,10 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
         if (group := active_group()) is not None:
             return engine_attention(q, k, v, call, group, backend=backend, policy=policy, layout=layout)
     r = route(q, k, v, call, backend=backend, policy=policy, layout=layout, need_lse=need_lse)
-    # (an exact path chosen while nothing could be timed is a default, not a decision: not remembered)
+    # (an exact path chosen while nothing could be timed is a default, not a decision: not remembered; nor one
+    # forced by AHFA_BACKEND, which run_plain would keep taking once the variable is gone)
     if (remember is not None and r.path not in ("adaptive", "layout") and backend is None and not need_lse
-            and host_may_wait()):
+            and not _ENVIRON.get(_BACKEND_KEY) and host_may_wait()):
         _remember(remember, r.path, q, k, call)
     if r.path == "adaptive":  # notes its own entry, with the kept blocks
         from hf_ahfa.adaptive import adaptive_attention

@@ -79,6 +79,7 @@ for K in (int(x) for x in args.kv_lens.split(",")):
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name in [n for n in impls if n.startswith("ahfa")] if args.profile else []:
         # where the call's host time goes (functions by own time)
+        os.environ.pop("AHFA_BACKEND", None)
         if name == "ahfa-own-kernels":
             os.environ["AHFA_BACKEND"] = "triton"
         prof = cProfile.Profile()

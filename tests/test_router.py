@@ -306,6 +306,8 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     monkeypatch.setenv("AHFA_BACKEND", "reference")
     fn(module, q, k, v, None, scaling=0.25)
     monkeypatch.delenv("AHFA_BACKEND")
+    # a forced backend is not remembered: the memo would keep taking it once the variable is gone
+    assert "reference" not in [entry[0] for entry in router._plain_routes.values()]
     with hf_ahfa.record() as rec:
         fn(module, q, k, v, None, scaling=0.25)
     assert len(made) == 6 and rec[0]["route"] == "sdpa"
