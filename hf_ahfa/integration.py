@@ -137,7 +137,8 @@ def ahfa_attention_forward(
             f"ahfa attention cannot honour the keyword argument(s) {sorted(unsupported)} passed by "
             f"{type(module).__name__}; use another attn_implementation for this model"
         )
-    if torch.is_autocast_enabled(device := query.device.type):
+    # (the any-device test first: torch.is_autocast_enabled(device) cost a host-bound decode step ~3% on a CPU)
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device := query.device.type):
         # As sdpa under autocast: q, k, v in autocast's dtype (mixed-precision training leaves rotated q, k in
         # float32 beside a bf16 v), and the attention's own arithmetic outside autocast
         dtype = torch.get_autocast_dtype(device)
