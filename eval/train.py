@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import hf_ahfa
+from hf_ahfa.eval import chunked_loss
 from hf_ahfa.eval.perplexity import (
     add_adaptive_comparison_arguments, add_model_arguments, checked_comparison, load_compared_model,
 )
@@ -52,6 +53,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
                    help="module names LoRA adapts")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    g.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                   help="compute the loss N positions at a time without keeping the logits (a large vocabulary's "
+                        "logits at 32K tokens outgrow an 80 GB card); 0: the model's own loss")
     g.add_argument("--window-start", choices=["auto", "bos", "none"], default="auto",
                    help="token each window begins with: auto = BOS if the tokenizer adds it, bos = always BOS")
     g.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation")
@@ -64,6 +68,8 @@ def add_parser(subparsers) -> None:
 
 
 def _check_args(args) -> None:
+    if args.loss_chunk < 0:
+        raise UsageError(f"--loss-chunk must be 0 (off) or positive, got {args.loss_chunk}")
     for option in ("seq_len", "steps", "lora_r", "lora_alpha"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
@@ -141,7 +147,8 @@ def _train(base_model, variant, data: torch.Tensor, args, work: Path) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
         seed=args.seed, data_seed=args.seed, bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
         disable_tqdm=False, max_grad_norm=1.0, **checkpointing)
-    trainer = Trainer(model=model, args=targs, train_dataset=_Windows(data), callbacks=[Record()])
+    trainer_class = _chunked_loss_trainer(Trainer, args.loss_chunk) if args.loss_chunk else Trainer
+    trainer = trainer_class(model=model, args=targs, train_dataset=_Windows(data), callbacks=[Record()])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     policy = hf_ahfa.override(**dict(variant.policy)) if variant.policy else contextlib.nullcontext()
@@ -154,6 +161,19 @@ def _train(base_model, variant, data: torch.Tensor, args, work: Path) -> dict:
                 median_step_s=statistics.median(times[args.warmup_steps:]),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 kept_share=sum(kept) / len(kept) if kept else None)
+
+
+def _chunked_loss_trainer(trainer_class, chunk: int):
+    """``trainer_class`` computing the loss ``chunk`` positions at a time (``hf_ahfa.eval.chunked_loss``)."""
+
+    class ChunkedLossTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # (the count reaches the loss where it would reach the model's own, as Trainer.compute_loss passes it)
+            count = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = chunked_loss.compute_loss(model, inputs, chunk, count)
+            return (loss, None) if return_outputs else loss
+
+    return ChunkedLossTrainer
 
 
 def run(args) -> dict[str, Path]:
@@ -170,10 +190,15 @@ def run(args) -> dict[str, Path]:
     text = joined_books(args.data_files)
     data = windows(tokenizer(text, add_special_tokens=False).input_ids, args.seq_len, args.steps,
                    document_start_token(tokenizer, args.window_start))
+    if args.loss_chunk:
+        try:
+            chunked_loss.check_head(model, data[:1, :64].to(args.device), args.loss_chunk)
+        except ValueError as e:
+            raise UsageError(f"--loss-chunk: {e}") from None
     config = {"model": args.model, "gguf_file": args.gguf_file, "device": args.device, "seq_len": args.seq_len,
               "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr, "lora_r": args.lora_r,
               "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "seed": args.seed,
-              "gradient_checkpointing": args.gradient_checkpointing, "data": [str(p) for p in args.data_files],
+              "gradient_checkpointing": args.gradient_checkpointing, "loss_chunk": args.loss_chunk, "data": [str(p) for p in args.data_files],
               "windows": len(data), "variants": [v.label for v in (*tests, base)], "threshold": args.threshold}
     with tempfile.TemporaryDirectory() as work:
         rows = [_train(model, v, data, args, Path(work)) for v in (base, *tests)]

@@ -59,9 +59,9 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
   step model && ev 100 speed $G --device cuda --text .stage-data/austen_emma.txt --window-start bos --seq-lens 8192,16384,32768 \
     --mode ${MODE:-adaptive} --tau $TAUS $SKIP_ARG --decode-tokens 0 --no-train --name model-speed-adaptive-gemma3${SUFFIX:-}
   # LoRA fine-tune (issue 12 item 7): the block-sparse backward against exact, same windows and initialisation
-  # (not in the default STEPS: STEPS="train")
+  # (not in the default STEPS: STEPS="train"; at 32K with LOSS_CHUNK=4096: Gemma-3's logits do not fit whole)
   step train && ev ${TRAIN_S:-400} train $G --device cuda --data-files .stage-data/austen_*.txt --seq-len ${TRAIN_LEN:-16384} \
-    --steps ${TRAIN_STEPS:-100} --window-start bos --mode ${MODE:-adaptive} --tau ${TRAIN_TAU:-0.99} --baseline ahfa \
+    --steps ${TRAIN_STEPS:-100} ${LOSS_CHUNK:+--loss-chunk $LOSS_CHUNK} --window-start bos --mode ${MODE:-adaptive} --tau ${TRAIN_TAU:-0.99} --baseline ahfa \
     --name train-gemma3${SUFFIX:-}
   rm -f "$OUT"/*.jsonl ;;
 stage) ;;

@@ -66,6 +66,9 @@ def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
     # recomputing activations in the backward trains the same
     again = {r["impl"]: r for r in _fine_tune(tiny_llama, book, tmp_path, "t2", 4, "--gradient-checkpointing")["rows"]}
     assert again["ahfa-exact"]["losses"] == pytest.approx(rows["ahfa-exact"]["losses"], abs=2e-4)
+    # the loss taken 16 positions at a time (no full logits) trains the same
+    chunked = {r["impl"]: r for r in _fine_tune(tiny_llama, book, tmp_path, "t4", 4, "--loss-chunk", 16)["rows"]}
+    assert chunked["ahfa-exact"]["losses"] == pytest.approx(rows["ahfa-exact"]["losses"], abs=2e-4)
     # a text of fewer windows than steps: the steps go over them again, in the same order for both variants
     short = tmp_path / "short.txt"
     short.write_text(tiny_text(150, 3))
@@ -83,6 +86,7 @@ def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
     (["--seq-len", "512"], "above the model's 256 positions"),
     (["--dtype", "bfloat16"], "train keeps float32 weights"),
     (["--skip-mass", "0.01"], "--skip-mass is for inference"),
+    (["--loss-chunk", "-1"], "--loss-chunk must be 0 (off) or positive"),
 ])
 def test_bad_input_is_one_line(tiny_llama, tiny_text, tmp_path, capsys, argv, match):
     book = tmp_path / "book.txt"
