@@ -38,6 +38,27 @@ def test_fullgraph_compile_matches_eager(policy):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_fullgraph_compile_of_a_training_step_under_autocast():
+    # mixed precision: the attention function's own autocast handling (q, k, v to bf16, its arithmetic outside
+    # autocast) traces without a graph break, forward and backward
+    torch._dynamo.reset()
+    model = _model().train()
+    ids = torch.randint(1, 128, (2, 48), device=DEVICE)
+    losses = {}
+    for name, fn in (("eager", model), ("compiled", torch.compile(model, fullgraph=True, backend=BACKEND))):
+        model.zero_grad()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = fn(ids, labels=ids).loss
+        loss.backward()
+        losses[name] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    (loss, grad), (want_loss, want_grad) = losses["compiled"], losses["eager"]
+    if BACKEND == "eager":  # Dynamo's trace runs the same operations: the same bits
+        assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    else:  # inductor fuses the bf16 operations around the attention: their roundings, a few bf16 ulps
+        torch.testing.assert_close(loss, want_loss, atol=0, rtol=2e-2)
+        torch.testing.assert_close(grad, want_grad, atol=2e-2 * want_grad.abs().max().item(), rtol=2e-2)
+
+
 def test_compiled_static_cache_generate():
     torch._dynamo.reset()
     model = _model()
