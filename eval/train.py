@@ -4,7 +4,8 @@ baseline, in one run: the loss of every step on the same windows, and the time o
 Every variant starts from the same weights and the same LoRA initialisation (peft, --seed) and trains with
 transformers.Trainer on the same windows in the same order: --steps windows of --seq-len tokens cut one
 after the other from the --data-files books (each window's first token is the document start per
---window-start); where the books hold fewer, the steps go over them again (epochs). CUDA: float32 weights and LoRA, bf16 autocast (the attention runs in bf16); CPU: float32.
+--window-start); where the books hold fewer, the steps go over them again (epochs). CUDA: float32 weights and
+LoRA, bf16 autocast (the attention runs in bf16); CPU: float32.
 Reported per variant: loss per step, median step time after --warmup-steps (kernel compiles and autotuning
 fall in those), peak GPU memory, the kept share of the adaptive mode; against the baseline: the mean loss
 change over the steps with a 95% paired bootstrap interval (steps resampled; each step's windows are the
@@ -198,7 +199,8 @@ def run(args) -> dict[str, Path]:
     config = {"model": args.model, "gguf_file": args.gguf_file, "device": args.device, "seq_len": args.seq_len,
               "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr, "lora_r": args.lora_r,
               "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "seed": args.seed,
-              "gradient_checkpointing": args.gradient_checkpointing, "loss_chunk": args.loss_chunk, "data": [str(p) for p in args.data_files],
+              "gradient_checkpointing": args.gradient_checkpointing, "loss_chunk": args.loss_chunk,
+              "data": [str(p) for p in args.data_files],
               "windows": len(data), "variants": [v.label for v in (*tests, base)], "threshold": args.threshold}
     with tempfile.TemporaryDirectory() as work:
         rows = [_train(model, v, data, args, Path(work)) for v in (base, *tests)]
