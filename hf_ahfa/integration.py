@@ -23,6 +23,7 @@ except ImportError:
     _active_collector = None
 
 from hf_ahfa import patches, telemetry
+from hf_ahfa.fastest import host_may_wait
 from hf_ahfa.masks import hides_no_key, make_layout, normalize_window
 from hf_ahfa.policy import eager_policy_of, policy_of
 from hf_ahfa.reference import reference_attention_probs
@@ -53,7 +54,8 @@ def ahfa_mask(*args, **kwargs):
     * ``None`` for a sliding-window layer whenever a full-attention layer of the same call would get
       ``None`` (no padding, every cached key valid). The attention function applies the window from the
       ``sliding_window`` argument, which every sliding-window model passes (flash-attention needs it too).
-    * On a GPU, a prefill (``Q == K > 1``) whose mask would be ``None`` but for padding: the padding vector
+    * On a GPU, a prefill (``Q == K > 1``) whose mask would be ``None`` but for padding (where there is none, as
+      with ``generate()``'s all-ones mask: ``None``, after the same host sync as ``sdpa_mask``'s): the padding vector
       alone, ``(B, 1, 1, K)`` bool (True = a real token). The attention function reads it as a key-padding
       mask on top of the layer's causality and window; the kernels skip the causal upper triangle and the
       padded key blocks. Query rows at padded positions then see no key and give 0 (the dense mask makes them
@@ -76,7 +78,12 @@ def _padding_vector(args, kwargs) -> torch.Tensor | None:
     if sdpa_mask(**{**kwargs, "attention_mask": None, "local_size": None}) is not None:
         return None  # more than padding departs from the plain pattern (packed sequences, mask overlays, ...)
     offset = kwargs.get("kv_offset", 0)
-    return prepare_padding_mask(padding, kv_len, offset)[:, offset:offset + kv_len].bool()[:, None, None, :]
+    vector = prepare_padding_mask(padding, kv_len, offset)[:, offset:offset + kv_len].bool()
+    if host_may_wait() and bool(vector.all()):
+        # no padding (generate()'s all-ones mask): no mask, as sdpa_mask decides with the same host sync, so that
+        # the call stays on the plain path (causal SDPA, the memo) instead of a masked kernel
+        return None
+    return vector[:, None, None, :]
 
 
 def is_padding_vector(mask: torch.Tensor | None, q_len: int, k_len: int) -> bool:

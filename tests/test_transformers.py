@@ -445,6 +445,18 @@ def test_padding_vector_generate_and_grads_match(family, padding_vectors, ahfa_c
     assert_grads_close(grads_a, grads_e, f"{family} grads vs eager, padding vector")
 
 
+def test_a_prompt_without_padding_gets_no_mask(padding_vectors):
+    # generate()'s all-ones mask: no padding vector (a masked kernel) but no mask at all, as sdpa_mask decides, so
+    # that the prefill runs causal SDPA on the plain path (record() makes every call take the full path). Newer
+    # Transformers drop the all-ones mask before the mask function; 5.17 (the lowest) passes it on.
+    model = make_models("llama", ["ahfa"])["ahfa"]
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0)).to(model.device)
+    with hf_ahfa.record():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    prefill = [(kpm, dense) for kpm, dense, one_row in padding_vectors if not one_row]
+    assert len(prefill) == num_layers(model) and not any(kpm or dense for kpm, dense in prefill), prefill
+
+
 def test_padding_vector_only_where_it_is_exact(padding_vectors, ahfa_calls):
     # a static cache's prefill (more key slots than queries) keeps the dense mask; its decode steps' one-row masks
     # are key padding (the cache's empty tail then outside the span the decode kernel reads)
