@@ -109,21 +109,22 @@ def measure(model, impls, seq_lens, decode_tokens=64, train=True, vocab=None, pr
 
 
 def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, vocab=None, progress=True,
-                   policies=None, tokens=None) -> dict[tuple[str, int], dict]:
+                   policies=None, tokens=None, ones_mask=False) -> dict[tuple[str, int], dict]:
     """Each implementation's prefill against the last one's (the baseline), timed as single calls taking turns.
 
     A host-bound model's prefill time drifts between rounds by more than the differences in question (on the H100
     machine's host, 24-46 ms for the same prefill of a Gemma-3-shaped model, `kernels/NOTES.md`); calls that take
     turns (A B, B A, ...) meet the same drift, and the paired bootstrap interval (``report.paired_change``) says
     what the difference is worth. ``impls``, ``policies``, ``tokens``, ``last_logits``: as ``measure``'s, the
-    baseline last. Returns, for each other label and length, ``speedup`` (the baseline's mean time over its own),
+    baseline last. ``ones_mask``: each prefill gets an all-ones ``attention_mask``, as ``generate()`` passes one. Returns, for each other label and length, ``speedup`` (the baseline's mean time over its own),
     ``low`` / ``high`` (the 95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
     """
     device = next(model.parameters()).device
     keep = {"logits_to_keep": 1} if last_logits else {}
 
     def prefill(ids):
-        return _seconds(lambda: model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1), device)
+        mask = {"attention_mask": torch.ones_like(ids)} if ones_mask else {}
+        return _seconds(lambda: model(ids, use_cache=True, **keep, **mask).logits[:, -1].argmax(-1), device)
 
     return _paired(model, impls, seq_lens, pairs, prefill, vocab, progress, policies, tokens, "paired prefill")
 
@@ -299,8 +300,8 @@ def write_model_speed_report(rows: list[dict], config: dict, out_dir, name: str,
                           f"train step vs {base}", "error"]
                          + [f"{m} vs {base}, calls taking turns (95% interval)" for m in paired], lines)]
     # a script's notes on the run (model_prefill_speed.py: decisions it moved, an A/A pairing of the baseline, the
-    # floor of a bare SDPA call, packing off)
-    md += [f"\n{key}: {json.dumps(config[key])}" for key in ("prefer", "a/a", "floor", "packed decode")
+    # floor of a bare SDPA call, packing off, an all-ones mask on the paired prefills)
+    md += [f"\n{key}: {json.dumps(config[key])}" for key in ("prefer", "a/a", "floor", "packed decode", "ones mask")
            if key in config]
     write_atomic(paths["md"], "\n".join(md) + "\n")
     _plot(rows, config["model"], paths["png"])

@@ -54,6 +54,8 @@ parser.add_argument("--paired", type=int, default=0, metavar="N",
                     help="also time routed ahfa and sdpa prefills (and --decode-tokens steps of decoding) as N "
                          "pairs of single calls taking turns, and report the speed-up's 95%% paired interval (a "
                          "host-bound model's rounds drift)")
+parser.add_argument("--ones-mask", action="store_true",
+                    help="with --paired: the paired prefills get an all-ones attention_mask, as generate() passes one")
 parser.add_argument("--paired-aa", action="store_true",
                     help="with --paired: also sdpa against itself (an A/A run: the paired measurement's own bias and "
                          "spread on this host), in the report's notes")
@@ -151,7 +153,9 @@ if args.prefer:  # noted in the report: a run where nothing changed is the route
     print(notes["prefer"])
 if args.paired:
     attach_paired(rows, paired_prefill(model, ["ahfa", "sdpa"], seq_lens, args.paired,
-                                       last_logits=args.prefill_logits == "last"))
+                                       last_logits=args.prefill_logits == "last", ones_mask=args.ones_mask))
+    if args.ones_mask:
+        notes["ones mask"] = "the paired prefills pass an all-ones attention_mask (as generate() does)"
     if args.decode_tokens:
         attach_paired(rows, paired_decode(model, ["ahfa", "sdpa"], seq_lens, args.paired, args.decode_tokens),
                       "decode")

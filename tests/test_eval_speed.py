@@ -147,6 +147,12 @@ def test_paired_prefill_takes_turns_and_bounds_the_speedup(monkeypatch, tmp_path
 
     model.forward = timed
     monkeypatch.setattr(model_speed, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    masks = []
+    model.forward = lambda *a, **kw: masks.append(kw.get("attention_mask")) or timed(*a, **kw)
+    model_speed.paired_prefill(model, ["ahfa", "sdpa"], [16], pairs=1, progress=False, ones_mask=True)
+    assert len(masks) == 4 and all(m is not None and m.shape == (1, 16) and bool(m.all()) for m in masks)
+    model.forward = timed
+    order.clear()
     got = model_speed.paired_prefill(model, ["ahfa", "sdpa"], [16], pairs=4, progress=False)
     assert order == ["ahfa", "sdpa"] + ["ahfa", "sdpa", "sdpa", "ahfa"] * 2
     assert got["ahfa", 16] == dict(speedup=pytest.approx(1.5), low=pytest.approx(1.5), high=pytest.approx(1.5),
