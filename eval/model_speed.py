@@ -116,8 +116,9 @@ def paired_prefill(model, impls, seq_lens, pairs: int = 25, last_logits=False, v
     machine's host, 24-46 ms for the same prefill of a Gemma-3-shaped model, `kernels/NOTES.md`); calls that take
     turns (A B, B A, ...) meet the same drift, and the paired bootstrap interval (``report.paired_change``) says
     what the difference is worth. ``impls``, ``policies``, ``tokens``, ``last_logits``: as ``measure``'s, the
-    baseline last. ``ones_mask``: each prefill gets an all-ones ``attention_mask``, as ``generate()`` passes one. Returns, for each other label and length, ``speedup`` (the baseline's mean time over its own),
-    ``low`` / ``high`` (the 95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
+    baseline last. ``ones_mask``: each prefill gets an all-ones ``attention_mask``, as ``generate()`` passes one.
+    Returns, for each other label and length, ``speedup`` (the baseline's mean time over its own), ``low`` /
+    ``high`` (the 95% interval of ``speedup``), ``pairs`` and the medians ``median_s`` / ``base_median_s``.
     """
     device = next(model.parameters()).device
     keep = {"logits_to_keep": 1} if last_logits else {}

@@ -674,9 +674,9 @@ def test_mixed_precision_autocast_matches_the_baseline(family, baseline, tmp_pat
             runs[impl] = grads_of(model, batch)
     exact_loss, exact = grads_of(copy.deepcopy(models[baseline]).double(), batch)
     # bf16 rounding on both sides: ahfa may be no further from the float64 model than twice the baseline is
-    for name, (what, ahfa, base, truth) in {"loss": ("loss", runs["ahfa"][0], runs[baseline][0], exact_loss),
-                                            **{n: (f"{n}.grad", runs["ahfa"][1][n], runs[baseline][1][n], g)
-                                               for n, g in exact.items()}}.items():
+    checks = [("loss", runs["ahfa"][0], runs[baseline][0], exact_loss)]
+    checks += [(f"{n}.grad", runs["ahfa"][1][n], runs[baseline][1][n], g) for n, g in exact.items()]
+    for what, ahfa, base, truth in checks:
         err, base_err = ((x.double() - truth).abs().max().item() for x in (ahfa, base))
         assert err <= 2 * base_err + 1e-6 * truth.abs().max().item(), f"{family} {what}: {err} vs {baseline} {base_err}"
 
