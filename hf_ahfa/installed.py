@@ -68,6 +68,8 @@ def runs_on(name: str, device: torch.device) -> bool:
 
 def candidates(q, k, v, call: AttnCall, need_lse: bool) -> list[str]:
     """The names of the installed flash-attn kernels that compute this call exactly (``run`` runs them)."""
+    if torch.compiler.is_compiling():  # (before modules(): Dynamo cannot trace its first-call imports)
+        return []
     return [name for name in modules() if unfit_reason(name, q, k, v, call, need_lse) is None]
 
 

@@ -23,6 +23,21 @@ def _model():
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="ahfa").to(DEVICE).eval()
 
 
+def test_the_router_offers_no_installed_kernel_while_tracing():
+    # on CUDA the router asks hf_ahfa.installed for flash-attn candidates, whose first call imports them: a
+    # compiled model's first call reached that import inside the trace (Dynamo refuses to trace importlib)
+    from hf_ahfa import installed
+    from hf_ahfa.spec import plain_call
+
+    installed.modules.cache_clear()
+    call = plain_call(8, 8, 16, causal=True, window=None, scale=None)
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda t: t * (1 + len(installed.candidates(t, t, t, call, False))), fullgraph=True,
+                           backend="eager")
+    torch.testing.assert_close(traced(q), q)
+
+
 @pytest.mark.parametrize("policy", [dict(mode="exact"), dict(mode="adaptive", block_size=16, stride=8, tau=0.9)])
 def test_fullgraph_compile_matches_eager(policy):
     torch._dynamo.reset()
