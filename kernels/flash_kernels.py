@@ -465,6 +465,33 @@ def flash_bwd_dq_kernel(
     store_tile(head_view(DQ, bm, h, q_start), offs_m, offs_d, dq * (cx.qk_scale / LOG2E), cx.q_len, F.d)
 
 
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_d, offs_dv, slope, am_rows, hi, T_Q,
+                 T_K, GROUP, cx, F: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the split-KV decode loop (``MASKED=False``: every row sees every key of the tile; the
+    block's padding rows, past ``GROUP * T_Q``, compute on zero queries and are never read)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k = load_tile(k_view, offs_n, offs_d, hi, F.d)
+    else:  # every row of the tile exists: no row bound
+        k = tl.load(tile_ptrs(k_view, offs_n, offs_d), mask=offs_d[None, :] < F.d, other=0.0)
+    s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
+    if F.alibi_keys:  # one FMA per score (the rows' own slopes); the row term leaves the lse below
+        s = s + alibi_key_term(i, offs_n, T_K - T_Q, slope[:, None])
+    elif F.alibi:
+        s = alibi_bias(s, qp, offs_n, slope[:, None])
+    if MASKED:
+        s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
+    p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
+    if MASKED:
+        v, bad = finite_values(load_tile(v_view, offs_n, offs_dv, hi, F.dv))
+        acc = poison_seen(acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision), s, bad)
+    else:
+        v = tl.load(tile_ptrs(v_view, offs_n, offs_dv), mask=offs_dv[None, :] < F.dv, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision)
+    return acc, l_i, m_i
+
+
 @triton.heuristics(dict(F=flags))
 @triton.jit
 def flash_decode_kernel(
@@ -509,18 +536,20 @@ def flash_decode_kernel(
     if F.kpm:  # only the batch row's visible span (a static cache's empty tail, left padding) is read
         lo = tl.maximum(lo, (cx.kpm_lo // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(hi, cx.kpm_hi)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_view, offs_n, offs_d, hi, F.d)
-        s, _ = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
-        if F.alibi_keys:  # one FMA per score (the rows' own slopes); the row term leaves the lse below
-            s = s + alibi_key_term(i, offs_n, T_K - T_Q, slope[:, None])
-        elif F.alibi:
-            s = alibi_bias(s, qp, offs_n, slope[:, None])
-        s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
-        p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, True)
-        v, bad = finite_values(load_tile(v_view, offs_n, offs_dv, hi, F.dv))
-        acc = poison_seen(acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=F.precision), s, bad)
+    # Tiles every row sees whole (no window, key padding or dense mask; below the first query's causal end): no
+    # mask arithmetic and no NaN guard (a key every row sees reaches every row, as in SDPA); then the rest masked
+    mid = lo
+    if not (F.window or F.kpm or F.am):
+        seen = hi
+        if CAUSAL:
+            seen = tl.minimum(hi, T_K - T_Q + 1)
+        mid = tl.maximum(lo, seen // BLOCK_N * BLOCK_N)
+    for start_n in range(lo, mid, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_d, offs_dv, slope,
+                                     am_rows, hi, T_Q, T_K, GROUP, cx, F, BLOCK_N, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_d, offs_dv, slope,
+                                     am_rows, hi, T_Q, T_K, GROUP, cx, F, BLOCK_N, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     # partials: (B * HKV, SPLITS, BLOCK_M, DV) and (B * HKV, SPLITS, BLOCK_M), contiguous
     part = (bhk.to(tl.int64) * tl.num_programs(0) + split) * BLOCK_M

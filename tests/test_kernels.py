@@ -223,6 +223,8 @@ def test_opcheck():
 
 @pytest.mark.parametrize("Q,K,Hq,Hkv,kw", [
     (1, 600, 8, 2, dict(causal=True)),
+    (1, 512, 4, 1, dict()),  # every tile whole: no masked tile at all
+    (5, 700, 4, 2, dict(causal=True)),  # unmasked tiles up to the first query's last key, then the diagonal
     (3, 700, 4, 4, dict(causal=True, window=50)),
     (2, 530, 4, 1, dict(softcap=2.0, sinks="sinks")),
     (1, 520, 2, 1, dict(causal=True, key_padding_mask="all padded in batch 1")),
