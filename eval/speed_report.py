@@ -34,19 +34,25 @@ def write_speed_report(rows: list[dict], out_dir: Path, name: str) -> dict[str, 
         line.append(f"{base['ms'] / ours['ms']:.2f}x" if base and ours and base["ms"] and ours["ms"] else None)
         lines.append(line)
     md = [f"# Attention kernel speed: {meta['gpu']}", "",
-          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit'][:12]}, {meta['date']}. "
-          "bf16, H=32, 32K tokens per batch; median time (TFLOP/s). Last column: ahfa speed / cuDNN speed.", "",
-          markdown_table(["D", "mode", "mask", "T", "B", *providers, "ahfa vs cuDNN"], lines)]
+          f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit'][:12]}, {meta['date']}."]
+    if prefill:
+        md += ["", "bf16, H=32, 32K tokens per batch; median time (TFLOP/s). Last column: ahfa speed / cuDNN speed.", "",
+               markdown_table(["D", "mode", "mask", "T", "B", *providers, "ahfa vs cuDNN"], lines)]
     decode = [r for r in rows if r["kind"] == "decode"]
     if decode:
+        sdpa = {r["k_len"]: r["ms"] for r in decode if r["provider"] == "sdpa" and r["ms"]}
         md += ["", "## Decode (q_len 1, batch 8, GQA 32/8, D 128): median time (TB/s of K/V read)", "",
-               markdown_table(["KV len", "provider", "ms", "TB/s"],
-                              [[r["k_len"], r["provider"], r["ms"], r["tbps"]] for r in decode if r["ms"]])]
+               markdown_table(["KV len", "provider", "ms", "TB/s", "speed vs sdpa"],
+                              [[r["k_len"], r["provider"], r["ms"], r["tbps"],
+                                f"{sdpa[r['k_len']] / r['ms']:.2f}x" if r["k_len"] in sdpa else None]
+                               for r in decode if r["ms"]])]
     errors = [r for r in rows if r["error"]]
     if errors:
         md += ["", "## Not measured", ""] + [f"- {r['provider']} {r['mode']} T={r['q_len']} D={r['head_dim']}: "
                                              f"{r['error']}" for r in errors]
     write_atomic(paths["md"], "\n".join(md) + "\n")
+    if not prefill:  # a decode-only sweep (--seq-lens ""): its table is the result
+        return {ext: path for ext, path in paths.items() if ext != "png"}
     _plot(prefill, paths["png"], meta["gpu"])
     return paths
 

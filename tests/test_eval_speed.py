@@ -44,6 +44,16 @@ def test_report_files(tmp_path):
     assert paths["png"].stat().st_size > 10_000
 
 
+def test_decode_only_report(tmp_path):
+    # `ahfa-eval speed --seq-lens ""`: decode rows alone, each against sdpa at its KV length (no prefill plot)
+    rows = [Row("decode", p, "fwd", False, 8, 32, 8, 1, K, 128, ms, ms, ms, tbps=1.0).__dict__
+            for p, K, ms in [("ahfa", 1024, 0.05), ("sdpa", 1024, 0.04), ("ahfa", 8192, 0.1), ("sdpa", 8192, 0.1)]]
+    paths = write_speed_report(rows, tmp_path, "decode")
+    md = paths["md"].read_text()
+    assert "0.80x" in md and "1.00x" in md and "ahfa vs cuDNN" not in md
+    assert "png" not in paths and not (tmp_path / "decode.png").exists()
+
+
 def test_complexity_analyzer_counts():
     from transformers import AutoConfig
 
