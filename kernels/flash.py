@@ -308,8 +308,10 @@ def run_decode(q, k, v, sinks, key_padding_mask, attn_mask, causal, win_left, wi
                dict(D=c["D"], DV=c["DV"], CAUSAL=causal, PRECISION=c["precision"], BLOCK_M=rows, BLOCK_N=bn,
                     num_warps=warps, num_stages=stages))
 
-    launch_tuned(_tuning_key("decode", q, c, causal, scores, alibi, sinks, key_padding_mask, attn_mask) + (rows,),
-                 cands, launch_decode)
+    # chosen per cache length (its power of two): a short cache's call is host-bound, so its timing is noise, and a
+    # choice made there must not decide a long cache's bandwidth-bound one
+    launch_tuned(_tuning_key("decode", q, c, causal, scores, alibi, sinks, key_padding_mask, attn_mask)
+                 + (rows, max(c["K"] - 1, 0).bit_length()), cands, launch_decode)
     out = torch.empty(B, Q, H, c["DV"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
     launch(flash_decode_combine_kernel, (B * HKV * G * Q,),

@@ -255,6 +255,16 @@ def test_split_kv_decode(poison, Q, K, Hq, Hkv, kw):
     _check(_both(q, k, v, grad=False, **kw))
 
 
+def test_decode_launch_config_chosen_per_cache_length(monkeypatch):
+    # a configuration timed on a short, host-bound cache must not be reused for a long one
+    from hf_ahfa.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_chosen", {})
+    for K in (1100, 2100, 2200):
+        hf_ahfa.attention(*_qkv(1, 1, K, 4, 2, 16, seed=K), causal=True, backend="triton")
+    assert len([key for key in tuning.chosen() if key.startswith("decode/")]) == 2
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     Q=st.integers(1, 70), extra_k=st.integers(0, 50), causal=st.booleans(),
