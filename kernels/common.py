@@ -69,8 +69,8 @@ def alibi_keys(alibi: bool, causal: bool, q_len: int, backward: bool) -> bool:
 # the scalar arguments of a launch; qk_scale has log2(e) folded in, win_left < 0 means no window; skip > 0: the
 # forward may drop the P @ V product of tiles holding at most that share of each row's mass (``_fwd_step``)
 Scores = namedtuple("Scores", "qk_scale softcap win_left win_right dropout_p seed skip", defaults=(0.0, 0, 0.0))
-Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k kpm_lo kpm_hi am am_q am_k "
-                        "dropout_p seed bh skip slope")
+Ctx = namedtuple("Ctx", "q_len k_len qk_scale softcap win_left win_right kpm kpm_k kpm_lo kpm_hi kpm_run am am_q "
+                        "am_k dropout_p seed bh skip slope")
 View = namedtuple("View", "ptr row col")
 
 
@@ -122,7 +122,8 @@ def _scratch(size: int, alignment: int, stream):
 def mask_args(key_padding_mask, attn_mask):
     """Kernel arguments ``KPM, AM`` of the bool masks: uint8 views (no copy) with their strides, ``None``
     when absent; ``KPM`` also holds each batch row's span of visible keys (``visible_span``), outside which
-    the kernels skip whole key blocks. Size-1 dims of the dense mask broadcast with stride 0."""
+    the kernels skip whole key blocks (and inside which, where it has no gap, they need no key-padding mask).
+    Size-1 dims of the dense mask broadcast with stride 0."""
     kpm = None
     if key_padding_mask is not None:
         kpm = (*tensor_arg(key_padding_mask.view(torch.uint8)), visible_span(key_padding_mask))
@@ -133,15 +134,17 @@ def mask_args(key_padding_mask, attn_mask):
 
 
 def visible_span(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, 2)`` int32: per batch row of a ``(B, K)`` bool mask (True = visible) the first visible key and the
-    last plus one; ``(K, 0)`` where none is. Computed on the device: no wait for it."""
+    """``(B, 3)`` int32: per batch row of a ``(B, K)`` bool mask (True = visible) the first visible key, the last
+    plus one (``(K, 0)`` where none is), and 1 where every key between them is visible (one run: left or right
+    padding, a static cache's filled head), else 0. Computed on the device: no wait for it."""
     B, K = key_padding_mask.shape
     if K == 0:
-        return torch.zeros(B, 2, dtype=torch.int32, device=key_padding_mask.device)
+        return torch.zeros(B, 3, dtype=torch.int32, device=key_padding_mask.device)
     idx = torch.arange(K, dtype=torch.int32, device=key_padding_mask.device)
     lo = torch.where(key_padding_mask, idx, K).amin(1)
     hi = torch.where(key_padding_mask, idx + 1, 0).amax(1)
-    return torch.stack((lo, hi), 1)
+    run = key_padding_mask.sum(1, dtype=torch.int32) == hi - lo
+    return torch.stack((lo, hi, run.to(torch.int32)), 1)
 
 
 def flags(args: dict) -> Flags:
@@ -216,6 +219,7 @@ def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, slope, F: tl.
     kpm_k = 0
     kpm_lo = 0
     kpm_hi = k_len
+    kpm_run = 0
     am = 0
     am_q = 0
     am_k = 0
@@ -223,13 +227,14 @@ def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, slope, F: tl.
         kpm, kpm_b, kpm_k, span = KPM
         kpm = kpm + b * kpm_b + k_start * kpm_k
         # the batch row's visible keys, relative to this sequence's first key
-        kpm_lo = tl.maximum(tl.load(span + 2 * b) - k_start, 0)
-        kpm_hi = tl.minimum(tl.load(span + 2 * b + 1) - k_start, k_len)
+        kpm_lo = tl.maximum(tl.load(span + 3 * b) - k_start, 0)
+        kpm_hi = tl.minimum(tl.load(span + 3 * b + 1) - k_start, k_len)
+        kpm_run = tl.load(span + 3 * b + 2)
     if F.am:
         am, am_b, am_h, am_q, am_k = AM
         am = am + b * am_b + h.to(tl.int64) * am_h + q_start * am_q + k_start * am_k
-    return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, kpm_lo, kpm_hi, am, am_q,
-               am_k, S.dropout_p, S.seed, bh, S.skip, slope)
+    return Ctx(q_len, k_len, S.qk_scale, S.softcap, S.win_left, S.win_right, kpm, kpm_k, kpm_lo, kpm_hi, kpm_run, am,
+               am_q, am_k, S.dropout_p, S.seed, bh, S.skip, slope)
 
 
 @triton.jit
@@ -356,8 +361,9 @@ def key_span(first, end, cx, F: tl.constexpr):
 def key_blocks(first, end, cx, F: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys ``[lo, hi)`` that query positions ``[first, end)`` may see, in whole ``BLOCK_N`` blocks from ``lo``,
     and inside them ``[f_lo, f_hi)``, the blocks every one of those queries fully sees. Only the blocks outside
-    the latter (the causal diagonal, window edges, the ragged end) need a mask; with a key-padding or dense mask
-    every block does. Positions are bottom-right aligned (query ``i`` sits at ``i + k_len - q_len``)."""
+    the latter (the causal diagonal, window edges, the ragged end) need a mask; with a dense mask every block does,
+    with a key-padding mask every block but those wholly inside its visible span where that is one run. Positions
+    are bottom-right aligned (query ``i`` sits at ``i + k_len - q_len``)."""
     lo, hi = key_span(first, end, cx, F)
     if F.kpm:  # key blocks wholly outside the batch row's visible span are skipped
         lo = tl.maximum(lo, cx.kpm_lo)
@@ -371,7 +377,11 @@ def key_blocks(first, end, cx, F: tl.constexpr, BLOCK_N: tl.constexpr):
         f_lo = tl.maximum(lo, tl.cdiv(end - 1 - cx.win_left, BLOCK_N) * BLOCK_N)
         if not F.causal:
             f_hi = tl.minimum(f_hi, ((first + cx.win_right + 1) // BLOCK_N) * BLOCK_N)
-    if F.kpm or F.am:
+    if F.kpm:  # (selects, not branches: the span's ints may be wider than the band's)
+        run = cx.kpm_run != 0
+        f_lo = tl.where(run, tl.maximum(f_lo, tl.cdiv(cx.kpm_lo, BLOCK_N) * BLOCK_N), hi)
+        f_hi = tl.where(run, tl.minimum(f_hi, (cx.kpm_hi // BLOCK_N) * BLOCK_N), f_hi)
+    if F.am:
         f_lo = hi
     f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
     f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)

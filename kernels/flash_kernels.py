@@ -16,7 +16,7 @@ import triton.language as tl
 
 from hf_ahfa.kernels.common import (
     LOG2E, alibi_bias, alibi_key_term, alibi_row_term, alibi_slope, finite_values, flags, head_view, key_blocks,
-    key_span, load_tile, logits, make_ctx, natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
+    load_tile, logits, make_ctx, natural_lse, online_softmax, poison_seen, store_tile, tile_ptrs, visible,
 )
 
 
@@ -93,9 +93,12 @@ def _query_blocks(start_n, cx, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
         f_hi = tl.minimum(f_hi, ((start_n + cx.win_left - shift + 1) // BLOCK_M) * BLOCK_M)
         if not F.causal:
             f_lo = tl.maximum(f_lo, tl.cdiv(start_n + BLOCK_N - 1 - shift - cx.win_right, BLOCK_M) * BLOCK_M)
-    if F.kpm or F.am or start_n + BLOCK_N > cx.k_len:  # a ragged key block is masked everywhere
+    if F.am or start_n + BLOCK_N > cx.k_len:  # a ragged key block is masked everywhere
         f_lo = hi
     if F.kpm:
+        # masked unless the block lies wholly inside a visible span that is one run
+        if cx.kpm_run == 0 or start_n < cx.kpm_lo or start_n + BLOCK_N > cx.kpm_hi:
+            f_lo = hi
         if start_n >= cx.kpm_hi or start_n + BLOCK_N <= cx.kpm_lo:  # no visible key in this block
             hi = lo
     f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
@@ -528,26 +531,21 @@ def flash_decode_kernel(
     acc = tl.zeros([BLOCK_M, F.block_dv], tl.float32)
     k_view = head_view(K, b, hk, 0)
     v_view = head_view(V, b, hk, 0)
-    lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, T_K)  # the band always ends at the last key: the last query sees it
-    if F.window:
-        band_lo = key_span(T_K - T_Q, T_K, cx, F)[0]
-        lo = tl.maximum(lo, (band_lo // BLOCK_N) * BLOCK_N)
-    if F.kpm:  # only the batch row's visible span (a static cache's empty tail, left padding) is read
-        lo = tl.maximum(lo, (cx.kpm_lo // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(hi, cx.kpm_hi)
-    # Tiles every row sees whole (no window, key padding or dense mask; below the first query's causal end): no
-    # mask arithmetic and no NaN guard (a key every row sees reaches every row, as in SDPA); then the rest masked
-    mid = lo
-    if not (F.window or F.kpm or F.am):
-        seen = hi
-        if CAUSAL:
-            seen = tl.minimum(hi, T_K - T_Q + 1)
-        mid = tl.maximum(lo, seen // BLOCK_N * BLOCK_N)
-    for start_n in range(lo, mid, BLOCK_N):
+    # the keys the queries may see, in masked / unmasked / masked ranges as the forward takes them (the unmasked
+    # ones every row sees whole: no mask arithmetic and no NaN guard, which changes nothing at a key every row
+    # sees), cut to this split; only the batch row's visible span is read (a static cache's empty tail, padding)
+    lo, f_lo, f_hi, hi = key_blocks(T_K - T_Q, T_K, cx, F, BLOCK_N)
+    lo = tl.maximum(lo, split * SPLIT_LEN)
+    hi = tl.minimum(hi, split * SPLIT_LEN + SPLIT_LEN)
+    f_lo = tl.minimum(tl.maximum(f_lo, lo), hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi)
+    for start_n in range(lo, f_lo, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_d, offs_dv, slope,
+                                     am_rows, hi, T_Q, T_K, GROUP, cx, F, BLOCK_N, True)
+    for start_n in range(f_lo, f_hi, BLOCK_N):
         acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_d, offs_dv, slope,
                                      am_rows, hi, T_Q, T_K, GROUP, cx, F, BLOCK_N, False)
-    for start_n in range(mid, hi, BLOCK_N):
+    for start_n in range(f_hi, hi, BLOCK_N):
         acc, l_i, m_i = _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_d, offs_dv, slope,
                                      am_rows, hi, T_Q, T_K, GROUP, cx, F, BLOCK_N, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import types
 
 import torch
@@ -28,7 +29,7 @@ COMPILED: list[tuple[str, int]] = []  # (kernel, shared memory bytes) of each la
 # the most shared memory one block may use (opt-in limit), by configs table: A100 163 KB, H100/H200 227 KB
 SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
 VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
-            "alibi", "alibi_full", "block_sparse", "decode", "alibi_decode", "adaptive")
+            "alibi", "alibi_full", "block_sparse", "decode", "alibi_decode", "padding_decode", "adaptive")
 
 
 def _table(arch: int) -> str:
@@ -106,11 +107,15 @@ def _run(name: str) -> None:
         kw.update(alibi_slopes=torch.rand(H, generator=g), causal=name == "alibi")
     elif name == "block_sparse":
         kw.update(layout=patterns.local(T, T, block=64, width=1, batch=B, heads=H))
-    elif name in ("decode", "alibi_decode"):  # one query over a long cache: the split-KV kernel and its combine
+    elif name in ("decode", "alibi_decode", "padding_decode"):  # one query over a long cache: split-KV + combine
         q = q.detach()[:, :1]
         k, v = (torch.randn(B, 8192, HKV, D, generator=g).to(dtype) for _ in range(2))
         if name == "alibi_decode":
             kw.update(alibi_slopes=torch.rand(H, generator=g))
+        if name == "padding_decode":  # left padding: a visible span in one run
+            kpm = torch.ones(B, 8192, dtype=torch.bool)
+            kpm[0, :100] = False
+            kw.update(key_padding_mask=kpm)
     elif name == "adaptive":  # the estimator's kernels, then the block-sparse forward
         q, k, v = (torch.randn(1, 4096, h, D, generator=g).to(dtype) for h in (H, HKV, HKV))
         kw.update(policy=hf_ahfa.AdaptivePolicy(mode="adaptive", min_length=1024))
@@ -184,6 +189,7 @@ def main(argv=None) -> int:
         except Exception as err:  # noqa: BLE001  (report every variant, then fail)
             failed.append(name)
             print(f"FAILED  sm{args.arch} {name}: {type(err).__name__}: {str(err)[-1500:]}", flush=True)
+            traceback.print_exc()  # the cause (a Triton CompilationError's message shows only the outer call)
     return 1 if failed else 0
 
 

@@ -28,7 +28,7 @@ def _compile(*args: str, **env_vars: str) -> str:
 def test_kernels_compile_for_gpu_targets(arch, variants):
     out = _compile("--arch", arch, "--variants", variants)
     lines = [line for line in out.splitlines() if line.startswith("ok ")]
-    assert len(lines) == (13 if variants == "all" else 2), out
+    assert len(lines) == (14 if variants == "all" else 2), out
     for kernel in ("flash_fwd_kernel", "flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel", "flash_decode_kernel",
                    "flash_decode_combine_kernel"):
         assert kernel in out, f"{kernel} was not compiled:\n{out}"

@@ -117,7 +117,9 @@ def test_key_padding_and_fully_masked_rows(poison):
 def test_key_padding_skips_blocks_outside_the_visible_span(poison, causal):
     # right padding, left padding, a gap inside the span, nothing visible; the keys of whole blocks outside each
     # row's span hold NaN: a kernel that skips those blocks never reads them (a masked tile would still turn
-    # 0 * NaN into NaN in P @ V), so the result is finite and equals the reference on clean inputs
+    # 0 * NaN into NaN in P @ V), so the result is finite and equals the reference on clean inputs. The spans
+    # without a gap are one run: the blocks wholly inside them run without the mask (taking the gapped row for a
+    # run computes its gap's keys and fails)
     q, k, v = _qkv(4, 70, 400, 2, 1, 16, seed=11)
     kpm = torch.zeros(4, 400, dtype=torch.bool, device=DEVICE)
     kpm[0, :100] = True
@@ -125,7 +127,7 @@ def test_key_padding_skips_blocks_outside_the_visible_span(poison, causal):
     kpm[2, 140:260] = kpm[2, 290:330] = True
     from hf_ahfa.kernels.common import visible_span
 
-    assert visible_span(kpm).tolist() == [[0, 100], [300, 400], [140, 330], [400, 0]]
+    assert visible_span(kpm).tolist() == [[0, 100, 1], [300, 400, 1], [140, 330, 0], [400, 0, 0]]
     want = _both(q, k, v, causal=causal, key_padding_mask=kpm)[1]
     k, v = k.detach().clone(), v.detach().clone()
     for row, keys in ((0, slice(256, None)), (1, slice(0, 128)), (2, slice(0, 128)), (3, slice(None))):
