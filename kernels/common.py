@@ -135,16 +135,16 @@ def mask_args(key_padding_mask, attn_mask):
 
 def visible_span(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """``(B, 3)`` int32: per batch row of a ``(B, K)`` bool mask (True = visible) the first visible key, the last
-    plus one (``(K, 0)`` where none is), and 1 where every key between them is visible (one run: left or right
-    padding, a static cache's filled head), else 0. Computed on the device: no wait for it."""
+    plus one (``(K, 0)`` where none is), and how many keys are visible: where that is the span's length, the span
+    is one run (left or right padding, a static cache's filled head). Computed on the device: no wait for it (one
+    small op more than the span alone: a static cache passes a new mask on every decode step)."""
     B, K = key_padding_mask.shape
     if K == 0:
         return torch.zeros(B, 3, dtype=torch.int32, device=key_padding_mask.device)
     idx = torch.arange(K, dtype=torch.int32, device=key_padding_mask.device)
     lo = torch.where(key_padding_mask, idx, K).amin(1)
     hi = torch.where(key_padding_mask, idx + 1, 0).amax(1)
-    run = key_padding_mask.sum(1, dtype=torch.int32) == hi - lo
-    return torch.stack((lo, hi, run.to(torch.int32)), 1)
+    return torch.stack((lo, hi, key_padding_mask.sum(1, dtype=torch.int32)), 1)
 
 
 def flags(args: dict) -> Flags:
@@ -227,9 +227,10 @@ def make_ctx(KPM, AM, S, b, h, q_start, k_start, q_len, k_len, bh, slope, F: tl.
         kpm, kpm_b, kpm_k, span = KPM
         kpm = kpm + b * kpm_b + k_start * kpm_k
         # the batch row's visible keys, relative to this sequence's first key
-        kpm_lo = tl.maximum(tl.load(span + 3 * b) - k_start, 0)
-        kpm_hi = tl.minimum(tl.load(span + 3 * b + 1) - k_start, k_len)
-        kpm_run = tl.load(span + 3 * b + 2)
+        first, end = tl.load(span + 3 * b), tl.load(span + 3 * b + 1)
+        kpm_lo = tl.maximum(first - k_start, 0)
+        kpm_hi = tl.minimum(end - k_start, k_len)
+        kpm_run = (tl.load(span + 3 * b + 2) == end - first).to(tl.int32)  # no gap: as many visible as spanned
     if F.am:
         am, am_b, am_h, am_q, am_k = AM
         am = am + b * am_b + h.to(tl.int64) * am_h + q_start * am_q + k_start * am_k

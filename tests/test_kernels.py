@@ -127,7 +127,7 @@ def test_key_padding_skips_blocks_outside_the_visible_span(poison, causal):
     kpm[2, 140:260] = kpm[2, 290:330] = True
     from hf_ahfa.kernels.common import visible_span
 
-    assert visible_span(kpm).tolist() == [[0, 100, 1], [300, 400, 1], [140, 330, 0], [400, 0, 0]]
+    assert visible_span(kpm).tolist() == [[0, 100, 100], [300, 400, 100], [140, 330, 160], [400, 0, 0]]
     want = _both(q, k, v, causal=causal, key_padding_mask=kpm)[1]
     k, v = k.detach().clone(), v.detach().clone()
     for row, keys in ((0, slice(256, None)), (1, slice(0, 128)), (2, slice(0, 128)), (3, slice(None))):
