@@ -4,7 +4,7 @@
 # before (.stage-before/before.tar, `git archive <rev> hf_ahfa kernels patches eval`) and after, interleaved
 # twice in the same run. Both trees are laid out as the installed package and put on PYTHONPATH in turn
 # (nothing is pip-installed). Results: one tar in $OUT.
-#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|next|hostpath|select|sweep|cost|alibi
+#   usage (device call, carry .stage-before): bash scripts/gpu_check.sh tests|tests+sweep|diag|host|launch|model|decode|next|hostpath|select|sweep|cost|alibi
 # (tests: GPU tests and fuzz, CUDA suites; diag: CUDA suites on both trees with tracebacks;
 #  host: host time per attention call; next: the checks kernels/NOTES.md lists first; hostpath: the memo path before/after; select: the selection kernels' tests and profile, before/after; launch: direct launches' host time and their GPU tests; model: whole-model speed, MODEL_ARGS passed to scripts/model_prefill_speed.py
 #  (MODEL_TREES="before after": on both trees);
@@ -31,7 +31,7 @@ fi
 after() { PYTHONPATH=/tmp/after "$@"; }
 before() { PYTHONPATH=/tmp/before "$@"; }
 after python3 -c "import torch, triton, transformers, hf_ahfa; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, hf_ahfa.__file__)" | tee "$R/versions.txt"
-STAGE=${1:?tests, tests+sweep, diag, host, launch, model, next, hostpath, select, sweep, cost, alibi, d256 or d256bwd}
+STAGE=${1:?tests, tests+sweep, diag, host, launch, model, decode, next, hostpath, select, sweep, cost, alibi, d256 or d256bwd}
 if [ "$STAGE" = tests ] || [ "$STAGE" = tests+sweep ]; then
 # pytest-xdist (in the device image) spreads the cold Triton compiles over the cores; the default launch
 # configuration only (AHFA_AUTOTUNE=0: a quarter of the compiles); SIGINT at the limit keeps the summary.
@@ -196,6 +196,21 @@ if [ "$STAGE" = model ]; then
 for t in ${MODEL_TREES:-after}; do
   PYTHONPATH=/tmp/$t timeout ${MODEL_S:-300} python3 scripts/model_prefill_speed.py --out-dir "$R" ${MODEL_ARGS:-} \
     ${MODEL_TREES:+--name ${MODEL_NAME:-model-speed}-$t} 2>&1 | tail -${MODEL_TAIL:-30}
+done
+exit 0
+fi
+if [ "$STAGE" = decode ]; then
+# own split-KV decode against SDPA on both trees, twice, interleaved (the twenty-seventh session's 0.82x at 128K),
+# then the padded-batch prefill and training step of the 0.5B layout on each tree (key-padding runs)
+DEC=(-m hf_ahfa.eval.cli speed --seq-lens= --decode-lens ${DECODE_LENS:-4096,8192,32768,131072} --providers ahfa sdpa
+     --out-dir "$R")
+for i in 1 2; do for t in before after; do
+  PYTHONPATH=/tmp/$t timeout ${DECODE_S:-80} python3 "${DEC[@]}" --name "decode-$t-$i-$GPU_TAG" > /dev/null 2>&1
+  echo "$t $i: $(grep -E '^\| [0-9]+ \| ahfa ' "$R/decode-$t-$i-$GPU_TAG.md" | tr -d '\n')"
+done; done
+[ "${PADDED:-1}" = 1 ] && for t in before after; do
+  PYTHONPATH=/tmp/$t timeout ${PADDED_S:-200} python3 scripts/padded_speed.py --out-dir "$R" \
+    --name "padded-speed-qwen2-0.5b-$t-$GPU_TAG" 2>&1 | tail -8
 done
 exit 0
 fi
