@@ -54,8 +54,6 @@ def unfit_reason(name: str, q, k, v, call: AttnCall, need_lse: bool) -> str | No
         return "a mask or key padding"
     if name == "flash-attn-3" and (call.alibi is not None or call.cu_seqlens is not None):
         return "ALiBi or packed sequences (flash-attn 3's dense function has neither)"
-    if torch.compiler.is_compiling():
-        return "torch.compile is tracing (flash-attn's support depends on its version)"
     if not runs_on(name, q.device):
         return f"{name} needs a CUDA GPU of compute capability {KERNELS[name][1]} or newer"
     return None
@@ -68,8 +66,8 @@ def runs_on(name: str, device: torch.device) -> bool:
 
 def candidates(q, k, v, call: AttnCall, need_lse: bool) -> list[str]:
     """The names of the installed flash-attn kernels that compute this call exactly (``run`` runs them)."""
-    if torch.compiler.is_compiling():  # (before modules(): Dynamo cannot trace its first-call imports)
-        return []
+    if torch.compiler.is_compiling():  # none while tracing: flash-attn's support depends on its version, and
+        return []  # modules() imports them on its first call, which Dynamo cannot trace
     return [name for name in modules() if unfit_reason(name, q, k, v, call, need_lse) is None]
 
 
