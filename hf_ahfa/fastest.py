@@ -78,8 +78,13 @@ def timings(key: tuple, candidates: Candidates, device: torch.device) -> dict[st
 
 def host_may_wait() -> bool:
     """False while torch.compile traces or a CUDA graph is captured: then nothing may be timed or read back."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return not (torch.compiler.is_compiling() or capturing)
+    # (tracing first: Dynamo cannot trace the capture test, and a traced call must not reach it)
+    return not (torch.compiler.is_compiling() or cuda_graph_capturing())
+
+
+def cuda_graph_capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (not to be asked while torch.compile traces)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _median_ms(candidates: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,

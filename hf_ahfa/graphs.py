@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_ahfa.fastest import cuda_graph_capturing
+
 ENABLED = True
 _KEPT = 8  # graphs hold their own memory pools: keep the most recent shapes only
 _graphs: dict = {}
@@ -18,8 +20,9 @@ _graphs: dict = {}
 def graphable(tensors) -> bool:
     """Whether a call on these tensors (``None`` entries ignored) may be captured and replayed."""
     tensors = [t for t in tensors if t is not None]
+    # (tracing before the capture test, which Dynamo cannot trace)
     return (ENABLED and tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not cuda_graph_capturing())
 
 
 def replay(fn, tensors, key):

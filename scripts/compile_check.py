@@ -25,11 +25,12 @@ import types
 
 import torch
 
-COMPILED: list[tuple[str, int]] = []  # (kernel, shared memory bytes) of each launch of a variant, in order
+COMPILED: list[tuple[str, int, float]] = []  # (kernel, shared memory bytes, seconds) of each launch of a variant
 # the most shared memory one block may use (opt-in limit), by configs table: A100 163 KB, H100/H200 227 KB
 SHARED_LIMIT = {"sm80": 163 * 1024, "sm90": 227 * 1024}
 VARIANTS = ("causal", "full_d128", "window_softcap_sinks", "padding_mask", "dense_mask", "packed", "dropout",
-            "alibi", "alibi_full", "block_sparse", "decode", "alibi_decode", "padding_decode", "adaptive")
+            "alibi", "alibi_full", "block_sparse", "decode", "alibi_decode", "padding_decode", "adaptive",
+            "d256", "d256_window", "d256_fp32")
 
 
 def _table(arch: int) -> str:
@@ -60,8 +61,9 @@ def _stand_in_driver(arch: int) -> None:
     run = JITFunction.run
 
     def compile_only(self, *a, grid, warmup, **kw):
+        start = time.perf_counter()
         kernel = run(self, *a, grid=grid, warmup=True, **kw)
-        COMPILED.append((self.__name__, kernel.metadata.shared))
+        COMPILED.append((self.__name__, kernel.metadata.shared, time.perf_counter() - start))
         return kernel
 
     JITFunction.run = compile_only
@@ -85,11 +87,17 @@ def _run(name: str) -> None:
     if name == "full_d128":
         D = 128
     dtype = torch.bfloat16
+    if name.startswith("d256"):  # Gemma-3's head dim (its fine-tune: bf16; a float32 model's forward: d256_fp32)
+        D, dtype = 256, torch.float32 if name == "d256_fp32" else dtype
     make = lambda t, h: torch.randn(B, t, h, D, generator=g).to(dtype).requires_grad_()  # noqa: E731
     q, k, v = make(T, H), make(T, HKV), make(T, HKV)
     kw: dict = dict(causal=True)
     if name == "full_d128":
         kw = dict(causal=False)
+    elif name == "d256_window":
+        kw.update(window=64)
+    elif name == "d256_fp32":  # a float32 model's forward (no training in float32 here)
+        q, k, v = (x.detach() for x in (q, k, v))
     elif name == "window_softcap_sinks":
         kw.update(window=64, softcap=30.0, sinks=torch.zeros(H, requires_grad=True))
     elif name == "padding_mask":
@@ -120,7 +128,7 @@ def _run(name: str) -> None:
         q, k, v = (torch.randn(1, 4096, h, D, generator=g).to(dtype) for h in (H, HKV, HKV))
         kw.update(policy=hf_ahfa.AdaptivePolicy(mode="adaptive", min_length=1024))
     else:
-        assert name == "causal", name
+        assert name in ("causal", "d256"), name
     out = hf_ahfa.attention(q, k, v, backend="triton", **kw)
     if out.requires_grad:
         out.sum().backward()
@@ -145,7 +153,7 @@ def _table_entries(arch: int) -> int:
                 q = torch.randn(1, 256, 2, head_dim, dtype=torch.bfloat16, requires_grad=True)
                 try:
                     hf_ahfa.attention(q, q, q, causal=True, backend="triton").sum().backward()
-                    used = {k: b for k, b in COMPILED if k.startswith(prefix)}
+                    used = {k: b for k, b, _ in COMPILED if k.startswith(prefix)}
                     over = {k: b for k, b in used.items() if b > limit}
                     sizes = ", ".join(f"{k} {b // 1024} KB" for k, b in used.items())
                     print(f"{'FAILED' if over else 'ok    '}  {name} {table_name} D={head_dim} {cfg}: {sizes}"
@@ -184,7 +192,10 @@ def main(argv=None) -> int:
             _run(name)
             if not COMPILED:
                 raise RuntimeError("no Triton kernel was launched")
-            kernels = ", ".join(dict.fromkeys(kernel for kernel, _ in COMPILED))
+            seconds: dict[str, float] = {}  # compile time per kernel (0 where Triton's cache had it)
+            for kernel, _, took in COMPILED:
+                seconds[kernel] = seconds.get(kernel, 0.0) + took
+            kernels = ", ".join(f"{kernel} {took:.0f} s" for kernel, took in seconds.items())
             print(f"ok      sm{args.arch} {name} ({time.perf_counter() - start:.0f} s): {kernels}", flush=True)
         except Exception as err:  # noqa: BLE001  (report every variant, then fail)
             failed.append(name)

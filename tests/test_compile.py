@@ -38,6 +38,20 @@ def test_the_router_offers_no_installed_kernel_while_tracing():
     torch.testing.assert_close(traced(q), q)
 
 
+def test_nothing_is_timed_while_tracing_where_cuda_is_available(monkeypatch):
+    # Dynamo cannot trace the test that a CUDA graph is being captured: on CUDA a compiled model's first call
+    # failed in it (host_may_wait: the router's timing, ahfa_mask's all-ones test); tracing must answer first
+    from hf_ahfa import fastest
+
+    def capturing():  # (on CUDA torch's own function, which Dynamo refuses, as it refuses this raise)
+        raise RuntimeError("the capture test was traced")
+
+    monkeypatch.setattr(fastest, "cuda_graph_capturing", capturing)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda t: t + 1 if fastest.host_may_wait() else t - 1, fullgraph=True, backend="eager")
+    torch.testing.assert_close(traced(torch.zeros(2)), -torch.ones(2))
+
+
 @pytest.mark.parametrize("policy", [dict(mode="exact"), dict(mode="adaptive", block_size=16, stride=8, tau=0.9)])
 def test_fullgraph_compile_matches_eager(policy):
     torch._dynamo.reset()

@@ -97,3 +97,23 @@ def test_bad_input_is_one_line(tiny_llama, tiny_text, tmp_path, capsys, argv, ma
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.strip().splitlines()[-1].startswith("ahfa-eval train: error: ")
     assert match in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_the_chunked_loss_trains_under_the_trainers_mixed_precision(tmp_path, chunk):
+    # the chunked loss calls the decoder alone, past accelerate's autocast wrapper of model.forward: a bf16
+    # fine-tune with --loss-chunk ran in float32 (chunk 0: the model's own loss, the behaviour to match)
+    from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    ids = torch.randint(0, 97, (2, 16))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, bf16=True,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer_class = train._chunked_loss_trainer(Trainer, chunk) if chunk else Trainer
+    trainer_class(model=model, args=args, train_dataset=train._Windows(ids)).train()
+    assert seen and set(seen) == {torch.bfloat16}, seen

@@ -247,6 +247,57 @@ def test_fullgraph_compile_of_a_routed_call():
         assert err <= 2 * yard + 1e-3, f"{name}: compiled routed error {err:.3e} vs PyTorch bf16 error {yard:.3e}"
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_no_host_synchronisation_per_call(padded):
+    """Issue 11: once a shape is routed (its first calls may time candidates, which waits), attention calls never
+    wait for the GPU. Inside a model (prefill and decode steps with a dynamic cache; the model's mask preparation,
+    which waits as sdpa's does, is outside the attention function) and a training call's forward and backward,
+    under ``torch.cuda.set_sync_debug_mode("error")``, which raises on a synchronising CUDA call."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from hf_ahfa.integration import ahfa_attention_forward, ahfa_mask
+
+    checking = []
+
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error" if checking else "default")
+        try:
+            return ahfa_attention_forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    AttentionInterface.register("ahfa-sync-checked", checked)
+    AttentionMaskInterface.register("ahfa-sync-checked", ahfa_mask)
+    model = _tiny("qwen2")
+    model.set_attn_implementation("ahfa-sync-checked")
+    ids = torch.randint(0, 512, (2, 600), device="cuda")
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :37] = 0
+    q = torch.randn(2, 600, 8, 64, device="cuda", dtype=BF16, requires_grad=True)
+    k, v = (torch.randn(2, 600, 2, 64, device="cuda", dtype=BF16, requires_grad=True) for _ in range(2))
+
+    def run():
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            cache, step_mask = out.past_key_values, mask
+            for _ in range(3):
+                step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], dim=1)
+                out = model(ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True)
+        torch.cuda.set_sync_debug_mode("error" if checking else "default")
+        try:
+            out = hf_ahfa.attention(q, k, v, causal=True, key_padding_mask=mask.bool() if padded else None)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    run()  # routes and tunes every shape
+    torch.cuda.synchronize()
+    checking.append(True)
+    run()
+
+
 def test_compiled_static_cache_generate():
     model = _tiny("llama")
     model.set_attn_implementation("sdpa")
