@@ -251,6 +251,12 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     if sdpa_fits and call.window is None:
         if not q.is_cuda:  # the reference is several times slower than torch's CPU kernels
             return "sdpa"
+        if q.dtype == torch.float32:
+            # float32: our kernels multiply in exact float32 (input_precision "ieee"), on the CUDA cores, with tiles
+            # sized for 16-bit inputs; timing them would first compile each launch config, ~40 s apiece at head dim
+            # 256 (sm90, scripts/compile_check.py): a float32 model's first call sat for minutes. Not timed: the
+            # call runs what sdpa runs
+            return "sdpa"
         if path == "decode" and not _causal_needs_mask(q.shape[1], k.shape[1], call.causal, call.window):
             # few queries: the host's time per call decides, and SDPA's is the smaller (H200 host: 120-200 us
             # against 180-280 us for our two launches; on the GPU our split-KV kernel is at best level with SDPA,

@@ -502,6 +502,18 @@ def test_exact_decode_goes_to_sdpa_untimed(monkeypatch):
     assert [r["route"] for r in rec] == ["sdpa", "decode"] and fastest._times == {}
 
 
+def test_float32_exact_calls_go_to_sdpa_untimed(monkeypatch):
+    # (timing ours would compile float32 kernels first: ~40 s per launch config at head dim 256)
+    from hf_ahfa import fastest
+
+    monkeypatch.setattr(fastest, "_times", {})
+    q, k, v = (torch.randn(1, 300, 4, 256, device="cuda", requires_grad=True) for _ in "qkv")
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True).sum().backward()
+        hf_ahfa.attention(q, k, v, causal=True, softcap=30.0)  # SDPA has no softcap: ours
+    assert [r["route"] for r in rec] == ["sdpa", "flash"] and fastest._times == {}
+
+
 @pytest.mark.parametrize("Q,K", [(777, 777), (1, 1500)])
 def test_padded_calls_through_sdpa_match_reference(Q, K):
     """Padded batches through SDPA on CUDA (one boolean mask, causality folded in; decode rows with a static
