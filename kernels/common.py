@@ -249,10 +249,18 @@ def alibi_slope(ALIBI, b, h, F: tl.constexpr):
 
 
 @triton.jit
-def alibi_bias(s, qpos, offs_n, slope):
-    """Scores ``s`` (log2 domain) minus ``slope * |query position - key position|``: ALiBi, as flash-attn
-    defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``."""
-    return s - (slope * LOG2E) * tl.abs(qpos[:, None] - offs_n[None, :]).to(tl.float32)
+def alibi_bias(s, qpos, start_n, BLOCK_N: tl.constexpr, slope, PER_SCORE: tl.constexpr):
+    """Scores ``s`` (log2 domain) of the key tile ``start_n + [0, BLOCK_N)`` minus ``slope * |query position - key
+    position|``: ALiBi, as flash-attn defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``.
+    In loops over key tiles the distance is taken per row from the tile's first key and per column within the
+    tile (loop-invariant): a score costs a subtraction and an absolute value, no integer conversion (sm90 SASS:
+    the forward's unmasked loop 681 -> 581 instructions, 513 without ALiBi). ``PER_SCORE``: the loop over query
+    tiles of one key block (dk/dv), where that column vector, held across the loop, spilled registers."""
+    c = slope * LOG2E
+    if PER_SCORE:
+        return s - c * tl.abs(qpos[:, None] - (start_n + tl.arange(0, BLOCK_N))[None, :]).to(tl.float32)
+    rows = (qpos - start_n).to(tl.float32)[:, None] * c
+    return s - tl.abs(rows - tl.arange(0, BLOCK_N).to(tl.float32)[None, :] * c)
 
 
 @triton.jit

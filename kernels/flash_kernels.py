@@ -114,14 +114,17 @@ def _listed_start(index, j, LAYOUT_B: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, cx, F: tl.constexpr, MASKED: tl.constexpr):
-    """Log2-domain scores of a query tile against a key tile (and the tanh for the softcap gradient);
-    invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built."""
+def _scores(q, k, offs_m, start_n, cx, F: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+            KEYS_HELD: tl.constexpr):
+    """Log2-domain scores of a query tile against the key tile at ``start_n`` (and the tanh for the softcap
+    gradient); invisible entries are -inf. ``MASKED=False`` is for tiles wholly inside the band: no mask is built.
+    ``KEYS_HELD``: called in a loop over query tiles of one key block (``alibi_bias``)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     s, t = logits(q, k, cx, F)  # [BM, D] @ [D, BN] -> [BM, BN]
     if F.alibi_keys:
         s = s + alibi_key_term(offs_m, offs_n, cx.k_len - cx.q_len, cx.slope)[None, :]
     elif F.alibi:
-        s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), offs_n, cx.slope)
+        s = alibi_bias(s, offs_m + (cx.k_len - cx.q_len), start_n, BLOCK_N, cx.slope, KEYS_HELD)
     if MASKED:
         ok = visible(offs_m[:, None] + (cx.k_len - cx.q_len), offs_n, offs_m, cx.q_len, cx.k_len,
                      offs_m.to(tl.int64) * cx.am_q, cx, F)
@@ -153,7 +156,7 @@ def _fwd_step(acc, l_i, m_i, dropped, q, k_ptrs, v_ptrs, tma, start_n, offs_m, c
         k = tma[0].load([row, 0])
     else:
         k = tl.load(k_ptrs, mask=n_ok[:, None] & (tl.arange(0, F.block_d)[None, :] < F.d), other=0.0)
-    s, _ = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    s, _ = _scores(q, k, offs_m, start_n, cx, F, BLOCK_N, MASKED, False)
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)
     if F.dropout:
         p = tl.where(_dropout_keep(cx, offs_m, offs_n), p / (1.0 - cx.dropout_p), 0.0)
@@ -304,16 +307,17 @@ def _row_stats(stats, offs_m, q_len):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, BLOCK_M: tl.constexpr,
-               MASKED: tl.constexpr):
-    """dk/dv contribution of the query tile at ``start_m`` of one q head to one key block."""
+def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, start_n, cx, F: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dk/dv contribution of the query tile at ``start_m`` of one q head to the key block at ``start_n``."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     q = load_tile(qdo[0], offs_m, tl.arange(0, F.block_d), cx.q_len, F.d)
     do = load_tile(qdo[1], offs_m, tl.arange(0, F.block_dv), cx.q_len, F.dv)
     lse2, delta = _row_stats(stats, offs_m, cx.q_len)
     if F.alibi_keys:  # the scores of this tile exceed the logits by the row term: so must the lse they meet
         lse2 += alibi_row_term(offs_m, cx.slope)
-    s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    s, t = _scores(q, k, offs_m, start_n, cx, F, BLOCK_N, MASKED, True)
     p, pd = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=F.precision)  # [BN,BM]@[BM,DV]
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
@@ -323,17 +327,17 @@ def _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F: tl.constexpr, B
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, qdo, stats, start, end, index, offs_n, cx, F: tl.constexpr,
-                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, qdo, stats, start, end, index, start_n, cx, F: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """dk/dv contributions of query tiles ``[start, end)`` of one q head to one key block; with ``F.sparse``
     of the ``end`` layout query blocks listed at ``index``."""
     if F.sparse:
         for j in range(0, end * (F.layout_bq // BLOCK_M)):
-            dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, _listed_start(index, j, F.layout_bq, BLOCK_M), offs_n,
-                                cx, F, BLOCK_M, MASKED)
+            dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, _listed_start(index, j, F.layout_bq, BLOCK_M), start_n,
+                                cx, F, BLOCK_M, BLOCK_N, MASKED)
     else:
         for start_m in range(start, end, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, start_m, offs_n, cx, F, BLOCK_M, MASKED)
+            dk, dv = _dkdv_step(dk, dv, k, v, qdo, stats, start_m, start_n, cx, F, BLOCK_M, BLOCK_N, MASKED)
     return dk, dv
 
 
@@ -390,13 +394,13 @@ def flash_bwd_dkdv_kernel(
         stats = (LSE2 + row, DELTA + row)
         if F.sparse:
             n_masked, masked, n_full, full = _lists(LISTS, b, h, H, start_n // LAYOUT_BK)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, 0, n_masked, masked, offs_n, cx, F, BLOCK_M, True)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, 0, n_full, full, offs_n, cx, F, BLOCK_M, False)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, 0, n_masked, masked, start_n, cx, F, BLOCK_M, BLOCK_N, True)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, 0, n_full, full, start_n, cx, F, BLOCK_M, BLOCK_N, False)
         else:
             # masked edge, unmasked interior, masked diagonal / window edge
-            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, lo, f_lo, None, offs_n, cx, F, BLOCK_M, True)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, f_lo, f_hi, None, offs_n, cx, F, BLOCK_M, False)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, f_hi, hi, None, offs_n, cx, F, BLOCK_M, True)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, lo, f_lo, None, start_n, cx, F, BLOCK_M, BLOCK_N, True)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, f_lo, f_hi, None, start_n, cx, F, BLOCK_M, BLOCK_N, False)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, qdo, stats, f_hi, hi, None, start_n, cx, F, BLOCK_M, BLOCK_N, True)
     store_tile(head_view(DK, bm, hk, k_start), offs_n, offs_d, dk * (S.qk_scale / LOG2E), k_len, F.d)
     store_tile(head_view(DV_, bm, hk, k_start), offs_n, offs_dv, dv, k_len, F.dv)
 
@@ -408,7 +412,7 @@ def _dq_step(dq, q, do, lse2, delta, kv, start_n, offs_m, cx, F: tl.constexpr, B
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(kv[0], offs_n, tl.arange(0, F.block_d), cx.k_len, F.d)
     v = load_tile(kv[1], offs_n, tl.arange(0, F.block_dv), cx.k_len, F.dv)
-    s, t = _scores(q, k, offs_m, offs_n, cx, F, MASKED)
+    s, t = _scores(q, k, offs_m, start_n, cx, F, BLOCK_N, MASKED, False)
     p, _ = _probs(s, lse2, offs_m, offs_n, cx, F, MASKED)
     dpd = tl.dot(do, tl.trans(v), input_precision=F.precision)  # [BM,DV]@[DV,BN]
     ds = _dscores(p, dpd, delta, s, t, offs_m, offs_n, cx, F, MASKED)
@@ -482,7 +486,7 @@ def _decode_tile(acc, l_i, m_i, q, k_view, v_view, start_n, i, qp, offs_r, offs_
     if F.alibi_keys:  # one FMA per score (the rows' own slopes); the row term leaves the lse below
         s = s + alibi_key_term(i, offs_n, T_K - T_Q, slope[:, None])
     elif F.alibi:
-        s = alibi_bias(s, qp, offs_n, slope[:, None])
+        s = alibi_bias(s, qp, start_n, BLOCK_N, slope[:, None], False)
     if MASKED:
         s = tl.where(visible(qp[:, None], offs_n, offs_r, GROUP * T_Q, hi, am_rows, cx, F), s, float("-inf"))
     p, alpha, l_i, m_i = online_softmax(s, m_i, l_i, MASKED)

@@ -167,8 +167,12 @@ AHFA_AUTOTUNE=0 after timeout -s INT -k 15 ${GPU_TESTS_S:-240} python3 -m pytest
   --tb=short -rfE -m gpu tests/test_gpu.py -k "every_launch_config and (distance or keys)" > "$R/alibi-configs.log" 2>&1
 grep -E "^(FAILED|ERROR) |passed|failed" "$R/alibi-configs.log" | tail -15
 fi
-after timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" --forms ${FORMS:-distance,keys,fwd-keys} \
-  --head-dims ${HEAD_DIMS:-64,128} --seq-lens ${SEQ_LENS:-4096,16384} --name alibi-forms 2>&1 | tail -30
+# ALIBI_TREES="before after": each tree's ALiBi cost against its own kernel without it (a change to the bias)
+for t in ${ALIBI_TREES:-after}; do
+  PYTHONPATH=/tmp/$t timeout ${ALIBI_S:-300} python3 scripts/alibi_speed.py --out-dir "$R" \
+    --forms ${FORMS:-distance,keys,fwd-keys} --head-dims ${HEAD_DIMS:-64,128} --seq-lens ${SEQ_LENS:-4096,16384} \
+    --name alibi-forms-$t 2>&1 | tail -30
+done
 exit 0
 fi
 if [ "$STAGE" = d256 ]; then
