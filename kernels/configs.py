@@ -53,6 +53,20 @@ BWD: dict[str, dict[int, list[Config]]] = {
     },
 }
 
+# float32 inputs: tl.dot in exact float32 (input_precision "ieee") is multiply-adds unrolled on the CUDA cores, and
+# with the 16-bit tables' tiles ptxas took 31 / 101 / 249 s for one causal forward+backward at head dim 64 / 128 /
+# 256 (the first entries; 37 s for the forward alone at 256 with a time limit it never met in a 32K fine-tune's
+# float32 calls); these tiles 6 / 13 / 57 s (sm90, triton 3.6, compiled offline: kernels/NOTES.md). One entry
+# each: a tuned candidate costs its compile. Not yet timed on a GPU.
+FWD_FLOAT32: dict[str, dict[int, list[Config]]] = {
+    "sm90": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(64, 32, 4, 2)]},
+    "sm80": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
+}
+BWD_FLOAT32: dict[str, dict[int, list[Config]]] = {
+    "sm90": {64: [(32, 32, 4, 1)], 128: [(32, 32, 4, 1)], 256: [(32, 32, 4, 1)]},
+    "sm80": {64: [(32, 32, 4, 1)], 128: [(32, 32, 4, 1)], 256: [(32, 32, 4, 1)]},
+}
+
 # split-KV decode: (BLOCK_N, num_warps, num_stages) in the order tried; BLOCK_M is the query rows that share
 # a k/v head (GQA group x queries, up to 128), so that a wide group at head dim 256 needs the smaller tiles.
 # Every BLOCK_N divides the first, the granularity of the splits.

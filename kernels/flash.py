@@ -123,14 +123,15 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
         c["Q"], c["K"], c["H"], c["H"] // c["HKV"], scores,
     )
     consts = _constexprs(c, causal, blocks)
-    modes = tma_modes(k, v)
+    float32 = q.dtype == torch.float32  # (one launch config, pointer loads: each candidate is a slow compile)
+    modes = (False,) if float32 else tma_modes(k, v)
 
     def launch_fwd(cfg):
         bm, bn, warps, stages, tma = cfg
         launch(flash_fwd_kernel, (cdiv(c["max_q"], bm), c["nseq"] * c["H"]), args,
                dict(consts, BLOCK_M=bm, BLOCK_N=bn, TMA=tma, num_warps=warps, num_stages=stages))
 
-    cands = configs.candidates(configs.FWD, q.device, c["D"])
+    cands = configs.candidates(configs.FWD_FLOAT32 if float32 else configs.FWD, q.device, c["D"])
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
     # each tile config with each load mode (TMA first): timed, or the first that fits
@@ -208,7 +209,7 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
                (*inputs, tensor_arg(dq), *masks, _lists(rows), c["Q"], c["K"], c["H"], G, scores),
                dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
-    cands = configs.candidates(configs.BWD, q.device, c["D"])
+    cands = configs.candidates(configs.BWD_FLOAT32 if q.dtype == torch.float32 else configs.BWD, q.device, c["D"])
     dkdv_cands = dq_cands = cands
     if rows is not None:
         dkdv_cands, dq_cands = _sparse_candidates(cands, *blocks), _sparse_candidates(cands, *blocks, swap=True)

@@ -6,8 +6,9 @@ triton 3.6 a tuple holding ``None`` inside a kernel ran on the interpreter and f
 small CPU tensors with a stand-in Triton driver that reports a CUDA target and launches nothing: each kernel
 variant goes through Triton's whole compile pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas) for that target. Nothing
 is computed: outputs stay uninitialised, so only compile errors are checked, at each table's first launch config.
-With ``--all-configs``, every entry of the forward and backward tables (``kernels/configs.py``) is compiled pinned
-instead, and its shared memory checked against the architecture's limit per block (an entry over it never runs).
+With ``--all-configs``, every entry of the forward and backward tables (``kernels/configs.py``, the float32 ones
+too) is compiled pinned instead, and its shared memory checked against the architecture's limit per block (an
+entry over it never runs).
 
     python scripts/compile_check.py                  # every variant, sm90
     python scripts/compile_check.py --arch 80 --variants causal,decode
@@ -145,14 +146,16 @@ def _table_entries(arch: int) -> int:
     name = _table(arch)
     limit = SHARED_LIMIT[name]
     failed = 0
-    for table_name, prefix in (("FWD", "flash_fwd"), ("BWD", "flash_bwd")):
+    for table_name, prefix in (("FWD", "flash_fwd"), ("BWD", "flash_bwd"), ("FWD_FLOAT32", "flash_fwd"),
+                               ("BWD_FLOAT32", "flash_bwd")):
         table = getattr(configs, table_name)[name]
+        dtype = torch.float32 if table_name.endswith("FLOAT32") else torch.bfloat16
         for head_dim, entries in table.items():
             for cfg in entries:
                 table[head_dim] = [cfg]
                 tuning._chosen.clear()  # as the GPU test pinning each entry does
                 COMPILED.clear()
-                q = torch.randn(1, 256, 2, head_dim, dtype=torch.bfloat16, requires_grad=True)
+                q = torch.randn(1, 256, 2, head_dim, dtype=dtype, requires_grad=True)
                 try:
                     hf_ahfa.attention(q, q, q, causal=True, backend="triton").sum().backward()
                     used = {k: b for k, b, _ in COMPILED if k.startswith(prefix)}

@@ -62,10 +62,12 @@ def test_compile_check_refuses_the_interpreter_and_unknown_variants():
 
 
 def test_every_sm80_table_entry_compiles_and_fits_an_a100():
-    """No A100 has been available: each sm80 launch config of the forward and backward tables is compiled pinned
-    and its shared memory checked against the A100's 163 KB (the sm90 entries run on the GPU tests)."""
+    """No A100 has been available: each sm80 launch config of the forward and backward tables (16-bit and float32)
+    is compiled pinned and its shared memory checked against the A100's 163 KB (the sm90 entries run on the GPU
+    tests)."""
     from hf_ahfa.kernels import configs
 
     out = _compile("--arch", "80", "--all-configs")
-    entries = sum(len(c) for table in (configs.FWD, configs.BWD) for c in table["sm80"].values())
+    tables = (configs.FWD, configs.BWD, configs.FWD_FLOAT32, configs.BWD_FLOAT32)
+    entries = sum(len(c) for table in tables for c in table["sm80"].values())
     assert sum(line.startswith("ok ") for line in out.splitlines()) == entries, out

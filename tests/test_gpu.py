@@ -490,6 +490,23 @@ def test_every_launch_config_is_right(monkeypatch, table, D, cfg, tma, causal, a
         assert err < 0.01, f"{name}: relative error {err:.3g} with {table} launch config {cfg}"  # right: ~0.004
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=200, softcap=30.0), dict(causal=False)],
+                         ids=["causal", "window-softcap", "full"])
+def test_float32_launch_configs_are_right(D, kw):
+    # float32 has its own tiles (kernels/configs.py FWD_FLOAT32 / BWD_FLOAT32: the 16-bit ones compiled for minutes)
+    g = torch.Generator(device="cuda").manual_seed(D)
+    q, k, v = (torch.randn(2, 1000, h, D, device="cuda", generator=g).requires_grad_() for h in (8, 2, 2))
+    out = hf_ahfa.attention(q, k, v, backend="triton", **kw)
+    gout = torch.randn(out.shape, device="cuda", generator=g)
+    got = (out, *torch.autograd.grad(out, (q, k, v), gout))
+    ref = hf_ahfa.attention(q, k, v, backend="reference", **kw)
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), gout))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.3g} at D={D}"
+
+
 def test_exact_decode_goes_to_sdpa_untimed(monkeypatch):
     from hf_ahfa import fastest
 
