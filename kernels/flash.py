@@ -123,8 +123,9 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
         c["Q"], c["K"], c["H"], c["H"] // c["HKV"], scores,
     )
     consts = _constexprs(c, causal, blocks)
-    float32 = q.dtype == torch.float32  # (one launch config, pointer loads: each candidate is a slow compile)
-    modes = (False,) if float32 else tma_modes(k, v)
+    # float32: one launch config and, unless AHFA_TMA=1 asks for TMA, pointer loads (each candidate is a slow compile)
+    float32 = q.dtype == torch.float32
+    modes = (False,) if float32 and common.TMA == "auto" else tma_modes(k, v)
 
     def launch_fwd(cfg):
         bm, bn, warps, stages, tma = cfg
