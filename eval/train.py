@@ -158,7 +158,9 @@ def _train(base_model, variant, data: torch.Tensor, args, work: Path) -> dict:
     if len(losses) != args.steps:
         raise RuntimeError(f"{variant.label}: Trainer logged {len(losses)} losses for {args.steps} steps")
     kept = [c["density"] for c in calls if c.get("density") is not None]
-    return dict(impl=variant.label, losses=losses, step_s=times,
+    # (what mixed precision reached the attention: a --loss-chunk run once trained in float32 under bf16=True)
+    dtypes = ",".join(sorted({c["dtype"] for c in calls})) or None
+    return dict(impl=variant.label, losses=losses, step_s=times, attention_dtype=dtypes,
                 median_step_s=statistics.median(times[args.warmup_steps:]),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                 kept_share=sum(kept) / len(kept) if kept else None)
@@ -235,10 +237,12 @@ def _markdown(rows, summary, base, config, meta) -> str:
              f"{config['seq_len']}-token window, LoRA r={config['lora_r']} on {', '.join(config['lora_targets'])}, "
              f"lr {config['lr']:g}, seed {config['seed']}; step time: median after {config['warmup_steps']} "
              "warm-up steps.", "",
-             markdown_table(["implementation", "mean loss", "last loss", "median step s", "peak GiB", "kept share"],
+             markdown_table(["implementation", "mean loss", "last loss", "median step s", "peak GiB", "kept share",
+                             "attention dtype"],
                             [[r["impl"], f"{statistics.fmean(r['losses']):.4f}", f"{r['losses'][-1]:.4f}",
                               f"{r['median_step_s']:.3f}", "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
-                              "" if r["kept_share"] is None else f"{r['kept_share']:.3f}"] for r in rows]), "",
+                              "" if r["kept_share"] is None else f"{r['kept_share']:.3f}", r["attention_dtype"] or ""]
+                             for r in rows]), "",
              markdown_table(["implementation", f"mean loss vs {base}", "95% interval", "step speed vs baseline",
                              f"within {config['threshold']:.1%}"],
                             [[s["impl"], f"{s['change']:+.3%}", f"{s['low']:+.3%} .. {s['high']:+.3%}",

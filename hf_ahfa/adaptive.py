@@ -48,7 +48,7 @@ def _adaptive(q, k, v, call: AttnCall, policy: AdaptivePolicy, *, kernels: bool)
     if telemetry.recording():
         visible = touched.expand(*layout.shape).sum((2, 3)).clamp_min(1)
         head = ((layout.kv_count.sum(-1) + layout.full_count.sum(-1)) / visible).mean(0)
-        telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="sparse", route="adaptive",
+        telemetry.note(q, k, path="sparse", route="adaptive",
                        backend="triton" if kernels else "reference", reason=None, density=head.mean().item(),
                        head_density=head.tolist(), dense_heads=int(dense.sum()))
     if not kernels:

@@ -197,7 +197,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 def _with_weights(q, k, v, causal, dropout_p, kpm, mask):
     """Output ``(N, L, H, D)`` and probabilities ``(N, H, L, S)`` from the reference (noted in ``record()``)."""
     call = make_call(q, k, v, causal=causal, dropout_p=dropout_p, key_padding_mask=kpm, attn_mask=mask)
-    telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="exact", route="reference", backend="reference",
+    telemetry.note(q, k, path="exact", route="reference", backend="reference",
                    reason="need_weights")
     return reference_attention_probs(q, k, v, make_layout(q.shape[1], k.shape[1], q.device), call)
 

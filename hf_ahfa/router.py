@@ -459,7 +459,7 @@ def run(q, k, v, call: AttnCall, *, backend: str | None = None, policy: Adaptive
                                           f"than exact attention for layer {layer} at this shape")
         if r.path == "adaptive":
             return adaptive_attention(q, k, v, call, policy, kernels=kernels)
-    telemetry.note(q_len=q.shape[1], k_len=k.shape[1], path="sparse" if r.path == "layout" else "exact",
+    telemetry.note(q, k, path="sparse" if r.path == "layout" else "exact",
                    route=r.path, backend=r.backend, reason=r.reason)
     if r.path == "layout":
         return _run_layout(q, k, v, call, layout, kernels=r.backend == "triton")

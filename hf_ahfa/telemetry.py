@@ -18,7 +18,8 @@ _layer: int | None = None
 def record():
     """Collect one dict per attention call made inside the block (host syncs: for evaluation only).
 
-    Keys: ``layer`` (Transformers' ``layer_idx`` or None), ``q_len``, ``k_len``, ``path`` (``"sparse"`` or
+    Keys: ``layer`` (Transformers' ``layer_idx`` or None), ``q_len``, ``k_len``, ``dtype`` (the dtype the attention
+    ran in, e.g. ``"bfloat16"``: under autocast, autocast's), ``path`` (``"sparse"`` or
     ``"exact"``), ``route`` (the router's decision: ``"sdpa"``, ``"sdpa-whole"``, ``"flash-attn-2"`` /
     ``"flash-attn-3"``, ``"reference"``, ``"flash"``, ``"decode"``, ``"adaptive"`` or ``"layout"`` for a given
     ``BlockLayout``), ``backend``, ``reason`` (why an adaptive policy ran exact), and for estimated calls
@@ -59,7 +60,8 @@ def layer_tag(layer: int | None):
         _layer = outer
 
 
-def note(**entry) -> None:
-    """Add one entry (no-op unless ``record()`` is active)."""
+def note(q, k, **entry) -> None:
+    """Add one entry for a call on ``q (B, Q, H, D)``, ``k (B, K, Hkv, D)`` (no-op unless ``record()`` is active)."""
     if _records is not None:
-        _records.append({"layer": _layer, **entry})
+        _records.append({"layer": _layer, "q_len": q.shape[1], "k_len": k.shape[1],
+                         "dtype": str(q.dtype).removeprefix("torch."), **entry})

@@ -57,6 +57,8 @@ def test_train_end_to_end(tiny_llama, tiny_text, tmp_path, capsys):
         assert len(r["losses"]) == 4 and len(r["step_s"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"])))
     # the adaptive mode ran block-sparse (every block kept at tau = 1) and trained exactly as exact attention
     assert rows["ahfa-adaptive-tau1"]["kept_share"] == 1.0 and rows["ahfa-exact"]["kept_share"] is None
+    # the dtype the attention ran in, from record(): float32 on the CPU (bf16 autocast only on CUDA)
+    assert {r["attention_dtype"] for r in rows.values()} == {"float32"}
     assert rows["ahfa-adaptive-tau1"]["losses"] == pytest.approx(rows["ahfa-exact"]["losses"], abs=2e-4)
     assert rows["ahfa-exact"]["losses"][0] != rows["ahfa-exact"]["losses"][-1]  # it trained
     (s,) = data["summary"]

@@ -39,6 +39,7 @@ def test_exact_routes(backend, Q, K, grad, want, oracle):
     q, k, v = _qkv(Q, K, seed=Q + K, requires_grad=grad)
     entry, out = _routed(backend, q, k, v)
     assert (entry["route"], entry["path"], entry["backend"]) == (want, "exact", backend)
+    assert (entry["q_len"], entry["k_len"], entry["dtype"]) == (Q, K, "float32")
     expected = oracle(q, k, v, causal=True)[0]
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
