@@ -249,15 +249,16 @@ def alibi_slope(ALIBI, b, h, F: tl.constexpr):
 
 
 @triton.jit
-def alibi_bias(s, qpos, start_n, BLOCK_N: tl.constexpr, slope, PER_SCORE: tl.constexpr):
+def alibi_bias(s, qpos, start_n, BLOCK_N: tl.constexpr, slope, KEYS_HELD: tl.constexpr):
     """Scores ``s`` (log2 domain) of the key tile ``start_n + [0, BLOCK_N)`` minus ``slope * |query position - key
     position|``: ALiBi, as flash-attn defines it (``qpos`` bottom-right aligned); ``slope`` a scalar or ``[BM, 1]``.
     In loops over key tiles the distance is taken per row from the tile's first key and per column within the
     tile (loop-invariant): a score costs a subtraction and an absolute value, no integer conversion (sm90 SASS:
-    the forward's unmasked loop 681 -> 581 instructions, 513 without ALiBi). ``PER_SCORE``: the loop over query
-    tiles of one key block (dk/dv), where that column vector, held across the loop, spilled registers."""
+    the forward's unmasked loop 681 -> 581 instructions, 513 without ALiBi). ``KEYS_HELD``: the loop over query
+    tiles of one key block (dk/dv), where that column vector, held across the loop, spilled registers: there the
+    distance is taken per score."""
     c = slope * LOG2E
-    if PER_SCORE:
+    if KEYS_HELD:
         return s - c * tl.abs(qpos[:, None] - (start_n + tl.arange(0, BLOCK_N))[None, :]).to(tl.float32)
     rows = (qpos - start_n).to(tl.float32)[:, None] * c
     return s - tl.abs(rows - tl.arange(0, BLOCK_N).to(tl.float32)[None, :] * c)

@@ -210,7 +210,8 @@ def run_bwd(grad_out, q, k, v, out, lse, sinks, key_padding_mask, attn_mask, cu_
                (*inputs, tensor_arg(dq), *masks, _lists(rows), c["Q"], c["K"], c["H"], G, scores),
                dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
-    cands = configs.candidates(configs.BWD_FLOAT32 if q.dtype == torch.float32 else configs.BWD, q.device, c["D"])
+    float32 = q.dtype == torch.float32  # (as in the forward: one launch config)
+    cands = configs.candidates(configs.BWD_FLOAT32 if float32 else configs.BWD, q.device, c["D"])
     dkdv_cands = dq_cands = cands
     if rows is not None:
         dkdv_cands, dq_cands = _sparse_candidates(cands, *blocks), _sparse_candidates(cands, *blocks, swap=True)
