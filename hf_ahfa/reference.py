@@ -12,9 +12,11 @@ All tensors use the public layout: ``q (B, Q, Hq, D)``, ``k (B, K, Hkv, D)``, ``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from hf_ahfa.masks import Layout, visible
+from hf_ahfa.masks import Layout, make_layout, visible
 from hf_ahfa.spec import AttnCall
 
 
@@ -139,6 +141,64 @@ def _zero_in_graph(*tensors):
         if t is not None and t.requires_grad:
             zero = zero + torch.where(torch.zeros((), dtype=torch.bool, device=t.device), t.sum().float(), 0.0)
     return zero
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttnCall) -> torch.Tensor:
+    """Untiled exact attention, ``out (B, Q, Hq, Dv)`` in q's dtype: the whole score matrix in a few operations,
+    where the tiled ``reference_attention`` spends a dozen per tile on its online softmax (memory O(Q * K)).
+
+    Scores, mask and softmax alone where that is the same function: no key hidden from any query (a decode step),
+    or, on the CPU (where asking costs no wait), every query sees a key and no key or value is non-finite. Otherwise
+    ``reference_attention_probs`` (its guards keep rows that see nothing at zero and a hidden NaN out). Packed
+    sequences, ALiBi and dropout go there too. Float32 scores for 16-bit inputs, as both."""
+    B, Q, Hq, _ = q.shape
+    K, Hkv = k.shape[1], k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    G = Hq // Hkv
+    # a key/value head's query heads as its rows: (B, Hkv, G * Q, D) against (B, Hkv, K, D), the keys and values
+    # read once per key/value head (a broadcast over G would copy them G times)
+    qg = q.permute(0, 2, 1, 3).reshape(B, Hkv, G * Q, -1).to(ct)
+    kg = k.permute(0, 2, 1, 3).to(ct)
+    vg = v.permute(0, 2, 1, 3).to(ct)
+    hidden = None  # True where a query cannot see a key, grouped as the scores
+    if call.window is not None or (call.causal and Q > 1) or call.key_padding_mask is not None \
+            or call.attn_mask is not None:
+        if (q.device.type != "cpu" or call.cu_seqlens is not None or call.alibi is not None or call.dropout_p > 0
+                or Q == 0 or K == 0):
+            return _probs_of_call(q, k, v, call)
+        hidden = _positions_hidden(q.device, Q, K, call.causal, call.window, torch.is_inference_mode_enabled())
+        if call.key_padding_mask is not None:
+            hidden = hidden | _grouped(~call.key_padding_mask[:, None, None, :], Hkv)
+        if call.attn_mask is not None:
+            hidden = hidden | _grouped(~call.attn_mask, Hkv)
+        # (host tests: free on the CPU) a row that sees nothing, or a non-finite key or value anywhere
+        if bool(hidden.all(-1).any()) or not bool(torch.isfinite(kg).all() and torch.isfinite(vg).all()):
+            return _probs_of_call(q, k, v, call)
+    elif call.cu_seqlens is not None or call.alibi is not None or call.dropout_p > 0 or Q == 0 or K == 0:
+        return _probs_of_call(q, k, v, call)
+    s = _scores(qg, kg, call.scale, call.softcap).view(B, Hkv, G, Q, K)
+    if hidden is not None:
+        s = s.masked_fill(hidden, float("-inf"))
+    if call.sinks is None:
+        p = torch.softmax(s, -1)
+    else:  # the sink's logit as one more column of the softmax, then dropped
+        sink = call.sinks.to(ct).view(1, Hkv, -1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :K]
+    out = p.reshape(B, Hkv, G * Q, K) @ vg  # (B, Hkv, G * Q, Dv)
+    return out.view(B, Hq, Q, -1).transpose(1, 2).to(q.dtype)
+
+
+def _probs_of_call(q, k, v, call: AttnCall) -> torch.Tensor:
+    layout = make_layout(q.shape[1], k.shape[1], q.device, *(call.cu_seqlens or (None, None)))
+    return reference_attention_probs(q, k, v, layout, call)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _positions_hidden(device: torch.device, Q: int, K: int, causal: bool, window, inference: bool) -> torch.Tensor:
+    """``(1, 1, 1, Q, K)`` True where causality or the window hides a key from a query (bottom-right aligned), kept
+    per shape: every layer of a forward asks for the same. ``inference`` (inference mode) only keys the cache."""
+    layout = make_layout(Q, K, device)
+    return ~visible(layout, slice(0, Q), slice(0, K), causal=causal, window=window).unsqueeze(2)
 
 
 def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,

@@ -21,6 +21,8 @@
              "decode"    few queries over many keys          -> split-KV Triton kernel
              "flash"     everything else on Triton          -> dense flash kernels (fwd/bwd)
              "reference" no Triton (CPU, float64, forced)    -> tiled PyTorch reference
+             "dense"     the same function untiled (a call SDPA cannot compute, small enough, where timed faster than
+                         the tiles: a softcapped or sink model's decode step on the CPU, DENSE_MAX_SCORES)
         -> telemetry.note (what ``hf_ahfa.record()`` shows)
 
 ``AHFA_BACKEND=reference|triton|sdpa`` (or ``attention(..., backend=...)``) forces a backend: ``reference``
@@ -30,6 +32,7 @@ compute the call exactly. Automatic fallback to the reference is logged once per
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -77,6 +80,11 @@ SDPA_MASKED_GQA_REPEAT_DEVICES = frozenset({"cuda"})
 # D=128: 1.7-3.0x (eval/results/decode-gqa-pack-cpu.md). Not on CUDA, where SDPA's decode kernel splits the keys
 # over blocks per query head and the packed call runs on a few heads' blocks: 0.03-0.5x (decode-gqa-pack-h100.md).
 SDPA_PACKED_DECODE_DEVICES = frozenset({"cpu"})
+# Where our own code is the reference (CPU, float64), a call SDPA cannot compute (softcap, sinks, ALiBi) with at most
+# this many scores (B * Hq * Q * K: 64 MB in float32) is also timed through the whole score matrix at once, "dense":
+# the tiled reference costs a dozen operations per tile, and a softcapped model's decode steps on the CPU ran at
+# 0.41-0.60x of eager attention on it (Gemma-2's layout at SmolLM2's widths, 512-2K tokens, kernels/NOTES.md).
+DENSE_MAX_SCORES = 1 << 24
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
 _SDPA = F.scaled_dot_product_attention
@@ -86,7 +94,7 @@ _said: set[str] = set()
 
 
 class Route(NamedTuple):
-    path: str  # "reference", "flash", "decode", "sdpa", "sdpa-whole", "adaptive" or "layout"
+    path: str  # "reference", "dense", "flash", "decode", "sdpa", "sdpa-whole", "adaptive" or "layout"
     backend: str  # "reference", "triton", "sdpa" or "flash-attn"
     reason: str | None = None  # why an adaptive policy ran exact
 
@@ -239,7 +247,8 @@ def route(q, k, v, call: AttnCall, *, backend: str | None, policy: AdaptivePolic
     else:
         path = "flash"
     if requested is None and (best := _fastest_exact(q, k, v, call, path, need_lse)) != path:
-        return Route(best, "sdpa" if best.startswith("sdpa") else "flash-attn", reason)
+        return Route(best, "sdpa" if best.startswith("sdpa") else "reference" if best == "dense" else "flash-attn",
+                     reason)
     return Route(path, own, reason)
 
 
@@ -265,6 +274,9 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     # (a window: SDPA over each chunk's band and ours over the window's blocks, timed on every device: on the CPU
     # each wins at some lengths, kernels/NOTES.md)
     others = installed.candidates(q, k, v, call, need_lse) + (["sdpa"] if sdpa_fits else [])
+    if (path == "reference" and not sdpa_fits and not need_lse and call.dropout_p == 0 and call.cu_seqlens is None
+            and q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES):
+        others.append("dense")
     # (prompts only, Q == K: a decode step's whole mask grows with the cache, a new mask every step, where its
     # chunk's band keeps one shape)
     if (sdpa_fits and call.window is not None and q.device.type in SDPA_WHOLE_DEVICES and q.shape[1] == k.shape[1]
@@ -276,7 +288,8 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     # lengths in powers of two, so that a decode whose cache grows by one token is not timed again each step
     key = (q.device, q.dtype, q.shape[0], _pow2_ceil(q.shape[1]), _pow2_ceil(k.shape[1]), q.shape[2], k.shape[2],
            q.shape[3], v.shape[3], call.causal, call.window, call.softcap is not None, call.alibi is not None,
-           call.cu_seqlens is not None, call.key_padding_mask is not None, call.attn_mask is not None, grad, path)
+           call.sinks is not None, call.cu_seqlens is not None, call.key_padding_mask is not None,
+           call.attn_mask is not None, need_lse, grad, path)
 
     def timed():  # built only for a key not timed yet
         return {name: _timed_call(_exact_fn(name), q, k, v, call, grad) for name in [path, *others]}
@@ -301,6 +314,8 @@ def _timed_call(fn, q, k, v, call: AttnCall, grad: bool):
     if not grad:
         return lambda: fn(q, k, v, call)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if call.sinks is not None and call.sinks.requires_grad:  # a model's parameter: its .grad is not the timing's
+        call = dataclasses.replace(call, sinks=call.sinks.detach().requires_grad_())
     return lambda: fn(*leaves, call)[0].sum().backward()
 
 
@@ -505,7 +520,13 @@ def _flash(q, k, v, call: AttnCall):
               a["scale"], alibi=call.alibi)
 
 
-_OWN = {"reference": _reference, "decode": _decode, "flash": _flash}
+def _dense(q, k, v, call: AttnCall):
+    from hf_ahfa.reference import dense_attention
+
+    return dense_attention(q, k, v, call), None
+
+
+_OWN = {"reference": _reference, "dense": _dense, "decode": _decode, "flash": _flash}
 
 
 def _sdpa(q, k, v, call: AttnCall, whole: bool = False):

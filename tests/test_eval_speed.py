@@ -315,6 +315,27 @@ def test_model_speed_script_pairs_the_floor_and_the_baseline_with_itself(tmp_pat
     assert "\nfloor: " in md and "\na/a: " in md and "\npacked decode: " in md
 
 
+def test_model_speed_script_compares_a_softcapped_layout_with_eager(tmp_path):
+    """scripts/model_prefill_speed.py --layout gemma2-host --baseline eager (Gemma-2's layers, softcap and windows at
+    tiny widths): ahfa's rows against eager's, the A/A pairing of eager; --floor (a bare SDPA call) needs sdpa."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "model_prefill_speed.py"
+    args = [sys.executable, str(script), "--device", "cpu", "--layout", "gemma2-host", "--baseline", "eager",
+            "--seq-lens", "24", "--rounds", "1", "--decode-tokens", "2", "--no-own-kernels", "--out-dir", str(tmp_path),
+            "--name", "g"]
+    proc = subprocess.run(args + ["--paired", "2", "--paired-aa"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert [r["impl"] for r in data["rows"]] == ["ahfa", "eager"] and "softcap" in data["config"]["model"]
+    assert set(data["config"]["a/a"]) == {"eager-again 24", "eager-again decode 24"}
+    assert "prefill vs eager" in (tmp_path / "g.md").read_text()
+    proc = subprocess.run(args + ["--paired", "2", "--floor"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--floor pairs a bare SDPA call against sdpa" in proc.stderr
+
+
 
 @pytest.mark.parametrize("T,causal", [(128 * 16, True), (128 * 16 - 5, True), (128 * 12 + 1, False)])
 def test_random_layout_lists_as_full_only_tiles_every_query_fully_sees(T, causal):

@@ -248,3 +248,102 @@ def test_nan_poisoned_inputs_outside_view_are_ignored(oracle):
     out = hf_ahfa.attention(q, k, v, causal=True)
     assert torch.isfinite(out).all()
     _close(out, oracle(q, k, v, causal=True)[0], 2e-6)
+
+
+# ------------------------------------------------------------------------------ dense_attention (the "dense" route)
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2), Q=st.integers(1, 24), extra_k=st.integers(0, 30), hkv=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 3]), causal=st.booleans(),
+    window=st.one_of(st.none(), st.tuples(st.integers(0, 12), st.integers(0, 12))),
+    softcap=st.one_of(st.none(), st.floats(0.5, 50)), use_sinks=st.booleans(), pad=st.integers(0, 6),
+    dense_mask=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_dense_attention_matches_oracle(oracle, B, Q, extra_k, hkv, group, causal, window, softcap, use_sinks, pad,
+                                        dense_mask, seed):
+    """The untiled route: outputs and gradients equal the float64 oracle on odd shapes, GQA, causality, windows,
+    softcap, sinks, key padding and dense masks (rows that see no key among them: zeros, zero gradients)."""
+    from hf_ahfa.reference import dense_attention
+
+    K = Q + extra_k
+    q, k, v = (t.requires_grad_() for t in _qkv(B, Q, K, hkv * group, hkv, 8, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    kpm = torch.arange(K)[None].expand(B, K) >= torch.tensor([[0], [pad]])[:B]
+    am = torch.rand(B, 1, Q, K, generator=g) > 0.3 if dense_mask else None
+    sinks = torch.randn(hkv * group, generator=g) if use_sinks else None
+    kw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks, key_padding_mask=kpm, attn_mask=am)
+    out = dense_attention(q, k, v, make_call(q, k, v, **kw))
+    ref = oracle(q, k, v, **kw)[0]
+    _close(out, ref, 5e-6)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for got, want in zip(*grads):
+        _close(got, want, 2e-5)
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("case", ["decode", "causal", "padding"])
+def test_dense_attention_keeps_a_hidden_nan_out(case):
+    """A NaN key or value that a query cannot see stays out of its output, as in the tiled reference (the untiled
+    path checks for non-finite values and takes the guarded computation where it finds one)."""
+    from hf_ahfa.reference import dense_attention
+
+    Q, K = (1, 50) if case == "decode" else (20, 20)
+    q, k, v = _qkv(1, Q, K, 4, 2, 8, seed=3)
+    kw = dict(causal=True, softcap=20.0)
+    if case == "padding":
+        kw["key_padding_mask"] = torch.arange(K)[None] >= 5
+    poisoned = 2 if case == "padding" else K - 1  # padding: a padded key; causal: the last key; decode: seen by all
+    for t in (k, v):
+        bad = [x.clone() for x in (q, k, v)]
+        bad[1 if t is k else 2][0, poisoned, 0, 0] = float("nan")
+        out = dense_attention(*bad, make_call(*bad, **kw))
+        # the rows that see it, in the query heads of key/value head 0 (GQA 4/2)
+        sees = torch.zeros(Q, 4, dtype=torch.bool)
+        sees[slice(0, Q) if case == "decode" else slice(Q - 1, Q) if case == "causal" else slice(0, 0), :2] = True
+        assert not torch.isfinite(out[0][sees]).all(-1).any()
+        clean = dense_attention(q, k, v, make_call(q, k, v, **kw))  # (unguarded: its rounding differs by ~1 ulp)
+        _close(out[0][~sees], clean[0][~sees].double(), 1e-6)
+
+
+def test_a_softcapped_decode_step_runs_dense_where_timed_faster(monkeypatch):
+    """On the CPU a call SDPA cannot compute (here softcap) times the untiled route against the tiled reference once
+    per shape and keeps the faster: a decode step over 700 keys, where the tiles cost a dozen operations each, runs
+    "dense", equal to the reference; a prompt past DENSE_MAX_SCORES is never offered it."""
+    from hf_ahfa import fastest, router
+
+    monkeypatch.delenv("AHFA_BACKEND")
+    monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
+    q, k, v = _qkv(1, 1, 700, 4, 2, 16, seed=5)
+    with hf_ahfa.record() as rec:
+        out = hf_ahfa.attention(q, k, v, causal=True, softcap=30.0)
+    assert rec[-1]["route"] == "dense" and rec[-1]["backend"] == "reference"
+    _close(out, hf_ahfa.attention(q, k, v, causal=True, softcap=30.0, backend="reference").double(), 1e-6)
+    monkeypatch.setattr(router, "DENSE_MAX_SCORES", 4 * 700 - 1)
+    monkeypatch.setattr(fastest, "_decided", {})
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, softcap=30.0)
+    assert rec[-1]["route"] == "reference"
+
+
+def test_timing_a_call_leaves_the_sinks_gradient_alone(monkeypatch):
+    """A call with sinks that is timed (here the untiled route against the tiled one, with gradients) runs each
+    candidate's backward on copies: the sinks parameter's .grad after one backward is that call's alone (the
+    timing's backwards once added to it: gpt-oss's sinks gradient off by 200 against eager)."""
+    from hf_ahfa import fastest
+
+    monkeypatch.delenv("AHFA_BACKEND")
+    monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 3, 700, 4, 2, 16, seed=8))
+    sinks = torch.nn.Parameter(torch.randn(4))
+    with hf_ahfa.record() as rec:
+        hf_ahfa.attention(q, k, v, causal=True, sinks=sinks).sum().backward()
+    assert fastest.measured(), "the call was not timed"
+    got = sinks.grad.clone()
+    sinks.grad = None
+    hf_ahfa.attention(q, k, v, causal=True, sinks=sinks, backend="reference").sum().backward()
+    _close(got, sinks.grad.double(), 1e-5)
+    assert rec[-1]["route"] in ("dense", "reference")
