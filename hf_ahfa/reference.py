@@ -148,7 +148,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
     where the tiled ``reference_attention`` spends a dozen per tile on its online softmax (memory O(Q * K)).
 
     Scores, mask and softmax alone where that is the same function: no key hidden from any query (a decode step),
-    or, on the CPU (where asking costs no wait), every query sees a key and no key or value is non-finite. Otherwise
+    or, on the CPU (where asking costs no wait; not while torch.compile traces), every query sees a key and no key
+    or value is non-finite. Otherwise
     ``reference_attention_probs`` (its guards keep rows that see nothing at zero and a hidden NaN out). Packed
     sequences, ALiBi and dropout go there too. Float32 scores for 16-bit inputs, as both."""
     B, Q, Hq, _ = q.shape
@@ -163,8 +164,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
     hidden = None  # True where a query cannot see a key, grouped as the scores
     if call.window is not None or (call.causal and Q > 1) or call.key_padding_mask is not None \
             or call.attn_mask is not None:
-        if (q.device.type != "cpu" or call.cu_seqlens is not None or call.alibi is not None or call.dropout_p > 0
-                or Q == 0 or K == 0):
+        if (q.device.type != "cpu" or torch.compiler.is_compiling() or call.cu_seqlens is not None
+                or call.alibi is not None or call.dropout_p > 0 or Q == 0 or K == 0):
             return _probs_of_call(q, k, v, call)
         hidden = _positions_hidden(q.device, Q, K, call.causal, call.window, torch.is_inference_mode_enabled())
         if call.key_padding_mask is not None:

@@ -347,3 +347,14 @@ def test_timing_a_call_leaves_the_sinks_gradient_alone(monkeypatch):
     hf_ahfa.attention(q, k, v, causal=True, sinks=sinks, backend="reference").sum().backward()
     _close(got, sinks.grad.double(), 1e-5)
     assert rec[-1]["route"] in ("dense", "reference")
+
+
+def test_dense_attention_traces_whole():
+    """Under torch.compile(fullgraph=True) the untiled route asks the host nothing (a masked call takes the guarded
+    computation): the compiled call equals the eager one."""
+    from hf_ahfa.reference import dense_attention
+
+    q, k, v = _qkv(1, 12, 12, 4, 2, 8, seed=9)
+    call = make_call(q, k, v, causal=True, softcap=5.0, key_padding_mask=torch.arange(12)[None] >= 2)
+    got = torch.compile(lambda a, b, c: dense_attention(a, b, c, call), fullgraph=True, backend="eager")(q, k, v)
+    _close(got, dense_attention(q, k, v, call).double(), 1e-6)
