@@ -180,6 +180,6 @@ def test_nothing_installed_means_no_candidates(monkeypatch):
         assert installed.candidates(q, k, v, make_call(q, k, v, causal=True, softcap=5.0), need_lse=False) == []
         with hf_ahfa.record() as rec:
             hf_ahfa.attention(q, k, v, causal=True, softcap=5.0)
-        assert rec[0]["route"] == "reference"
+        assert rec[0]["route"] in ("reference", "dense")  # our own PyTorch code, tiled or not (timed on the CPU)
     finally:
         installed.modules.cache_clear()
