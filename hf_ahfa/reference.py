@@ -154,6 +154,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
     sequences, ALiBi and dropout go there too. Float32 scores for 16-bit inputs, as both."""
     B, Q, Hq, _ = q.shape
     K, Hkv = k.shape[1], k.shape[2]
+    if call.cu_seqlens is not None or call.alibi is not None or call.dropout_p > 0 or Q == 0 or K == 0:
+        return _probs_of_call(q, k, v, call)
+    masked = (call.window is not None or (call.causal and Q > 1) or call.key_padding_mask is not None
+              or call.attn_mask is not None)
+    if masked and (q.device.type != "cpu" or torch.compiler.is_compiling()):
+        return _probs_of_call(q, k, v, call)
     ct = _compute_dtype(q.dtype)
     G = Hq // Hkv
     # a key/value head's query heads as its rows: (B, Hkv, G * Q, D) against (B, Hkv, K, D), the keys and values
@@ -162,11 +168,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
     kg = k.permute(0, 2, 1, 3).to(ct)
     vg = v.permute(0, 2, 1, 3).to(ct)
     hidden = None  # True where a query cannot see a key, grouped as the scores
-    if call.window is not None or (call.causal and Q > 1) or call.key_padding_mask is not None \
-            or call.attn_mask is not None:
-        if (q.device.type != "cpu" or torch.compiler.is_compiling() or call.cu_seqlens is not None
-                or call.alibi is not None or call.dropout_p > 0 or Q == 0 or K == 0):
-            return _probs_of_call(q, k, v, call)
+    if masked:
         hidden = _positions_hidden(q.device, Q, K, call.causal, call.window, torch.is_inference_mode_enabled())
         if call.key_padding_mask is not None:
             hidden = hidden | _grouped(~call.key_padding_mask[:, None, None, :], Hkv)
@@ -175,8 +177,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
         # (host tests: free on the CPU) a row that sees nothing, or a non-finite key or value anywhere
         if bool(hidden.all(-1).any()) or not bool(torch.isfinite(kg).all() and torch.isfinite(vg).all()):
             return _probs_of_call(q, k, v, call)
-    elif call.cu_seqlens is not None or call.alibi is not None or call.dropout_p > 0 or Q == 0 or K == 0:
-        return _probs_of_call(q, k, v, call)
     s = _scores(qg, kg, call.scale, call.softcap).view(B, Hkv, G, Q, K)
     if hidden is not None:
         s = s.masked_fill(hidden, float("-inf"))

@@ -83,7 +83,7 @@ SDPA_PACKED_DECODE_DEVICES = frozenset({"cpu"})
 # Where our own code is the reference (CPU, float64), a call SDPA cannot compute (softcap, sinks, ALiBi) with at most
 # this many scores (B * Hq * Q * K: 64 MB in float32) is also timed through the whole score matrix at once, "dense":
 # the tiled reference costs a dozen operations per tile, and a softcapped model's decode steps on the CPU ran at
-# 0.41-0.60x of eager attention on it (Gemma-2's layout at SmolLM2's widths, 512-2K tokens, kernels/NOTES.md).
+# 0.42-0.58x of eager attention on it (Gemma-2's layout at SmolLM2's widths, 512-2K tokens, kernels/NOTES.md).
 DENSE_MAX_SCORES = 1 << 24
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
