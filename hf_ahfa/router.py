@@ -22,8 +22,7 @@
              "flash"     everything else on Triton          -> dense flash kernels (fwd/bwd)
              "reference" no Triton (CPU, float64, forced)    -> tiled PyTorch reference
              "dense"     the reference untiled (a call SDPA cannot compute, small enough, where timed faster than
-                         the tiles or, without gradients, our Triton kernels: a softcapped or sink model's decode
-                         step, DENSE_MAX_SCORES)
+                         the tiles: a softcapped or sink model's decode step on the CPU, DENSE_MAX_SCORES)
         -> telemetry.note (what ``hf_ahfa.record()`` shows)
 
 ``AHFA_BACKEND=reference|triton|sdpa`` (or ``attention(..., backend=...)``) forces a backend: ``reference``
@@ -84,8 +83,7 @@ SDPA_PACKED_DECODE_DEVICES = frozenset({"cpu"})
 # A call SDPA cannot compute (softcap, sinks, ALiBi) with at most this many scores (B * Hq * Q * K: 64 MB in
 # float32) is also timed through the whole score matrix at once, "dense" (``_dense_fits``): the tiled reference costs
 # a dozen operations per tile, and a softcapped model's decode steps on the CPU ran at 0.42-0.58x of eager attention
-# on it (Gemma-2's layout at SmolLM2's widths, 512-2K tokens, kernels/NOTES.md); on CUDA our Triton call's host time
-# (~0.11 ms below 8K keys) is several of eager's few launches.
+# on it (Gemma-2's layout at SmolLM2's widths, 512-2K tokens, kernels/NOTES.md).
 DENSE_MAX_SCORES = 1 << 24
 
 # torch's context_parallel() replaces this while it is active; calls made there run through its ring engine
@@ -276,7 +274,7 @@ def _fastest_exact(q, k, v, call: AttnCall, path: str, need_lse: bool) -> str:
     # (a window: SDPA over each chunk's band and ours over the window's blocks, timed on every device: on the CPU
     # each wins at some lengths, kernels/NOTES.md)
     others = installed.candidates(q, k, v, call, need_lse) + (["sdpa"] if sdpa_fits else [])
-    if not sdpa_fits and _dense_fits(q, k, v, call, path, need_lse):
+    if not sdpa_fits and _dense_fits(q, k, call, path, need_lse):
         others.append("dense")
     # (prompts only, Q == K: a decode step's whole mask grows with the cache, a new mask every step, where its
     # chunk's band keeps one shape)
@@ -310,12 +308,11 @@ def _exact_fn(path: str):
     return functools.partial(installed.run, path)
 
 
-def _dense_fits(q, k, v, call: AttnCall, path: str, need_lse: bool) -> bool:
-    """Whether the untiled route may be timed for a call that SDPA cannot compute: at most DENSE_MAX_SCORES scores,
-    no lse, dropout or packing; on our Triton paths (CUDA) only without gradients, as the backward of the whole
-    score matrix keeps O(Q * K) per layer where our kernels keep O(Q) (a fine-tune's memory is not traded)."""
-    return (call.dropout_p == 0 and call.cu_seqlens is None and not need_lse
-            and (path == "reference" or not call.needs_grad(q, k, v))
+def _dense_fits(q, k, call: AttnCall, path: str, need_lse: bool) -> bool:
+    """Whether the untiled route may be timed for a call that SDPA cannot compute: beside the tiled reference only
+    (not our Triton paths: on the H100 a softcapped model's decode ran no faster with it, kernels/NOTES.md), at most
+    DENSE_MAX_SCORES scores, no lse, dropout or packing."""
+    return (path == "reference" and call.dropout_p == 0 and call.cu_seqlens is None and not need_lse
             and q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES)
 
 
