@@ -167,19 +167,32 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
     qg = q.permute(0, 2, 1, 3).reshape(B, Hkv, G * Q, -1).to(ct)
     kg = k.permute(0, 2, 1, 3).to(ct)
     vg = v.permute(0, 2, 1, 3).to(ct)
-    hidden = None  # True where a query cannot see a key, grouped as the scores
+    hidden = bias = None  # True where a query cannot see a key, grouped as the scores; -inf there and 0 elsewhere
     if masked:
-        hidden = _positions_hidden(q.device, Q, K, call.causal, call.window, torch.is_inference_mode_enabled())
-        if call.key_padding_mask is not None:
-            hidden = hidden | _grouped(~call.key_padding_mask[:, None, None, :], Hkv)
-        if call.attn_mask is not None:
-            hidden = hidden | _grouped(~call.attn_mask, Hkv)
-        # (host tests: free on the CPU) a row that sees nothing, or a non-finite key or value anywhere
-        if bool(hidden.all(-1).any()) or not bool(torch.isfinite(kg).all() and torch.isfinite(vg).all()):
+        hidden, blind, bias = _positions_hidden(q.device, ct, Q, K, call.causal, call.window,
+                                                torch.is_inference_mode_enabled())
+        if call.key_padding_mask is not None or call.attn_mask is not None:
+            bias = None
+            if call.key_padding_mask is not None:
+                hidden = hidden | _grouped(~call.key_padding_mask[:, None, None, :], Hkv)
+            if call.attn_mask is not None:
+                hidden = hidden | _grouped(~call.attn_mask, Hkv)
+            blind = bool(hidden.all(-1).any())
+        # (host tests: free on the CPU) a row that sees nothing, or a non-finite key or value anywhere (the sums:
+        # one pass each, and finite values whose sum overflows only take the guarded way)
+        if blind or not bool(torch.isfinite(kg.sum() + vg.sum())):
             return _probs_of_call(q, k, v, call)
-    s = _scores(qg, kg, call.scale, call.softcap).view(B, Hkv, G, Q, K)
-    if hidden is not None:
-        s = s.masked_fill(hidden, float("-inf"))
+    # _scores with fewer passes over the Q x K scores (each pass costs about what the matmul does here): the scale,
+    # and 1 / softcap, on the queries; tanh and the mask in place (autograd keeps neither matmul's output nor the
+    # product's with a number), the positions' mask as an additive one (a third of masked_fill's time on the CPU)
+    s = (qg * (call.scale if call.softcap is None else call.scale / call.softcap)) @ kg.transpose(-1, -2)
+    if call.softcap is not None:
+        s = s.tanh_() * call.softcap
+    s = s.view(B, Hkv, G, Q, K)
+    if bias is not None:
+        s = s.add_(bias)
+    elif hidden is not None:
+        s = s.masked_fill_(hidden, float("-inf"))
     if call.sinks is None:
         p = torch.softmax(s, -1)
     else:  # the sink's logit as one more column of the softmax, then dropped
@@ -195,11 +208,14 @@ def _probs_of_call(q, k, v, call: AttnCall) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _positions_hidden(device: torch.device, Q: int, K: int, causal: bool, window, inference: bool) -> torch.Tensor:
-    """``(1, 1, 1, Q, K)`` True where causality or the window hides a key from a query (bottom-right aligned), kept
-    per shape: every layer of a forward asks for the same. ``inference`` (inference mode) only keys the cache."""
-    layout = make_layout(Q, K, device)
-    return ~visible(layout, slice(0, Q), slice(0, K), causal=causal, window=window).unsqueeze(2)
+def _positions_hidden(device: torch.device, dtype: torch.dtype, Q: int, K: int, causal: bool, window,
+                      inference: bool) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """``(1, 1, 1, Q, K)`` True where causality or the window hides a key from a query (bottom-right aligned),
+    whether a query sees no key at all, and the same mask additive in ``dtype`` (-inf where hidden), kept per
+    shape: every layer of a forward asks for the same. ``inference`` (inference mode) only keys the cache."""
+    hidden = ~visible(make_layout(Q, K, device), slice(0, Q), slice(0, K), causal=causal, window=window).unsqueeze(2)
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+    return hidden, bool(hidden.all(-1).any()), bias
 
 
 def reference_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,

@@ -330,8 +330,8 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Plain calls (no mask, softcap, sinks, dropout or packing; no layout, lse or forced backend; a sliding window or
-# none) with the exact path route() chose for them, remembered by everything that decision and make_call's checks
+# Plain calls (no mask, sinks, dropout or packing; no layout, lse or forced backend; a sliding window or none, a
+# softcap or none) with the exact path route() chose for them, remembered by everything that decision and make_call's checks
 # read, so that a model's repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths
 # enter as route() reads them: Q exactly, K by its power of two and the thresholds it tests (exactly for a
 # windowed call of several queries, whose window and mask sizes depend on it).
@@ -339,9 +339,10 @@ def _pow2_ceil(n: int) -> int:
 _plain_routes: dict[tuple, tuple[str, Callable | None, AttnCall | None]] = {}
 
 
-def plain_key(query, key, value, is_causal: bool, scale, window, policy) -> tuple | None:
-    """The ``run_plain`` key of a plain call from Transformers: ``(B, H, T, D)`` tensors, the layer's ``is_causal``
-    and its sliding ``window`` as Transformers passes them (an int or ``None``). ``None`` where the call needs the
+def plain_key(query, key, value, is_causal: bool, scale, window, policy, softcap=None) -> tuple | None:
+    """The ``run_plain`` key of a plain call from Transformers: ``(B, H, T, D)`` tensors, the layer's ``is_causal``,
+    its sliding ``window`` as Transformers passes them (an int or ``None``) and its ``softcap`` (a number or ``None``:
+    a value that an earlier call passed make_call's checks with, as the key holds it). ``None`` where the call needs the
     full path every time: other ranks (whose checks name the argument), other windows, and causal calls of several
     queries over more keys (Transformers' top-left alignment: the full path drops the keys past the queries).
 
@@ -363,7 +364,7 @@ def plain_key(query, key, value, is_causal: bool, scale, window, policy) -> tupl
     # an exact policy routes by the call alone (exact_reason reads nothing else): its mode stands for it, and the
     # policy's dataclass hash (0.7 us) is computed only for the others
     rule = "exact" if policy.mode == "exact" else policy
-    return (rule, causal, scale, window, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
+    return (rule, causal, scale, window, softcap, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
             B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K,
             K if window is not None and Q > 1 else 1 << max(K - 1, 0).bit_length(),  # (_pow2_ceil, inlined)
             K == 0, K >= DECODE_MIN_K, K == Q,
@@ -383,8 +384,9 @@ def run_plain(query, key, value, memo: tuple) -> torch.Tensor | None:
     if sdpa is not None:  # SDPA straight on Transformers' layout: no call spec, no transposes
         return sdpa(query, key, value).transpose(1, 2)
     if call is None:  # the key holds the keys' length by its power of two: this call's own spec
-        _, causal, scale, window = memo[:4]
-        call = plain_call(query.shape[2], key.shape[2], query.shape[3], causal=causal, window=window, scale=scale)
+        _, causal, scale, window, softcap = memo[:5]
+        call = plain_call(query.shape[2], key.shape[2], query.shape[3], causal=causal, window=window, scale=scale,
+                          softcap=softcap)
     if path in ("sdpa", "sdpa-whole"):
         return _sdpa_heads_first(query, key, value, call, whole=path == "sdpa-whole").transpose(1, 2)
     return _exact_fn(path)(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)[0]

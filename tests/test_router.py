@@ -272,7 +272,7 @@ def test_routing_leaves_torch_sdpa_settings_alone():
 
 
 def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkeypatch):
-    """Transformers' common call (no mask, softcap, sinks, dropout, packing) routed to SDPA once runs straight
+    """Transformers' common call (no mask, sinks, dropout, packing) routed to SDPA once runs straight
     through SDPA afterwards, with the same result bits; a decode step whose cache grew stays on the memo within
     its power of two; any change the route reads (dtype, grad, backend, recording, window) takes the full path
     again."""
@@ -312,11 +312,13 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     with hf_ahfa.record() as rec:
         fn(module, q, k, v, None, scaling=0.25)
     assert len(made) == 6 and rec[0]["route"] == "sdpa"
-    # softcap never takes the memo; a window is a key of its own
+    # a softcap and a window are keys of their own
     fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
     fn(module, q, k, v, None, scaling=0.25, softcap=30.0)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=4)
+    assert len(made) == 8
+    fn(module, q, k, v, None, scaling=0.25, softcap=20.0)
     assert len(made) == 9
     # a sliding window as long as the cache hides no key: a plain call (a sliding layer's decode step)
     fn(module, q, k, v, None, scaling=0.25, sliding_window=20)
@@ -474,6 +476,44 @@ def test_windowed_transformers_calls_take_the_memo_of_their_route(monkeypatch, o
     memo = call()
     assert len(made) == 1 and torch.equal(memo, full)
     want = oracle(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, window=window, scale=0.25)[0]
+    torch.testing.assert_close(memo.double(), want, atol=2e-5, rtol=2e-5)
+    if grad:
+        gout = torch.randn_like(full)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(full, (q, k, v), gout),
+                                                     torch.autograd.grad(memo, (q, k, v), gout)))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("faster", ["dense", "reference"])
+@pytest.mark.parametrize("Q,K,window", [(37, 37, None), (37, 37, 9), (1, 40, None), (1, 40, 8)])
+def test_softcapped_transformers_calls_take_the_memo_of_their_route(monkeypatch, oracle, faster, Q, K, window, grad):
+    """A softcapped layer's call from Transformers (Gemma-2), once routed, runs its route again without make_call's
+    checks or the routing: the same bits and gradients as the full path, the oracle's values. On the CPU whichever
+    of the untiled and tiled reference was timed faster; on CUDA our kernels (SDPA has no softcap)."""
+    from types import SimpleNamespace
+
+    from hf_ahfa import fastest, integration, router
+
+    monkeypatch.setattr(router, "_plain_routes", {})
+    monkeypatch.setattr(fastest, "_times", {})
+    monkeypatch.setattr(fastest, "_decided", {})
+    monkeypatch.setattr(fastest, "_median_ms", lambda cands, device: {n: 0.5 if n == faster else 1.0 for n in cands})
+    made = []
+    real_make_call = integration.make_call
+    monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
+    module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
+    q, k, v = (t.transpose(1, 2) for t in _qkv(Q, K, seed=Q + K + 1, requires_grad=grad))  # Transformers' layout
+
+    def call():
+        return integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=window,
+                                                  softcap=20.0)[0]
+
+    full = call()
+    ((route, *_),) = router._plain_routes.values()
+    assert route == faster if DEVICE == "cpu" else route in ("flash", "decode"), route
+    memo = call()
+    assert len(made) == 1 and torch.equal(memo, full)
+    want = oracle(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, window=window, scale=0.25, softcap=20.0)[0]
     torch.testing.assert_close(memo.double(), want, atol=2e-5, rtol=2e-5)
     if grad:
         gout = torch.randn_like(full)
