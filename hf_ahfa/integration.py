@@ -159,7 +159,7 @@ def ahfa_attention_forward(
     if attention_mask is None:
         if sliding_window is None:  # (set by ahfa_mask's callers or the module)
             sliding_window = getattr(module, "sliding_window", None)
-        if (s_aux is None and not dropout and cu_seq_lens_q is None and alibi_slopes is None
+        if (not dropout and cu_seq_lens_q is None and alibi_slopes is None
                 and not _weights_requested(output_attentions) and not torch.compiler.is_compiling()):
             # The common call: once routed, the same kind of call skips validation and routing. This runs on every
             # call of a model, where each operation costs about three times what it costs in a loop of its own
@@ -167,8 +167,8 @@ def ahfa_attention_forward(
             policy = eager_policy_of(getattr(module, "config", None))
             if policy.layers:
                 policy = _layer_policy(module, key, policy)
-            plain = plain_key(query, key, value, is_causal, scaling, sliding_window, policy, softcap)
-            if plain is not None and (out := run_plain(query, key, value, plain)) is not None:
+            plain = plain_key(query, key, value, is_causal, scaling, sliding_window, policy, softcap, s_aux)
+            if plain is not None and (out := run_plain(query, key, value, plain, s_aux)) is not None:
                 return out.contiguous(), None
     return _routed(module, query, key, value, attention_mask, dropout, scaling, is_causal, sliding_window, softcap,
                    s_aux, output_attentions, cu_seq_lens_q, cu_seq_lens_k, alibi_slopes, kwargs, policy, plain)

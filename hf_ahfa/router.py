@@ -330,8 +330,8 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# Plain calls (no mask, sinks, dropout or packing; no layout, lse or forced backend; a sliding window or none, a
-# softcap or none) with the exact path route() chose for them, remembered by everything that decision and make_call's checks
+# Plain calls (no mask, dropout or packing; no layout, lse or forced backend; a sliding window, a softcap, sinks or
+# none) with the exact path route() chose for them, remembered by everything that decision and make_call's checks
 # read, so that a model's repeated calls (every layer, every decode step) skip both: ``run_plain``. Key lengths
 # enter as route() reads them: Q exactly, K by its power of two and the thresholds it tests (exactly for a
 # windowed call of several queries, whose window and mask sizes depend on it).
@@ -339,12 +339,14 @@ def _pow2_ceil(n: int) -> int:
 _plain_routes: dict[tuple, tuple[str, Callable | None, AttnCall | None]] = {}
 
 
-def plain_key(query, key, value, is_causal: bool, scale, window, policy, softcap=None) -> tuple | None:
+def plain_key(query, key, value, is_causal: bool, scale, window, policy, softcap=None, sinks=None) -> tuple | None:
     """The ``run_plain`` key of a plain call from Transformers: ``(B, H, T, D)`` tensors, the layer's ``is_causal``,
-    its sliding ``window`` as Transformers passes them (an int or ``None``) and its ``softcap`` (a number or ``None``:
-    a value that an earlier call passed make_call's checks with, as the key holds it). ``None`` where the call needs the
-    full path every time: other ranks (whose checks name the argument), other windows, and causal calls of several
-    queries over more keys (Transformers' top-left alignment: the full path drops the keys past the queries).
+    its sliding ``window`` as Transformers passes them (an int or ``None``), its ``softcap`` (a number or ``None``:
+    a value that an earlier call passed make_call's checks with, as the key holds it) and its ``sinks`` (a tensor,
+    each layer's own: the key holds what make_call checks of it, dtype, device and shape). ``None`` where the call
+    needs the full path every time: other ranks (whose checks name the argument), other windows, and causal calls
+    of several queries over more keys (Transformers' top-left alignment: the full path drops the keys past the
+    queries).
 
     Plain ints, not slices of ``.shape``, and no helper calls: the key is built on every call of a model."""
     try:
@@ -364,18 +366,23 @@ def plain_key(query, key, value, is_causal: bool, scale, window, policy, softcap
     # an exact policy routes by the call alone (exact_reason reads nothing else): its mode stands for it, and the
     # policy's dataclass hash (0.7 us) is computed only for the others
     rule = "exact" if policy.mode == "exact" else policy
-    return (rule, causal, scale, window, softcap, query.device, key.device, value.device, query.dtype, key.dtype, value.dtype,
-            B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K,
+    if sinks is not None:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                            or sinks.requires_grad)
+        sinks = (sinks.dtype, sinks.device, sinks.shape)
+    else:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (rule, causal, scale, window, softcap, sinks, query.device, key.device, value.device, query.dtype,
+            key.dtype, value.dtype, B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K,
             K if window is not None and Q > 1 else 1 << max(K - 1, 0).bit_length(),  # (_pow2_ceil, inlined)
-            K == 0, K >= DECODE_MIN_K, K == Q,
-            torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+            K == 0, K >= DECODE_MIN_K, K == Q, grad)
 
 
-def run_plain(query, key, value, memo: tuple) -> torch.Tensor | None:
-    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors) whose ``plain_key`` is ``memo``, run on
-    the exact path ``run`` chose for the same kind of call before: ``out (B, Q, Hq, Dv)``, else ``None`` (the
-    caller takes the full path, which validates, routes and remembers). Not while recording or with
-    AHFA_BACKEND."""
+def run_plain(query, key, value, memo: tuple, sinks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A plain call in Transformers' layout (``(B, H, T, D)`` tensors, the layer's ``sinks`` or ``None``) whose
+    ``plain_key`` is ``memo``, run on the exact path ``run`` chose for the same kind of call before: ``out (B, Q,
+    Hq, Dv)``, else ``None`` (the caller takes the full path, which validates, routes and remembers). Not while
+    recording or with AHFA_BACKEND."""
     entry = _plain_routes.get(memo)
     if (entry is None or telemetry.recording() or _ENVIRON.get(_BACKEND_KEY)
             or F.scaled_dot_product_attention is not _SDPA):
@@ -386,7 +393,9 @@ def run_plain(query, key, value, memo: tuple) -> torch.Tensor | None:
     if call is None:  # the key holds the keys' length by its power of two: this call's own spec
         _, causal, scale, window, softcap = memo[:5]
         call = plain_call(query.shape[2], key.shape[2], query.shape[3], causal=causal, window=window, scale=scale,
-                          softcap=softcap)
+                          softcap=softcap, sinks=sinks)
+    elif sinks is not None:  # (kept without them: each layer has its own)
+        call = call.replace(sinks=sinks.contiguous())
     if path in ("sdpa", "sdpa-whole"):
         return _sdpa_heads_first(query, key, value, call, whole=path == "sdpa-whole").transpose(1, 2)
     return _exact_fn(path)(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)[0]
@@ -406,6 +415,8 @@ def _remember(memo: tuple, path: str, q, k, call: AttnCall) -> None:
                 if form in ("same", "gqa") else
                 functools.partial(_sdpa_call, mask=None, causal=causal, scale=call.scale, form=form))
     exact_k = K == Q or (memo[3] is not None and Q > 1)  # as plain_key keys the length
+    if call.sinks is not None:  # (a layer's parameter: run_plain takes each call's own)
+        call = call.replace(sinks=None)
     _plain_routes[memo] = (path, sdpa, call if sdpa is None and exact_k else None)
 
 

@@ -118,11 +118,13 @@ def _call_window(window, causal: bool, max_q: int, max_k: int) -> tuple[int, int
     return (min(window[0], reach), min(window[1], reach))
 
 
-def plain_call(q_len: int, k_len: int, head_dim: int, *, causal: bool, window, scale, softcap=None) -> AttnCall:
-    """``make_call(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap)`` without its checks, for a
-    call whose checked properties (dtypes, devices, shapes, argument values) an earlier call of the same kind
-    passed: the router's memo of plain calls (``router.run_plain``)."""
+def plain_call(q_len: int, k_len: int, head_dim: int, *, causal: bool, window, scale, softcap=None,
+               sinks=None) -> AttnCall:
+    """``make_call(q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, sinks=sinks)`` without its
+    checks, for a call whose checked properties (dtypes, devices, shapes, argument values) an earlier call of the
+    same kind passed: the router's memo of plain calls (``router.run_plain``)."""
     return AttnCall(causal=causal, window=_call_window(window, causal, q_len, k_len),
                     scale=head_dim ** -0.5 if scale is None else float(scale),
-                    softcap=None if softcap is None else float(softcap), sinks=None,
+                    softcap=None if softcap is None else float(softcap),
+                    sinks=None if sinks is None else sinks.contiguous(),
                     dropout_p=0.0, key_padding_mask=None, attn_mask=None, cu_seqlens=None, max_q=q_len, max_k=k_len)

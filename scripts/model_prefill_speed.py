@@ -7,9 +7,10 @@ vocabulary) and ``gemma2`` (Gemma-2-2b's: 26 layers, hidden 2304, GQA 8/4, head 
 4096-token window on every other layer; Transformers' sdpa does not compute the softcap, so compare with
 ``--baseline eager``, the attention such a model runs otherwise; ``gemma2-small``: the same attention at
 SmolLM2-135M's widths, 30 layers, hidden 576, GQA 9/3, head dim 64); ``-host`` layouts: the same layers and heads
-at tiny widths, where a decode step is the host's time.
+at tiny widths, where a decode step is the host's time (``gptoss-host``: GptOssConfig's 36 layers, GQA 64/8, sinks,
+a 128-token window on every other layer; against ``--baseline eager`` too).
 
-    python scripts/model_prefill_speed.py --out-dir OUT [--layout qwen2|gemma3|gemma2|gemma2-small]
+    python scripts/model_prefill_speed.py --out-dir OUT [--layout qwen2|gemma3|gemma2|gemma2-small|gptoss-host]
         [--seq-lens 8192,32768] [--train-lens 2048,8192] [--prefill-logits all|last] [--baseline sdpa|eager]
         [--name model-speed-qwen2-0.5b]
     python scripts/model_prefill_speed.py --out-dir OUT --layout gemma3 --seq-lens 32768 --save-model DIR \
@@ -43,11 +44,13 @@ parser.add_argument("--rounds", type=int, default=2, help="alternating rounds pe
 parser.add_argument("--train-lens", default="", help="lengths of a timed training step (forward+backward), e.g. 2048,8192")
 parser.add_argument("--own-kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="after the routed pass, a second pass with ahfa on its own kernels")
-parser.add_argument("--layout", choices=("qwen2", "qwen2-host", "gemma3", "gemma2", "gemma2-host", "gemma2-small"),
+parser.add_argument("--layout", choices=("qwen2", "qwen2-host", "gemma3", "gemma2", "gemma2-host", "gemma2-small",
+                                         "gptoss-host"),
                     default="qwen2",
                     help="-host: the layout's layers and heads at tiny widths (hidden 64, head dim 8), where a decode "
                          "step is the host's time: what ahfa adds per call; gemma2-small: Gemma-2's attention at "
-                         "SmolLM2-135M's widths (a CPU-sized softcapped model)")
+                         "SmolLM2-135M's widths (a CPU-sized softcapped model); gptoss-host: GptOssConfig's layers, "
+                         "heads, sinks and windows, 4 experts (compare with --baseline eager)")
 parser.add_argument("--baseline", default="sdpa",
                     help="the attention implementation ahfa is compared with (eager for softcapped models: sdpa "
                          "leaves their softcap out)")
@@ -106,6 +109,10 @@ elif args.layout.startswith("gemma2"):  # Gemma2Config's defaults are Gemma-2-2b
                                    num_key_value_heads=3, head_dim=64, vocab_size=49152)}[args.layout]
     config = AutoConfig.for_model("gemma2", max_position_embeddings=positions, **widths)
     name, described = args.name or f"model-speed-{args.layout}", f"{args.layout}-layout (softcap 50) random weights"
+elif args.layout == "gptoss-host":  # GptOssConfig's defaults: 36 layers, 64/8 heads
+    config = AutoConfig.for_model("gpt_oss", hidden_size=64, intermediate_size=64, head_dim=8, vocab_size=128,
+                                  num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=positions)
+    name, described = args.name or "model-speed-gptoss-host", "gpt-oss-layout host-bound (tiny widths) random weights"
 else:
     config = AutoConfig.for_model("gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,

@@ -486,10 +486,12 @@ def test_windowed_transformers_calls_take_the_memo_of_their_route(monkeypatch, o
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("faster", ["dense", "reference"])
 @pytest.mark.parametrize("Q,K,window", [(37, 37, None), (37, 37, 9), (1, 40, None), (1, 40, 8)])
-def test_softcapped_transformers_calls_take_the_memo_of_their_route(monkeypatch, oracle, faster, Q, K, window, grad):
-    """A softcapped layer's call from Transformers (Gemma-2), once routed, runs its route again without make_call's
-    checks or the routing: the same bits and gradients as the full path, the oracle's values. On the CPU whichever
-    of the untiled and tiled reference was timed faster; on CUDA our kernels (SDPA has no softcap)."""
+@pytest.mark.parametrize("extra", ["softcap", "sinks"])
+def test_softcap_and_sink_calls_take_the_memo_of_their_route(monkeypatch, oracle, extra, faster, Q, K, window, grad):
+    """A softcapped (Gemma-2) or sink (gpt-oss) layer's call from Transformers, once routed, runs its route again
+    without make_call's checks or the routing: the same bits and gradients as the full path, the oracle's values;
+    another layer's sinks through the same memo entry are that layer's own. On the CPU whichever of the untiled and
+    tiled reference was timed faster; on CUDA our kernels (SDPA computes neither)."""
     from types import SimpleNamespace
 
     from hf_ahfa import fastest, integration, router
@@ -503,22 +505,32 @@ def test_softcapped_transformers_calls_take_the_memo_of_their_route(monkeypatch,
     monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
     module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
     q, k, v = (t.transpose(1, 2) for t in _qkv(Q, K, seed=Q + K + 1, requires_grad=grad))  # Transformers' layout
+    g = torch.Generator().manual_seed(3)
+    sinks = [torch.randn(4, generator=g).to(DEVICE).requires_grad_(grad) for _ in range(2)]  # two layers' own
+    kw = dict(softcap=20.0) if extra == "softcap" else dict(s_aux=sinks[0])
 
-    def call():
+    def call(**change):
         return integration.ahfa_attention_forward(module, q, k, v, None, scaling=0.25, sliding_window=window,
-                                                  softcap=20.0)[0]
+                                                  **{**kw, **change})[0]
 
     full = call()
     ((route, *_),) = router._plain_routes.values()
     assert route == faster if DEVICE == "cpu" else route in ("flash", "decode"), route
     memo = call()
     assert len(made) == 1 and torch.equal(memo, full)
-    want = oracle(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, window=window, scale=0.25, softcap=20.0)[0]
+    want = oracle(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, window=window, scale=0.25,
+                  softcap=kw.get("softcap"), sinks=kw.get("s_aux"))[0]
     torch.testing.assert_close(memo.double(), want, atol=2e-5, rtol=2e-5)
+    inputs = (q, k, v) + ((sinks[0],) if extra == "sinks" and grad else ())
     if grad:
         gout = torch.randn_like(full)
-        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(full, (q, k, v), gout),
-                                                     torch.autograd.grad(memo, (q, k, v), gout)))
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(full, inputs, gout),
+                                                     torch.autograd.grad(memo, inputs, gout)))
+    if extra == "sinks":
+        with hf_ahfa.record():  # (recording takes the full path)
+            other_full = call(s_aux=sinks[1])
+        other = call(s_aux=sinks[1])
+        assert len(made) == 2 and torch.equal(other, other_full) and not torch.equal(other, memo)
 
 
 @pytest.mark.parametrize("causal", [True, False])
