@@ -286,11 +286,11 @@ def test_plain_transformers_calls_skip_validation_and_routing_once_routed(monkey
     monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
     module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
     fn = integration.ahfa_attention_forward
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 4, 1, 16, generator=g)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    q = torch.randn(1, 4, 1, 16, generator=g, device=DEVICE)
 
     def kv(K):
-        return [torch.randn(1, 2, K, 16, generator=g) for _ in "kv"]
+        return [torch.randn(1, 2, K, 16, generator=g, device=DEVICE) for _ in "kv"]
 
     k, v = kv(20)
     first = fn(module, q, k, v, None, scaling=0.25)[0]
@@ -505,8 +505,8 @@ def test_softcap_and_sink_calls_take_the_memo_of_their_route(monkeypatch, oracle
     monkeypatch.setattr(integration, "make_call", lambda *a, **kw: made.append(1) or real_make_call(*a, **kw))
     module = SimpleNamespace(is_causal=True, layer_idx=0, config=None)
     q, k, v = (t.transpose(1, 2) for t in _qkv(Q, K, seed=Q + K + 1, requires_grad=grad))  # Transformers' layout
-    g = torch.Generator().manual_seed(3)
-    sinks = [torch.randn(4, generator=g).to(DEVICE).requires_grad_(grad) for _ in range(2)]  # two layers' own
+    g = torch.Generator(DEVICE).manual_seed(3)
+    sinks = [torch.randn(4, generator=g, device=DEVICE).requires_grad_(grad) for _ in range(2)]  # two layers' own
     kw = dict(softcap=20.0) if extra == "softcap" else dict(s_aux=sinks[0])
 
     def call(**change):
