@@ -149,9 +149,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
 
     Scores, mask and softmax alone where that is the same function: no key hidden from any query (a decode step),
     or, on the CPU (where asking costs no wait; not while torch.compile traces), every query sees a key and no key
-    or value is non-finite. Otherwise
-    ``reference_attention_probs`` (its guards keep rows that see nothing at zero and a hidden NaN out). Packed
-    sequences, ALiBi and dropout go there too. Float32 scores for 16-bit inputs, as both."""
+    or value is non-finite. Otherwise ``reference_attention_probs`` (its guards keep rows that see nothing at zero
+    and a hidden NaN out). Packed sequences, ALiBi and dropout go there too. Float32 scores for 16-bit inputs, as
+    both."""
     B, Q, Hq, _ = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     if call.cu_seqlens is not None or call.alibi is not None or call.dropout_p > 0 or Q == 0 or K == 0:

@@ -366,12 +366,10 @@ def plain_key(query, key, value, is_causal: bool, scale, window, policy, softcap
     # an exact policy routes by the call alone (exact_reason reads nothing else): its mode stands for it, and the
     # policy's dataclass hash (0.7 us) is computed only for the others
     rule = "exact" if policy.mode == "exact" else policy
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                        or (sinks is not None and sinks.requires_grad))
     if sinks is not None:
-        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
-                                            or sinks.requires_grad)
         sinks = (sinks.dtype, sinks.device, sinks.shape)
-    else:
-        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     return (rule, causal, scale, window, softcap, sinks, query.device, key.device, value.device, query.dtype,
             key.dtype, value.dtype, B, H, Q, D, Bk, Hk, Dk, Bv, Hv, Dv, Kv == K,
             K if window is not None and Q > 1 else 1 << max(K - 1, 0).bit_length(),  # (_pow2_ceil, inlined)
