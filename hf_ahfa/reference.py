@@ -32,10 +32,12 @@ def _grouped(x: torch.Tensor | None, hkv: int) -> torch.Tensor | None:
 
 
 def _scores(qt, kt, scale, softcap):
-    s = qt @ kt.transpose(-1, -2) * scale  # [.., R, D] @ [.., D, C] -> [.., R, C]
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    return s
+    """``softcap * tanh(qt @ kt^T * scale / softcap)`` (or without the cap), ``[.., R, D] @ [.., D, C] -> [.., R,
+    C]``, in as few passes over the R x C scores as the function allows (each costs about what the matmul does on a
+    CPU): the scale and 1 / softcap on the queries, tanh in place (autograd keeps neither the matmul's output nor
+    the product's with a number)."""
+    s = (qt * (scale if softcap is None else scale / softcap)) @ kt.transpose(-1, -2)
+    return s if softcap is None else s.tanh_() * softcap
 
 
 def _alibi(call: AttnCall, layout: Layout, rows, cols, hkv: int, dtype) -> torch.Tensor | int:
@@ -182,13 +184,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Att
         # one pass each, and finite values whose sum overflows only take the guarded way)
         if blind or not bool(torch.isfinite(kg.sum() + vg.sum())):
             return _probs_of_call(q, k, v, call)
-    # _scores with fewer passes over the Q x K scores (each pass costs about what the matmul does here): the scale,
-    # and 1 / softcap, on the queries; tanh and the mask in place (autograd keeps neither matmul's output nor the
-    # product's with a number), the positions' mask as an additive one (a third of masked_fill's time on the CPU)
-    s = (qg * (call.scale if call.softcap is None else call.scale / call.softcap)) @ kg.transpose(-1, -2)
-    if call.softcap is not None:
-        s = s.tanh_() * call.softcap
-    s = s.view(B, Hkv, G, Q, K)
+    # the mask in place, the positions' as an additive one (a third of masked_fill's time on the CPU)
+    s = _scores(qg, kg, call.scale, call.softcap).view(B, Hkv, G, Q, K)
     if bias is not None:
         s = s.add_(bias)
     elif hidden is not None:
