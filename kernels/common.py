@@ -15,6 +15,7 @@ Tensors travel as tuples ``(tensor, *strides)``; a ``View`` is such a tensor nar
 """
 
 import os
+import re
 from collections import namedtuple
 
 import torch
@@ -41,6 +42,13 @@ NAN_GUARD = os.environ.get("AHFA_NAN_GUARD", "0") == "1"
 TMA = os.environ.get("AHFA_TMA", "auto")
 if TMA not in ("auto", "0", "1"):
     raise ValueError(f"AHFA_TMA must be auto, 0 or 1, got {TMA!r}")
+# Triton releases whose TMA variants make ptxas crash (-11) on sm90, seconds of a process's first launch each
+# before the autotuner skips the candidate (sm90, every table entry compiled offline with AHFA_TMA=1,
+# scripts/compile_check.py; kernels/NOTES.md): before 3.7 every entry with num_stages=2 (3.6 also on the H100, in
+# every process), before 3.6 the ALiBi variants too. So TMA from 3.6 on, and on 3.6 not at two stages.
+TRITON_VERSION = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+TMA_TRITON = TRITON_VERSION >= (3, 6)
+TMA_CRASH_STAGES = (2,) if TRITON_VERSION < (3, 7) else ()
 # AHFA_ALIBI: how a causal call's ALiBi bias enters the scores of the flash forward and backward kernels.
 # "distance": -slope * (query position - key position) per score (an int subtract, abs, conversion and FMA). "keys":
 # the key's term alone, slope * (key position - the tile's first query position), one add per score: what it leaves
@@ -102,8 +110,9 @@ def tensor_arg(t):
 def tma_modes(k: torch.Tensor, v: torch.Tensor) -> tuple[bool, ...]:
     """The load modes (True: TMA descriptors made on the device) the flash forward may use for ``k`` and ``v``,
     in the order tried (``AHFA_TMA``). TMA needs sm90+, a unit last stride and 16-byte aligned base and strides;
-    its descriptors live in a scratch buffer that Triton takes from the allocator set here."""
-    if TMA == "0" or (TMA == "auto" and interpreting()) or not hasattr(tl, "make_tensor_descriptor"):
+    its descriptors live in a scratch buffer that Triton takes from the allocator set here. None before triton 3.6
+    (``TMA_TRITON``)."""
+    if TMA == "0" or (TMA == "auto" and interpreting()) or not TMA_TRITON or not hasattr(tl, "make_tensor_descriptor"):
         return (False,)
     if not interpreting() and configs.arch(k.device) != "sm90":
         return (False,)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 from hf_ahfa.kernels import common, configs
 from hf_ahfa.kernels.common import (
@@ -35,6 +36,8 @@ def check_supported(q: torch.Tensor) -> None:
     """Raise a clear error when these kernels cannot run a call with query ``q``."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if common.TRITON_VERSION < (3, 4):  # (3.2 and 3.3 reject the kernels' constexpr tuples when compiling)
+        raise RuntimeError(f"the Triton kernels need triton 3.4 or newer, got {triton.__version__}")
     if q.device.type == "cpu" and configs.interpreting():
         if q.dtype == torch.bfloat16:
             raise TypeError("bfloat16 does not run under TRITON_INTERPRET")
@@ -135,8 +138,8 @@ def run_fwd(q, k, v, sinks, key_padding_mask, attn_mask, cu_seqlens_q, cu_seqlen
     cands = configs.candidates(configs.FWD_FLOAT32 if float32 else configs.FWD, q.device, c["D"])
     if lists is not None:
         cands = _sparse_candidates(cands, *blocks)
-    # each tile config with each load mode (TMA first): timed, or the first that fits
-    cands = [(*cfg, tma) for tma in modes for cfg in cands]
+    # each tile config with each load mode (TMA first): timed, or the first that fits; none that ptxas crashes on
+    cands = [(*cfg, tma) for tma in modes for cfg in cands if not (tma and cfg[3] in common.TMA_CRASH_STAGES)]
     key = _tuning_key("fwd" if lists is None else f"sparse_fwd{blocks}", q, c, causal, scores, alibi, sinks,
                       key_padding_mask, attn_mask, cu_seqlens_q) + (modes,)
     launch_tuned(key, cands, launch_fwd)

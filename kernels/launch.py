@@ -15,21 +15,25 @@ kernels as constexpr arguments or through the heuristics, so they are in the key
 
 Not done on this path: Triton's pre-run hooks and its check that a global a kernel reads has not changed since it
 was compiled (ours read constants fixed at import, such as ``common.LOG2E``). ``AHFA_DIRECT_LAUNCH=0`` launches through Triton every
-time (for comparisons); the interpreter always does.
+time (for comparisons); the interpreter always does, and so does a Triton older than 3.6 (no native specializer).
 """
 
 from __future__ import annotations
 
 import os
 
-from triton._C.libtriton import native_specialize_impl
 from triton.compiler.compiler import make_backend
 from triton.runtime import driver
 from triton.runtime.autotuner import Heuristics
 
 from hf_ahfa.kernels.configs import interpreting
 
-DIRECT = os.environ.get("AHFA_DIRECT_LAUNCH", "1") != "0"
+try:  # (triton 3.6+: older releases specialize in Python, launched through Triton every time)
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:
+    native_specialize_impl = None
+
+DIRECT = os.environ.get("AHFA_DIRECT_LAUNCH", "1") != "0" and native_specialize_impl is not None
 
 # (kernel, device, constexpr and derived values, specialization) -> (CompiledKernel, the arguments after the
 # positional ones in signature order), or None where the kernel takes a constexpr positionally (its value would

@@ -422,6 +422,45 @@ def test_tma_modes(monkeypatch):
         assert common.tma_modes(k, v) == (False,)
     elif torch.cuda.get_device_capability()[0] >= 9:
         assert common.tma_modes(k, v) == (True, False)
+    monkeypatch.setattr(common, "TMA", "1")
+    monkeypatch.setattr(common, "TMA_TRITON", False)  # a Triton before 3.6: pointer loads even where asked
+    assert common.tma_modes(k, v) == (False,)
+
+
+def test_kernels_refuse_a_triton_that_cannot_compile_them(monkeypatch):
+    """Before triton 3.4 the kernels do not compile (3.2 / 3.3 reject their constexpr tuples): a clear error naming
+    the version, which the router turns into its reason for not taking them."""
+    from hf_ahfa.kernels import common, flash
+
+    monkeypatch.setattr(common, "TRITON_VERSION", (3, 3))
+    with pytest.raises(RuntimeError, match=r"need triton 3\.4 or newer, got"):
+        flash.check_supported(torch.empty(0, device=DEVICE))
+    monkeypatch.setattr(common, "TRITON_VERSION", (3, 4))
+    flash.check_supported(torch.empty(0, device=DEVICE))
+
+
+def test_forward_offers_no_tma_tile_that_ptxas_crashes_on(monkeypatch):
+    """Where a Triton release's TMA variants crash ptxas at some num_stages (``TMA_CRASH_STAGES``), the forward
+    offers those tiles with pointer loads only, the others with both load modes, and computes the same."""
+    from hf_ahfa.kernels import common, configs, flash, tuning
+
+    monkeypatch.setattr(tuning, "_AUTOTUNE", False)  # (timing needs a GPU) the first candidate runs
+    monkeypatch.setattr(common, "TMA", "1")
+    monkeypatch.setattr(common, "TMA_CRASH_STAGES", (2,))
+    modes = common.tma_modes
+    monkeypatch.setattr(flash, "tma_modes", lambda k, v: (*modes(k, v), False))  # as "auto" on a Hopper GPU
+    tiles = configs.candidates(configs.FWD, torch.device(DEVICE), 16)[:1]
+    monkeypatch.setattr(configs, "candidates", lambda *a: [(*tiles[0][:3], 2), (*tiles[0][:3], 3)])
+    offered = []
+    launch_tuned = flash.launch_tuned
+
+    def spy(key, cands, run):
+        offered.append([c[3:] for c in cands])  # (num_stages, TMA) of each candidate
+        return launch_tuned(key, cands, run)
+
+    monkeypatch.setattr(flash, "launch_tuned", spy)
+    _check(_both(*_qkv(1, 40, 40, 2, 1, 16, seed=8), grad=False, causal=True))
+    assert offered[0] == [(3, True), (2, False), (3, False)], offered
 
 
 @pytest.mark.parametrize("B,Q,H,DV", [(2, 37, 3, 24), (1, 5, 1, 80)])
