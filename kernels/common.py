@@ -112,7 +112,7 @@ def tma_modes(k: torch.Tensor, v: torch.Tensor) -> tuple[bool, ...]:
     in the order tried (``AHFA_TMA``). TMA needs sm90+, a unit last stride and 16-byte aligned base and strides;
     its descriptors live in a scratch buffer that Triton takes from the allocator set here. None before triton 3.6
     (``TMA_TRITON``)."""
-    if TMA == "0" or (TMA == "auto" and interpreting()) or not TMA_TRITON or not hasattr(tl, "make_tensor_descriptor"):
+    if TMA == "0" or (TMA == "auto" and interpreting()) or not TMA_TRITON:  # (3.6 has tl.make_tensor_descriptor)
         return (False,)
     if not interpreting() and configs.arch(k.device) != "sm90":
         return (False,)

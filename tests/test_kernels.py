@@ -449,8 +449,8 @@ def test_forward_offers_no_tma_tile_that_ptxas_crashes_on(monkeypatch):
     monkeypatch.setattr(common, "TMA_CRASH_STAGES", (2,))
     modes = common.tma_modes
     monkeypatch.setattr(flash, "tma_modes", lambda k, v: (*modes(k, v), False))  # as "auto" on a Hopper GPU
-    tiles = configs.candidates(configs.FWD, torch.device(DEVICE), 16)[:1]
-    monkeypatch.setattr(configs, "candidates", lambda *a: [(*tiles[0][:3], 2), (*tiles[0][:3], 3)])
+    tile = configs.candidates(configs.FWD, torch.device(DEVICE), 16)[0][:3]
+    monkeypatch.setattr(configs, "candidates", lambda *a: [(*tile, 2), (*tile, 3)])
     offered = []
     launch_tuned = flash.launch_tuned
 
